@@ -1,0 +1,86 @@
+"""Completion semantics of workers.io: what is complete, what is not, and that nothing partial is read."""
+
+import json
+import time
+
+import pyarrow as pa
+import pytest
+
+from workers import io
+
+
+def _table(n=5):
+    return pa.table({"a": pa.array(range(n), pa.int32()), "b": [f"x{i}" for i in range(n)]})
+
+
+def test_write_then_read_roundtrip(tmp_path):
+    path = tmp_path / "sub" / "shard-00000.arrow"
+    started = time.time()
+    sidecar = io.write_arrow(_table(), path, config_hash="abc", started=started, extra={"unit": "u1"})
+    assert io.done_path(path) == tmp_path / "sub" / "shard-00000.done.json"
+    on_disk = json.loads(io.done_path(path).read_text())
+    assert on_disk == sidecar
+    assert sidecar["rows"] == 5 and sidecar["config_hash"] == "abc" and sidecar["unit"] == "u1"
+    assert sidecar["sha256"] == io.file_sha256(path)
+    assert sidecar["seconds"] >= 0
+    assert io.is_complete(path) and io.is_complete(path, "abc")
+    assert io.read_arrow(path).equals(_table())
+    # No temporary files are left next to the outputs.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["shard-00000.arrow", "shard-00000.done.json"]
+
+
+def test_config_hash_mismatch_is_not_complete(tmp_path):
+    path = tmp_path / "x.arrow"
+    io.write_arrow(_table(), path, config_hash="abc")
+    assert not io.is_complete(path, "other")
+
+
+def test_missing_sidecar_is_never_read(tmp_path):
+    path = tmp_path / "x.arrow"
+    io.write_arrow(_table(), path, config_hash="abc")
+    io.done_path(path).unlink()
+    assert not io.is_complete(path)
+    with pytest.raises(io.IncompleteFileError, match="not complete"):
+        io.read_arrow(path)
+    assert io.read_arrow(path, require_complete=False).num_rows == 5
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_file_is_detected(tmp_path, damage):
+    path = tmp_path / "x.arrow"
+    io.write_arrow(_table(100), path, config_hash="abc")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not io.is_complete(path)
+    assert io.is_complete(path, checksum=False)  # only the checksum catches it
+
+
+def test_rewrite_replaces_and_discard_removes(tmp_path):
+    path = tmp_path / "x.arrow"
+    io.write_arrow(_table(3), path, config_hash="one")
+    io.write_arrow(_table(7), path, config_hash="two")
+    assert io.read_sidecar(path)["rows"] == 7 and io.is_complete(path, "two")
+    io.discard(path)
+    assert not path.exists() and not io.done_path(path).exists()
+    assert io.read_sidecar(path) is None
+
+
+def test_failed_write_leaves_nothing_complete(tmp_path):
+    path = tmp_path / "x.arrow"
+    io.write_arrow(_table(3), path, config_hash="one")
+    # The sidecar cannot be serialised, so the write fails after the data file was replaced:
+    # the old sidecar must be gone (it vouched for the old file) and no temp file may remain.
+    with pytest.raises(TypeError):
+        io.write_arrow(_table(4), path, config_hash="two", extra={"not_json": object()})
+    assert not io.is_complete(path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_config_hash_is_stable_and_order_free():
+    assert io.config_hash({"a": 1, "b": [1, 2]}) == io.config_hash({"b": [1, 2], "a": 1})
+    assert io.config_hash({"a": 1}) != io.config_hash({"a": 2})
+    assert len(io.config_hash({})) == 16
