@@ -1,0 +1,298 @@
+"""Benchmark problems as one Arrow table per data set.
+
+Contract: `load_problems(name, *, path=None, limit=None, seed=0, **options) -> pa.Table` in
+`PROBLEMS_SCHEMA` (problem_id, dataset, prompt, gold_answer, metadata JSON). `prompt` is the
+question only; the instruction and chat template are added by `workers.prompts`.
+
+Sources: the Hugging Face dataset named in SPECS (read with the `datasets` library), or a local
+file in the same column layout when `path` is given (.parquet, .jsonl, .json, or .csv for
+GPQA's original csv). Rows keep the source file's order, so `limit=N` takes the same first N
+problems on every run. `problem_id` is stable per source ("math500-<unique_id>",
+"aime2024-<id>", "aime2025-<problem_idx>", "gpqa_diamond-<Record ID>", ...).
+
+GPQA options are shuffled per problem from sha256(seed, Record ID), so the order is the same on
+every machine and Python run; the gold answer is the correct option's letter and `metadata`
+records the permutation (`permutation[k]` = source option shown as letter k, where source
+option 0 is "Correct Answer" and 1-3 are "Incorrect Answer 1-3").
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from workers.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION
+from workers.schemas import PROBLEMS_SCHEMA
+
+LETTERS = "ABCD"
+DEMO_DEFAULTS = {"n": 32, "difficulty": 1}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a data set lives on the hub, which columns it needs, how answers are checked."""
+
+    hf_id: str
+    split: str
+    columns: tuple[str, ...]
+    verifier: str  # a workers.verify kind
+    instruction: str
+    config: str | None = None
+
+
+SPECS: dict[str, DatasetSpec] = {
+    "demo": DatasetSpec("", "", (), "exact", ""),
+    "math500": DatasetSpec(
+        "HuggingFaceH4/MATH-500",
+        "test",
+        ("problem", "answer", "subject", "level", "unique_id"),
+        "math",
+        MATH_INSTRUCTION,
+    ),
+    "aime2024": DatasetSpec(
+        "HuggingFaceH4/aime_2024", "train", ("id", "problem", "answer"), "math", MATH_INSTRUCTION
+    ),
+    "aime2025": DatasetSpec(
+        "MathArena/aime_2025",
+        "train",
+        ("problem_idx", "problem", "answer"),
+        "math",
+        MATH_INSTRUCTION,
+    ),
+    "hmmt_feb_2025": DatasetSpec(
+        "MathArena/hmmt_feb_2025",
+        "train",
+        ("problem_idx", "problem", "answer"),
+        "math",
+        MATH_INSTRUCTION,
+    ),
+    "gpqa_diamond": DatasetSpec(
+        "Idavidrein/gpqa",
+        "train",
+        (
+            "Question",
+            "Correct Answer",
+            "Incorrect Answer 1",
+            "Incorrect Answer 2",
+            "Incorrect Answer 3",
+            "Record ID",
+        ),
+        "choice",
+        CHOICE_INSTRUCTION,
+        config="gpqa_diamond",
+    ),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def load_problems(
+    name: str,
+    *,
+    path: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> pa.Table:
+    """The problems of data set `name` (see SPECS), at most `limit` of them.
+
+    Options: "demo" takes `n` and `difficulty` (workers.demo_task.make_problems); hub data
+    sets take `split` to read another split. `seed` only matters for demo problems and for
+    GPQA's option order.
+    """
+    spec = dataset_spec(name)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    if name == "demo":
+        rows = _demo_rows(seed, options)
+    else:
+        _check_options(name, options, {"split"})
+        records = _read_records(name, spec, path, options.get("split", spec.split))
+        missing = [c for c in spec.columns if records and c not in records[0]]
+        if missing:
+            where = path or spec.hf_id
+            raise ValueError(
+                f"{where} lacks columns {missing} needed for {name}; has {list(records[0])}"
+            )
+        rows = [_CONVERTERS[name](record, seed) for record in records]
+    if limit is not None:
+        rows = rows[:limit]
+    ids = [row["problem_id"] for row in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name}: duplicate problem ids in the source")
+    return pa.Table.from_pylist(rows, schema=PROBLEMS_SCHEMA)
+
+
+def _check_options(name: str, options: dict[str, Any], valid: set[str]) -> None:
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for dataset {name!r}; valid: {sorted(valid)}")
+
+
+def _demo_rows(seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
+    from workers.demo_task import make_problems
+
+    _check_options("demo", options, set(DEMO_DEFAULTS))
+    settings = {**DEMO_DEFAULTS, **options}
+    table = make_problems(int(settings["n"]), seed, difficulty=int(settings["difficulty"]))
+    return table.select(PROBLEMS_SCHEMA.names).to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_records(name: str, spec: DatasetSpec, path: str | Path | None, split: str) -> list[dict]:
+    if path is not None:
+        return read_local_records(path)
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(
+            f"loading {name} from the hub needs the `datasets` package (pip install datasets), "
+            "or pass a local file as the dataset's `path`"
+        ) from exc
+    try:
+        data = datasets.load_dataset(spec.hf_id, spec.config, split=split)
+    except Exception as exc:  # offline, gated (GPQA), renamed, ...: all need the same advice
+        raise RuntimeError(
+            f"could not load {spec.hf_id!r} (config {spec.config!r}, split {split!r}) from the "
+            f"Hugging Face hub: {type(exc).__name__}: {exc}. Download it where the hub is "
+            "reachable and pass the file instead: set the dataset's `path` "
+            f"(e.g. dataset.path=/data/{name}.parquet; .parquet, .jsonl, .json or .csv)"
+        ) from exc
+    return data.to_list()
+
+
+def read_local_records(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a local .parquet, .jsonl, .json (a list of objects) or .csv file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of objects (or use .jsonl)")
+        return data
+    if suffix == ".csv":
+        # csv, not pyarrow: GPQA's fields hold newlines, and every value must stay text.
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"unsupported dataset file {path}; use .parquet, .jsonl, .json or .csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# One converter per source layout: a source record -> a PROBLEMS_SCHEMA row
+
+
+def _row(problem_id: str, dataset: str, prompt: str, gold: Any, **metadata: Any) -> dict:
+    return {
+        "problem_id": problem_id,
+        "dataset": dataset,
+        "prompt": str(prompt).strip(),
+        "gold_answer": str(gold).strip(),
+        "metadata": json.dumps(metadata, sort_keys=True, default=str),
+    }
+
+
+def _math500(record: dict, seed: int) -> dict:
+    return _row(
+        f"math500-{record['unique_id']}",
+        "math500",
+        record["problem"],
+        record["answer"],
+        source=SPECS["math500"].hf_id,
+        unique_id=record["unique_id"],
+        subject=record["subject"],
+        level=record["level"],
+    )
+
+
+def _aime2024(record: dict, seed: int) -> dict:
+    return _row(
+        f"aime2024-{record['id']}",
+        "aime2024",
+        record["problem"],
+        record["answer"],
+        source=SPECS["aime2024"].hf_id,
+        id=record["id"],
+        url=record.get("url"),
+        year=record.get("year"),
+    )
+
+
+def _matharena(name: str) -> Callable[[dict, int], dict]:
+    def convert(record: dict, seed: int) -> dict:
+        return _row(
+            f"{name}-{record['problem_idx']}",
+            name,
+            record["problem"],
+            record["answer"],
+            source=SPECS[name].hf_id,
+            problem_idx=record["problem_idx"],
+            problem_type=record.get("problem_type"),
+        )
+
+    return convert
+
+
+def gpqa_permutation(record_id: str, seed: int) -> list[int]:
+    """The displayed order of GPQA's four options: entry k is the source option shown as letter k.
+
+    Sorted by sha256(seed, record id, option index): stable on every machine and Python run.
+    """
+    keys = [hashlib.sha256(f"{seed}:{record_id}:{j}".encode()).digest() for j in range(4)]
+    return sorted(range(4), key=lambda j: keys[j])
+
+
+def _gpqa(record: dict, seed: int) -> dict:
+    record_id = str(record["Record ID"]).strip()
+    source = [
+        record["Correct Answer"],
+        record["Incorrect Answer 1"],
+        record["Incorrect Answer 2"],
+        record["Incorrect Answer 3"],
+    ]
+    source = [str(option).strip() for option in source]
+    permutation = gpqa_permutation(record_id, seed)
+    options = "\n".join(f"{LETTERS[k]}) {source[j]}" for k, j in enumerate(permutation))
+    return _row(
+        f"gpqa_diamond-{record_id}",
+        "gpqa_diamond",
+        f"{str(record['Question']).strip()}\n\n{options}",
+        LETTERS[permutation.index(0)],
+        source=SPECS["gpqa_diamond"].hf_id,
+        record_id=record_id,
+        permutation=permutation,
+        seed=seed,
+        domain=record.get("High-level domain"),
+        subdomain=record.get("Subdomain"),
+    )
+
+
+_CONVERTERS: dict[str, Callable[[dict, int], dict]] = {
+    "math500": _math500,
+    "aime2024": _aime2024,
+    "aime2025": _matharena("aime2025"),
+    "hmmt_feb_2025": _matharena("hmmt_feb_2025"),
+    "gpqa_diamond": _gpqa,
+}

@@ -1,0 +1,94 @@
+"""Generation backends: rendered prompts in, sampled completions (token ids and text) out.
+
+Contract: `backend.generate(prompts, params) -> list[Completion]` where `prompts` is a sequence
+of (problem_id, rendered prompt text) and the result holds `params.n` completions per prompt,
+in prompt order then sample order. `make_backend("hf" | "vllm", model_path, **options)` builds
+one; the backend loads its model once and serves many calls.
+
+Both backends tokenize the prompt text the same way (`encode_prompt`) so `prompt_ids` do not
+depend on the backend, and derive their randomness from (seed, problem_id, sample_idx) with
+sha256 (`sample_seed`), never from Python's salted `hash()`.
+
+Importing this package is cheap: torch/transformers load with the HF backend, vllm only inside
+the vLLM backend's constructor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+BACKENDS = ("hf", "vllm")
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256  # new tokens per completion
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    problem_id: str
+    sample_idx: int
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the EOS token when finish_reason == "stop"
+    text: str  # the completion decoded without special tokens
+    finish_reason: str  # "stop" (EOS produced) or "length" (max_tokens reached)
+
+
+class GenerationBackend(Protocol):
+    tokenizer: Any
+
+    def generate(
+        self, prompts: Sequence[tuple[str, str]], params: SamplingParams
+    ) -> list[Completion]: ...
+
+
+def make_backend(name: str, model_path: str, **options: Any) -> GenerationBackend:
+    """A backend by name: "hf" (transformers, CPU or GPU) or "vllm" (GPU, `pip install .[vllm]`)."""
+    if name == "hf":
+        from workers.generation.hf import HFBackend
+
+        return HFBackend(model_path, **options)
+    if name == "vllm":
+        from workers.generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_path, **options)
+    raise ValueError(f"unknown generation backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def sample_seed(seed: int, problem_id: str, sample_idx: int | None = None) -> int:
+    """A 63-bit seed from (seed, problem_id[, sample_idx]), the same on every machine and run."""
+    key = f"{seed}\x00{problem_id}" + ("" if sample_idx is None else f"\x00{sample_idx}")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt.
+
+    A chat template usually writes the BOS token itself; adding special tokens again would
+    double it, so they are added only when the text does not already start with BOS.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and text.startswith(bos))
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {text[:40]!r} encodes to no tokens")
+    return list(ids)

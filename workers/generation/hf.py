@@ -1,0 +1,166 @@
+"""Transformers generation backend (CPU or one GPU): batched `generate` with the KV cache.
+
+Each (problem_id, sample_idx) draws its tokens from its own torch.Generator seeded from
+sha256(seed, problem_id, sample_idx), so a sample does not depend on which other samples share
+its batch, on batch size, or on order. `_RowSampler` (a LogitsProcessor) applies temperature
+and top-p, draws one token per row by inverse CDF with that row's generator, and masks every
+other token to -inf; `generate(do_sample=False)` then picks exactly that token. (Transformers'
+own sampling uses one global RNG over the whole batch, which would tie samples together.)
+
+Prompts are left-padded (position ids follow the attention mask); a completion ends at the
+first EOS ("stop", EOS included in `completion_ids`) or after `max_tokens` ("length").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+from workers.generation import Completion, SamplingParams, encode_prompt, sample_seed
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples one token per row with that row's generator; returns 0 there, -inf elsewhere."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            choice = scores.argmax(dim=-1)
+        else:
+            # float64 so a row's probabilities do not shift with the batch's other rows.
+            probs = torch.softmax(scores.double() / self.temperature, dim=-1)
+            sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            if self.top_p < 1:
+                # Keep the smallest prefix whose mass reaches top_p (always the top token).
+                before = sorted_probs.cumsum(dim=-1) - sorted_probs
+                sorted_probs = sorted_probs.masked_fill(before >= self.top_p, 0.0)
+            cdf = sorted_probs.cumsum(dim=-1)
+            # One uniform draw per row per step: this is the only randomness a sample sees.
+            u = torch.stack(
+                [torch.rand((), generator=g, dtype=torch.float64) for g in self.generators]
+            )
+            u = u.to(cdf.device).unsqueeze(1) * cdf[:, -1:]
+            index = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+            choice = order.gather(-1, index).squeeze(1)
+        masked = torch.full_like(scores, float("-inf"))
+        masked.scatter_(1, choice.unsqueeze(1), 0.0)
+        return masked
+
+
+class HFBackend:
+    """Loads a causal LM once (safetensors only) and generates completions in batches."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 32,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[dtype], use_safetensors=True
+        )
+        self.model.to(self.device).eval()
+        self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
+        if not self.eos_ids:
+            raise ValueError(
+                f"{model_path}: neither the tokenizer nor generation_config names an EOS token"
+            )
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+        # A fresh config: the checkpoint's sampling defaults (top_k, repetition_penalty, ...)
+        # must not leak into the raw distribution our sampler draws from.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id
+        )
+
+    def generate(
+        self, prompts: Sequence[tuple[str, str]], params: SamplingParams
+    ) -> list[Completion]:
+        """`params.n` completions per (problem_id, prompt text), in prompt then sample order."""
+        encoded = [encode_prompt(self.tokenizer, text) for _, text in prompts]
+        rows = [(p, k) for p in range(len(prompts)) for k in range(params.n)]
+        # Longest first: rows of similar length share a batch and waste less padding.
+        order = sorted(range(len(rows)), key=lambda r: -len(encoded[rows[r][0]]))
+        results: list[Completion | None] = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            batch = [(prompts[rows[r][0]][0], rows[r][1], encoded[rows[r][0]]) for r in chunk]
+            for r, completion in zip(chunk, self._generate_batch(batch, params), strict=True):
+                results[r] = completion
+        return results
+
+    def _generate_batch(
+        self, batch: list[tuple[str, int, list[int]]], params: SamplingParams
+    ) -> list[Completion]:
+        width = max(len(ids) for _, _, ids in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (_, _, ids) in enumerate(batch):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+        sampler = _RowSampler(
+            [sample_seed(params.seed, pid, k) for pid, k, _ in batch],
+            params.temperature,
+            params.top_p,
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=params.max_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([sampler]),
+            )
+        new_tokens = out[:, width:].tolist()  # one device-to-host copy per batch
+        eos = set(self.eos_ids)
+        completions = []
+        for (pid, k, ids), tokens in zip(batch, new_tokens, strict=True):
+            stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+            if stop is not None:
+                tokens, reason = tokens[: stop + 1], "stop"
+            else:
+                tokens, reason = tokens[: params.max_tokens], "length"
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            completions.append(Completion(pid, k, list(ids), tokens, text, reason))
+        return completions
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """EOS ids from the checkpoint's generation_config (may be a list) and the tokenizer."""
+    ids: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        configured = [configured]
+    for token in [*(configured or []), tokenizer.eos_token_id]:
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids
