@@ -1,0 +1,285 @@
+"""Benchmark of the aggregation: synthetic score shards in, rows / seconds / peak memory out.
+
+    python -m analysis.bench [--rows 10000000] [--shards 20] [--alternatives 32] [--top-k 8]
+
+Writes `--rows` synthetic token rows (SCORES_SCHEMA, J alternatives of k experts each) as
+several complete shards under a temporary directory, then runs `analysis.metrics.collect_stats`
+over them in a fresh process and reports its wall time and its RSS high-water mark (VmHWM:
+Polars allocates natively, so tracemalloc would not see it), next to the
+size of the data in memory (Arrow nbytes, of the whole table and of the columns the
+aggregation reads). Generating and writing the data (vectorised numpy, ~15 s per million
+rows with k = 8, mostly disk) is not timed.
+
+The synthetic distribution is shaped like the real one: most tokens confident (every route
+near 1), some ambiguous, some fragile (routes spread widely), with router scores correlated
+with utility on confident tokens and not on fragile ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+READ_COLUMNS = (
+    "model",
+    "layer",
+    "dataset",
+    "std_prob",
+    "alt_probs",
+    "std_route_logprob",
+    "alt_route_logprobs",
+)
+
+
+def _list_array(values: np.ndarray, width: int) -> pa.ListArray:
+    """A list<values> array of equal-length lists from a flat buffer (no Python loop)."""
+    offsets = np.arange(0, len(values) + 1, width, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+@functools.lru_cache(maxsize=2)
+def make_routes(
+    n: int, *, alternatives: int, top_k: int, experts: int, seed: int = 0
+) -> tuple[pa.Array, pa.Array]:
+    """Random expert ids for the route columns. The aggregation never reads them, but they are
+    most of a real shard's bytes; cached so that equal-sized shards share one copy."""
+    rng = np.random.default_rng(seed + 1_000_003)
+    routes = rng.integers(0, experts, size=(n, alternatives + 1, top_k), dtype=np.int32)
+    std_route = _list_array(routes[:, 0, :].ravel(), top_k)
+    alt_routes = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n * alternatives + 1, alternatives, dtype=np.int32)),
+        _list_array(routes[:, 1:, :].ravel(), top_k),
+    )
+    return std_route, alt_routes
+
+
+def make_scores(
+    rows: int,
+    *,
+    alternatives: int = 32,
+    top_k: int = 8,
+    experts: int = 128,
+    seed: int = 0,
+    model: str = "synthetic-moe",
+    layer: int = 12,
+    dataset: str = "synthetic",
+) -> pa.Table:
+    """`rows` synthetic token rows in SCORES_SCHEMA (vectorised; ~1 s per million rows)."""
+    from workers.schemas import SCORES_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    n, j = rows, alternatives
+    # Token kind: 75 % confident, 12 % ambiguous, 13 % fragile (paper-like proportions).
+    kind = rng.choice(3, size=n, p=[0.75, 0.12, 0.13])
+    centre = np.where(
+        kind == 0, rng.beta(60, 1, n), np.where(kind == 1, rng.beta(7, 3, n), rng.beta(1.2, 3, n))
+    )
+    spread = np.array([0.01, 0.12, 0.25], dtype=np.float32)[kind]
+    noise = rng.standard_normal((n, j + 1), dtype=np.float32)
+    u = np.clip(centre[:, None].astype(np.float32) + spread[:, None] * noise, 0.0, 1.0)
+    # Router score: S is the top-k route, so alternatives score below it; how much below
+    # follows their utility on confident tokens, less on ambiguous ones, not on fragile ones.
+    s_std = -rng.exponential(1.0, n).astype(np.float32) - top_k * 0.5
+    signal = np.array([2.0, 0.7, 0.0], dtype=np.float32)[kind][:, None]
+    s_alt = (
+        s_std[:, None]
+        - 0.5
+        - rng.exponential(1.0, (n, j)).astype(np.float32)
+        + signal * (u[:, 1:] - u[:, :1]) / spread[:, None]
+    )
+    # Gumbel-top-k draws repeat routes, the standard one most often on confident tokens: such
+    # a draw has exactly S's u and s (ties that must not count as wins).
+    repeat = rng.random((n, j)) < np.array([0.3, 0.1, 0.05])[kind][:, None]
+    u[:, 1:] = np.where(repeat, u[:, :1], u[:, 1:])
+    s_alt = np.where(repeat, s_std[:, None], s_alt).astype(np.float32)
+    std_route, alt_routes = make_routes(n, alternatives=j, top_k=top_k, experts=experts)
+    traj = pa.array(np.arange(n, dtype=np.int64) // 500).cast(pa.string())
+    cols = {
+        "problem_id": pc.binary_join_element_wise("p", traj, ""),
+        "sample_idx": pa.array(np.zeros(n, dtype=np.int32)),
+        "position": pa.array((np.arange(n) % 500).astype(np.int32)),
+        "target_id": pa.array(rng.integers(0, 50000, n, dtype=np.int32)),
+        "std_route": std_route,
+        "std_prob": pa.array(u[:, 0]),
+        "alt_routes": alt_routes,
+        "alt_probs": _list_array(u[:, 1:].ravel(), j),
+        "std_route_logprob": pa.array(s_std),
+        "alt_route_logprobs": _list_array(s_alt.ravel(), j),
+        "model": pa.array(np.full(n, model)),
+        "layer": pa.array(np.full(n, layer, dtype=np.int32)),
+        "dataset": pa.array(np.full(n, dataset)),
+    }
+    return pa.Table.from_pydict(cols).cast(SCORES_SCHEMA)
+
+
+def write_shards(
+    root: Path, rows: int, shards: int, *, alternatives: int, top_k: int
+) -> tuple[int, int]:
+    """Write `rows` rows as `shards` complete shards (two layers, so groups are real); return
+    (nbytes of all columns, nbytes of the columns the aggregation reads)."""
+    from workers.io import write_arrow
+
+    total = read = 0
+    per = -(-rows // shards)
+    for i in range(shards):
+        n = min(per, rows - i * per)
+        if n <= 0:
+            break
+        layer = (0, 12, 23)[i % 3]
+        table = make_scores(n, alternatives=alternatives, top_k=top_k, seed=i, layer=layer)
+        total += table.nbytes
+        read += table.select(list(READ_COLUMNS)).nbytes
+        path = root / "scores" / "synthetic-moe" / f"layer={layer}" / "synthetic" / f"{i:05d}.arrow"
+        # Record batches of 64k rows, like a scorer that appends per trajectory group; the
+        # streaming engine's memory follows the batch size, not the shard size.
+        table = pa.Table.from_batches(table.to_batches(max_chunksize=65_536))
+        write_arrow(table, path, config_hash="bench")
+        del table
+    return total, read
+
+
+def write_sample_run(
+    run_dir: str | Path,
+    *,
+    models: tuple[str, ...] = ("synthetic-a", "synthetic-b"),
+    layers: tuple[int, ...] = (0, 12, 23),
+    datasets: tuple[str, ...] = ("math", "aime"),
+    rows: int = 20_000,
+    shards: int = 2,
+    alternatives: int = 32,
+    top_k: int = 8,
+) -> list[Path]:
+    """A small synthetic run directory (scores only) for demos and tests of the report."""
+    from workers.io import write_arrow
+
+    paths = []
+    for m, model in enumerate(models):
+        for layer in layers:
+            for d, dataset in enumerate(datasets):
+                for i in range(shards):
+                    seed = ((m * 1009 + layer) * 1009 + d) * 1009 + i
+                    table = make_scores(
+                        rows // shards,
+                        alternatives=alternatives,
+                        top_k=top_k,
+                        seed=seed,
+                        model=model,
+                        layer=layer,
+                        dataset=dataset,
+                    )
+                    path = (
+                        Path(run_dir)
+                        / "scores"
+                        / model
+                        / f"layer={layer}"
+                        / dataset
+                        / f"shard-{i:05d}.arrow"
+                    )
+                    write_arrow(table, path, config_hash="synthetic")
+                    paths.append(path)
+    return paths
+
+
+def _peak_rss_kib() -> int:
+    """This process's RSS high-water mark in KiB. VmHWM belongs to the address space, which
+    exec replaces; ru_maxrss would also count the parent's peak from before the exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: best effort
+
+
+def _aggregate_child(run_dir: str) -> None:
+    """Child process body: aggregate, print timing and RSS (before and peak) as JSON."""
+    from analysis.metrics import AnalysisConfig, collect_stats, find_shards
+
+    paths = find_shards(run_dir)
+    import analysis.kernel  # noqa: F401  (libraries loaded before the baseline is read)
+
+    baseline = _peak_rss_kib()
+    t0 = time.perf_counter()
+    stats = collect_stats(paths, AnalysisConfig())
+    seconds = time.perf_counter() - t0
+    result = {
+        "seconds": seconds,
+        "rows": int(stats["tokens"].sum()),
+        "groups": stats.height,
+        "baseline_rss_mb": baseline / 1024,
+        "peak_rss_mb": _peak_rss_kib() / 1024,
+    }
+    print(json.dumps(result))
+
+
+def measure(run_dir: Path) -> dict:
+    """Run the aggregation in a fresh process, so that its RSS high-water mark is the
+    aggregation's (plus the interpreter and libraries, reported as the baseline)."""
+    code = f"from analysis.bench import _aggregate_child; _aggregate_child({str(run_dir)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--shards", type=int, default=20)
+    parser.add_argument("--alternatives", type=int, default=32, help="J")
+    parser.add_argument("--top-k", type=int, default=8, help="experts per route")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="write the shards here and keep them"
+    )
+    args = parser.parse_args(argv)
+
+    root = args.keep or Path(tempfile.mkdtemp(prefix="moe-bench-"))
+    try:
+        t0 = time.perf_counter()
+        total, read = write_shards(
+            root, args.rows, args.shards, alternatives=args.alternatives, top_k=args.top_k
+        )
+        gen_s = time.perf_counter() - t0
+        result = measure(root)
+        disk = sum(p.stat().st_size for p in root.rglob("*.arrow"))
+        print(
+            f"rows                 {result['rows']:,} in {args.shards} shards, J={args.alternatives}, k={args.top_k}"
+        )
+        print(f"generate+write       {gen_s:.1f} s (not counted)")
+        print(
+            f"aggregate            {result['seconds']:.1f} s ({result['rows'] / result['seconds'] / 1e6:.2f} M rows/s)"
+        )
+        print(
+            f"peak RSS             {result['peak_rss_mb']:,.0f} MB"
+            f" (interpreter + libraries before the scan: {result['baseline_rss_mb']:,.0f} MB)"
+        )
+        print(
+            f"data in memory       {total / 2**20:,.0f} MB all columns, {read / 2**20:,.0f} MB columns read"
+        )
+        print(f"data on disk         {disk / 2**20:,.0f} MB")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(
+            f"machine              {os.cpu_count()} CPUs, load average {load} (shared CPU inflates time)"
+        )
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

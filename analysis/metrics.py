@@ -1,0 +1,179 @@
+"""Per-token metrics and per-bin sufficient statistics over score shards (SCIENCE.md, "Definitions").
+
+Contract: `find_shards(run_dir)` lists the complete score shards of a run (a data file counts
+only when its `<name>.done.json` sidecar exists; a file without one is never opened);
+`scan_scores(paths)` is one lazy scan over them; `token_metrics(lf, cfg)` adds the per-token
+columns; `aggregate(lf, cfg)` reduces everything to one small frame of sums per
+(model, layer, dataset, bin, gain bucket), from which `tables.py` derives every mean exactly.
+
+Per token, with u(S) = `std_prob`, u(R_j) = `alt_probs[j]`, s(R) = route log-probabilities:
+- pbar = mean of u over S and the J alternatives, computed in float64 from the stored float32
+  values and rounded to float32 before it is compared with the thresholds (also rounded to
+  float32): the data only has float32 precision, so a token whose routes average exactly 0.9
+  in that precision is Confident, as the definition says, not a float64 rounding accident.
+- bin: Confident if pbar >= confident, Fragile if pbar < fragile, Ambiguous otherwise.
+- max_alt = max_j u(R_j); gain = max_alt - u(S) (tables report its mean x 100, in points).
+- win = max_alt > u(S), strictly: an alternative that only ties S is not a win.
+- rank of u(S) among the J+1 routes: 1 = highest utility, ties share the average of the ranks
+  they span, i.e. rank = 1 + #{j: u(R_j) > u(S)} + #{j: u(R_j) = u(S)} / 2. It lies in
+  [1, J+1]; (J+2)/2 is what a route of no special quality would get on average.
+- rho = Spearman correlation of s(R) and u(R) over the J+1 routes (S first, then the J
+  alternatives, every draw kept even when routes repeat): the Pearson correlation of their
+  average ranks. Null when s or u is constant over the routes (zero rank variance); such
+  tokens are left out of the alignment mean and counted as `no_variance`.
+
+Two implementations of the per-token columns, checked against each other in the tests: the
+Polars list-expression reference (`concat_list`, `list.eval(rank)`, list arithmetic) and the
+default compiled kernel (analysis/kernel.py, ~20x faster). Neither explodes the lists, so the
+streaming engine holds a bounded number of row batches whatever the number of shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from workers.io import read_sidecar
+
+BINS = ("confident", "ambiguous", "fragile")  # display order: high pbar to low
+GROUP_KEYS = ("model", "layer", "dataset")
+SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Bin thresholds on pbar (SCIENCE.md) and the resolution of the gain histogram."""
+
+    confident: float = 0.9  # pbar >= confident -> Confident
+    fragile: float = 0.5  # pbar < fragile -> Fragile; in between -> Ambiguous
+    gain_buckets: int = 100  # histogram of per-token gain over [-1, 1]; width 2 / buckets
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fragile < self.confident <= 1.0:
+            raise ValueError(
+                f"bin thresholds must satisfy 0 < fragile < confident <= 1, got "
+                f"fragile={self.fragile}, confident={self.confident}"
+            )
+        if self.gain_buckets < 1:
+            raise ValueError(f"gain_buckets must be >= 1, got {self.gain_buckets}")
+
+
+def find_shards(run_dir: str | Path) -> list[Path]:
+    """Complete score shards of a run, sorted: data files whose sidecar exists and parses.
+
+    A file without one (in progress, crashed, foreign) is never opened (DESIGN.md). The
+    checksum is not recomputed here: that would read every byte of every shard once more,
+    and the writer only renames a sidecar into place after the data file is complete.
+    """
+    return [p for p in sorted(Path(run_dir).glob(SCORES_GLOB)) if read_sidecar(p) is not None]
+
+
+def scan_scores(paths: Sequence[str | Path]) -> pl.LazyFrame:
+    """One lazy scan over score shards; model, layer and dataset are columns of the files."""
+    if not paths:
+        raise FileNotFoundError("no score shards to scan")
+    # The directories say layer=<L> too; hive parsing would duplicate the file's own column.
+    return pl.scan_ipc([str(p) for p in paths], hive_partitioning=False)
+
+
+def _reference_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """The per-token route columns as Polars list expressions: the readable reference, exact
+    but slow (`list.eval(rank)` costs ~7 s per million J=32 rows per ranked column)."""
+    u = pl.concat_list(pl.col("std_prob"), pl.col("alt_probs"))
+    s = pl.concat_list(pl.col("std_route_logprob"), pl.col("alt_route_logprobs"))
+    out = lf.select(
+        *GROUP_KEYS,
+        pl.col("std_prob").cast(pl.Float64).alias("u_std"),
+        pl.col("alt_probs").list.max().cast(pl.Float64).alias("max_alt"),
+        u.list.mean().cast(pl.Float32).alias("pbar"),
+        # Average ranks, ascending (1 = lowest); the Spearman rho of s and u is the Pearson
+        # correlation of these. The ranks' mean is (n + 1) / 2 whatever the ties.
+        u.list.eval(pl.element().rank("average")).alias("_ru"),
+        s.list.eval(pl.element().rank("average")).alias("_rs"),
+        u.list.len().alias("n_routes"),
+    )
+    mid = (pl.col("n_routes") + 1) / 2
+    du = pl.col("_ru") - mid
+    ds = pl.col("_rs") - mid
+    var_u = (du * du).list.sum()
+    var_s = (ds * ds).list.sum()
+    cov = (du * ds).list.sum()
+    return out.with_columns(
+        # Descending average rank of S = n + 1 - its ascending average rank.
+        (pl.col("n_routes") + 1 - pl.col("_ru").list.first()).cast(pl.Float64).alias("rank_std"),
+        pl.when((var_u > 0) & (var_s > 0))
+        .then(cov / (var_u * var_s).sqrt())
+        .otherwise(None)
+        .alias("rho"),
+    ).drop("_ru", "_rs")
+
+
+def _kernel_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """The same columns from the compiled kernel, one call per streamed batch."""
+    from analysis.kernel import KERNEL_FIELDS, route_metrics
+
+    routes = pl.struct("std_prob", "alt_probs", "std_route_logprob", "alt_route_logprobs")
+    metrics = routes.map_batches(
+        route_metrics, return_dtype=pl.Struct(KERNEL_FIELDS), is_elementwise=True
+    )
+    return lf.select(
+        *GROUP_KEYS,
+        pl.col("std_prob").cast(pl.Float64).alias("u_std"),
+        metrics.alias("_k"),
+    ).unnest("_k")
+
+
+def token_metrics(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl.LazyFrame:
+    """Per token: model, layer, dataset, u_std, max_alt, pbar, rank_std, rho, n_routes, bin,
+    gain, win (lazily). `fast=False` uses the pure-Polars reference instead of the kernel."""
+    out = _kernel_columns(lf) if fast else _reference_columns(lf)
+    confident = pl.lit(cfg.confident, dtype=pl.Float32)
+    fragile = pl.lit(cfg.fragile, dtype=pl.Float32)
+    return out.with_columns(
+        pl.when(pl.col("pbar") >= confident)
+        .then(pl.lit("confident"))
+        .when(pl.col("pbar") < fragile)
+        .then(pl.lit("fragile"))
+        .otherwise(pl.lit("ambiguous"))
+        .alias("bin"),
+        (pl.col("max_alt") - pl.col("u_std")).alias("gain"),
+        (pl.col("max_alt") > pl.col("u_std")).alias("win"),
+    )
+
+
+def gain_bucket(gain: pl.Expr, buckets: int) -> pl.Expr:
+    """Index of `gain` in `buckets` equal-width buckets over [-1, 1] (gains are differences of
+    probabilities, so they lie there; the last bucket is closed on the right)."""
+    idx = ((gain + 1.0) * (buckets / 2.0)).floor().cast(pl.Int32)
+    return idx.clip(0, buckets - 1).alias("gain_bucket")
+
+
+def aggregate(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl.LazyFrame:
+    """Sums per (model, layer, dataset, bin, gain bucket): every table and histogram derives
+    from these exactly, so the shards are scanned once."""
+    tok = token_metrics(lf, cfg, fast=fast).with_columns(
+        gain_bucket(pl.col("gain"), cfg.gain_buckets)
+    )
+    return tok.group_by(*GROUP_KEYS, "bin", "gain_bucket").agg(
+        pl.len().alias("tokens"),
+        pl.col("u_std").sum().alias("sum_u_std"),
+        pl.col("max_alt").sum().alias("sum_max_alt"),
+        pl.col("gain").count().alias("gain_tokens"),  # tokens with J >= 1
+        pl.col("gain").sum().alias("sum_gain"),
+        pl.col("win").sum().cast(pl.Int64).alias("wins"),
+        pl.col("rank_std").sum().alias("sum_rank"),
+        pl.col("rho").sum().alias("sum_rho"),
+        pl.col("rho").count().alias("rho_tokens"),
+        pl.col("n_routes").min().alias("min_routes"),
+        pl.col("n_routes").max().alias("max_routes"),
+    )
+
+
+def collect_stats(
+    paths: Sequence[str | Path], cfg: AnalysisConfig, *, fast: bool = True
+) -> pl.DataFrame:
+    """Scan the shards once with the streaming engine (memory bounded by batches, not rows)."""
+    return aggregate(scan_scores(paths), cfg, fast=fast).collect(engine="streaming")

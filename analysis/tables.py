@@ -1,0 +1,146 @@
+"""Aggregate tables from the per-bin sums of `analysis.metrics.aggregate`.
+
+Contract: `summarise(stats, cfg)` -> {"by_bin", "overall", "counts", "gain_hist"}; `write_tables`
+writes each as `<name>.parquet` and `<name>.csv`. Every mean is a ratio of exact sums, so the
+rollups are exact too:
+- by_bin: one row per (model, layer, dataset, bin) with bin in confident / ambiguous / fragile
+  and "all" (every token of the group), plus dataset = "all" rows pooling the datasets of each
+  (model, layer). Columns: tokens, share (of the group's tokens), mean_u_std, mean_max_alt,
+  gain_pp = 100 x mean(max_j u(R_j) - u(S)), win_rate (share of tokens where an alternative is
+  strictly better than S), mean_rank (of u(S) among the J+1 routes, 1 = best, ties averaged),
+  alignment (mean Spearman rho of s and u over the tokens where both vary), alignment_tokens,
+  no_variance (tokens left out of alignment), routes (J+1; min if it varies).
+- overall: the bin = "all" rows of by_bin.
+- counts: tokens per bin side by side, per (model, layer, dataset), with no_variance.
+- gain_hist: tokens per gain bucket [lo, hi) per (model, layer, dataset, bin), for figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from analysis.metrics import BINS, GROUP_KEYS, AnalysisConfig
+
+BIN_ORDER = (*BINS, "all")
+SUMS = (
+    "tokens",
+    "sum_u_std",
+    "sum_max_alt",
+    "gain_tokens",
+    "sum_gain",
+    "wins",
+    "sum_rank",
+    "sum_rho",
+    "rho_tokens",
+)
+
+
+def _sum_by(stats: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    return stats.group_by(keys).agg(
+        *(pl.col(c).sum() for c in SUMS),
+        pl.col("min_routes").min(),
+        pl.col("max_routes").max(),
+    )
+
+
+def _means(sums: pl.DataFrame) -> pl.DataFrame:
+    """Means from sums; a mean over zero tokens is null, never NaN."""
+
+    def ratio(num: str, den: str, scale: float = 1.0) -> pl.Expr:
+        return pl.when(pl.col(den) > 0).then(scale * pl.col(num) / pl.col(den)).otherwise(None)
+
+    return sums.select(
+        *GROUP_KEYS,
+        "bin",
+        pl.col("tokens").cast(pl.Int64),
+        ratio("sum_u_std", "tokens").alias("mean_u_std"),
+        ratio("sum_max_alt", "gain_tokens").alias("mean_max_alt"),
+        ratio("sum_gain", "gain_tokens", 100.0).alias("gain_pp"),
+        ratio("wins", "gain_tokens").alias("win_rate"),
+        ratio("sum_rank", "tokens").alias("mean_rank"),
+        ratio("sum_rho", "rho_tokens").alias("alignment"),
+        pl.col("rho_tokens").cast(pl.Int64).alias("alignment_tokens"),
+        (pl.col("tokens") - pl.col("rho_tokens")).cast(pl.Int64).alias("no_variance"),
+        pl.col("min_routes").cast(pl.Int64).alias("routes"),
+        (pl.col("min_routes") != pl.col("max_routes")).alias("routes_vary"),
+    )
+
+
+def _sort(frame: pl.DataFrame) -> pl.DataFrame:
+    """model, layer, dataset ("all" last), bin in BIN_ORDER."""
+    return (
+        frame.with_columns(
+            (pl.col("dataset") == "all").alias("_all"),
+            pl.col("bin").replace_strict(BIN_ORDER, range(len(BIN_ORDER))).alias("_bin"),
+        )
+        .sort("model", "layer", "_all", "dataset", "_bin")
+        .drop("_all", "_bin")
+    )
+
+
+def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFrame]:
+    """The report's tables from `aggregate(..., cfg)`'s sums (small: a row per group and bin)."""
+    keys = list(GROUP_KEYS)
+    per_bin = _sum_by(stats, [*keys, "bin"])
+    every = _sum_by(stats, keys).with_columns(pl.lit("all").alias("bin"))
+    sums = pl.concat([per_bin, every.select(per_bin.columns)])
+    pooled = _sum_by(sums, ["model", "layer", "bin"]).with_columns(pl.lit("all").alias("dataset"))
+    sums = pl.concat([sums, pooled.select(sums.columns)])
+    by_bin = _means(sums)
+    totals = by_bin.filter(pl.col("bin") == "all").select(*keys, pl.col("tokens").alias("_total"))
+    by_bin = _sort(
+        by_bin.join(totals, on=keys, how="left")
+        .with_columns((pl.col("tokens") / pl.col("_total")).alias("share"))
+        .drop("_total")
+        .select(*keys, "bin", "tokens", "share", pl.exclude(*keys, "bin", "tokens", "share"))
+    )
+    counts = (
+        by_bin.filter(pl.col("dataset") != "all")
+        .pivot(on="bin", index=keys, values="tokens")
+        .join(
+            by_bin.filter((pl.col("bin") == "all") & (pl.col("dataset") != "all")).select(
+                *keys, "no_variance", "routes"
+            ),
+            on=keys,
+        )
+    )
+    for name in BINS:  # a bin with no tokens has no column after the pivot
+        if name not in counts.columns:
+            counts = counts.with_columns(pl.lit(0, dtype=pl.Int64).alias(name))
+    counts = counts.select(
+        *keys,
+        pl.col("all").alias("tokens"),
+        *(pl.col(b).fill_null(0) for b in BINS),
+        "no_variance",
+        "routes",
+    ).sort(*keys)
+    width = 2.0 / cfg.gain_buckets
+    gain_hist = _sort(
+        stats.group_by(*keys, "bin", "gain_bucket")
+        .agg(pl.col("tokens").sum().cast(pl.Int64))
+        .drop_nulls("gain_bucket")
+        .with_columns(
+            (pl.col("gain_bucket") * width - 1.0).alias("lo"),
+            ((pl.col("gain_bucket") + 1) * width - 1.0).alias("hi"),
+        )
+    ).sort(*keys, "bin", "gain_bucket")
+    return {
+        "by_bin": by_bin,
+        "overall": by_bin.filter(pl.col("bin") == "all").drop("bin", "share"),
+        "counts": counts,
+        "gain_hist": gain_hist,
+    }
+
+
+def write_tables(tables: dict[str, pl.DataFrame], out_dir: str | Path) -> dict[str, Path]:
+    """Write every table as Parquet and CSV; returns {name: parquet path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, frame in tables.items():
+        frame.write_parquet(out_dir / f"{name}.parquet")
+        frame.write_csv(out_dir / f"{name}.csv")
+        paths[name] = out_dir / f"{name}.parquet"
+    return paths

@@ -1,0 +1,127 @@
+"""The report is regenerated from the complete shards alone: tables, figures, report.md, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+from test_metrics import ROWS, score_table, write_run
+
+from analysis.metrics import AnalysisConfig
+from analysis.report import Report, build_report, main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+CONFIG_YAML = """\
+run_id: demo-1234
+model: {name: tiny, hf_id: bundled}
+dataset: {name: demo}
+scoring: {alternatives: 3, pool: 8, temperature: 1.0, sampler: gumbel, seed: 7, layers: [early, final], verified_only: true}
+generation: {seed: 0}
+sweep: {name: none, models: [], datasets: [], layers: []}
+wandb: {mode: online, api_key: sk-live-DO-NOT-PRINT}
+"""
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "runs" / "demo-1234"
+    # Two jobs: layer 0 with all six hand rows over two shards, layer 3 with rows E and F.
+    names = list(ROWS)
+    write_run(
+        run,
+        {
+            ("tiny", 0, "demo", "shard-00000"): score_table([ROWS[n] for n in names[:3]], model="tiny", layer=0, dataset="demo"),
+            ("tiny", 0, "demo", "shard-00001"): score_table([ROWS[n] for n in names[3:]], model="tiny", layer=0, dataset="demo"),
+            ("tiny", 3, "demo", "shard-00000"): score_table([ROWS["E"], ROWS["F"]], model="tiny", layer=3, dataset="demo"),
+        },
+    )  # fmt: skip
+    # A shard still being written (no sidecar) must be ignored, and never opened.
+    (run / "scores" / "tiny" / "layer=3" / "demo" / "shard-00001.arrow").write_bytes(b"partial")
+    (run / "config.yaml").write_text(CONFIG_YAML)
+    return run
+
+
+def test_build_report_writes_tables_figures_and_markdown(run_dir):
+    report = build_report(run_dir)
+    assert isinstance(report, Report) and report.path == run_dir / "report.md"
+    # Tables: Parquet and CSV, identical to the frames returned.
+    for name in ("by_bin", "overall", "counts", "gain_hist"):
+        on_disk = pl.read_parquet(run_dir / "tables" / f"{name}.parquet")
+        assert on_disk.equals(report.tables[name]), name
+        assert (run_dir / "tables" / f"{name}.csv").stat().st_size > 0
+    counts = report.tables["counts"]
+    assert counts.select("layer", "tokens", "confident", "ambiguous", "fragile").rows() == [
+        (0, 6, 2, 2, 2),
+        (3, 2, 1, 0, 1),  # the partial shard of layer 3 contributed nothing
+    ]
+    # Figures: the four PNGs.
+    assert set(report.figures) == {"headline", "gain_hist", "alignment", "win_rate"}
+    for path in report.figures.values():
+        assert path.parent == run_dir / "figures" and path.read_bytes()[:8] == PNG
+    # report.md: figures embedded by relative path, config summary, key numbers, no secrets.
+    text = report.path.read_text()
+    assert "![headline](figures/headline.png)" in text
+    assert "- J (alternatives): 3" in text and "- P (pool): 8" in text and "- models: tiny" in text
+    assert "- layers: early, final" in text and "- datasets: demo" in text
+    assert "sk-live" not in text and "api_key" not in text
+    assert "3 complete score shards (1 without a sidecar, ignored)" in text
+    # The per-bin markdown row of layer 0, fragile: 2 tokens, gain 10.0 pp, win 50.0%.
+    assert (
+        "| tiny | 0 | demo | fragile | 2 | 33.3% | 0.250 | 0.350 | 10.0 | 50.0% | 2.25 | 1.000 | 1 |"
+        in text
+    )
+
+
+def test_cli_regenerates_with_other_thresholds(run_dir, capsys):
+    assert main([str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "report.md")
+    # confident >= 0.95 moves row A (pbar 0.9) from confident to ambiguous.
+    assert main([str(run_dir), "--confident", "0.95", "--fragile", "0.5"]) == 0
+    by_bin = pl.read_parquet(run_dir / "tables" / "by_bin.parquet")
+    layer0 = by_bin.filter((pl.col("layer") == 0) & (pl.col("dataset") == "demo"))
+    assert dict(layer0.select("bin", "tokens").rows()) == {
+        "confident": 1,
+        "ambiguous": 3,
+        "fragile": 2,
+        "all": 6,
+    }
+    assert "Confident pbar ≥ 0.95" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}/missing"], "does not exist"),
+        (["{tmp}"], "no complete score shards"),
+        (["{run}", "--confident", "0.4"], "0 < fragile < confident <= 1"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(argv, message, run_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [a.format(tmp=empty, run=run_dir) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_python_dash_m_exit_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: run directory") and proc.stdout == ""
+
+
+def test_only_complete_shards_are_counted_after_a_sidecar_appears(run_dir):
+    # Rerunning after more shards complete picks them up (nothing is cached between runs).
+    first = build_report(run_dir, config=AnalysisConfig())
+    write_run(run_dir, {("tiny", 3, "demo", "shard-00002"): score_table([ROWS["B"]], model="tiny", layer=3, dataset="demo")})  # fmt: skip
+    second = build_report(run_dir)
+    tokens = {r[0]: r[1] for r in second.tables["counts"].select("layer", "tokens").rows()}
+    assert tokens == {0: 6, 3: 3} and first.tables["counts"]["tokens"].to_list() == [6, 2]

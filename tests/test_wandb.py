@@ -1,0 +1,237 @@
+"""W&B: an offline run read back from its .wandb file, and misconfiguration that never raises.
+
+The .wandb file is W&B's transaction log in LevelDB log framing: a 7-byte file header
+(":W&B", magic 0xBEE1 as uint16, version byte), then 32 KiB blocks of records, each with a
+7-byte header crc32(type byte + data) (uint32 LE), length (uint16 LE), type (uint8: FULL=1,
+FIRST=2, MIDDLE=3, LAST=4); fewer than 7 bytes left in a block are zero padding. Each record
+is a serialised wandb.proto.wandb_internal_pb2.Record. (wandb 0.31 writes it from its Go
+core and ships no Python reader, so the small one below is ours.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from analysis.bench import write_sample_run
+from analysis.report import build_report
+from orchestrator.wandb_run import WandbConfig, WandbSession, scrub_secrets
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_wandb_records(path: Path) -> list:
+    """Every Record in a .wandb file (checks the file header and each record's checksum)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0)
+    records, parts, pos = [], [], HEADER
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if (crc, length, kind) == (0, 0, 0):  # zero padding up to the block end
+            pos += left
+            continue
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad checksum at {pos}"
+        pos += HEADER + length
+        if kind == FULL:
+            parts = [chunk]
+        elif kind == FIRST:
+            parts = [chunk]
+            continue
+        elif kind == MIDDLE:
+            parts.append(chunk)
+            continue
+        elif kind == LAST:
+            parts.append(chunk)
+        record = pb.Record()
+        record.ParseFromString(b"".join(parts))
+        records.append(record)
+    return records
+
+
+def summary_of(records) -> dict:
+    out = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def history_of(records) -> list[dict]:
+    return [
+        {
+            item.key or "/".join(item.nested_key): json.loads(item.value_json)
+            for item in r.history.item
+        }
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """Keep W&B quiet and inside tmp_path; CI exports WANDB_MODE, which must not decide here."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-default"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    return tmp_path
+
+
+def test_offline_run_read_back(wandb_env, monkeypatch):
+    tmp_path = wandb_env
+    monkeypatch.setenv("MOE_TEST_CANARY", "canary-env-value-6f1e")  # must never be logged
+    run_dir = tmp_path / "runs" / "r1"
+    write_sample_run(run_dir, models=("tiny",), layers=(2,), datasets=("demo",), rows=400, shards=1)
+    report = build_report(run_dir)
+    config = {
+        "scoring": {"alternatives": 32, "pool": 32},
+        "wandb": {"mode": "offline", "api_key": "sk-live-secret-1"},
+        "nested": [{"hf_token": "hf-secret-2"}, {"ok": 1}],
+    }
+    cfg = WandbConfig(mode="offline", tags=("test",), progress_interval_s=3600)
+    session = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
+    assert session.active
+    session.log_progress({"scoring/done": 1})  # logged
+    session.log_progress({"scoring/done": 2})  # within the interval: replaced by the next
+    session.log_progress({"scoring/done": 3})  # pending until finish
+    session.log_results(report)
+    session.finish(exit_code=0)
+    session.finish(exit_code=0)  # idempotent
+
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = {}
+    for path in files:
+        records = read_wandb_records(path)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        runs[run.display_name] = (run, records, path)
+    assert set(runs) == {"r1-driver", "r1/tiny/L2/demo"}
+
+    driver, records, _ = runs["r1-driver"]
+    assert (
+        driver.run_group == "r1" and driver.job_type == "driver" and driver.project == "moe-routing"
+    )
+    assert list(driver.tags) == ["test"]
+    logged_config = {item.key: json.loads(item.value_json) for item in driver.config.update}
+    assert logged_config["wandb"] == {"mode": "offline", "api_key": "***"}
+    assert logged_config["nested"] == [{"hf_token": "***"}, {"ok": 1}]
+    progress = [h["scoring/done"] for h in history_of(records) if "scoring/done" in h]
+    assert progress == [1, 3]
+    driver_summary = summary_of(records)
+    assert driver_summary["tables/by_bin/_type"] == "table-file"
+    assert driver_summary["figures/headline/_type"] == "image-file"
+    assert "tiny/L2/fragile/gain_pp" in driver_summary
+
+    job, records, path = runs["r1/tiny/L2/demo"]
+    assert job.run_group == "r1" and job.job_type == "score"
+    job_config = {item.key: json.loads(item.value_json) for item in job.config.update}
+    assert job_config["layer"] == 2 and job_config["scoring"] == {"alternatives": 32, "pool": 32}
+    summary = summary_of(records)
+    row = {
+        r["bin"]: r for r in report.tables["by_bin"].filter(dataset="demo").iter_rows(named=True)
+    }
+    assert summary["fragile/gain_pp"] == pytest.approx(row["fragile"]["gain_pp"])
+    assert summary["confident/win_rate"] == pytest.approx(row["confident"]["win_rate"])
+    assert summary["ambiguous/alignment"] == pytest.approx(row["ambiguous"]["alignment"])
+    assert summary["all/tokens"] == 400
+    # The table: a history entry pointing at a table file written next to the log.
+    (entry,) = [h for h in history_of(records) if "by_bin/_type" in h]
+    assert entry["by_bin/_type"] == "table-file" and entry["by_bin/nrows"] == 4
+    table = json.loads((path.parent / "files" / entry["by_bin/path"]).read_text())
+    assert "gain_pp" in table["columns"] and len(table["data"]) == 4
+    assert summary["figures/headline/_type"] == "image-file"
+
+    # Nothing secret and no environment variable anywhere in what W&B wrote.
+    for f in (run_dir / "wandb").rglob("*"):
+        if f.is_file():
+            blob = f.read_bytes()
+            for secret in (b"sk-live-secret-1", b"hf-secret-2", b"canary-env-value-6f1e"):
+                assert secret not in blob, (f, secret)
+
+
+def test_disabled_mode_does_nothing(wandb_env):
+    session = WandbSession(
+        WandbConfig(mode="disabled"), run_id="r", run_dir=wandb_env / "run", config={}
+    )
+    assert not session.active
+    session.log_progress({"a": 1})
+    session.log_results(object())  # not even a report: never touched
+    session.finish(1)
+    assert not (wandb_env / "run").exists()
+
+
+def test_invalid_mode(wandb_env, caplog):
+    with pytest.raises(ValueError, match="wandb.mode must be one of offline, online, disabled"):
+        WandbConfig(mode="bogus")
+    cfg = WandbConfig()
+    cfg.mode = "bogus"  # e.g. set after validation: the session warns, never raises
+    with caplog.at_level(logging.WARNING):
+        session = WandbSession(cfg, run_id="r", run_dir=wandb_env / "run", config={})
+    assert not session.active
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "bogus" in caplog.records[0].getMessage()
+    session.log_progress({"a": 1})
+    session.finish(0)
+
+
+def test_wandb_not_importable(wandb_env, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with caplog.at_level(logging.WARNING):
+        session = WandbSession(WandbConfig(), run_id="r", run_dir=wandb_env / "run", config={})
+    assert not session.active
+    (record,) = caplog.records
+    assert "W&B import failed" in record.getMessage() and "\n" not in record.getMessage()
+    session.log_progress({"a": 1})
+    session.finish(0)
+
+
+def test_online_without_a_server_warns_and_returns(wandb_env, monkeypatch, caplog):
+    key = "k" * 40
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: refused
+    cfg = WandbConfig(mode="online", entity="no-such-entity", init_timeout_s=2)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        session = WandbSession(cfg, run_id="r", run_dir=wandb_env / "run", config={"a": 1})
+        session.log_progress({"a": 1})
+        session.finish(1)
+    assert time.monotonic() - started < 45
+    assert not session.active
+    messages = [r.getMessage() for r in caplog.records if r.name == "orchestrator.wandb_run"]
+    assert len(messages) == 1 and "W&B init of r-driver failed" in messages[0]
+    assert key not in caplog.text
+
+
+def test_scrub_secrets():
+    config = {
+        "API_KEY": "x",
+        "db": {"password": "p", "user": "u"},
+        "tokens": [1],
+        "none": {"secret": None},
+    }
+    assert scrub_secrets(config) == {
+        "API_KEY": "***",
+        "db": {"password": "***", "user": "u"},
+        "tokens": "***",
+        "none": {"secret": None},
+    }
