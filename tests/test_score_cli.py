@@ -1,0 +1,128 @@
+"""`python -m workers.score` end to end on a saved tiny model, and its error contract."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+from moe_factories import make_model, make_trajectories, save_model, single_thread
+
+from workers.io import done_path, is_complete, read_arrow, read_sidecar
+from workers.schemas import SCORES_SCHEMA
+from workers.score import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model(make_model("deepseek_v2"), tmp_path_factory.mktemp("models") / "tiny-ds")
+
+
+def _write(table, path):
+    """A bare Arrow IPC file, no sidecar (as a user would hand one in)."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def test_cli_end_to_end(model_dir, tmp_path):
+    table = make_trajectories(lengths=(10, 7), prompt_lens=(4, 2))
+    src, out = _write(table, tmp_path / "traj.arrow"), tmp_path / "scores" / "out.arrow"
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.score",
+        "--model",
+        str(model_dir),
+        "--trajectories",
+        str(src),
+        "--layer",
+        "final",
+        "--out",
+        str(out),
+        "--alternatives",
+        "3",
+        "--pool",
+        "4",
+        "--seed",
+        "7",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "tok" in proc.stderr  # the tqdm bar
+    assert is_complete(out)
+    scores = read_arrow(out)
+    assert scores.schema == SCORES_SCHEMA and scores.num_rows == 6 + 5
+    assert set(scores["layer"].to_pylist()) == {2}
+    assert all(len(r) == 3 for r in scores["alt_routes"].to_pylist())
+    sidecar = read_sidecar(out)
+    assert sidecar["rows"] == 11 and sidecar["layer"] == 2 and sidecar["score_config"]["seed"] == 7
+    # the same command gives the same scores (seeded alternatives)
+    assert main(cmd[3:]) == 0
+    assert read_arrow(out).equals(scores)
+
+
+def _fails(capsys, args, message):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    return err
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "empty"),
+        ("missing", "does not exist"),
+        ("not_arrow", "not a readable Arrow IPC file"),
+        ("no_column", "lack column(s) prompt_len"),
+        ("prompt_len", "prompt_len 10 must be in [1, len(input_ids) - 1] = [1, 9]"),
+        ("vocab", "token id 500 is outside the model's vocabulary [0, 96)"),
+        ("dense_layer", "layer 0 has no routed experts"),
+        ("pool", "pool of 1 experts is smaller than the route size k=2"),
+        ("model", "cannot load"),
+        ("sampler", "sampler must be one of"),
+    ],
+)
+def test_cli_errors(model_dir, tmp_path, capsys, case, message):
+    table = make_trajectories(lengths=(10,), prompt_lens=(4,))
+    src = tmp_path / "traj.arrow"
+    layer, extra, model = "1", [], str(model_dir)
+    if case == "empty":
+        _write(table.slice(0, 0), src)
+    elif case == "not_arrow":
+        src.write_text("not arrow")
+    elif case == "no_column":
+        _write(table.drop_columns(["prompt_len"]), src)
+    elif case == "prompt_len":
+        _write(table.set_column(3, "prompt_len", pa.array([10], pa.int32())), src)
+    elif case == "vocab":
+        ids = table["input_ids"][0].as_py()
+        _write(
+            table.set_column(2, "input_ids", pa.array([ids[:-1] + [500]], pa.list_(pa.int32()))),
+            src,
+        )
+    else:
+        _write(table, src)
+    if case == "missing":
+        src = tmp_path / "nowhere.arrow"
+    layer = "0" if case == "dense_layer" else layer
+    extra = (
+        ["--pool", "1"] if case == "pool" else ["--sampler", "best"] if case == "sampler" else []
+    )
+    model = str(tmp_path) if case == "model" else model
+    out = tmp_path / "out.arrow"
+    _fails(
+        capsys,
+        ["--model", model, "--trajectories", str(src), "--layer", layer, "--out", str(out), *extra],
+        message,
+    )
+    assert not out.exists() and not done_path(out).exists()

@@ -1,0 +1,380 @@
+"""Benchmark of the fast counterfactual scorer against brute force and a standard forward pass.
+
+    python -m workers.bench_score                       # tiny Qwen3-MoE on the CPU, with brute force
+    python -m workers.bench_score --arch qwen3-30b-a3b --random-init --device cuda --dtype bfloat16 --layer all
+
+Contract: on one random trajectory (--prompt-tokens + --tokens ids) it times
+- one standard forward pass of the model over the sequence (median of 3 after a warm-up);
+- the fast scorer (workers.scorer) at each requested layer;
+- brute force (workers.brute), on a random subset of --brute-pairs (position, route) pairs drawn
+  from the fast scorer's own routes, extrapolated linearly to all T x (J+1) pairs (printed as such),
+and checks that brute force and the fast scorer agree (max abs log-prob difference). It prints the
+speedup over brute force and the fast scorer's cost in standard-forward equivalents, also per
+route, i.e. divided by (J+1): the target is <= 1.3 at the first MoE layer, where nearly every layer
+runs once per route.
+Architectures: "tiny" (Qwen3-MoE, 4 layers, hidden 128, 16 experts top-4, vocab 1024) or one of
+the real shapes typed in from the published config.json (OLMoE-1B-7B, Qwen3-30B-A3B, GPT-OSS-20B,
+DeepSeek-V2-Lite), built with random weights directly on --device (no hub access, no meta
+device); --layers N keeps the first N decoder layers (smoke runs). Real shapes default to
+--no-brute and report tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+ARCHS = ("tiny", "olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite")
+
+
+def arch_config(arch: str, layers: int | None = None):
+    """A transformers config of `arch` (values of the published config.json files)."""
+    import transformers as tf
+
+    if arch == "tiny":
+        cfg = tf.Qwen3MoeConfig(
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    elif arch == "olmoe-1b-7b":  # allenai/OLMoE-1B-7B-0924
+        cfg = tf.OlmoeConfig(
+            vocab_size=50304,
+            hidden_size=2048,
+            intermediate_size=1024,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            num_experts=64,
+            num_experts_per_tok=8,
+            norm_topk_prob=False,
+            clip_qkv=None,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=False,
+            pad_token_id=1,
+            eos_token_id=50279,
+        )
+    elif arch == "qwen3-30b-a3b":  # Qwen/Qwen3-30B-A3B
+        cfg = tf.Qwen3MoeConfig(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+            bos_token_id=151643,
+            eos_token_id=151645,
+        )
+    elif arch == "gpt-oss-20b":  # openai/gpt-oss-20b (experts dequantized to bf16)
+        cfg = tf.GptOssConfig(
+            vocab_size=201088,
+            hidden_size=2880,
+            intermediate_size=2880,
+            num_hidden_layers=24,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=64,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            sliding_window=128,
+            max_position_embeddings=131072,
+            layer_types=["sliding_attention", "full_attention"] * 12,
+            rms_norm_eps=1e-5,
+            attention_bias=True,
+            swiglu_limit=7.0,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 4096,
+            },
+            pad_token_id=199999,
+            eos_token_id=200002,
+        )
+    elif arch == "deepseek-v2-lite":  # deepseek-ai/DeepSeek-V2-Lite
+        cfg = tf.DeepseekV2Config(
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            kv_lora_rank=512,
+            q_lora_rank=None,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=64,
+            n_shared_experts=2,
+            num_experts_per_tok=6,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.0,
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=False,
+            max_position_embeddings=163840,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 40.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+                "original_max_position_embeddings": 4096,
+            },
+            tie_word_embeddings=False,
+            bos_token_id=100000,
+            eos_token_id=100001,
+        )
+    else:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:layers]
+    return cfg
+
+
+def build_model(
+    arch: str, device: str, dtype: torch.dtype, layers: int | None = None, seed: int = 0
+):
+    """Random weights, initialised directly on `device` in `dtype`; eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = arch_config(arch, layers)
+    if arch == "tiny":
+        cfg.initializer_range = 0.1
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="eager")
+    if arch == "tiny":  # make routes matter, as the test models do (tests/moe_factories.py)
+        with torch.no_grad():
+            for module in model.modules():
+                if type(module).__name__.endswith("Experts"):
+                    module.down_proj.mul_(3.0)
+            model.lm_head.weight.mul_(6.0)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str):
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m workers.bench_score", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--arch", default="tiny", choices=ARCHS)
+    p.add_argument("--model", default=None, help="a real checkpoint directory instead of --arch")
+    p.add_argument(
+        "--random-init", action="store_true", help="required for non-tiny --arch: random weights"
+    )
+    p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers")
+    p.add_argument("--tokens", type=int, default=256, help="completion tokens scored")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--alternatives", type=int, default=32)
+    p.add_argument("--pool", type=int, default=32)
+    p.add_argument("--layer", default="early", help="early|middle|final|all or an index")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="default: float32 for tiny, else bfloat16",
+    )
+    p.add_argument("--memory-budget-mb", type=int, default=None)
+    p.add_argument(
+        "--brute",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on for tiny only",
+    )
+    p.add_argument(
+        "--brute-pairs", type=int, default=66, help="(position, route) pairs timed by brute force"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy CPU)"
+    )
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import pyarrow as pa
+
+    from workers.brute import brute_logprobs
+    from workers.scorer import ScoreConfig, Scorer, load_model
+
+    dtype_name = args.dtype or (
+        "float32" if args.arch == "tiny" and args.model is None else "bfloat16"
+    )
+    budget = args.memory_budget_mb or (1024 if args.device == "cpu" else 16384)
+    config = ScoreConfig(
+        alternatives=args.alternatives,
+        pool=args.pool,
+        dtype=dtype_name,
+        device=args.device,
+        memory_budget_mb=budget,
+        seed=args.seed,
+    )
+    # 1. the model
+    if args.model is not None:
+        model, name = load_model(args.model, config), args.model
+    elif args.arch != "tiny" and not args.random_init:
+        print(
+            "error: real shapes have no weights here; pass --random-init (or --model DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    else:
+        t_build, model = _timed(
+            lambda: build_model(args.arch, args.device, config.torch_dtype, args.layers, args.seed),
+            args.device,
+        )
+        name = f"{args.arch} (random init, built in {t_build:.1f}s)"
+    scorer = Scorer(name, config, model=model)
+    brute = args.brute if args.brute is not None else (args.arch == "tiny" and args.model is None)
+
+    # 2. one random trajectory
+    gen = torch.Generator().manual_seed(args.seed)
+    n_ids = args.prompt_tokens + args.tokens
+    ids = torch.randint(3, scorer.vocab_size, (n_ids,), generator=gen).tolist()
+    table = pa.table(
+        {
+            "problem_id": ["bench-0"],
+            "sample_idx": pa.array([0], pa.int32()),
+            "input_ids": pa.array([ids], pa.list_(pa.int32())),
+            "prompt_len": pa.array([args.prompt_tokens], pa.int32()),
+        }
+    )
+    n_pairs = args.tokens * (args.alternatives + 1)
+
+    # 3. the standard forward pass
+    seq = torch.tensor(ids, device=args.device)[None]
+    with torch.inference_mode():
+        forward = lambda: model(input_ids=seq, use_cache=False).logits  # noqa: E731
+        _timed(forward, args.device)
+        t_fwd = statistics.median(_timed(forward, args.device)[0] for _ in range(3))
+
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"model: {name}; {len(scorer.adapter.layers)} layers, MoE layers {scorer.moe_layers[0]}..{scorer.moe_layers[-1]}, "
+        f"{scorer.adapter.n_experts} experts top-{scorer.adapter.top_k}"
+    )
+    print(
+        f"device: {args.device} ({device_name}, {torch.get_num_threads()} threads), dtype {dtype_name}, torch {torch.__version__}"
+    )
+    print(
+        f"sequence: {args.prompt_tokens} prompt + {args.tokens} scored tokens; J={args.alternatives}, pool={args.pool}; "
+        f"{n_pairs} (t, R) pairs; memory budget {budget} MB"
+    )
+    print(f"standard forward pass: {t_fwd * 1e3:.1f} ms")
+
+    # 4. per layer: fast scorer, brute force on a subset, agreement
+    specs = ["early", "middle", "final"] if args.layer == "all" else [args.layer]
+    for spec in specs:
+        layer = scorer.resolve_layer(spec)
+        scorer.score_table(table.slice(0, 1), layer)  # warm-up
+        before = dict(scorer.stats)
+        t_fast, scores = _timed(lambda layer=layer: scorer.score_table(table, layer), args.device)
+        distinct = scorer.stats["distinct_pairs"] - before["distinct_pairs"]
+        equiv = t_fast / t_fwd
+        per_route = equiv / (args.alternatives + 1)
+        per_decoded = equiv / (distinct / args.tokens)
+        print(
+            f"layer {layer} ({spec}): fast scorer {t_fast:.3f} s = {args.tokens / t_fast:.1f} tokens/s, "
+            f"{n_pairs / t_fast:.0f} (t, R) pairs/s; {distinct} of {n_pairs} pairs are distinct route "
+            f"sets (decoded once each)\n"
+            f"  cost: {equiv:.1f} standard forward passes = {per_route:.3f} x (J+1); "
+            f"{per_decoded:.3f} forward passes per decoded route set",
+            flush=True,
+        )
+        if brute:
+            cols = scores.to_pydict()
+            pairs = [(i, r) for i in range(args.tokens) for r in range(args.alternatives + 1)]
+            pick = random.Random(args.seed).sample(pairs, min(args.brute_pairs, len(pairs)))
+            pos = torch.tensor([cols["position"][i] for i, _ in pick])
+            rts = torch.tensor(
+                [cols["std_route"][i] if r == 0 else cols["alt_routes"][i][r - 1] for i, r in pick]
+            )
+            fast_lp = (
+                torch.tensor(
+                    [
+                        cols["std_prob"][i] if r == 0 else cols["alt_probs"][i][r - 1]
+                        for i, r in pick
+                    ]
+                )
+                .double()
+                .log()
+            )
+            t_sub, brute_lp = _timed(
+                lambda layer=layer, pos=pos, rts=rts: brute_logprobs(model, ids, layer, pos, rts),
+                args.device,
+            )
+            t_brute = t_sub / len(pick) * n_pairs
+            diff = (brute_lp.double() - fast_lp).abs().max().item()
+            print(
+                f"  brute force: {t_brute:.1f} s for all {n_pairs} pairs (extrapolated linearly from "
+                f"{len(pick)} random pairs in {t_sub:.2f} s); speedup {t_brute / t_fast:.0f}x; "
+                f"max |log p(brute) - log p(fast)| over those pairs = {diff:.2e}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

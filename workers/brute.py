@@ -1,0 +1,56 @@
+"""Brute-force reference for counterfactual route scores: one full forward pass per (t, R).
+
+Contract: `brute_logprobs(model, ids, layer, positions, routes)` -> (M,) float32 tensor of
+log p(ids[t+1] | ids, route R at (t, L)) for each query m = (positions[m], routes[m]).
+Each query reruns the whole sequence through the model's own forward (its configured
+attention, no cache) with a forward hook on layer L's router that replaces, at position t
+only, the chosen experts by R and their gate weights by the family's rule (workers.adapters);
+every other position keeps its own route and every later layer routes normally on the
+changed hidden state. Queries are batched as copies of the sequence, each with its own
+overridden row. Slow by design (T x (J+1) full passes): it is the reference that the fast
+scorer is tested against, and the baseline of workers.bench_score.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.adapters import adapter_for
+
+
+@torch.inference_mode()
+def brute_logprobs(
+    model: nn.Module,
+    ids: list[int],
+    layer: int,
+    positions: torch.Tensor,
+    routes: torch.Tensor,
+    *,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """log p(ids[t+1]) with route routes[m] (k experts) at (positions[m], layer)."""
+    adapter = adapter_for(model)
+    adapter.check_layer(layer)
+    device = next(model.parameters()).device
+    seq = torch.tensor(ids, device=device)
+    n = seq.shape[0]
+    positions = torch.as_tensor(positions, device=device).long()
+    routes = torch.as_tensor(routes, device=device).long()
+    out = torch.empty(positions.shape[0], dtype=torch.float32)
+    for a in range(0, positions.shape[0], batch_size):
+        pos, chosen = positions[a : a + batch_size], routes[a : a + batch_size]
+        batch = pos.shape[0]
+        rows = torch.arange(batch, device=device) * n + pos  # router rows are (batch * n)
+
+        def override(module, args, output, rows=rows, chosen=chosen):
+            return adapter.override_router_output(output, rows, chosen)
+
+        hook = adapter.router(layer).register_forward_hook(override)
+        try:
+            logits = model(input_ids=seq[None].expand(batch, n), use_cache=False).logits
+        finally:
+            hook.remove()
+        logp = torch.log_softmax(logits[torch.arange(batch, device=device), pos].float(), dim=-1)
+        out[a : a + batch] = logp.gather(1, seq[pos + 1][:, None])[:, 0].cpu()
+    return out

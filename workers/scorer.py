@@ -1,0 +1,428 @@
+"""Counterfactual route scoring, exact and fast (SCIENCE.md, "Computing it exactly and fast").
+
+Contract: `Scorer(model_path, ScoreConfig(...))` loads the model once; `score_table(trajectories,
+layer)` returns one SCORES_SCHEMA row per completion token (positions prompt_len-1 .. len-2,
+target ids[t+1]), rows in input order, positions ascending. For each token: the standard route
+S (the router's own choice, in the router's order), J alternatives (workers.routes, in the
+order picked), u(R) = p(target | prefix, route R at (t, L)) for each, and s(R).
+
+How, per sequence (one at a time, so results never depend on what else is in the shard):
+1. one standard forward pass (workers.kv.standard_pass) keeps the keys/values of every layer
+   after L and, by forward hooks, the residual entering layer L's MoE block, the block's
+   normalised input x and the router logits z (and the router's chosen experts);
+2. routes are drawn (workers.routes) and deduplicated as sets per token: a set that occurs
+   twice (e.g. an alternative equal to S) is computed once, so equal sets get equal u, bitwise;
+3. per micro-batch of (t, R) pairs, sorted by t: layer L's MoE output for R (each (token,
+   expert) pair run once by the model's own experts module, then recombined with R's gate
+   weights, workers.adapters), added to the residual; then the layers after L run as
+   single-token decode steps (the model's own layer modules; attention over the stored keys of
+   positions < t plus the query's own); final norm, LM head, log-softmax, log p(target).
+Micro-batches are sized so their activations fit `memory_budget_mb`. Cost: about (J+1)
+single-token passes through the layers after L per token, instead of T x (J+1) full passes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from workers import kv, routes
+from workers.adapters import MoeAdapter, adapter_for
+from workers.schemas import SCORES_SCHEMA
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REQUIRED_COLUMNS = ("problem_id", "sample_idx", "input_ids", "prompt_len")
+# On a CPU a decode step's activations fall out of cache beyond ~1k pairs: on the tiny benchmark
+# 4096 pairs per step ran 2x slower than 1024. GPUs take whatever the memory budget allows.
+CPU_MAX_PAIRS = 1024
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How to score. J = alternatives, P = pool (capped at the number of experts), tau =
+    temperature; memory_budget_mb bounds one micro-batch's activations (weights and the
+    standard pass's keys/values come on top)."""
+
+    alternatives: int = 32
+    pool: int = 32
+    temperature: float = 1.0
+    sampler: str = "gumbel"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    memory_budget_mb: int = 1024
+
+    def __post_init__(self):
+        _check(
+            _is_int(self.alternatives) and self.alternatives >= 1,
+            "alternatives must be an integer >= 1",
+            self.alternatives,
+        )
+        _check(_is_int(self.pool) and self.pool >= 1, "pool must be an integer >= 1", self.pool)
+        _check(
+            isinstance(self.temperature, (int, float))
+            and not isinstance(self.temperature, bool)
+            and self.temperature > 0,
+            "temperature must be a number > 0",
+            self.temperature,
+        )
+        _check(
+            self.sampler in routes.SAMPLERS,
+            f"sampler must be one of {', '.join(routes.SAMPLERS)}",
+            self.sampler,
+        )
+        _check(_is_int(self.seed), "seed must be an integer", self.seed)
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}", self.dtype)
+        _check(
+            isinstance(self.device, str)
+            and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+            "device must be cpu, cuda or cuda:N",
+            self.device,
+        )
+        _check(
+            _is_int(self.memory_budget_mb) and self.memory_budget_mb >= 1,
+            "memory_budget_mb must be an integer >= 1",
+            self.memory_budget_mb,
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
+    """AutoModelForCausalLM from safetensors, in config.dtype on config.device, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(model_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    kwargs: dict[str, Any] = {"dtype": config.torch_dtype, "use_safetensors": True}
+    try:
+        quant = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a model config from {path}: {err}") from err
+    if (
+        quant is not None
+        and (
+            quant.get("quant_method")
+            if isinstance(quant, dict)
+            else getattr(quant, "quant_method", None)
+        )
+        == "mxfp4"
+    ):
+        from transformers import (
+            Mxfp4Config,
+        )  # GPT-OSS checkpoints: the experts must be plain modules
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    try:
+        if config.device != "cpu":
+            try:  # straight onto the GPU; older releases need accelerate for device_map
+                return AutoModelForCausalLM.from_pretrained(
+                    path, device_map=config.device, **kwargs
+                ).eval()
+            except ImportError:
+                pass
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(config.device).eval()
+    except OSError as err:  # no safetensors weights, unreadable files
+        raise ValueError(f"cannot load model weights from {path}: {err}") from err
+
+
+class Scorer:
+    """A model loaded once, scoring trajectory tables at any of its MoE layers.
+
+    `model` (tests, benchmarks) skips loading; it is moved to config.device/dtype.
+    `micro_batch` fixes the number of (t, R) pairs per decode step (else from the budget).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: ScoreConfig,
+        *,
+        model: nn.Module | None = None,
+        micro_batch: int | None = None,
+    ):
+        self.model_path = Path(model_path)
+        self.config = config
+        if model is None:
+            model = load_model(model_path, config)
+        if model.dtype != config.torch_dtype:  # else keep e.g. GPT-OSS's float32 norms as loaded
+            model = model.to(dtype=config.torch_dtype)
+        self.model = model.to(device=config.device).eval()
+        self.adapter: MoeAdapter = adapter_for(self.model)
+        self.moe_layers = list(self.adapter.moe_layers)
+        self.pool = routes.pool_size(
+            config.pool, self.adapter.n_experts, self.adapter.top_k, config.sampler
+        )
+        self.micro_batch = micro_batch
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        self.model_name = self.model_path.name or str(model_path)
+        # Counters since construction: scored tokens, (t, R) pairs, distinct pairs decoded.
+        self.stats = {"tokens": 0, "pairs": 0, "distinct_pairs": 0}
+
+    def resolve_layer(self, spec: int | str) -> int:
+        """An MoE layer index from an index or "early" | "middle" | "final"."""
+        return self.adapter.resolve_layer(spec)
+
+    def score_table(
+        self,
+        trajectories: pa.Table,
+        layer: int | str,
+        *,
+        progress: Callable[[int], Any] | None = None,
+    ) -> pa.Table:
+        """SCORES_SCHEMA rows for every completion token of every trajectory, in input order."""
+        layer = self.resolve_layer(layer)
+        rows = self.validate(trajectories)
+        tables = []
+        with kv.attention_switched(self.model), torch.inference_mode():
+            for row in rows:
+                scores = self.score_sequence(
+                    row["input_ids"], row["prompt_len"], layer, row["problem_id"], row["sample_idx"]
+                )
+                tables.append(self._to_table(row, layer, scores))
+                if progress is not None:
+                    progress(len(scores["position"]))
+        return pa.concat_tables(tables)
+
+    def validate(self, table: pa.Table) -> list[dict[str, Any]]:
+        """The rows to score, or one ValueError saying what is wrong with the input."""
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"trajectories lack column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}"
+            )
+        if table.num_rows == 0:
+            raise ValueError("trajectories table is empty: nothing to score")
+        extra = [c for c in ("model", "dataset") if c in table.column_names]
+        rows = table.select([*REQUIRED_COLUMNS, *extra]).to_pylist()
+        for i, row in enumerate(rows):
+            ids, p = row["input_ids"], row["prompt_len"]
+            name = f"row {i} ({row['problem_id']}, sample {row['sample_idx']})"
+            if ids is None or p is None or row["problem_id"] is None or row["sample_idx"] is None:
+                raise ValueError(
+                    f"{name}: problem_id, sample_idx, input_ids and prompt_len must not be null"
+                )
+            if not 1 <= p < len(ids):
+                raise ValueError(
+                    f"{name}: prompt_len {p} must be in [1, len(input_ids) - 1] = [1, {len(ids) - 1}]"
+                )
+            bad = [x for x in ids if not 0 <= x < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name}: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})"
+                )
+        return rows
+
+    # -- one sequence ------------------------------------------------------------------------------
+
+    def score_sequence(
+        self, ids: list[int], prompt_len: int, layer: int, problem_id: str, sample_idx: int
+    ) -> dict[str, np.ndarray]:
+        """Scores of one trajectory's completion tokens. Run inside kv.attention_switched."""
+        cfg, ad, device = self.config, self.adapter, self.config.device
+        first, n_tokens = prompt_len - 1, len(ids) - prompt_len
+        positions = torch.arange(first, len(ids) - 1, device=device)
+        targets = torch.tensor(ids[prompt_len:], device=device)
+        later = [i for i in range(layer + 1, len(ad.layers))]
+
+        # 1. the standard pass, with layer L's block input, residual and router output kept
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep_norm(module, args, output):
+            seen["resid"], seen["x"] = args[0].flatten(0, -2)[first:], output.flatten(0, -2)[first:]
+
+        def keep_router(module, args, output):
+            z, chosen = ad.parse_router_output(output)
+            seen["z"] = z.flatten(0, -2)[first:].float()
+            if chosen is not None:
+                seen["std"] = chosen.flatten(0, -2)[first:]
+
+        hooks = [
+            ad.moe_norm(layer).register_forward_hook(keep_norm),
+            ad.router(layer).register_forward_hook(keep_router),
+        ]
+        try:
+            input_ids = torch.tensor(ids[:-1], device=device)[None]
+            store = kv.standard_pass(self.model, input_ids, later, self._budget_bytes())
+        finally:
+            for h in hooks:
+                h.remove()
+        z, x, resid = seen["z"], seen["x"], seen["resid"]
+        std = seen["std"] if "std" in seen else ad.standard_route(z)
+
+        # 2. routes: S then J alternatives per token; each distinct set computed once
+        seeds = [
+            routes.token_seed(cfg.seed, problem_id, sample_idx, t, layer)
+            for t in range(first, len(ids) - 1)
+        ]
+        z_cpu = z.cpu()
+        alts = routes.sample_routes(
+            z_cpu,
+            seeds,
+            k=ad.top_k,
+            alternatives=cfg.alternatives,
+            pool=self.pool,
+            temperature=cfg.temperature,
+            sampler=cfg.sampler,
+        )
+        all_routes = torch.cat([std.cpu().long()[:, None], alts], dim=1)  # (N, J+1, k)
+        router_lp = routes.router_logprob(z_cpu, all_routes)
+        token = torch.arange(n_tokens)[:, None, None].expand(-1, all_routes.shape[1], 1)
+        sets = torch.cat([token, all_routes.sort(dim=-1).values], dim=-1).flatten(0, 1)
+        uniq, inverse = np.unique(sets.numpy(), axis=0, return_inverse=True)  # sorted by token
+        inverse = torch.from_numpy(inverse.reshape(-1))
+        uniq = torch.from_numpy(uniq).to(device)
+        self.stats["tokens"] += n_tokens
+        self.stats["pairs"] += sets.shape[0]
+        self.stats["distinct_pairs"] += uniq.shape[0]
+
+        # 3. decode every distinct (t, R) through the layers after L
+        logp = self._decode_routes(
+            layer, later, store, z, x, resid, positions, targets, uniq[:, 0], uniq[:, 1:]
+        )
+        logp = logp.cpu()[inverse].view(n_tokens, -1)
+        probs = logp.exp()
+        return {
+            "position": positions.cpu().numpy().astype(np.int32),
+            "target_id": targets.cpu().numpy().astype(np.int32),
+            "std_route": all_routes[:, 0].numpy().astype(np.int32),
+            "alt_routes": all_routes[:, 1:].numpy().astype(np.int32),
+            "std_prob": probs[:, 0].numpy().astype(np.float32),
+            "alt_probs": probs[:, 1:].numpy().astype(np.float32),
+            "std_route_logprob": router_lp[:, 0].numpy().astype(np.float32),
+            "alt_route_logprobs": router_lp[:, 1:].numpy().astype(np.float32),
+        }
+
+    def _decode_routes(
+        self, layer, later, store, z, x, resid, positions, targets, token, route_sets
+    ):
+        """log p(target) for each (token, route set): token (M,), route_sets (M, k) -> (M,)."""
+        ad, model = self.adapter, self.model
+        base = getattr(model, "model", model)
+        shared = ad.shared_output(layer, x)
+        weights = ad.route_weights(z[token], route_sets)
+        batch = self.micro_batch or self._micro_batch(int(positions[-1]) + 1)
+        out = torch.empty(token.shape[0], dtype=torch.float32, device=token.device)
+        for a in range(0, token.shape[0], batch):
+            tok = token[a : a + batch]
+            hidden = resid[tok] + ad.moe_output(
+                layer, x, tok, route_sets[a : a + batch], weights[a : a + batch], shared
+            )
+            pos = positions[tok]
+            rope = kv.rotary(model, hidden, pos)
+            with kv.decoding(store, pos):
+                for i in later:
+                    hidden = kv.decode_layer(ad.layers[i], hidden, pos, rope)
+            logp = torch.log_softmax(model.lm_head(base.norm(hidden)).float(), dim=-1)
+            out[a : a + batch] = logp.gather(1, targets[tok][:, None])[:, 0]
+        return out
+
+    def _budget_bytes(self) -> int:
+        return self.config.memory_budget_mb * 2**20
+
+    def _micro_batch(self, n_keys: int) -> int:
+        """(t, R) pairs per decode step so that one step's activations fit the budget."""
+        c = self.model.config
+        hidden, vocab = c.hidden_size, self.vocab_size
+        heads = c.num_attention_heads
+        inter = max(
+            int(getattr(c, name, 0) or 0) for name in ("intermediate_size", "moe_intermediate_size")
+        )
+        per_pair = 4 * (
+            4 * heads * n_keys  # attention logits, exp, weights (float32) + a low-precision copy
+            + 3 * vocab  # logits, float copy, logsumexp
+            + 32 * hidden  # residual stream, norms, attention and block outputs
+            + 6
+            * self.adapter.top_k
+            * (inter + hidden)  # routed experts: layer L's pairs, later layers
+        )
+        batch = max(1, self._budget_bytes() // per_pair)
+        return min(batch, CPU_MAX_PAIRS) if self.config.device == "cpu" else batch
+
+    def _to_table(self, row: dict[str, Any], layer: int, s: dict[str, np.ndarray]) -> pa.Table:
+        n = len(s["position"])
+        model = row.get("model") or self.model_name
+        dataset = row.get("dataset") or "unknown"
+        cols = {
+            "problem_id": pa.array([row["problem_id"]] * n, pa.string()),
+            "sample_idx": pa.array(np.full(n, row["sample_idx"], np.int32)),
+            "position": pa.array(s["position"]),
+            "target_id": pa.array(s["target_id"]),
+            "std_route": _lists(s["std_route"]),
+            "std_prob": pa.array(s["std_prob"]),
+            "alt_routes": _lists(s["alt_routes"]),
+            "alt_probs": _lists(s["alt_probs"]),
+            "std_route_logprob": pa.array(s["std_route_logprob"]),
+            "alt_route_logprobs": _lists(s["alt_route_logprobs"]),
+            "model": pa.array([model] * n, pa.string()),
+            "layer": pa.array(np.full(n, layer, np.int32)),
+            "dataset": pa.array([dataset] * n, pa.string()),
+        }
+        return pa.Table.from_arrays([cols[f.name] for f in SCORES_SCHEMA], schema=SCORES_SCHEMA)
+
+
+def score_file(
+    scorer: Scorer,
+    in_path: str | Path,
+    layer: int | str,
+    out_path: str | Path,
+    *,
+    config_hash: str,
+    require_complete: bool = False,
+    progress: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:
+    """Score a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
+
+    The input is read with workers.io.read_arrow (its sidecar is required only with
+    `require_complete`); nothing is written unless scoring succeeds.
+    """
+    from workers.io import read_arrow, write_arrow
+
+    started = time.time()
+    in_path = Path(in_path)
+    if not in_path.is_file():
+        raise FileNotFoundError(f"trajectories file {in_path} does not exist")
+    try:
+        table = read_arrow(in_path, require_complete=require_complete)
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"{in_path} is not a readable Arrow IPC file: {err}") from err
+    layer = scorer.resolve_layer(layer)
+    scores = scorer.score_table(table, layer, progress=progress)
+    extra = {
+        "layer": layer,
+        "model": scorer.model_name,
+        "input": str(in_path),
+        "tokens": scores.num_rows,
+        "score_config": asdict(scorer.config),
+    }
+    return write_arrow(scores, out_path, config_hash=config_hash, started=started, extra=extra)
+
+
+def _lists(values: np.ndarray) -> pa.Array:
+    """A numpy array (N, ..., m) as nested Arrow lists, one level per trailing axis."""
+    flat = pa.array(values.reshape(-1))
+    for size in reversed(values.shape[1:]):
+        count = len(flat) // size
+        flat = pa.ListArray.from_arrays(pa.array(np.arange(count + 1, dtype=np.int32) * size), flat)
+    return flat
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, message: str, value) -> None:
+    if not ok:
+        raise ValueError(f"ScoreConfig: {message}, got {value!r}")
