@@ -1,0 +1,164 @@
+"""`python -m orchestrator [group=option ...] [key=value ...]`: problems -> scores -> report.
+
+Reads as its steps: compose the typed config, validate it, plan (or print the plan and stop:
+`dry_run=true`), load the problems, start Ray, run the stages, build the report, log to W&B,
+exit 0 when every unit is complete. Running the same command again resumes the run: complete
+units are skipped. Exit codes: 0 complete, 1 some units failed (the resume command is
+printed), 2 bad config or input (one line on stderr, nothing marked complete).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.config import (
+    ConfigError,
+    register_configs,
+    scrub_secrets,
+    to_run_config,
+    validate,
+)
+from orchestrator.pipeline import PipelineError, prepare_problems, run_stages
+from orchestrator.plan import derive_run_id, describe_plan
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    code = run(dcfg, overrides=hydra_overrides())
+    if code:
+        sys.exit(code)
+
+
+def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
+    """One run from a composed config; returns the exit code (tests call this directly)."""
+    started = time.monotonic()
+    try:
+        # 1. Typed config, validated before anything starts.
+        cfg = to_run_config(dcfg)
+        validate(cfg)
+        resolved = OmegaConf.to_container(dcfg, resolve=True)
+        run_id = derive_run_id(cfg, resolved)
+        resolved["run_id"] = run_id
+        run_dir = Path(cfg.runs_dir).resolve() / run_id
+        # 2. The plan; a dry run stops here (no model, no Ray).
+        if cfg.dry_run:
+            print(describe_plan(cfg, run_id, run_dir))
+            return 0
+        # 3. Problems on the driver: a missing data file fails here, before Ray starts.
+        problems = prepare_problems(cfg, run_dir)
+        save_config(run_dir, resolved)
+    except (ConfigError, PipelineError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    resume = resume_command(overrides, run_id)
+    # 4. Ray: a local instance started here, or an existing cluster.
+    started_ray = init_ray(cfg.cluster)
+    session = open_wandb(cfg, run_id, run_dir, resolved)
+    code = 1
+    try:
+        # 5. The stages, then 6. the report.
+        summary = run_stages(cfg, run_dir, problems, run_id=run_id, sink=session.log_progress)
+        summary.report_path = build_report(run_dir, session)
+        code = 0 if summary.ok else 1
+        print_summary(summary, resume, time.monotonic() - started)
+    except (ConfigError, PipelineError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with:\n  {resume}", file=sys.stderr)
+        code = 130
+    finally:
+        # 7. Close W&B and the Ray this driver started.
+        session.finish(exit_code=code)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return code
+
+
+def hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def save_config(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """The resolved config, secrets scrubbed, as runs/<id>/config.yaml (replaced each run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(resolved))))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def resume_command(overrides: list[str] | None, run_id: str) -> str:
+    """The command that resumes this run: the same overrides, with the run id pinned."""
+    kept = [o for o in overrides or [] if not o.startswith(("run_id=", "dry_run="))]
+    return shlex.join(["python", "-m", "orchestrator", *kept, f"run_id={run_id}"])
+
+
+def init_ray(cluster: Any) -> bool:
+    """Start a local Ray (returns True) or join `cluster.address`; reuse one already up."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cluster.address:
+        ray.init(address=cluster.address)
+    else:
+        ray.init(
+            num_cpus=cluster.num_cpus or os.cpu_count(),
+            num_gpus=cluster.num_gpus,
+            include_dashboard=False,
+        )
+    return True
+
+
+def open_wandb(cfg: Any, run_id: str, run_dir: Path, resolved: dict[str, Any]) -> Any:
+    from orchestrator.wandb_run import WandbSession
+
+    return WandbSession(cfg.wandb, run_id=run_id, run_dir=run_dir, config=scrub_secrets(resolved))
+
+
+def build_report(run_dir: Path, session: Any) -> Path | None:
+    """Tables, figures and report.md from the complete score shards; logged to W&B."""
+    from analysis.report import build_report as build
+
+    if not any((run_dir / "scores").rglob("*.done.json")):
+        return None
+    report = build(run_dir)
+    session.log_results(report)
+    return report.path
+
+
+def print_summary(summary: Any, resume: str, seconds: float) -> None:
+    stages = "; ".join(
+        f"{name} {m[f'{name}/computed']} computed, {m[f'{name}/skipped']} skipped,"
+        f" {m[f'{name}/failed']} failed"
+        for name, m in summary.stages.items()
+    )
+    print(f"run {summary.run_id}: {stages}; {seconds:,.1f} s", file=sys.stderr)
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if summary.report_path:
+        print(f"report: {summary.report_path}", file=sys.stderr)
+    if summary.failures:
+        print(
+            f"{len(summary.failures)} units failed (see {summary.run_dir / 'failures.jsonl'});"
+            f" resume with:\n  {resume}",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    main()

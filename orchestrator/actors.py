@@ -1,0 +1,237 @@
+"""Ray actors and the loop that feeds them work units.
+
+Contract: `GeneratorWorker` and `ScorerWorker` are plain classes (usable without Ray) that load
+one model once in `__init__` and then run many units, each unit = read an input file, write
+one Arrow file with its completion sidecar (`workers.io.write_arrow`), return a small dict of
+counts. `GeneratorActor` / `ScorerActor` are the same classes made remote in one line.
+`dispatch` runs units over a pool of such actors as they free up (`ray.wait`); a unit that
+raises is retried `retries` times, on any actor; an actor that dies (its process killed, its
+node lost) is replaced by a fresh one and its unit resubmitted as the next attempt; a unit
+out of attempts is returned as failed while the others go on. An actor whose `__init__`
+raises (bad model, wrong shape) stops the stage with `ActorStartError`: every unit would fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from orchestrator.config import ModelConfig, check_model_shape, model_path
+from orchestrator.pipeline import PipelineError, last_line
+from orchestrator.plan import Unit
+from orchestrator.progress import StageProgress
+
+# Test-only hooks, read by the driver and handed to scorer actors: with KILL set to a path that
+# does not exist yet, the first scorer to start its second unit creates it and SIGKILLs itself
+# (once per run); with FAIL set, every unit whose output path contains it raises.
+FAULT_KILL_ENV = "ORCHESTRATOR_FAULT_KILL_SCORER"
+FAULT_FAIL_ENV = "ORCHESTRATOR_FAULT_FAIL_SCORE"
+
+
+class ActorStartError(PipelineError):
+    """An actor could not be created (its __init__ raised); the message is the cause."""
+
+
+def setup_process(torch_threads: int) -> None:
+    """Torch threads per actor (so actors do not oversubscribe cores); no loading bars in logs."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(torch_threads)
+    hf_logging.disable_progress_bar()
+
+
+def local_model_dir(model: ModelConfig) -> str:
+    """A directory with the model's files: model.path, the bundled model, or a snapshot of
+    hf_id at model.revision in this node's Hugging Face cache (downloaded on first use; point
+    HF_HOME at shared storage to download once per cluster). Its shape is checked here."""
+    path = model_path(model)
+    if not Path(path).is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            model.hf_id,
+            revision=model.revision,
+            ignore_patterns=["*.bin", "*.pt", "*.pth", "original/*", "metal/*"],
+        )
+    check_model_shape(model, json.loads((Path(path) / "config.json").read_text()))
+    return path
+
+
+class GeneratorWorker:
+    """Samples, verifies and writes trajectory shards of one model (workers.generate)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        backend: str,
+        backend_options: dict[str, Any],
+        *,
+        torch_threads: int,
+    ):
+        setup_process(torch_threads)
+        from workers.generation import make_backend
+
+        self.backend = make_backend(backend, local_model_dir(model), **backend_options)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def generate(self, args: dict[str, Any], out_path: str, config_hash: str) -> dict[str, Any]:
+        from workers.generate import generate_trajectories
+        from workers.generation import SamplingParams
+        from workers.io import read_arrow, write_arrow
+
+        started = time.time()
+        start, stop = args["rows"]
+        problems = read_arrow(args["problems_path"]).slice(start, stop - start)
+        table = generate_trajectories(
+            self.backend,
+            problems,
+            SamplingParams(**args["sampling"]),
+            model_name=args["model_name"],
+            verifier=args["verifier"],
+            tokenizer=self.backend.tokenizer,
+            instruction=args["instruction"],
+            template=args["template"],
+            use_chat_template=args["use_chat_template"],
+        )
+        write_arrow(table, out_path, config_hash=config_hash, started=started)
+        lengths = table.column("input_ids").to_pylist()
+        prompt_lens = table.column("prompt_len").to_pylist()
+        tokens = sum(len(ids) - p for ids, p in zip(lengths, prompt_lens, strict=True))
+        verified = sum(table.column("verified").to_pylist())
+        return {"rows": table.num_rows, "tokens": tokens, "verified": verified}
+
+
+class ScorerWorker:
+    """Scores trajectory shards of one model at any of its MoE layers (workers.scorer)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        score_options: dict[str, Any],
+        *,
+        torch_threads: int,
+        faults: dict[str, str] | None = None,
+    ):
+        setup_process(torch_threads)
+        from workers.scorer import ScoreConfig, Scorer
+
+        self.scorer = Scorer(local_model_dir(model), ScoreConfig(**score_options))
+        self.faults = faults or {}
+        self.units = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, args: dict[str, Any], out_path: str, config_hash: str) -> dict[str, Any]:
+        from workers.scorer import score_file
+
+        self.units += 1
+        self.inject_faults(out_path)
+        sidecar = score_file(
+            self.scorer, args["in_path"], args["layer"], out_path, config_hash=config_hash
+        )
+        return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
+
+    def inject_faults(self, out_path: str) -> None:
+        marker = self.faults.get(FAULT_KILL_ENV)
+        if marker and self.units == 2 and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        fail = self.faults.get(FAULT_FAIL_ENV)
+        if fail and fail in out_path:
+            raise RuntimeError(f"injected failure for {out_path} ({FAULT_FAIL_ENV})")
+
+
+GeneratorActor = ray.remote(GeneratorWorker)
+ScorerActor = ray.remote(ScorerWorker)
+
+
+@dataclass
+class Outcome:
+    unit: Unit
+    attempts: int
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def describe_error(err: BaseException) -> str:
+    """One line: the exception raised inside the unit, or how its actor died."""
+    if isinstance(err, RayTaskError):
+        cause = err.cause if err.cause is not None else err
+        return f"{type(cause).__name__}: {last_line(cause)}"
+    if isinstance(err, RayActorError):
+        return f"actor died: {last_line(err)}"
+    return f"{type(err).__name__}: {last_line(err)}"
+
+
+def dispatch(
+    units: list[Unit],
+    *,
+    spawn: Callable[[], Any],
+    call: Callable[[Any, Unit], Any],
+    actors: int,
+    retries: int,
+    progress: StageProgress,
+) -> list[Outcome]:
+    """Run `units` on up to `actors` actors made by `spawn`; `call(actor, unit)` -> ObjectRef.
+
+    Returns one Outcome per unit (in completion order). The actors are killed at the end.
+    """
+    queue = deque((unit, 1) for unit in units)
+    live = [spawn() for _ in range(min(actors, len(units)))]
+    idle = list(live)
+    pending: dict[Any, tuple[Any, Unit, int]] = {}
+    outcomes: list[Outcome] = []
+    try:
+        while queue or pending:
+            while queue and idle:
+                actor, (unit, attempt) = idle.pop(), queue.popleft()
+                pending[call(actor, unit)] = (actor, unit, attempt)
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            actor, unit, attempt = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as err:
+                if err.actor_init_failed:
+                    raise ActorStartError(last_line(err)) from None
+                # The process is gone (killed, OOM, node lost): a fresh actor takes its place.
+                ray.kill(actor, no_restart=True)
+                live.remove(actor)
+                actor = spawn()
+                live.append(actor)
+                error = describe_error(err)
+            except RayTaskError as err:
+                error = describe_error(err)
+            else:
+                outcomes.append(Outcome(unit, attempt, result=result))
+                progress.computed_one(int(result.get("tokens", 0)))
+                idle.append(actor)
+                continue
+            idle.append(actor)
+            if attempt <= retries:
+                progress.retried_one()
+                queue.append((unit, attempt + 1))
+            else:
+                outcomes.append(Outcome(unit, attempt, error=error))
+                progress.failed_one()
+    finally:
+        for actor in live:
+            ray.kill(actor, no_restart=True)
+    return outcomes

@@ -1,0 +1,361 @@
+"""Typed configuration: one dataclass per Hydra config group, and the checks run before Ray.
+
+Contract: the dataclasses below are the schema (registered in Hydra's ConfigStore as
+`run_schema`, so an unknown key anywhere is an error) and hold every default; the YAML files
+under conf/<group>/ only set values. `main` builds one `RunConfig` from the composed DictConfig
+(`to_run_config`) and `validate` checks it against itself and the files on disk, raising
+`ConfigError` (a ValueError) with one line that says what is wrong and what is valid.
+Each stage then gets its own slice (`ModelConfig`, `ScoringConfig`, ...), never the root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from orchestrator.wandb_run import WandbConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+LAYER_NAMES = ("early", "middle", "final")
+FAMILIES = ("qwen3_moe", "gpt_oss", "deepseek_v2", "olmoe")
+VERIFIERS = ("exact", "math", "choice")
+BACKENDS = ("hf", "vllm")
+BUNDLED = "bundled"  # ModelConfig.hf_id of the tiny model shipped in workers/assets/
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line naming the key and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    """One model: where it loads from, its MoE shape (checked against config.json) and sampling."""
+
+    name: str = MISSING  # short name used in paths: trajectories/<name>/, scores/<name>/
+    hf_id: str = MISSING  # Hugging Face repo id, or "bundled" for workers/assets/tiny-moe
+    path: str | None = None  # local snapshot to load instead of hf_id (e.g. on shared storage)
+    revision: str | None = None
+    family: str = MISSING  # one of FAMILIES: selects the gating rule in workers.adapters
+    num_layers: int = MISSING
+    moe_layers: list[int] = MISSING  # decoder layers with a routed MoE block
+    num_experts: int = MISSING  # routed experts per MoE layer
+    top_k: int = MISSING
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1  # GPUs per vLLM generator replica
+    gpus: int = 1  # GPUs per scorer replica (cluster.use_gpus only)
+    template: str | None = None  # prompt template with {prompt}; None = chat template / raw
+    use_chat_template: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+
+
+@dataclass
+class DatasetConfig:
+    """One evaluation set: how to load it, how to check answers, and what to tell the model."""
+
+    name: str = MISSING  # short name used in paths and tables
+    loader: str = MISSING  # name understood by workers.datasets.load_problems
+    path: str | None = None  # local file overriding the loader's default location
+    size: int = MISSING  # problems in the full set (used to plan before anything is loaded)
+    limit: int | None = None  # keep the first `limit` problems (after the loader's order)
+    seed: int = 0  # passed to the loader (the demo task draws its problems with it)
+    verifier: str = "math"  # one of VERIFIERS
+    instruction: str = ""  # appended to the question by workers.prompts.render_prompt
+    options: dict[str, Any] = field(default_factory=dict)  # extra loader keyword arguments
+
+
+@dataclass
+class GenerationConfig:
+    """How trajectories are sampled. Per-sample seeds derive from (seed, problem_id, sample_idx)."""
+
+    backend: str = "hf"  # one of BACKENDS
+    samples_per_problem: int = 2
+    batch_size: int = 16  # prompts per generate() call inside a unit (memory, not results)
+    seed: int = 0
+    problems_per_shard: int = 16  # problems per generation unit
+
+
+@dataclass
+class ScoringConfig:
+    """Counterfactual scoring (SCIENCE.md). The first six fields are workers.scorer.ScoreConfig's."""
+
+    alternatives: int = 32  # J routes drawn per token
+    pool: int = 32  # P highest-scoring experts to draw from (capped at the expert count)
+    temperature: float = 1.0  # tau of Gumbel-top-k
+    sampler: str = "gumbel"
+    seed: int = 0
+    dtype: str = "float32"
+    memory_budget_mb: int = 1024  # bounds one micro-batch of activations inside the scorer
+    layers: list[str] = field(default_factory=lambda: list(LAYER_NAMES))  # names or indices
+    verified_only: bool = True
+    trajectories_per_shard: int = 16  # trajectories per scoring unit
+    retries: int = (
+        2  # extra attempts of a failing unit (scoring and generation) before failures.jsonl
+    )
+
+
+@dataclass
+class ClusterConfig:
+    """Where the work runs: a local Ray started by the driver, or an existing cluster."""
+
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join one
+    num_cpus: int | None = None  # local Ray only; None = os.cpu_count()
+    num_gpus: int | None = None  # local Ray only; None = detected
+    use_gpus: bool = False  # place generators/scorers on GPUs (model.tensor_parallel_size, .gpus)
+    generators: int = 1  # generator actors per model
+    scorers: int = 2  # scorer actors per model, each loads the model once
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 1  # torch.set_num_threads in each actor, so cores are not oversubscribed
+    actor_start_timeout_s: float = 1800.0  # a model download + load can be slow on a fresh node
+
+
+@dataclass
+class SweepConfig:
+    """A grid of models x layers x datasets; empty lists mean the single `model`/`dataset`."""
+
+    name: str = "none"
+    models: list[str] = field(default_factory=list)  # conf/model/<name>.yaml
+    datasets: list[str] = field(default_factory=list)  # conf/dataset/<name>.yaml
+    layers: list[str] = field(default_factory=list)  # overrides scoring.layers when non-empty
+
+
+@dataclass
+class RunConfig:
+    """The root config: `python -m orchestrator <group>=<option> <key>=<value> ...`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    run_id: str | None = None  # None: "<sweep-or-model>-<hash8>" of the config
+    runs_dir: str = "runs"  # relative to the directory the command runs in
+    dry_run: bool = False  # print the work-unit plan and exit: no Ray, no model
+    # On resume, re-hash every complete file to catch truncation/corruption. Costs one read of
+    # all outputs (minutes for a paper-sized run on network storage); false trusts sidecars.
+    verify_checksums: bool = True
+
+
+def register_configs() -> None:
+    """Register the root schema so that conf/config.yaml's `run_schema` default types the tree."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed config (dataclass instances) from Hydra's composed DictConfig."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def load_option(group: str, name: str) -> Any:
+    """One group option from conf/<group>/<name>.yaml, typed by its group's schema.
+
+    Used for the models and datasets of a sweep, which are named, not composed.
+    """
+    schema = {"model": ModelConfig, "dataset": DatasetConfig}[group]
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"unknown {group} {name!r} in sweep.{group}s; valid: {', '.join(valid)}")
+    node = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+    return OmegaConf.to_object(node)
+
+
+def sweep_models(cfg: RunConfig) -> list[ModelConfig]:
+    return [load_option("model", n) for n in cfg.sweep.models] if cfg.sweep.models else [cfg.model]
+
+
+def sweep_datasets(cfg: RunConfig) -> list[DatasetConfig]:
+    if not cfg.sweep.datasets:
+        return [cfg.dataset]
+    return [load_option("dataset", n) for n in cfg.sweep.datasets]
+
+
+def sweep_layers(cfg: RunConfig) -> list[str]:
+    return list(cfg.sweep.layers or cfg.scoring.layers)
+
+
+def resolve_layer(spec: str | int, moe_layers: list[int]) -> int:
+    """A layer spec ("early", "middle", "final" or a decoder index) -> a decoder layer index.
+
+    early = first MoE layer, final = last, middle = moe_layers[len // 2].
+    """
+    spec = str(spec)
+    if spec in LAYER_NAMES:
+        return {
+            "early": moe_layers[0],
+            "middle": moe_layers[len(moe_layers) // 2],
+            "final": moe_layers[-1],
+        }[spec]
+    if re.fullmatch(r"-?\d+", spec) and int(spec) in moe_layers:
+        return int(spec)
+    raise ConfigError(
+        f"layer {spec!r} has no MoE block; valid: {', '.join(LAYER_NAMES)} or one of {moe_layers}"
+    )
+
+
+def model_path(model: ModelConfig) -> str:
+    """What transformers/vLLM load: the local path, the bundled tiny model, or the hub id."""
+    if model.path:
+        return model.path
+    if model.hf_id == BUNDLED:
+        from workers.demo_task import bundled_model_path
+
+        return str(bundled_model_path())
+    return model.hf_id
+
+
+def moe_shape(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """num_layers, moe_layers, num_experts, top_k read from a Hugging Face config.json dict.
+
+    Mirrors the layer rules of the transformers implementations of the four families. Key
+    names vary (transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`).
+    """
+    kind = hf_config.get("model_type")
+    if kind not in ("qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "olmoe"):
+        raise ConfigError(f"config.json model_type {kind!r} is not supported; valid: {FAMILIES}")
+
+    def first(*keys: str, default: Any = MISSING) -> Any:
+        for key in keys:
+            if key in hf_config:
+                return hf_config[key]
+        if default is not MISSING:
+            return default
+        raise ConfigError(f"config.json of a {kind} model has none of {keys}")
+
+    n = first("num_hidden_layers")
+    top_k = first("num_experts_per_tok", "experts_per_token")
+    experts = first("num_experts", "num_local_experts", "n_routed_experts")
+    if kind in ("qwen3_moe", "qwen2_moe"):
+        step, dense = first("decoder_sparse_step", default=1), first("mlp_only_layers", default=[])
+        layers = [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+    elif kind in ("deepseek_v2", "deepseek_v3"):
+        first_moe = first("first_k_dense_replace", default=0)
+        freq = first("moe_layer_freq", default=1)
+        layers = [i for i in range(n) if i >= first_moe and i % freq == 0]
+    else:  # gpt_oss, olmoe: every layer
+        layers = list(range(n))
+    return {"num_layers": n, "moe_layers": layers, "num_experts": experts, "top_k": top_k}
+
+
+def check_model_shape(model: ModelConfig, hf_config: dict[str, Any]) -> None:
+    """Raise ConfigError if the YAML's MoE shape disagrees with the model's config.json."""
+    actual = moe_shape(hf_config)
+    wrong = [
+        f"{key}: conf/model/{model.name}.yaml says {getattr(model, key)}, config.json says {value}"
+        for key, value in actual.items()
+        if list_or_value(getattr(model, key)) != list_or_value(value)
+    ]
+    if wrong:
+        raise ConfigError(f"model {model.name} ({model_path(model)}): " + "; ".join(wrong))
+
+
+def list_or_value(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check everything that can be checked without Ray or a model; raise ConfigError."""
+    if cfg.generation.backend not in BACKENDS:
+        raise ConfigError(f"generation.backend={cfg.generation.backend!r}; valid: {BACKENDS}")
+    for key in ("samples_per_problem", "batch_size", "problems_per_shard"):
+        if getattr(cfg.generation, key) < 1:
+            raise ConfigError(f"generation.{key} must be >= 1, got {getattr(cfg.generation, key)}")
+    sc = cfg.scoring
+    if sc.alternatives < 1 or sc.trajectories_per_shard < 1 or sc.retries < 0:
+        raise ConfigError(
+            "scoring.alternatives and scoring.trajectories_per_shard must be >= 1 and "
+            f"scoring.retries >= 0, got {sc.alternatives}, {sc.trajectories_per_shard}, {sc.retries}"
+        )
+    if sc.temperature <= 0:
+        raise ConfigError(f"scoring.temperature must be > 0, got {sc.temperature}")
+    cl = cfg.cluster
+    if cfg.generation.backend == "vllm" and not cl.use_gpus and not cfg.dry_run:
+        raise ConfigError(
+            "generation=vllm needs GPUs: set cluster.use_gpus=true (or generation=hf)"
+        )
+    if cl.generators < 1 or cl.scorers < 1 or cl.torch_threads < 1:
+        raise ConfigError(
+            "cluster.generators, cluster.scorers and cluster.torch_threads must be >= 1"
+        )
+    if cfg.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]*", cfg.run_id):
+        raise ConfigError(f"run_id={cfg.run_id!r}: use letters, digits, '.', '_', '=', '-'")
+    layers = sweep_layers(cfg)
+    if not layers:
+        raise ConfigError("scoring.layers is empty; give at least one of early, middle, final")
+    for model in sweep_models(cfg):
+        validate_model(model, layers, sc)
+    for dataset in sweep_datasets(cfg):
+        validate_dataset(dataset)
+
+
+def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig) -> None:
+    if model.family not in FAMILIES:
+        raise ConfigError(f"model {model.name}: family={model.family!r}; valid: {FAMILIES}")
+    if not model.moe_layers or any(not 0 <= i < model.num_layers for i in model.moe_layers):
+        raise ConfigError(
+            f"model {model.name}: moe_layers must be non-empty indices in [0, {model.num_layers})"
+        )
+    for spec in layers:
+        try:
+            resolve_layer(spec, list(model.moe_layers))
+        except ConfigError as err:
+            raise ConfigError(f"model {model.name}: {err}") from None
+    if not 1 <= model.top_k <= model.num_experts:
+        raise ConfigError(
+            f"model {model.name}: top_k={model.top_k} not in [1, {model.num_experts}]"
+        )
+    pool = min(scoring.pool, model.num_experts)
+    if pool < model.top_k:
+        raise ConfigError(
+            f"scoring.pool={scoring.pool} is smaller than model {model.name}'s top_k="
+            f"{model.top_k}: a route needs k experts from the pool; use pool >= {model.top_k}"
+        )
+    if model.max_tokens < 1:
+        raise ConfigError(f"model {model.name}: max_tokens must be >= 1, got {model.max_tokens}")
+    local = Path(model_path(model))
+    if model.path or model.hf_id == BUNDLED:
+        # A local model is checked now; a hub model is checked by the actor that loads it.
+        config_json = local / "config.json"
+        if not config_json.is_file():
+            raise ConfigError(f"model {model.name}: {config_json} not found (model.path)")
+        check_model_shape(model, json.loads(config_json.read_text()))
+
+
+def validate_dataset(dataset: DatasetConfig) -> None:
+    if dataset.verifier not in VERIFIERS:
+        raise ConfigError(
+            f"dataset {dataset.name}: verifier={dataset.verifier!r}; valid: {VERIFIERS}"
+        )
+    if dataset.limit is not None and dataset.limit < 1:
+        raise ConfigError(
+            f"dataset {dataset.name}: limit must be >= 1 or null, got {dataset.limit}"
+        )
+    if dataset.path is not None and not Path(dataset.path).exists():
+        raise ConfigError(
+            f"dataset {dataset.name}: data file {dataset.path} not found (dataset.path)"
+        )
+
+
+SECRET_KEY = re.compile(r"(^|_)(api_key|key|secret|password|token|auth)$", re.IGNORECASE)
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """A copy of a plain config tree with the values of secret-looking keys replaced."""
+    if isinstance(obj, dict):
+        return {
+            k: "***" if SECRET_KEY.search(str(k)) and v is not None else scrub_secrets(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [scrub_secrets(v) for v in obj]
+    return obj

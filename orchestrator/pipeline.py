@@ -1,0 +1,376 @@
+"""The stages of a run, from problems to the report, each skipping the units already complete.
+
+Contract: `prepare_problems` (driver, no Ray) writes problems/<dataset>.arrow; `run_stages`
+(Ray initialised) runs generation -> shards -> scoring -> report for every (model, dataset)
+cell of the plan and returns a `RunSummary`. Stages talk only through files in the run dir
+(orchestrator/plan.py has the layout); a unit is skipped when `workers.io.is_complete` says
+its file matches its config hash (checksum included, so truncated or corrupted files are
+redone). Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are
+skipped. Models are processed one after the other: a model's generators are released before
+its scorers start, so both can use the same GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from orchestrator import plan
+from orchestrator.config import ModelConfig, RunConfig
+from orchestrator.progress import StageProgress
+from workers.io import (
+    IncompleteFileError,
+    discard,
+    is_complete,
+    read_arrow,
+    read_sidecar,
+    write_arrow,
+)
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+class PipelineError(RuntimeError):
+    """The run cannot go on (e.g. nothing verified to score); the message says why."""
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_dir: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    report_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+# ------------------------------------------------------------------------------- problems
+
+
+def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]]:
+    """Load every dataset of the plan into problems/<name>.arrow (skipped when complete).
+
+    Runs on the driver before Ray starts, so a missing data file fails fast.
+    Returns {dataset name: (number of problems, sha256 of the file)}.
+    """
+    from workers.datasets import load_problems
+
+    out = {}
+    for dataset in {c.dataset.name: c.dataset for c in plan.plan_cells(cfg)}.values():
+        path, want = plan.problems_path(run_dir, dataset), plan.problems_hash(dataset)
+        if not is_complete(path, want):
+            try:
+                table = load_problems(
+                    dataset.loader,
+                    path=dataset.path,
+                    limit=dataset.limit,
+                    seed=dataset.seed,
+                    **dataset.options,
+                )
+            except (ValueError, RuntimeError, ImportError, OSError) as err:
+                raise PipelineError(f"dataset {dataset.name}: {last_line(err)}") from err
+            if table.num_rows == 0:
+                raise PipelineError(f"dataset {dataset.name} has no problems (limit/options)")
+            write_arrow(table, path, config_hash=want)
+        sidecar = read_sidecar(path)
+        out[dataset.name] = (sidecar["rows"], sidecar["sha256"])
+    return out
+
+
+def last_line(err: BaseException | str) -> str:
+    """The last non-empty line of an error message (tracebacks end with the cause)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+# ------------------------------------------------------------------------------- the stages
+
+
+def run_stages(
+    cfg: RunConfig,
+    run_dir: Path,
+    problems: dict[str, tuple[int, str]],
+    *,
+    run_id: str,
+    sink: Sink | None = None,
+) -> RunSummary:
+    from orchestrator import actors
+
+    summary = RunSummary(run_id=run_id, run_dir=run_dir)
+    cells = plan.plan_cells(cfg)
+
+    # 1. Generation: every sample of every problem, verified, one file per problem shard.
+    gen_units = {
+        cell: plan.generation_units(
+            run_dir,
+            cell.model,
+            cell.dataset,
+            cfg.generation,
+            num_problems=problems[cell.dataset.name][0],
+            problems_sha256=problems[cell.dataset.name][1],
+        )
+        for cell in cells
+    }
+    for cell in cells:
+        prune([plan.generated_dir(run_dir, cell.model, cell.dataset)], gen_units[cell])
+    summary.stages["generation"] = run_units(
+        "generation",
+        gen_units,
+        spawner=lambda model: GeneratorSpawner(model, cfg, actors),
+        call=lambda actor, u: actor.generate.remote(u.args, str(u.path), u.config_hash),
+        n_actors=cfg.cluster.generators,
+        retries=cfg.scoring.retries,
+        checksum=cfg.verify_checksums,
+        summary=summary,
+        sink=sink,
+    )
+
+    # 2. Shards: the trajectories to score (verified ones by default), split for the scorers.
+    shards: dict[plan.Cell, list[tuple[Path, str]]] = {}
+    verified_total = 0
+    for cell in cells:
+        # Just checked or written by the stage above: the sidecars suffice here.
+        if any(not is_complete(u.path, u.config_hash, checksum=False) for u in gen_units[cell]):
+            summary.warnings.append(
+                f"{cell.model.name}/{cell.dataset.name}: generation incomplete, not scored"
+            )
+            continue
+        shards[cell], kept, total = write_shards(run_dir, cell, cfg, gen_units[cell])
+        verified_total += kept
+        print(
+            f"[shards] {cell.model.name}/{cell.dataset.name}: {kept} of {total} trajectories"
+            f" {'verified' if cfg.scoring.verified_only else 'kept'}, {len(shards[cell])} shards",
+            file=sys.stderr,
+        )
+        if kept == 0:
+            summary.warnings.append(
+                f"{cell.model.name}/{cell.dataset.name}: 0 of {total} trajectories verified"
+            )
+    if shards and verified_total == 0 and not summary.failures:
+        raise PipelineError(
+            "no verified trajectories to score: "
+            + "; ".join(w for w in summary.warnings if "verified" in w)
+            + " (raise model.max_tokens or generation.samples_per_problem, or set"
+            " scoring.verified_only=false)"
+        )
+
+    # 3. Scoring: one unit per (layer, shard); each scorer loads its model once.
+    score_units = {c: plan.scoring_units(run_dir, c, cfg.scoring, s) for c, s in shards.items()}
+    for cell, units in score_units.items():
+        prune(plan.scores_dirs(run_dir, cell), units)
+    summary.stages["scoring"] = run_units(
+        "scoring",
+        score_units,
+        spawner=lambda model: ScorerSpawner(model, cfg, actors),
+        call=lambda actor, u: actor.score.remote(u.args, str(u.path), u.config_hash),
+        n_actors=cfg.cluster.scorers,
+        retries=cfg.scoring.retries,
+        checksum=cfg.verify_checksums,
+        summary=summary,
+        sink=sink,
+    )
+    return summary
+
+
+def run_units(
+    stage: str,
+    units_by_cell: dict[plan.Cell, list[plan.Unit]],
+    *,
+    spawner: Callable[[ModelConfig], Any],
+    call: Callable[[Any, plan.Unit], Any],
+    n_actors: int,
+    retries: int,
+    checksum: bool,
+    summary: RunSummary,
+    sink: Sink | None,
+) -> dict[str, Any]:
+    """Run a stage's incomplete units, one model at a time (its actors freed before the next
+    model's start); record failures; return the stage's final progress metrics."""
+    from orchestrator.actors import dispatch
+
+    todo = {
+        c: [u for u in us if not is_complete(u.path, u.config_hash, checksum=checksum)]
+        for c, us in units_by_cell.items()
+    }
+    total = sum(map(len, units_by_cell.values()))
+    progress = StageProgress(stage, total, skipped=total - sum(map(len, todo.values())), sink=sink)
+    models = {c.model.name: c.model for c in todo}
+    for name, model in models.items():
+        units = [u for c, us in todo.items() if c.model.name == name for u in us]
+        if not units:
+            continue
+        spawn = spawner(model)
+        try:
+            outcomes = dispatch(
+                units, spawn=spawn, call=call, actors=n_actors, retries=retries, progress=progress
+            )
+        finally:
+            spawn.close()
+        record_failures(summary, outcomes)
+    return progress.close()
+
+
+def write_shards(
+    run_dir: Path, cell: plan.Cell, cfg: RunConfig, generated: list[plan.Unit]
+) -> tuple[list[tuple[Path, str]], int, int]:
+    """Split a cell's trajectories to score into shards of `trajectories_per_shard` rows.
+
+    Rows keep generation order (problem, then sample), so the split depends only on the
+    files and the config; shards already complete with the same hash are left untouched.
+    Returns ([(path, sha256)], trajectories kept, trajectories generated).
+    """
+    try:
+        table = pa.concat_tables([read_arrow(u.path) for u in generated])
+    except IncompleteFileError as err:  # only when verify_checksums=false let it through
+        raise PipelineError(f"{err}; rerun with verify_checksums=true to redo it") from None
+    total = table.num_rows
+    if cfg.scoring.verified_only:
+        table = table.filter(table.column("verified"))
+    size = cfg.scoring.trajectories_per_shard
+    want = plan.shards_hash(cfg.scoring, [read_sidecar(u.path)["sha256"] for u in generated])
+    out_dir = plan.shard_dir(run_dir, cell.model, cell.dataset)
+    shards = []
+    for k in range(math.ceil(table.num_rows / size)):
+        path = out_dir / f"{k:05d}.arrow"
+        if not is_complete(path, want):
+            write_arrow(table.slice(k * size, size), path, config_hash=want)
+        shards.append((path, read_sidecar(path)["sha256"]))
+    prune([out_dir], [p for p, _ in shards])
+    return shards, table.num_rows, total
+
+
+def prune(dirs: list[Path], keep: list[plan.Unit] | list[Path]) -> int:
+    """Discard data files in `dirs` that the plan does not write (left by an older config,
+    e.g. a larger shard count), so that no reader counts them. Returns how many."""
+    wanted = {getattr(k, "path", k) for k in keep}
+    stale = [p for d in dirs if d.is_dir() for p in sorted(d.glob("*.arrow")) if p not in wanted]
+    for path in stale:
+        discard(path)
+    if stale:
+        print(f"[plan] removed {len(stale)} stale files under {dirs[0].parent}", file=sys.stderr)
+    return len(stale)
+
+
+# ------------------------------------------------------------------------------- actors
+
+
+class GeneratorSpawner:
+    """Starts generator actors for one model with their resources; `close` frees placement groups."""
+
+    def __init__(self, model: ModelConfig, cfg: RunConfig, actors: Any):
+        self.model, self.cluster, self.backend, self.actors = (
+            model,
+            cfg.cluster,
+            cfg.generation.backend,
+            actors,
+        )
+        self.groups: list[Any] = []
+        self.resources: dict[str, Any] = {"num_cpus": self.cluster.cpus_per_actor, "num_gpus": 0}
+        if self.backend == "hf":
+            self.options: dict[str, Any] = {
+                "dtype": model.dtype,
+                "batch_size": cfg.generation.batch_size,
+                "device": "cuda" if self.cluster.use_gpus else "cpu",
+            }
+            self.resources["num_gpus"] = 1 if self.cluster.use_gpus else 0
+        else:
+            tp = model.tensor_parallel_size
+            self.options = {
+                "dtype": model.dtype,
+                "tensor_parallel_size": tp,
+                "seed": cfg.generation.seed,
+            }
+            self.resources["num_gpus"] = tp
+            if tp > 1:
+                # vLLM starts one Ray worker per GPU itself: reserve the GPUs as a placement
+                # group its workers inherit (vLLM's distributed_executor_backend="ray").
+                self.options["distributed_executor_backend"] = "ray"
+
+    def __call__(self) -> Any:
+        resources = dict(self.resources)
+        if self.options.get("distributed_executor_backend") == "ray":
+            resources = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": self.placement()}
+        return self.actors.GeneratorActor.options(max_restarts=0, **resources).remote(
+            self.model, self.backend, self.options, torch_threads=self.cluster.torch_threads
+        )
+
+    def placement(self) -> Any:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"GPU": 1, "CPU": self.cluster.cpus_per_actor}
+        group = placement_group([bundle] * self.model.tensor_parallel_size, strategy="STRICT_PACK")
+        ray.get(group.ready(), timeout=self.cluster.actor_start_timeout_s)
+        self.groups.append(group)
+        return PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_capture_child_tasks=True
+        )
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups.clear()
+
+
+class ScorerSpawner:
+    """Starts scorer actors for one model; each loads the model once and takes many units."""
+
+    def __init__(self, model: ModelConfig, cfg: RunConfig, actors: Any):
+        import os
+
+        self.model, self.cluster, self.actors = model, cfg.cluster, actors
+        device = "cuda" if self.cluster.use_gpus else "cpu"
+        self.score_options = {**plan.score_args(cfg.scoring), "device": device}
+        self.gpus = model.gpus if self.cluster.use_gpus else 0
+        env = (actors.FAULT_KILL_ENV, actors.FAULT_FAIL_ENV)
+        self.faults = {k: os.environ[k] for k in env if os.environ.get(k)}
+
+    def __call__(self) -> Any:
+        options = {"num_cpus": self.cluster.cpus_per_actor, "num_gpus": self.gpus}
+        return self.actors.ScorerActor.options(max_restarts=0, **options).remote(
+            self.model,
+            self.score_options,
+            torch_threads=self.cluster.torch_threads,
+            faults=self.faults,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------- bookkeeping
+
+
+def record_failures(summary: RunSummary, outcomes: list[Any]) -> None:
+    """Append failed units to failures.jsonl (one JSON object per line) and the summary."""
+    failed = [o for o in outcomes if not o.ok]
+    if not failed:
+        return
+    with open(summary.run_dir / "failures.jsonl", "a", encoding="utf-8") as f:
+        for o in failed:
+            entry = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "stage": o.unit.stage,
+                "unit": o.unit.key,
+                "path": str(o.unit.path),
+                "config_hash": o.unit.config_hash,
+                "attempts": o.attempts,
+                "error": o.error,
+            }
+            f.write(json.dumps(entry) + "\n")
+            summary.failures.append(entry)

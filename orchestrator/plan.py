@@ -1,0 +1,324 @@
+"""The work-unit plan: which files a run writes, and the hash that makes each one complete.
+
+Contract: every output path follows DESIGN.md's run layout,
+
+    problems/<dataset>.arrow
+    trajectories/<model>/<dataset>/generated/<k>.arrow     all samples of problem shard k
+    trajectories/<model>/<dataset>/shards/<k>.arrow        the trajectories to score, shard k
+    scores/<model>/layer=<L>/<dataset>/<k>.arrow
+
+and a unit is complete when its file has a sidecar whose config hash equals the unit's
+(`workers.io.is_complete`). A unit's hash covers only what changes its output: its own config
+slice and its inputs *by content* (the sha256 recorded in their sidecars), so when a config
+changes under the same run id exactly the affected units, and everything downstream of a
+changed file, are redone. Functions here are pure (no Ray, no model): the dry run prints
+`describe_plan` and the pipeline builds its units with the `*_units` functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import (
+    DatasetConfig,
+    GenerationConfig,
+    ModelConfig,
+    RunConfig,
+    ScoringConfig,
+    model_path,
+    resolve_layer,
+    sweep_datasets,
+    sweep_layers,
+    sweep_models,
+)
+from workers.io import config_hash, file_sha256
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: write `path` (complete when its sidecar carries `config_hash`)."""
+
+    stage: str  # "generation" | "scoring"
+    key: str  # readable and unique within the stage, e.g. "tiny/layer=3/demo/00002"
+    path: Path
+    config_hash: str
+    args: dict[str, Any] = field(default_factory=dict)  # what the worker needs, JSON-safe
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: a dict key for the run's stages
+class Cell:
+    """One (model, dataset) pair of the sweep, with its layer specs resolved to indices."""
+
+    model: ModelConfig
+    dataset: DatasetConfig
+    layers: dict[str, int]  # spec ("early", "5", ...) -> decoder layer index
+
+
+def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
+    """`cfg.run_id`, or "<sweep-or-model>-<hash8>" of what decides the results.
+
+    Cluster, W&B and paths are left out, so the same experiment on another cluster is the
+    same run. `resolved` is the plain config tree (OmegaConf.to_container of the DictConfig).
+    """
+    if cfg.run_id:
+        return cfg.run_id
+    keep = {k: resolved[k] for k in ("model", "dataset", "generation", "scoring", "sweep")}
+    prefix = cfg.sweep.name if cfg.sweep.models or cfg.sweep.datasets else cfg.model.name
+    return f"{prefix}-{config_hash(keep)[:8]}"
+
+
+def plan_cells(cfg: RunConfig) -> list[Cell]:
+    """Models x datasets of the run (one pair without a sweep), in sweep order."""
+    specs = sweep_layers(cfg)
+    cells = []
+    for model in sweep_models(cfg):
+        layers = {str(s): resolve_layer(s, list(model.moe_layers)) for s in specs}
+        cells.extend(Cell(model, dataset, layers) for dataset in sweep_datasets(cfg))
+    return cells
+
+
+FULL_HASH_BYTES = 1 << 30  # weights up to 1 GiB are hashed whole (the tiny model: ~10 ms)
+
+
+def model_identity(model: ModelConfig) -> dict[str, Any]:
+    """What identifies a model's weights: hub id and revision, plus, for a local directory,
+    the files themselves (see `local_fingerprint`), so retrained weights redo their units."""
+    ident: dict[str, Any] = {"hf_id": model.hf_id, "revision": model.revision}
+    local = Path(model_path(model))
+    if local.is_dir():
+        ident["files"] = local_fingerprint(str(local.resolve()))
+    return ident
+
+
+def local_fingerprint(directory: str) -> dict[str, Any]:
+    """sha256 of config.json and the weights, or, when the weights exceed FULL_HASH_BYTES
+    (hashing 60 GB on every run costs minutes), their sizes and modification times."""
+    root = Path(directory)
+    files = [p for p in sorted([root / "config.json", *root.glob("*.safetensors")]) if p.is_file()]
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if sum(size for _, size, _ in stats) > FULL_HASH_BYTES:
+        return {Path(p).name: [size, mtime] for p, size, mtime in stats}
+    return hash_files(stats)
+
+
+@functools.lru_cache(maxsize=16)
+def hash_files(stats: tuple[tuple[str, int, int], ...]) -> dict[str, str]:
+    """sha256 per file; cached on (path, size, mtime), so a run hashes each model once."""
+    return {Path(p).name: file_sha256(p) for p, _, _ in stats}
+
+
+def problems_path(run_dir: Path, dataset: DatasetConfig) -> Path:
+    return run_dir / "problems" / f"{dataset.name}.arrow"
+
+
+def problems_hash(dataset: DatasetConfig) -> str:
+    keep = ("loader", "path", "limit", "seed", "options")
+    return config_hash({k: getattr(dataset, k) for k in keep})
+
+
+def generation_units(
+    run_dir: Path,
+    model: ModelConfig,
+    dataset: DatasetConfig,
+    generation: GenerationConfig,
+    *,
+    num_problems: int,
+    problems_sha256: str,
+) -> list[Unit]:
+    """One unit per `problems_per_shard` problems; all samples of a problem stay in one shard."""
+    sampling = sampling_args(model, generation)
+    prompt = {
+        "template": model.template,
+        "use_chat_template": model.use_chat_template,
+        "instruction": dataset.instruction,
+        "verifier": dataset.verifier,
+    }
+    common = {
+        "model": model_identity(model),
+        "dtype": model.dtype,
+        "backend": generation.backend,
+        "sampling": sampling,
+        "prompt": prompt,
+        "problems": problems_sha256,
+    }
+    base = generated_dir(run_dir, model, dataset)
+    units = []
+    size = generation.problems_per_shard
+    for k in range(math.ceil(num_problems / size)):
+        rows = [k * size, min((k + 1) * size, num_problems)]
+        units.append(
+            Unit(
+                stage="generation",
+                key=f"{model.name}/{dataset.name}/{k:05d}",
+                path=base / f"{k:05d}.arrow",
+                config_hash=config_hash({**common, "rows": rows}),
+                args={
+                    "problems_path": str(problems_path(run_dir, dataset)),
+                    "rows": rows,
+                    "model_name": model.name,
+                    "sampling": sampling,
+                    **prompt,
+                },
+            )
+        )
+    return units
+
+
+def sampling_args(model: ModelConfig, generation: GenerationConfig) -> dict[str, Any]:
+    """Keyword arguments of workers.generation.SamplingParams for this model and generation."""
+    return {
+        "n": generation.samples_per_problem,
+        "temperature": model.temperature,
+        "top_p": model.top_p,
+        "max_tokens": model.max_tokens,
+        "seed": generation.seed,
+    }
+
+
+def generated_dir(run_dir: Path, model: ModelConfig, dataset: DatasetConfig) -> Path:
+    return run_dir / "trajectories" / model.name / dataset.name / "generated"
+
+
+def shard_dir(run_dir: Path, model: ModelConfig, dataset: DatasetConfig) -> Path:
+    return run_dir / "trajectories" / model.name / dataset.name / "shards"
+
+
+def scores_dir(run_dir: Path, model: ModelConfig, layer: int, dataset: DatasetConfig) -> Path:
+    return run_dir / "scores" / model.name / f"layer={layer}" / dataset.name
+
+
+def scores_dirs(run_dir: Path, cell: Cell) -> list[Path]:
+    """The score directories a cell owns: one per planned layer."""
+    return [
+        scores_dir(run_dir, cell.model, L, cell.dataset) for L in sorted(set(cell.layers.values()))
+    ]
+
+
+def shards_hash(scoring: ScoringConfig, generated_sha256: list[str]) -> str:
+    """The hash of every scoring-input shard of a (model, dataset): which rows, split how."""
+    return config_hash(
+        {
+            "verified_only": scoring.verified_only,
+            "trajectories_per_shard": scoring.trajectories_per_shard,
+            "generated": generated_sha256,
+        }
+    )
+
+
+def score_args(scoring: ScoringConfig) -> dict[str, Any]:
+    """Keyword arguments of workers.scorer.ScoreConfig (device is set by the actor)."""
+    keep = ("alternatives", "pool", "temperature", "sampler", "seed", "dtype", "memory_budget_mb")
+    return {k: getattr(scoring, k) for k in keep}
+
+
+def scoring_units(
+    run_dir: Path, cell: Cell, scoring: ScoringConfig, shards: list[tuple[Path, str]]
+) -> list[Unit]:
+    """One unit per (layer, input shard); `shards` are (path, sha256) of the input files."""
+    values = {k: v for k, v in score_args(scoring).items() if k != "memory_budget_mb"}
+    model, dataset = cell.model, cell.dataset
+    identity = model_identity(model)
+    units = []
+    for layer in sorted(set(cell.layers.values())):
+        out = scores_dir(run_dir, model, layer, dataset)
+        for path, sha in shards:
+            units.append(
+                Unit(
+                    stage="scoring",
+                    key=f"{model.name}/layer={layer}/{dataset.name}/{path.stem}",
+                    path=out / path.name,
+                    config_hash=config_hash(
+                        {
+                            "model": identity,
+                            "layer": layer,
+                            "score": values,
+                            "input": sha,
+                        }
+                    ),
+                    args={"in_path": str(path), "layer": layer},
+                )
+            )
+    return units
+
+
+# ----------------------------------------------------------------------------- the dry run
+
+
+@dataclass(frozen=True)
+class CellEstimate:
+    cell: Cell
+    problems: int
+    generation_units: int
+    completions: int
+    max_completion_tokens: int  # upper bound: every completion runs to max_tokens
+    max_scoring_units_per_layer: int  # upper bound: every trajectory verified
+
+
+def estimate(cfg: RunConfig) -> list[CellEstimate]:
+    out = []
+    for cell in plan_cells(cfg):
+        n = min(cell.dataset.limit or cell.dataset.size, cell.dataset.size)
+        completions = n * cfg.generation.samples_per_problem
+        out.append(
+            CellEstimate(
+                cell=cell,
+                problems=n,
+                generation_units=math.ceil(n / cfg.generation.problems_per_shard),
+                completions=completions,
+                max_completion_tokens=completions * cell.model.max_tokens,
+                max_scoring_units_per_layer=math.ceil(
+                    completions / cfg.scoring.trajectories_per_shard
+                ),
+            )
+        )
+    return out
+
+
+def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
+    """The work-unit plan as text: grid, units per stage, token estimates (upper bounds)."""
+    cells = estimate(cfg)
+    models = list(dict.fromkeys(c.cell.model.name for c in cells))
+    datasets = list(dict.fromkeys(c.cell.dataset.name for c in cells))
+    layers = sweep_layers(cfg)
+    routes = cfg.scoring.alternatives + 1
+    n_layers = {m: len(set(c.cell.layers.values())) for c in cells for m in [c.cell.model.name]}
+    gen_units = sum(c.generation_units for c in cells)
+    score_units = sum(c.max_scoring_units_per_layer * n_layers[c.cell.model.name] for c in cells)
+    gen_tokens = sum(c.max_completion_tokens for c in cells)
+    scored = sum(c.max_completion_tokens * n_layers[c.cell.model.name] for c in cells)
+    lines = [
+        f"run {run_id} -> {run_dir}",
+        f"grid: {len(models)} models x {len(layers)} layers x {len(datasets)} datasets"
+        f" = {len(models) * len(layers) * len(datasets)} (model, layer, dataset) cells",
+        f"models: {', '.join(models)}",
+        f"layers: {', '.join(layers)}",
+        f"datasets: {', '.join(datasets)}",
+        f"generation: backend={cfg.generation.backend}"
+        f" samples_per_problem={cfg.generation.samples_per_problem} seed={cfg.generation.seed}",
+        f"scoring: J={cfg.scoring.alternatives} pool={cfg.scoring.pool}"
+        f" tau={cfg.scoring.temperature} sampler={cfg.scoring.sampler} seed={cfg.scoring.seed}"
+        f" verified_only={cfg.scoring.verified_only}",
+        "",
+        "stage       units      estimate (upper bounds: every completion hits max_tokens,"
+        " every trajectory verified)",
+        f"problems    {len(datasets):>9,}  one file per dataset",
+        f"generation  {gen_units:>9,}  {gen_tokens:,} completion tokens",
+        f"shards      {len(cells):>9,}  one split per (model, dataset)",
+        f"scoring   <={score_units:>9,}  {scored:,} scored tokens x {routes} routes"
+        f" = {scored * routes:,} route evaluations",
+        "",
+        f"{'model':<16} {'dataset':<14} {'problems':>8} {'gen units':>9}"
+        f" {'max tokens':>12}  layers (scoring units <= per layer)",
+    ]
+    for c in cells:
+        spec = " ".join(f"{s}={i}" for s, i in c.cell.layers.items())
+        lines.append(
+            f"{c.cell.model.name:<16} {c.cell.dataset.name:<14} {c.problems:>8,}"
+            f" {c.generation_units:>9,} {c.max_completion_tokens:>12,}"
+            f"  {spec} ({c.max_scoring_units_per_layer:,})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,252 @@
+"""The typed config: every option composes, unknown keys and bad values are one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from orchestrator import config as C
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = ("model", "dataset", "generation", "scoring", "cluster", "wandb", "sweep")
+
+C.register_configs()
+
+
+def make(*overrides: str) -> C.RunConfig:
+    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
+        return C.to_run_config(compose("config", overrides=list(overrides)))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (C.CONF_DIR / group).glob("*.yaml"))
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_into_the_typed_config(group, option):
+    cfg = make(f"{group}={option}", "dry_run=true")
+    assert isinstance(cfg, C.RunConfig)
+    assert isinstance(getattr(cfg, group), type(getattr(C.RunConfig(), group)))
+    C.validate(cfg)
+
+
+def test_the_default_is_the_demo_on_the_bundled_model():
+    cfg = make()
+    assert (cfg.model.name, cfg.dataset.name, cfg.generation.backend) == ("tiny", "demo", "hf")
+    assert cfg.cluster.address is None and cfg.wandb.mode == "offline"
+    assert cfg.scoring.layers == ["early", "middle", "final"]
+    C.validate(cfg)
+
+
+def test_every_model_and_dataset_validates_in_every_pair():
+    for model in options("model"):
+        for dataset in options("dataset"):
+            C.validate(make(f"model={model}", f"dataset={dataset}"))
+
+
+@pytest.mark.parametrize("override", ["scoring.nope=1", "model.layers=3", "nope=1"])
+def test_unknown_keys_are_rejected(override):
+    key = override.split("=")[0].split(".")[-1]
+    with pytest.raises(Exception, match=f"Key '{key}' is not in struct|Could not override"):
+        make(override)
+
+
+def test_scoring_defaults_are_the_scorers_defaults():
+    from workers.scorer import ScoreConfig
+
+    ours = C.ScoringConfig()
+    for f in dataclasses.fields(ScoreConfig):
+        if f.name != "device":
+            assert getattr(ours, f.name) == f.default, f.name
+
+
+def test_model_cards_sampling_values():
+    got = {
+        m: (make(f"model={m}").model.temperature, make(f"model={m}").model.top_p)
+        for m in options("model")
+    }
+    assert got["qwen3-30b-a3b"] == (0.6, 0.95)
+    assert got["gpt-oss-20b"] == (1.0, 1.0)
+    assert got["deepseek-v2-lite"] == (0.3, 0.95)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["scoring.layers=[early,bogus]"], "layer 'bogus' has no MoE block"),
+        (["model=deepseek-v2-lite", "scoring.layers=[0]"], "layer '0' has no MoE block"),
+        (["scoring.layers=[7]"], "layer '7' has no MoE block"),
+        (["scoring.pool=2"], "scoring.pool=2 is smaller than model tiny's top_k=4"),
+        (["dataset.path=/nonexistent/x.jsonl"], "data file /nonexistent/x.jsonl not found"),
+        (["generation=vllm"], "generation=vllm needs GPUs"),
+        (["sweep.models=[tiny,nope]"], "unknown model 'nope'"),
+        (["scoring.layers=[]"], "scoring.layers is empty"),
+        (["run_id=../x"], "run_id='../x'"),
+    ],
+)
+def test_bad_values_raise_one_line_config_errors(overrides, message):
+    with pytest.raises(C.ConfigError) as info:
+        C.validate(make(*overrides))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_model_shape_is_checked_against_config_json():
+    tiny = make().model
+    real = json.loads((Path(C.model_path(tiny)) / "config.json").read_text())
+    C.check_model_shape(tiny, real)
+    with pytest.raises(
+        C.ConfigError, match="num_experts: conf/model/tiny.yaml says 16, config.json says 8"
+    ):
+        C.check_model_shape(tiny, {**real, "num_experts": 8})
+    with pytest.raises(C.ConfigError, match="top_k"):
+        C.check_model_shape(dataclasses.replace(tiny, top_k=2), real)
+
+
+def test_moe_shape_follows_each_familys_layer_rule():
+    qwen = {
+        "model_type": "qwen3_moe",
+        "num_hidden_layers": 6,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [5],
+    }
+    assert C.moe_shape(qwen)["moe_layers"] == [1, 3]
+    deepseek = {
+        "model_type": "deepseek_v2",
+        "num_hidden_layers": 27,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+    }
+    assert C.moe_shape(deepseek) == {
+        "num_layers": 27,
+        "moe_layers": list(range(1, 27)),
+        "num_experts": 64,
+        "top_k": 6,
+    }
+    gpt = {
+        "model_type": "gpt_oss",
+        "num_hidden_layers": 24,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+    }
+    assert C.moe_shape(gpt)["num_experts"] == 32
+    olmoe = {
+        "model_type": "olmoe",
+        "num_hidden_layers": 16,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+    }
+    assert C.moe_shape(olmoe)["moe_layers"] == list(range(16))
+    with pytest.raises(C.ConfigError, match="model_type 'llama' is not supported"):
+        C.moe_shape({"model_type": "llama", "num_hidden_layers": 2})
+
+
+def test_the_yaml_shapes_match_the_moe_shape_rules_of_their_families():
+    """What conf/model/*.yaml says, restated as the config.json of its model would say it."""
+    configs = {
+        "qwen3-30b-a3b": {
+            "model_type": "qwen3_moe",
+            "num_hidden_layers": 48,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+        "gpt-oss-20b": {
+            "model_type": "gpt_oss",
+            "num_hidden_layers": 24,
+            "num_local_experts": 32,
+            "num_experts_per_tok": 4,
+        },
+        "deepseek-v2-lite": {
+            "model_type": "deepseek_v2",
+            "num_hidden_layers": 27,
+            "n_routed_experts": 64,
+            "num_experts_per_tok": 6,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 1,
+        },
+        "olmoe-1b-7b": {
+            "model_type": "olmoe",
+            "num_hidden_layers": 16,
+            "num_experts": 64,
+            "num_experts_per_tok": 8,
+        },
+    }
+    for name, hf_config in configs.items():
+        C.check_model_shape(make(f"model={name}").model, hf_config)
+
+
+def test_layer_names_resolve_to_first_middle_last_moe_layer():
+    assert [C.resolve_layer(s, [1, 2, 3, 4]) for s in ("early", "middle", "final", "2")] == [
+        1,
+        3,
+        4,
+        2,
+    ]
+
+
+def test_secrets_are_scrubbed():
+    tree = {
+        "wandb": {"api_key": "abc", "project": "p"},
+        "x": [{"token": "t"}],
+        "model": {"max_tokens": 5},
+    }
+    assert C.scrub_secrets(tree) == {
+        "wandb": {"api_key": "***", "project": "p"},
+        "x": [{"token": "***"}],
+        "model": {"max_tokens": 5},
+    }
+
+
+def test_cli_bad_config_is_one_error_line_and_leaves_nothing(tmp_path):
+    result = cli(
+        "scoring.layers=[early,bogus]", f"runs_dir={tmp_path}/runs", "run_id=x", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors == [
+        "error: model tiny: layer 'bogus' has no MoE block; valid: early, middle, final or one of [0, 1, 2, 3]"
+    ]
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/, logs
+
+
+def test_cli_unknown_option_is_a_hydra_error(tmp_path):
+    result = cli("model=nope", f"runs_dir={tmp_path}/runs", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'model/nope'" in result.stderr and "qwen3-30b-a3b" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_missing_data_file_fails_before_anything_is_written(tmp_path):
+    result = cli(
+        "model=olmoe-1b-7b",
+        "dataset=aime2024",
+        "dataset.path=/nope/aime.jsonl",
+        f"runs_dir={tmp_path}/runs",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: dataset aime2024: data file")
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,204 @@
+"""The work-unit plan: grid, unit counts, paths, and hashes that change only with their inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from orchestrator import config as C
+from orchestrator import plan
+
+C.register_configs()
+
+
+def compose_both(*overrides: str):
+    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
+        dcfg = compose("config", overrides=list(overrides))
+    return C.to_run_config(dcfg), OmegaConf.to_container(dcfg, resolve=True)
+
+
+def make(*overrides: str) -> C.RunConfig:
+    return compose_both(*overrides)[0]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_paper_sweep_is_four_models_by_three_layers_by_five_datasets():
+    cfg = make("sweep=paper")
+    cells = plan.plan_cells(cfg)
+    assert len(cells) == 20
+    assert {c.model.name for c in cells} == {
+        "qwen3-30b-a3b",
+        "gpt-oss-20b",
+        "deepseek-v2-lite",
+        "olmoe-1b-7b",
+    }
+    assert {c.dataset.name for c in cells} == {
+        "math500",
+        "aime2024",
+        "aime2025",
+        "hmmt_feb_2025",
+        "gpqa_diamond",
+    }
+    layers = {c.model.name: c.layers for c in cells}
+    assert layers["qwen3-30b-a3b"] == {"early": 0, "middle": 24, "final": 47}
+    assert layers["deepseek-v2-lite"] == {"early": 1, "middle": 14, "final": 26}  # layer 0 is dense
+    assert layers["olmoe-1b-7b"] == {"early": 0, "middle": 8, "final": 15}
+    assert cfg.generation.backend == "vllm"
+
+
+def test_dry_run_prints_the_plan_without_ray_or_torch(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "orchestrator",
+            "sweep=paper",
+            "dry_run=true",
+            f"runs_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "grid: 4 models x 3 layers x 5 datasets = 60 (model, layer, dataset) cells" in out
+    for name in ("qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite", "olmoe-1b-7b", "gpqa_diamond"):
+        assert name in out
+    assert "qwen3-30b-a3b    math500             500" in out
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line
+    }
+    assert not imported & {"ray", "torch", "transformers", "wandb", "vllm"}
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_multirun_dry_run_plans_each_job(tmp_path):
+    result = cli(
+        "-m", "model=tiny,olmoe-1b-7b", "dry_run=true", f"runs_dir={tmp_path}/runs", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("grid: 1 models x 3 layers x 1 datasets") == 2
+    assert "models: tiny" in result.stdout and "models: olmoe-1b-7b" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # hydra's folders stay in runs/
+
+
+def test_run_id_is_derived_from_what_decides_results():
+    cfg, resolved = compose_both()
+    run_id = plan.derive_run_id(cfg, resolved)
+    assert run_id.startswith("tiny-") and len(run_id) == len("tiny-") + 8
+    assert plan.derive_run_id(*compose_both("cluster.scorers=5", "wandb=disabled")) == run_id
+    assert plan.derive_run_id(*compose_both("scoring.seed=1")) != run_id
+    assert plan.derive_run_id(*compose_both("sweep=paper")).startswith("paper-")
+    assert plan.derive_run_id(*compose_both("run_id=mine")) == "mine"
+
+
+def gen_units(cfg: C.RunConfig, n: int = 40) -> list[plan.Unit]:
+    return plan.generation_units(
+        Path("/r"), cfg.model, cfg.dataset, cfg.generation, num_problems=n, problems_sha256="abc"
+    )
+
+
+def test_generation_units_cover_every_problem_once():
+    units = gen_units(make("generation.problems_per_shard=16"))
+    assert [u.args["rows"] for u in units] == [[0, 16], [16, 32], [32, 40]]
+    assert [str(u.path) for u in units] == [
+        f"/r/trajectories/tiny/demo/generated/{k:05d}.arrow" for k in range(3)
+    ]
+    assert len({u.config_hash for u in units}) == 3
+
+
+def test_generation_hash_changes_with_sampling_not_with_batching_or_cluster():
+    base = [u.config_hash for u in gen_units(make())]
+    assert [
+        u.config_hash for u in gen_units(make("generation.batch_size=3", "cluster.generators=4"))
+    ] == base
+    for override in (
+        "generation.seed=1",
+        "model.max_tokens=50",
+        "generation.samples_per_problem=3",
+    ):
+        assert [u.config_hash for u in gen_units(make(override))] != base, override
+    cfg = make()
+    other = plan.generation_units(
+        Path("/r"), cfg.model, cfg.dataset, cfg.generation, num_problems=40, problems_sha256="xyz"
+    )
+    assert [u.config_hash for u in other] != base  # different problems file content
+
+
+def score_units(cfg: C.RunConfig) -> dict[str, str]:
+    [cell] = plan.plan_cells(cfg)
+    shards = [(Path("/r/in/00000.arrow"), "s0"), (Path("/r/in/00001.arrow"), "s1")]
+    return {u.key: u.config_hash for u in plan.scoring_units(Path("/r"), cell, cfg.scoring, shards)}
+
+
+def test_scoring_units_per_layer_and_shard_with_hashes_of_only_what_matters():
+    base = score_units(make())
+    assert sorted(base) == [f"tiny/layer={L}/demo/{k:05d}" for L in (0, 2, 3) for k in (0, 1)]
+    assert (
+        score_units(make("scoring.memory_budget_mb=7", "cluster.scorers=1", "scoring.retries=0"))
+        == base
+    )
+    assert score_units(make("scoring.alternatives=8")) != base
+    # Adding a layer adds units and keeps the others' hashes.
+    more = score_units(make("scoring.layers=[early,middle,final,1]"))
+    assert {k: more[k] for k in base} == base and len(more) == 8
+
+
+def test_the_paths_follow_the_run_layout():
+    cfg = make()
+    [cell] = plan.plan_cells(cfg)
+    [unit] = plan.scoring_units(
+        Path("/r"),
+        dataclasses.replace(cell, layers={"final": 3}),
+        cfg.scoring,
+        [(Path("/r/x/00007.arrow"), "s")],
+    )
+    assert str(unit.path) == "/r/scores/tiny/layer=3/demo/00007.arrow"
+    assert unit.args == {"in_path": "/r/x/00007.arrow", "layer": 3}
+    assert (
+        str(plan.shard_dir(Path("/r"), cfg.model, cfg.dataset))
+        == "/r/trajectories/tiny/demo/shards"
+    )
+    assert str(plan.problems_path(Path("/r"), cfg.dataset)) == "/r/problems/demo.arrow"
+
+
+def test_estimate_upper_bounds():
+    [est] = plan.estimate(
+        make("generation.samples_per_problem=2", "scoring.trajectories_per_shard=10")
+    )
+    assert (est.problems, est.completions, est.generation_units) == (64, 128, 4)
+    assert est.max_completion_tokens == 128 * 96 and est.max_scoring_units_per_layer == 13
+
+
+def test_retrained_weights_of_the_same_size_change_every_unit_hash(tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(C.model_path(make().model), model_dir)
+    before = score_units(make(f"model.path={model_dir}"))
+    before_gen = [u.config_hash for u in gen_units(make(f"model.path={model_dir}"))]
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the same size, other weights
+    weights.write_bytes(bytes(data))
+    after = score_units(make(f"model.path={model_dir}"))
+    assert sorted(after) == sorted(before) and not set(after.values()) & set(before.values())
+    assert not set(before_gen) & {u.config_hash for u in gen_units(make(f"model.path={model_dir}"))}

@@ -1,0 +1,162 @@
+"""Resuming: the same command again redoes exactly the missing, corrupt, failed or changed units.
+
+Compared with one uninterrupted reference run (tests/pipeline_runs.py) of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import ray
+from pipeline_runs import (
+    assert_same_tables,
+    cli_command,
+    copy_run,
+    digests,
+    reference_run,
+    run_cli,
+    run_inprocess,
+    score_rows,
+    sidecars,
+    stage_counts,
+)
+
+from orchestrator.actors import FAULT_FAIL_ENV
+from workers.io import discard, done_path, is_complete
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory.getbasetemp())
+
+
+def settled(count, quiet_s: float = 3.0, timeout_s: float = 60.0):
+    """`count()` once it has stopped changing for `quiet_s` seconds."""
+    last, since, start = count(), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - start < timeout_s:
+        time.sleep(0.2)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_driver_killed_mid_scoring_resumes_only_the_missing_units(reference, tmp_path):
+    run_dir = copy_run(reference, tmp_path, "k", "problems", "trajectories")
+    total = len(digests(reference))
+    driver = subprocess.Popen(
+        cli_command(tmp_path, "k"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its Ray processes share the group: cleaned up below
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list((run_dir / "scores").rglob("*.done.json")):
+            assert driver.poll() is None and time.monotonic() < deadline, "no unit finished"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the local Ray it started, if still alive
+    # Actors already inside a unit may still finish it (atomically) before they notice.
+    complete = settled(lambda: [p for p in (run_dir / "scores").rglob("*.arrow") if is_complete(p)])
+    assert 1 <= len(complete) < total, "the driver was not killed mid-run"
+
+    result = run_cli(tmp_path, "k")
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = stage_counts(result.stderr)
+    assert counts["generation"]["computed"] == 0
+    assert counts["scoring"] == dict(
+        total=total, skipped=len(complete), computed=total - len(complete), failed=0, retried=0
+    )
+    assert digests(run_dir) == digests(reference)
+    assert_same_tables(run_dir, reference)
+
+
+def test_truncated_or_corrupted_files_are_detected_and_redone(reference, tmp_path, capsys):
+    run_dir = copy_run(reference, tmp_path, "c")
+    score = sorted((run_dir / "scores").rglob("*.arrow"))[1]
+    score.write_bytes(score.read_bytes()[:100])  # truncated; its sidecar still says complete
+    generated = run_dir / "trajectories/tiny/demo/generated/00001.arrow"
+    data = bytearray(generated.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    generated.write_bytes(bytes(data))
+
+    # With verify_checksums=false the sidecars are trusted: the damage goes unnoticed...
+    assert run_inprocess(tmp_path, "c", "verify_checksums=false") == 2
+    assert "rerun with verify_checksums=true" in capsys.readouterr().err
+    # ...and the default re-hashes every complete file.
+    assert run_inprocess(tmp_path, "c") == 0
+    counts = stage_counts(capsys.readouterr().err)
+    assert counts["generation"]["computed"] == 1  # regenerated, identically (per-sample seeds)
+    assert (
+        counts["scoring"]["computed"] == 1
+        and counts["scoring"]["skipped"] == len(digests(reference)) - 1
+    )
+    assert digests(run_dir, "trajectories") == digests(reference, "trajectories")
+    assert digests(run_dir) == digests(reference)
+
+
+def test_a_failing_unit_is_retried_logged_and_resumed(reference, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(reference, tmp_path, "f")
+    for path in (run_dir / "scores/tiny/layer=2/demo").glob("*.arrow"):
+        discard(path)
+    monkeypatch.setenv(FAULT_FAIL_ENV, "layer=2/demo/00001")
+    assert run_inprocess(tmp_path, "f") == 1
+    err = capsys.readouterr().err
+    counts = stage_counts(err)["scoring"]
+    assert counts["failed"] == 1 and counts["retried"] == 2  # scoring.retries = 2
+    assert counts["computed"] == counts["total"] - counts["skipped"] - 1 >= 1
+    [failure] = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert failure["unit"] == "tiny/layer=2/demo/00001" and failure["attempts"] == 3
+    assert "injected failure" in failure["error"]
+    assert not done_path(run_dir / "scores/tiny/layer=2/demo/00001.arrow").exists()
+    resume = err.split("resume with:")[1].split("\n")[1].strip()
+    assert resume.startswith("python -m orchestrator") and resume.endswith("run_id=f")
+
+    monkeypatch.delenv(FAULT_FAIL_ENV)
+    assert run_inprocess(tmp_path, "f") == 0
+    counts = stage_counts(capsys.readouterr().err)["scoring"]
+    assert (counts["computed"], counts["failed"]) == (1, 0)
+    assert digests(run_dir) == digests(reference)
+    assert_same_tables(run_dir, reference)
+
+
+def test_a_changed_config_redoes_only_the_units_it_changes(reference, tmp_path, capsys):
+    run_dir = copy_run(reference, tmp_path, "cfg")
+    shards = len(list((reference / "trajectories/tiny/demo/shards").glob("*.arrow")))
+    # A new layer: only its units run; the others are kept as they are.
+    assert run_inprocess(tmp_path, "cfg", "scoring.layers=[early,middle,final,1]") == 0
+    counts = stage_counts(capsys.readouterr().err)
+    assert counts["generation"]["computed"] == 0
+    assert counts["scoring"]["computed"] == shards and counts["scoring"]["skipped"] == 3 * shards
+    kept = {k: v for k, v in digests(run_dir).items() if not k.startswith("tiny/layer=1/")}
+    assert kept == digests(reference)
+    # Larger shards on one scorer: the split changes, so every score is redone (to the same
+    # rows, bitwise) and the old files go away; layer 1 is no longer planned and stays.
+    assert (
+        run_inprocess(tmp_path, "cfg", "scoring.trajectories_per_shard=8", "cluster.scorers=1") == 0
+    )
+    counts = stage_counts(capsys.readouterr().err)
+    assert counts["generation"]["computed"] == 0
+    verified = sum(s["rows"] for s in sidecars(reference, "trajectories/tiny/demo/shards").values())
+    expected = -(-verified // 8)
+    assert counts["scoring"]["computed"] == counts["scoring"]["total"] == 3 * expected
+    for layer in (0, 2, 3):
+        assert len(list((run_dir / f"scores/tiny/layer={layer}/demo").glob("*.arrow"))) == expected
+    assert len(list((run_dir / "scores/tiny/layer=1/demo").glob("*.arrow"))) == shards
+    assert score_rows(run_dir, layers=(0, 2, 3)).equals(score_rows(reference, layers=(0, 2, 3)))
