@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from orchestrator.wandb_run import WandbConfig
+from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 LAYER_NAMES = ("early", "middle", "final")
@@ -153,7 +153,10 @@ def register_configs() -> None:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """The typed config (dataclass instances) from Hydra's composed DictConfig."""
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ValueError as err:  # a dataclass's own check, e.g. WandbConfig.mode
+        raise ConfigError(str(err).splitlines()[0]) from None
 
 
 def load_option(group: str, name: str) -> Any:
@@ -344,18 +347,3 @@ def validate_dataset(dataset: DatasetConfig) -> None:
         raise ConfigError(
             f"dataset {dataset.name}: data file {dataset.path} not found (dataset.path)"
         )
-
-
-SECRET_KEY = re.compile(r"(^|_)(api_key|key|secret|password|token|auth)$", re.IGNORECASE)
-
-
-def scrub_secrets(obj: Any) -> Any:
-    """A copy of a plain config tree with the values of secret-looking keys replaced."""
-    if isinstance(obj, dict):
-        return {
-            k: "***" if SECRET_KEY.search(str(k)) and v is not None else scrub_secrets(v)
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list):
-        return [scrub_secrets(v) for v in obj]
-    return obj

@@ -29,7 +29,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
-SECRET_KEY = re.compile(r"api[_-]?key|token|secret|password", re.IGNORECASE)
+# A key is secret when its last word is one of these: `api_key`, `auth_token`, `password`, but
+# not `max_tokens` or `tokens` (sampling settings, which must stay visible in W&B).
+SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|key|secret|password|token|auth)$", re.IGNORECASE)
 BINS = ("confident", "ambiguous", "fragile", "all")
 SUMMARY_METRICS = (  # by_bin column -> summary key suffix
     ("tokens", "tokens"),

@@ -227,11 +227,15 @@ def test_scrub_secrets():
         "API_KEY": "x",
         "db": {"password": "p", "user": "u"},
         "tokens": [1],
+        "model": {"max_tokens": 5, "hf-token": "h"},
+        "auth_token": "t",
         "none": {"secret": None},
     }
     assert scrub_secrets(config) == {
         "API_KEY": "***",
         "db": {"password": "***", "user": "u"},
-        "tokens": "***",
+        "tokens": [1],
+        "model": {"max_tokens": 5, "hf-token": "***"},
+        "auth_token": "***",
         "none": {"secret": None},
     }
