@@ -17,7 +17,6 @@ from pipeline_runs import (
     assert_same_tables,
     copy_run,
     digests,
-    reference_run,
     run_inprocess,
     sidecars,
     stage_counts,
@@ -28,17 +27,7 @@ from orchestrator.plan import Unit
 from orchestrator.progress import StageProgress
 from workers.io import discard, read_arrow
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def test_default_run_writes_every_stage_and_the_report(reference):

@@ -12,13 +12,11 @@ import subprocess
 import time
 
 import pytest
-import ray
 from pipeline_runs import (
     assert_same_tables,
     cli_command,
     copy_run,
     digests,
-    reference_run,
     run_cli,
     run_inprocess,
     score_rows,
@@ -29,17 +27,7 @@ from pipeline_runs import (
 from orchestrator.actors import FAULT_FAIL_ENV
 from workers.io import discard, done_path, is_complete
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def settled(count, quiet_s: float = 3.0, timeout_s: float = 60.0):

@@ -347,3 +347,36 @@ def test_cuda_matches_cpu_brute_force(models, name):
     pos, rts, fast = _pairs(scorer.score_table(table, layer).to_pylist())
     brute = brute_logprobs(models[name], table["input_ids"][0].as_py(), layer, pos, rts).double()
     assert (brute - fast).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("spec", ["early", "middle", "final"])
+def test_bundled_model_matches_brute_force(spec):
+    """The shipped tiny model, loaded from disk as the pipeline loads it, on a real solution."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from workers import demo_task
+
+    scorer = Scorer(demo_task.bundled_model_path(), ScoreConfig(alternatives=J, pool=8))
+    problem = demo_task.problem_pool(1, "eval")[0]
+    tok = AutoTokenizer.from_pretrained(demo_task.bundled_model_path())
+    prompt = tok(problem.prompt, add_special_tokens=False)["input_ids"]
+    solution = demo_task.render_solution(problem, random.Random(0))
+    completion = tok(solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = prompt + completion
+    table = pa.table(
+        {
+            "problem_id": ["demo-x"],
+            "sample_idx": pa.array([0], pa.int32()),
+            "input_ids": pa.array([ids], pa.list_(pa.int32())),
+            "prompt_len": pa.array([len(prompt)], pa.int32()),
+        }
+    )
+    layer = scorer.resolve_layer(spec)
+    rows = scorer.score_table(table, layer).to_pylist()
+    assert [r["position"] for r in rows] == list(range(len(prompt) - 1, len(ids) - 1))
+    rows = rows[:: max(1, len(rows) // 6)]  # a spread of positions keeps brute force cheap
+    pos, rts, fast = _pairs(rows)
+    brute = brute_logprobs(scorer.model, ids, layer, pos, rts).double()
+    assert (brute - fast).abs().max().item() < 1e-4
