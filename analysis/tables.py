@@ -21,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.metrics import BINS, GROUP_KEYS, AnalysisConfig
+from analysis.metrics import BINS, FIXED_POINT, GROUP_KEYS, AnalysisConfig
 
 BIN_ORDER = (*BINS, "all")
 SUMS = (
@@ -55,12 +55,12 @@ def _means(sums: pl.DataFrame) -> pl.DataFrame:
         *GROUP_KEYS,
         "bin",
         pl.col("tokens").cast(pl.Int64),
-        ratio("sum_u_std", "tokens").alias("mean_u_std"),
-        ratio("sum_max_alt", "gain_tokens").alias("mean_max_alt"),
-        ratio("sum_gain", "gain_tokens", 100.0).alias("gain_pp"),
+        ratio("sum_u_std", "tokens", 1 / FIXED_POINT).alias("mean_u_std"),
+        ratio("sum_max_alt", "gain_tokens", 1 / FIXED_POINT).alias("mean_max_alt"),
+        ratio("sum_gain", "gain_tokens", 100.0 / FIXED_POINT).alias("gain_pp"),
         ratio("wins", "gain_tokens").alias("win_rate"),
-        ratio("sum_rank", "tokens").alias("mean_rank"),
-        ratio("sum_rho", "rho_tokens").alias("alignment"),
+        ratio("sum_rank", "tokens", 1 / FIXED_POINT).alias("mean_rank"),
+        ratio("sum_rho", "rho_tokens", 1 / FIXED_POINT).alias("alignment"),
         pl.col("rho_tokens").cast(pl.Int64).alias("alignment_tokens"),
         (pl.col("tokens") - pl.col("rho_tokens")).cast(pl.Int64).alias("no_variance"),
         pl.col("min_routes").cast(pl.Int64).alias("routes"),
