@@ -19,9 +19,10 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
+from workers import layers as layer_specs
+from workers.layers import LAYER_NAMES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-LAYER_NAMES = ("early", "middle", "final")
 FAMILIES = ("qwen3_moe", "gpt_oss", "deepseek_v2", "olmoe")
 VERIFIERS = ("exact", "math", "choice")
 BACKENDS = ("hf", "vllm")
@@ -187,23 +188,12 @@ def sweep_layers(cfg: RunConfig) -> list[str]:
     return list(cfg.sweep.layers or cfg.scoring.layers)
 
 
-def resolve_layer(spec: str | int, moe_layers: list[int]) -> int:
-    """A layer spec ("early", "middle", "final" or a decoder index) -> a decoder layer index.
-
-    early = first MoE layer, final = last, middle = moe_layers[len // 2].
-    """
-    spec = str(spec)
-    if spec in LAYER_NAMES:
-        return {
-            "early": moe_layers[0],
-            "middle": moe_layers[len(moe_layers) // 2],
-            "final": moe_layers[-1],
-        }[spec]
-    if re.fullmatch(r"-?\d+", spec) and int(spec) in moe_layers:
-        return int(spec)
-    raise ConfigError(
-        f"layer {spec!r} has no MoE block; valid: {', '.join(LAYER_NAMES)} or one of {moe_layers}"
-    )
+def resolve_layer(model: ModelConfig, spec: str | int) -> int:
+    """The decoder index a layer spec names in `model` (workers.layers' rule, from the YAML)."""
+    try:
+        return layer_specs.resolve_layer(str(spec), model.moe_layers, model.num_layers)
+    except ValueError as err:
+        raise ConfigError(f"model {model.name}: {err}") from None
 
 
 def model_path(model: ModelConfig) -> str:
@@ -309,10 +299,7 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
             f"model {model.name}: moe_layers must be non-empty indices in [0, {model.num_layers})"
         )
     for spec in layers:
-        try:
-            resolve_layer(spec, list(model.moe_layers))
-        except ConfigError as err:
-            raise ConfigError(f"model {model.name}: {err}") from None
+        resolve_layer(model, spec)
     if not 1 <= model.top_k <= model.num_experts:
         raise ConfigError(
             f"model {model.name}: top_k={model.top_k} not in [1, {model.num_experts}]"

@@ -76,7 +76,7 @@ def plan_cells(cfg: RunConfig) -> list[Cell]:
     specs = sweep_layers(cfg)
     cells = []
     for model in sweep_models(cfg):
-        layers = {str(s): resolve_layer(s, list(model.moe_layers)) for s in specs}
+        layers = {str(s): resolve_layer(model, s) for s in specs}
         cells.extend(Cell(model, dataset, layers) for dataset in sweep_datasets(cfg))
     return cells
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from moe_factories import FAMILIES, VARIANTS, make_model, single_thread
 
-from workers.adapters import _ranges, adapter_for
+from workers.adapters import adapter_for
+from workers.layers import format_ranges
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,4 +139,4 @@ def test_unsupported_family():
 
 
 def test_ranges():
-    assert _ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
+    assert format_ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"

@@ -89,9 +89,9 @@ def test_model_cards_sampling_values():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["scoring.layers=[early,bogus]"], "layer 'bogus' has no MoE block"),
-        (["model=deepseek-v2-lite", "scoring.layers=[0]"], "layer '0' has no MoE block"),
-        (["scoring.layers=[7]"], "layer '7' has no MoE block"),
+        (["scoring.layers=[early,bogus]"], "layer 'bogus' is not an index or one of early"),
+        (["model=deepseek-v2-lite", "scoring.layers=[0]"], "layer 0 has no routed experts"),
+        (["scoring.layers=[7]"], "layer 7 is out of range; valid MoE layers: 0-3"),
         (["scoring.pool=2"], "scoring.pool=2 is smaller than model tiny's top_k=4"),
         (["dataset.path=/nonexistent/x.jsonl"], "data file /nonexistent/x.jsonl not found"),
         (["generation=vllm"], "generation=vllm needs GPUs"),
@@ -198,12 +198,17 @@ def test_the_yaml_shapes_match_the_moe_shape_rules_of_their_families():
 
 
 def test_layer_names_resolve_to_first_middle_last_moe_layer():
-    assert [C.resolve_layer(s, [1, 2, 3, 4]) for s in ("early", "middle", "final", "2")] == [
-        1,
-        3,
-        4,
-        2,
-    ]
+    model = C.ModelConfig(
+        name="m",
+        hf_id="x",
+        family="olmoe",
+        num_layers=6,
+        moe_layers=[1, 2, 3, 4],
+        num_experts=8,
+        top_k=2,
+    )
+    specs = ("early", "middle", "final", "2")
+    assert [C.resolve_layer(model, s) for s in specs] == [1, 3, 4, 2]
 
 
 def test_secrets_are_scrubbed():
@@ -226,7 +231,8 @@ def test_cli_bad_config_is_one_error_line_and_leaves_nothing(tmp_path):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert errors == [
-        "error: model tiny: layer 'bogus' has no MoE block; valid: early, middle, final or one of [0, 1, 2, 3]"
+        "error: model tiny: layer 'bogus' is not an index or one of early/middle/final;"
+        " valid MoE layers: 0-3 (or early/middle/final)"
     ]
     assert not (tmp_path / "runs").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/, logs

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.layers import resolve_layer
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a causal LM (`model.model.layers` in all supported families)."""
@@ -68,35 +70,14 @@ class MoeAdapter:
         return self.layers[layer].post_attention_layernorm
 
     def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool) or layer not in self.moe_layers:
-            kind = (
-                "has no routed experts"
-                if isinstance(layer, int) and 0 <= layer < len(self.layers)
-                else "is out of range"
-            )
-            raise ValueError(
-                f"layer {layer!r} {kind}; valid MoE layers of this {self.family} model: "
-                f"{_ranges(self.moe_layers)} (or early/middle/final)"
-            )
-        return layer
+        """`layer` itself if it is an int naming an MoE layer (workers.layers' rule)."""
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ValueError(f"layer must be an int index, got {layer!r}")
+        return self.resolve_layer(layer)
 
     def resolve_layer(self, spec: int | str) -> int:
-        """An MoE layer index from an int or "early" | "middle" | "final"."""
-        named = {
-            "early": self.moe_layers[0],
-            "middle": self.moe_layers[len(self.moe_layers) // 2],
-            "final": self.moe_layers[-1],
-        }
-        if isinstance(spec, str):
-            if spec in named:
-                return named[spec]
-            if spec.strip().lstrip("-").isdigit():
-                return self.check_layer(int(spec))
-            raise ValueError(
-                f"layer {spec!r} is not an index or one of early/middle/final; valid MoE layers: "
-                f"{_ranges(self.moe_layers)}"
-            )
-        return self.check_layer(spec)
+        """An MoE layer index from an index or "early" | "middle" | "final"."""
+        return resolve_layer(spec, self.moe_layers, len(self.layers))
 
     # -- router ----------------------------------------------------------------------------------
 
@@ -286,15 +267,3 @@ def _take(values: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
     if values.dim() == routes.dim() - 1:
         values = values.unsqueeze(-2).expand(*routes.shape[:-1], values.shape[-1])
     return values.gather(-1, routes)
-
-
-def _ranges(values: list[int]) -> str:
-    """[1, 2, 3, 5] -> '1-3, 5'."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(parts)
