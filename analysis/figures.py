@@ -49,6 +49,22 @@ def _panels(pooled: pl.DataFrame) -> tuple[list[str], dict[str, list[int]]]:
     return models, layers
 
 
+def _model_layer_grid(pooled: pl.DataFrame):
+    """A figure with a row per model and a panel per layer; returns (fig, axes, panels) where
+    panels lists (ax, model, layer, column) and a row's unused panels are hidden."""
+    models, layers = _panels(pooled)
+    cols = max(len(v) for v in layers.values())
+    fig, axes = _figure(len(models), cols)
+    panels = []
+    for r, model in enumerate(models):
+        for c in range(cols):
+            if c < len(layers[model]):
+                panels.append((axes[r][c], model, layers[model][c], c))
+            else:
+                axes[r][c].set_visible(False)
+    return fig, axes, panels
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -57,55 +73,47 @@ def _save(fig, path: Path) -> Path:
 
 def plot_headline(by_bin: pl.DataFrame, path: Path) -> Path:
     pooled = by_bin.filter(pl.col("dataset") == "all")
-    models, layers = _panels(pooled)
-    cols = max(len(v) for v in layers.values())
-    fig, axes = _figure(len(models), cols)
-    for r, model in enumerate(models):
-        for c in range(cols):
-            ax = axes[r][c]
-            if c >= len(layers[model]):
-                ax.set_visible(False)
-                continue
-            layer = layers[model][c]
-            rows = {
-                row["bin"]: row
-                for row in pooled.filter(
-                    (pl.col("model") == model) & (pl.col("layer") == layer)
-                ).iter_rows(named=True)
-            }
-            xs = range(len(BINS))
-            std = [rows.get(b, {}).get("mean_u_std") for b in BINS]
-            best = [rows.get(b, {}).get("mean_max_alt") for b in BINS]
-            ax.bar(
-                [x - 0.2 for x in xs],
-                [v or 0 for v in std],
-                0.4,
-                label="u(S), standard route",
-                color="#264653",
+    fig, axes, panels = _model_layer_grid(pooled)
+    for ax, model, layer, c in panels:
+        rows = {
+            row["bin"]: row
+            for row in pooled.filter(
+                (pl.col("model") == model) & (pl.col("layer") == layer)
+            ).iter_rows(named=True)
+        }
+        xs = range(len(BINS))
+        std = [rows.get(b, {}).get("mean_u_std") for b in BINS]
+        best = [rows.get(b, {}).get("mean_max_alt") for b in BINS]
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [v or 0 for v in std],
+            0.4,
+            label="u(S), standard route",
+            color="#264653",
+        )
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [v or 0 for v in best],
+            0.4,
+            label="max u(R), best alternative",
+            color="#e76f51",
+        )
+        for x, b in zip(xs, BINS, strict=True):
+            n = rows.get(b, {}).get("tokens") or 0
+            top = max(std[x] or 0, best[x] or 0)
+            ax.annotate(
+                f"n={n:,}",
+                (x, top),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
             )
-            ax.bar(
-                [x + 0.2 for x in xs],
-                [v or 0 for v in best],
-                0.4,
-                label="max u(R), best alternative",
-                color="#e76f51",
-            )
-            for x, b in zip(xs, BINS, strict=True):
-                n = rows.get(b, {}).get("tokens") or 0
-                top = max(std[x] or 0, best[x] or 0)
-                ax.annotate(
-                    f"n={n:,}",
-                    (x, top),
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=7,
-                )
-            ax.set_xticks(list(xs), [b.capitalize() for b in BINS], fontsize=8)
-            ax.set_ylim(0, 1.12)
-            ax.set_title(f"{model} · layer {layer}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel("mean p(next token)")
+        ax.set_xticks(list(xs), [b.capitalize() for b in BINS], fontsize=8)
+        ax.set_ylim(0, 1.12)
+        ax.set_title(f"{model} · layer {layer}", fontsize=9)
+        if c == 0:
+            ax.set_ylabel("mean p(next token)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", ncols=2, fontsize=7, frameon=False)
     fig.suptitle(
@@ -120,38 +128,30 @@ def plot_gain_hist(gain_hist: pl.DataFrame, path: Path) -> Path:
     pooled = gain_hist.group_by("model", "layer", "bin", "gain_bucket", "lo", "hi").agg(
         pl.col("tokens").sum()
     )
-    models, layers = _panels(pooled)
-    cols = max(len(v) for v in layers.values())
-    fig, axes = _figure(len(models), cols)
-    for r, model in enumerate(models):
-        for c in range(cols):
-            ax = axes[r][c]
-            if c >= len(layers[model]):
-                ax.set_visible(False)
+    fig, axes, panels = _model_layer_grid(pooled)
+    for ax, model, layer, c in panels:
+        for b in BINS:
+            h = pooled.filter(
+                (pl.col("model") == model) & (pl.col("layer") == layer) & (pl.col("bin") == b)
+            ).sort("gain_bucket")
+            total = h["tokens"].sum()
+            if not total:
                 continue
-            layer = layers[model][c]
-            for b in BINS:
-                h = pooled.filter(
-                    (pl.col("model") == model) & (pl.col("layer") == layer) & (pl.col("bin") == b)
-                ).sort("gain_bucket")
-                total = h["tokens"].sum()
-                if not total:
-                    continue
-                edges = [*(100 * h["lo"]).to_list(), 100 * h["hi"][-1]]
-                ax.stairs(
-                    (h["tokens"] / total).to_list(),
-                    edges,
-                    label=f"{b} (n={total:,})",
-                    color=BIN_COLORS[b],
-                )
-            ax.set_yscale("log")
-            ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost seconds per figure
-            ax.set_xlim(-100, 100)
-            ax.set_title(f"{model} · layer {layer}", fontsize=9)
-            ax.set_xlabel("gain = max u(R) − u(S), points", fontsize=8)
-            if c == 0:
-                ax.set_ylabel("share of the bin's tokens")
-            ax.legend(fontsize=6)
+            edges = [*(100 * h["lo"]).to_list(), 100 * h["hi"][-1]]
+            ax.stairs(
+                (h["tokens"] / total).to_list(),
+                edges,
+                label=f"{b} (n={total:,})",
+                color=BIN_COLORS[b],
+            )
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost seconds per figure
+        ax.set_xlim(-100, 100)
+        ax.set_title(f"{model} · layer {layer}", fontsize=9)
+        ax.set_xlabel("gain = max u(R) − u(S), points", fontsize=8)
+        if c == 0:
+            ax.set_ylabel("share of the bin's tokens")
+        ax.legend(fontsize=6)
     fig.suptitle("Per-token gain of the best alternative route", fontsize=10)
     return _save(fig, path)
 
