@@ -32,7 +32,7 @@ from workers.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION
 from workers.schemas import PROBLEMS_SCHEMA
 
 LETTERS = "ABCD"
-DEMO_DEFAULTS = {"n": 32, "difficulty": 1}
+DEMO_DEFAULTS = {"n": 32, "difficulty": 1, "split": "eval"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def load_problems(
 ) -> pa.Table:
     """The problems of data set `name` (see SPECS), at most `limit` of them.
 
-    Options: "demo" takes `n` and `difficulty` (workers.demo_task.make_problems); hub data
+    Options: "demo" takes `n`, `difficulty` and `split` (workers.demo_task.make_problems); hub data
     sets take `split` to read another split. `seed` only matters for demo problems and for
     GPQA's option order.
     """
@@ -145,7 +145,12 @@ def _demo_rows(seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
 
     _check_options("demo", options, set(DEMO_DEFAULTS))
     settings = {**DEMO_DEFAULTS, **options}
-    table = make_problems(int(settings["n"]), seed, difficulty=int(settings["difficulty"]))
+    table = make_problems(
+        int(settings["n"]),
+        seed,
+        difficulty=int(settings["difficulty"]),
+        split=str(settings["split"]),
+    )
     return table.select(PROBLEMS_SCHEMA.names).to_pylist()
 
 

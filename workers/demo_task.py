@@ -112,16 +112,20 @@ def max_completion_tokens(difficulty: int = 1) -> int:
     return 6 + 8 * x_max + 2 + 1  # "a * x = T ;", "try g : P - T = R ;" each, "answer N", EOS
 
 
-def make_problems(n: int, seed: int, difficulty: int = 1) -> pa.Table:
-    """`n` evaluation problems, deterministic in (n, seed, difficulty), ids "demo-<seed>-<i>".
+def make_problems(n: int, seed: int, difficulty: int = 1, split: str = "eval") -> pa.Table:
+    """`n` problems of `split`, deterministic in (n, seed, difficulty, split), ids
+    "demo-<seed>-<i>" (eval) or "demo-train-<seed>-<i>" (train).
 
-    Problems are drawn without replacement from the eval split while it lasts (then it is
-    reshuffled), so a table repeats a problem only when n exceeds the split's size.
+    Problems are drawn without replacement from the split while it lasts (then it is
+    reshuffled), so a table repeats a problem only when n exceeds the split's size. The train
+    split is what the bundled model learned from; it serves as training data for the router
+    update, whose evaluation stays on the eval split.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    pool = problem_pool(difficulty, "eval")
-    rng = random.Random(f"demo-eval:{seed}:{difficulty}")  # str seeds hash with sha512: stable
+    pool = problem_pool(difficulty, split)
+    rng = random.Random(f"demo-{split}:{seed}:{difficulty}")  # str seeds hash with sha512: stable
+    prefix = "demo" if split == "eval" else f"demo-{split}"
     chosen: list[DemoProblem] = []
     while len(chosen) < n:
         batch = pool[:]
@@ -129,12 +133,12 @@ def make_problems(n: int, seed: int, difficulty: int = 1) -> pa.Table:
         chosen.extend(batch[: n - len(chosen)])
     rows = {name: [] for name in PROBLEMS_SCHEMA.names}
     for i, p in enumerate(chosen):
-        rows["problem_id"].append(f"demo-{seed}-{i}")
+        rows["problem_id"].append(f"{prefix}-{seed}-{i}")
         rows["dataset"].append(DATASET)
         rows["prompt"].append(p.prompt)
         rows["gold_answer"].append(p.gold)
         meta = {"a": p.a, "b": p.b, "c": p.c, "x_min": 1, "x_max": p.x_max}
-        meta |= {"difficulty": difficulty, "seed": seed, "split": "eval"}
+        meta |= {"difficulty": difficulty, "seed": seed, "split": split}
         rows["metadata"].append(json.dumps(meta, sort_keys=True))
     return pa.Table.from_pydict(rows, schema=PROBLEMS_SCHEMA)
 
