@@ -53,6 +53,10 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         # 2. The plan; a dry run stops here (no model, no Ray).
         if cfg.dry_run:
             print(describe_plan(cfg, run_id, run_dir))
+            if cfg.router_update.enabled:
+                from orchestrator.router_stage import describe_router_plan
+
+                print(describe_router_plan(cfg))
             return 0
         # 3. Problems on the driver: a missing data file fails here, before Ray starts.
         problems = prepare_problems(cfg, run_dir)
@@ -68,7 +72,12 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
     try:
         # 5. The stages, then 6. the report.
         summary = run_stages(cfg, run_dir, problems, run_id=run_id, sink=session.log_progress)
+        router_md = run_router_update(cfg, run_dir, summary, run_id, session)
         summary.report_path = build_report(run_dir, session)
+        if router_md is not None:
+            from orchestrator.router_report import link_from_report
+
+            summary.report_path = link_from_report(summary.report_path, run_dir)
         code = 0 if summary.ok else 1
         print_summary(summary, resume, time.monotonic() - started)
     except (ConfigError, PipelineError) as err:
@@ -128,6 +137,17 @@ def open_wandb(cfg: Any, run_id: str, run_dir: Path, resolved: dict[str, Any]) -
     from orchestrator.wandb_run import WandbSession
 
     return WandbSession(cfg.wandb, run_id=run_id, run_dir=run_dir, config=scrub_secrets(resolved))
+
+
+def run_router_update(cfg: Any, run_dir: Path, summary: Any, run_id: str, session: Any) -> Any:
+    """The router update of the final MoE layer and its evaluation, when router_update is set."""
+    if not cfg.router_update.enabled:
+        return None
+    from orchestrator.router_stage import run_router_update as run_update
+
+    return run_update(
+        cfg, run_dir, summary, run_id=run_id, sink=session.log_progress, session=session
+    )
 
 
 def build_report(run_dir: Path, session: Any) -> Path | None:

@@ -127,6 +127,47 @@ class SweepConfig:
 
 
 @dataclass
+class RouterUpdateConfig:
+    """The router-only update of the final MoE layer and its evaluation (orchestrator/router_stage.py).
+
+    Off unless `name` is not "none". Preference data comes from the final-layer scores of
+    `train_datasets`; pass@K is measured on `eval_datasets` (the two must not share problems).
+    """
+
+    name: str = "none"  # "none" = off
+    models: list[str] = field(default_factory=list)  # conf/model names; empty = the run's models
+    train_datasets: list[str] = field(default_factory=list)  # conf/dataset names: preference data
+    eval_datasets: list[str] = field(default_factory=list)  # conf/dataset names: pass@K
+    layer: str = "final"  # the MoE layer whose router trains (a spec or an index)
+    problems_limit: int | None = None  # keep the first N problems of each dataset (quick runs)
+    # Preference tokens: Fragile (pbar < fragile) with max_j u(R_j) - u(S) > margin.
+    margin: float = 0.05
+    fragile: float = 0.5
+    # Anchor tokens: Confident (pbar >= confident), at most max_anchor_tokens (seeded sample).
+    confident: float = 0.9
+    max_anchor_tokens: int = 4096
+    # Loss: -log sigmoid(beta * DPO margin) + anchor_weight * KL(original || new) on anchors.
+    beta: float = 1.0
+    # Confident tokens' top-k sets often sit on near-ties (on the bundled model the median gap
+    # between the k-th and (k+1)-th logit is 0.1), so the anchor needs weight to hold them.
+    anchor_weight: float = 10.0
+    steps: int = 200  # full-batch Adam steps on the router parameters
+    # Adam moves every weight by about lr per step whatever its gradient: keep lr x steps well
+    # below the router weights' scale (bundled model: |w| ~ 0.04).
+    lr: float = 3e-4
+    # Problems (by hash) kept out of the preference data: the mechanism check's held-out tokens.
+    holdout_share: float = 0.25
+    seed: int = 0
+    eval_samples: int = 8  # n samples per problem, original and updated; pass@K for K <= n
+    eval_problems_per_shard: int = 16  # problems per evaluation generation unit
+    bootstrap_draws: int = 2000  # resamples of problems for the 95% intervals
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
+@dataclass
 class RunConfig:
     """The root config: `python -m orchestrator <group>=<option> <key>=<value> ...`."""
 
@@ -137,6 +178,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    router_update: RouterUpdateConfig = field(default_factory=RouterUpdateConfig)
     run_id: str | None = None  # None: "<sweep-or-model>-<hash8>" of the config
     runs_dir: str = "runs"  # relative to the directory the command runs in
     dry_run: bool = False  # print the work-unit plan and exit: no Ray, no model
@@ -289,6 +331,49 @@ def validate(cfg: RunConfig) -> None:
         validate_model(model, layers, sc)
     for dataset in sweep_datasets(cfg):
         validate_dataset(dataset)
+    if cfg.router_update.enabled:
+        validate_router_update(cfg, cfg.router_update)
+
+
+def validate_router_update(cfg: RunConfig, ru: RouterUpdateConfig) -> None:
+    if not ru.train_datasets or not ru.eval_datasets:
+        raise ConfigError(
+            "router_update.train_datasets and router_update.eval_datasets must be set"
+        )
+    shared = sorted(set(ru.train_datasets) & set(ru.eval_datasets))
+    if shared:
+        raise ConfigError(f"router_update: {shared} both trains and evaluates; use disjoint sets")
+    checks = {
+        "margin": ru.margin >= 0,
+        "fragile": 0 < ru.fragile < ru.confident <= 1,
+        "beta": ru.beta > 0,
+        "anchor_weight": ru.anchor_weight >= 0,
+        "steps": ru.steps >= 1,
+        "lr": ru.lr > 0,
+        "max_anchor_tokens": ru.max_anchor_tokens >= 0,
+        "holdout_share": 0 <= ru.holdout_share < 1,
+        "eval_samples": ru.eval_samples >= 1,
+        "eval_problems_per_shard": ru.eval_problems_per_shard >= 1,
+        "bootstrap_draws": ru.bootstrap_draws >= 1,
+        "problems_limit": ru.problems_limit is None or ru.problems_limit >= 1,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(
+                f"router_update.{key}={getattr(ru, key)!r} is out of range (margin >= 0,"
+                " 0 < fragile < confident <= 1, beta > 0, anchor_weight >= 0, steps >= 1, lr > 0,"
+                " 0 <= holdout_share < 1, counts >= 1)"
+            )
+    for name in [*ru.train_datasets, *ru.eval_datasets]:
+        validate_dataset(load_option("dataset", name))
+    for model in router_models(cfg):
+        validate_model(model, [ru.layer], cfg.scoring)
+
+
+def router_models(cfg: RunConfig) -> list[ModelConfig]:
+    """The models whose router the update trains: router_update.models, else the run's."""
+    names = cfg.router_update.models
+    return [load_option("model", n) for n in names] if names else sweep_models(cfg)
 
 
 def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig) -> None:

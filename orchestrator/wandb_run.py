@@ -250,6 +250,37 @@ class WandbSession:
             except Exception as err:
                 _warn(f"finish of {name}", err)
 
+    def log_step(
+        self,
+        *,
+        name: str,
+        job_type: str,
+        config: dict[str, Any],
+        summary: dict[str, Any],
+        tables: dict[str, Any] | None = None,
+        figures: dict[str, Any] | None = None,
+    ) -> None:
+        """One run for one step of a stage (e.g. job_type="router_train"), grouped with the
+        run: summary values, Polars frames as tables, image files as figures."""
+        if self._run is None:
+            return
+        run = self._init(name=name, job_type=job_type, config=scrub_secrets(config))
+        if run is None:
+            return
+        try:
+            run.summary.update({k: _clean(v) for k, v in summary.items()})
+            payload = {k: _table(self._wandb, f) for k, f in (tables or {}).items()}
+            payload.update({k: self._wandb.Image(str(p)) for k, p in (figures or {}).items()})
+            if payload:
+                run.log(payload)
+        except Exception as err:
+            _warn(f"logging {name}", err)
+        finally:
+            try:
+                run.finish()
+            except Exception as err:
+                _warn(f"finish of {name}", err)
+
     def finish(self, exit_code: int = 0) -> None:
         """Flush the last progress, close the driver run and wait until W&B has written (offline)
         or sent (online) everything, so the files under runs/<id>/wandb/ are complete on return.
