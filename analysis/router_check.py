@@ -103,7 +103,7 @@ def token_changes(
 
 
 def mechanism_table(tokens: pl.DataFrame) -> pl.DataFrame:
-    """split, group, tokens, route_changed, u_std_before, u_std_after, alignment_before,
+    """split, group, tokens, changed (routes), route_changed (their share), u_std_before, u_std_after, alignment_before,
     alignment_after, no_variance_before, no_variance_after."""
     parts = [tokens.filter(pl.col("flagged")).with_columns(pl.lit("flagged").alias("group"))]
     parts.append(tokens.with_columns(pl.col("bin").alias("group")))
@@ -112,6 +112,7 @@ def mechanism_table(tokens: pl.DataFrame) -> pl.DataFrame:
         .group_by("split", "group")
         .agg(
             pl.len().alias("tokens"),
+            pl.col("route_changed").sum().alias("changed"),
             pl.col("route_changed").mean().alias("route_changed"),
             pl.col("u_std").mean().alias("u_std_before"),
             pl.col("u_std_after").mean().alias("u_std_after"),
