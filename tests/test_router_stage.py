@@ -18,7 +18,8 @@ C.register_configs()
 ROUTER_STAGES = ("router_preferences", "router_train", "router_eval", "router_rescore")
 SMALL_UPDATE = (
     "router_update=demo",
-    "router_update.problems_limit=6",
+    "router_update.problems_limit=4",
+    "scoring.layers=[final]",
     "router_update.eval_samples=2",
     "router_update.eval_problems_per_shard=3",
     "router_update.steps=20",
