@@ -220,3 +220,17 @@ def test_cuda_compiled_decode_matches_brute_force(models, name):
     brute = brute_logprobs(models[name], table["input_ids"][0].as_py(), layer, pos, rts).double()
     assert (brute - fast).abs().max().item() < 1e-4
     assert not math.isnan(fast.sum().item())
+
+
+def test_decode_flops_counts_weights_and_visible_keys(models):
+    """By hand, tiny Qwen3-MoE after layer 0 (layers 1, 2), positions 4..11: per layer q, k, v, o
+    projections 32x32 + 2 x 32x16 + 32x32 = 3072 weights, router 8x32 = 256, experts (8 x 64x32
+    + 8 x 32x32) x 2/8 = 6144; 2 FLOPs a weight, plus the 96x32 head: 2 x (2 x 9472 + 3072) =
+    44032. Attention: 2 x 4 heads x (8 + 8) x (mean t + 1 = 8.5) per layer. GPT-OSS's layer 2
+    has a window of 4: 3 stored keys + its own."""
+    from workers.bench_score import decode_flops
+
+    positions = torch.arange(4, 12)
+    assert decode_flops(_scorer(models["qwen3_moe"]), 0, positions) == (44032, 2 * 128 * 8.5)
+    _, attention = decode_flops(_scorer(models["gpt_oss"]), 0, positions)
+    assert attention == 128 * (8.5 + 4 + 8.5)
