@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported inside the functions: the driver reads ATTENTIONS without loading torch
 ATTENTIONS = ("eager", "flex")  # eager: workers.kv.attend, the reference
 BLOCK_SIZE = 128  # FlexAttention's default tile; block masks must be a multiple of it on GPU
 
 
 @functools.cache
 def _kernel(device_type: str):
+    import torch
     from torch.nn.attention.flex_attention import flex_attention
 
     if device_type == "cuda":
@@ -67,6 +71,7 @@ def position_block_mask(
     """A BlockMask over (len(positions) queries, n_keys keys): query i sees key j iff
     j <= positions[i] (`include_own`, prefill) or j < positions[i] (decode), and, with a
     sliding window, j > positions[i] - window. Built in O(query blocks x key blocks)."""
+    import torch
     from torch.nn.attention.flex_attention import BlockMask
 
     device = positions.device
@@ -135,6 +140,8 @@ def flex_attend(
 ) -> torch.Tensor:
     """`workers.kv.attend` through FlexAttention: query (B, heads, d_k), keys (kv_heads, T, d_k),
     values (kv_heads, T, d_v) -> (B, heads, d_v). See kv.attend for the masking rules."""
+    import torch
+
     batch, n_heads, _ = query.shape
     kv_heads, n_keys = keys.shape[0], keys.shape[1]
     group = n_heads // kv_heads
