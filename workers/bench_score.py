@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         for (attention_name, compiled), path in zip(variants, scorers, strict=True):
             label = attention_name + ("+compile" if compiled else "")
             path.score_table(table.slice(0, 1), layer)  # warm-up (and compilation)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             before = dict(path.stats)
             t_fast, scores = _timed(
                 lambda p=path, layer=layer: p.score_table(table, layer), args.device
@@ -450,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"sets (decoded once each); {achieved / 1e12:.3f} TFLOP/s achieved{share}",
                 flush=True,
             )
+            if args.device.startswith("cuda"):
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(f"    peak GPU memory {peak:.1f} GiB (weights included)")
             if t_fwd is not None:
                 equiv = t_fast / t_fwd
                 print(

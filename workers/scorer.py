@@ -377,8 +377,11 @@ class Scorer:
         inter = max(
             int(getattr(c, name, 0) or 0) for name in ("intermediate_size", "moe_intermediate_size")
         )
+        # the eager path's attention logits, exp, weights (float32) + a low-precision copy;
+        # the fused path keeps no per-key state
+        logits = 4 * heads * n_keys if self.config.attention == "eager" else 0
         per_pair = 4 * (
-            4 * heads * n_keys  # attention logits, exp, weights (float32) + a low-precision copy
+            logits
             + 3 * vocab  # logits, float copy, logsumexp
             + 32 * hidden  # residual stream, norms, attention and block outputs
             + 6
