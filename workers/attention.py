@@ -79,7 +79,7 @@ def position_block_mask(
     q_blocks = -(-n_q // block_size)
     kv_blocks = max(1, -(-n_keys // block_size))
     # pad by repeating the last position: padded rows are never read, and the mask's lookups
-    # pos[q] stay in range whatever the kernel does with the ragged last block
+    # lo[q], hi[q] stay in range whatever the kernel does with the ragged last block
     pos = positions.long()
     pos = torch.cat([pos, pos[-1:].expand(q_blocks * block_size - n_q)])
     hi = pos + 1 if include_own else pos  # exclusive upper bound of visible keys
@@ -96,23 +96,16 @@ def position_block_mask(
 
     def listed(blocks: torch.Tensor):
         count = blocks.sum(-1, dtype=torch.int32)
-        order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
+        order = torch.sort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).indices
         return count[None, None], order.to(torch.int32)[None, None]
 
     kv_num, kv_idx = listed(partial)
     full_num, full_idx = listed(full)
 
-    if include_own:
-        visible = (
-            (lambda kv, p: kv <= p) if not window else (lambda kv, p: (kv <= p) & (kv > p - window))
-        )
-    else:
-        visible = (
-            (lambda kv, p: kv < p) if not window else (lambda kv, p: (kv < p) & (kv > p - window))
-        )
-
+    # One mask function for every case (bounds as tensors, no Python constants), so the
+    # compiled kernel is specialised once, not per causal rule and window.
     def mask_mod(b, h, q_idx, kv_idx):
-        return visible(kv_idx, pos[q_idx])
+        return (kv_idx >= lo[q_idx]) & (kv_idx < hi[q_idx])
 
     return BlockMask.from_kv_blocks(
         kv_num,
@@ -122,6 +115,7 @@ def position_block_mask(
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=(n_q, n_keys),
+        compute_q_blocks=False,  # only the backward pass reads them
     )
 
 
