@@ -158,17 +158,17 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 GPU_ARCHS = ("olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite")
 
 
-def _real_shape_logps(arch, dtype, attention, compile=False, tokens=300):
-    """log u of every (t, R) pair of one random trajectory, real head dims, 4 layers, cuda."""
+def _real_shape_logps(arch, dtype, attention, compile=False, tokens=300, device="cuda"):
+    """log u of every (t, R) pair of one random trajectory, real head dims, 4 layers."""
     import pyarrow as pa
 
     from workers.bench_score import build_model
 
-    model = build_model(arch, "cuda", dtype, layers=4, seed=0)
+    model = build_model(arch, device, dtype, layers=4, seed=0)
     config = ScoreConfig(
         alternatives=8,
         dtype=str(dtype).split(".")[1],
-        device="cuda",
+        device=device,
         attention=attention,
         compile=compile,
     )
