@@ -160,7 +160,7 @@ def flex_attend(
         # e^l / (e^l + e^z) = sigmoid(l - z): every prefill query sees at least its own key
         weight = torch.sigmoid(lse - sinks.float()[None])
         return (out.float() * weight[..., None]).to(out.dtype)
-    q = query.view(batch, kv_heads, group, -1)
+    q = query.reshape(batch, kv_heads, group, -1)  # a view when the layout allows
     s_self = (q * self_key[:, :, None]).sum(-1, dtype=torch.float32).view(batch, n_heads) * scaling
     top = torch.maximum(lse, s_self)  # s_self is finite, so top is (a query at t=0 sees no key)
     if sinks is not None:
