@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
 from workers import layers as layer_specs
+from workers.attention import ATTENTIONS
 from workers.layers import LAYER_NAMES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -84,7 +85,8 @@ class GenerationConfig:
 
 @dataclass
 class ScoringConfig:
-    """Counterfactual scoring (SCIENCE.md). The first six fields are workers.scorer.ScoreConfig's."""
+    """Counterfactual scoring (SCIENCE.md). alternatives .. memory_budget_mb, attention and compile
+    are workers.scorer.ScoreConfig's."""
 
     alternatives: int = 32  # J routes drawn per token
     pool: int = 32  # P highest-scoring experts to draw from (capped at the expert count)
@@ -93,6 +95,9 @@ class ScoringConfig:
     seed: int = 0
     dtype: str = "float32"
     memory_budget_mb: int = 1024  # bounds one micro-batch of activations inside the scorer
+    # eager: the reference attention, fastest on CPU; flex: fused FlexAttention, for GPUs
+    attention: str = "eager"
+    compile: bool = False  # torch.compile fixed-shape decode steps (CUDA graphs on a GPU)
     layers: list[str] = field(default_factory=lambda: list(LAYER_NAMES))  # names or indices
     verified_only: bool = True
     trajectories_per_shard: int = 16  # trajectories per scoring unit
@@ -313,6 +318,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if sc.temperature <= 0:
         raise ConfigError(f"scoring.temperature must be > 0, got {sc.temperature}")
+    if sc.attention not in ATTENTIONS:
+        raise ConfigError(f"scoring.attention={sc.attention!r}; valid: {ATTENTIONS}")
     cl = cfg.cluster
     if cfg.generation.backend == "vllm" and not cl.use_gpus and not cfg.dry_run:
         raise ConfigError(

@@ -211,15 +211,23 @@ def shards_hash(scoring: ScoringConfig, generated_sha256: list[str]) -> str:
 
 def score_args(scoring: ScoringConfig) -> dict[str, Any]:
     """Keyword arguments of workers.scorer.ScoreConfig (device is set by the actor)."""
-    keep = ("alternatives", "pool", "temperature", "sampler", "seed", "dtype", "memory_budget_mb")
+    keep = (
+        *("alternatives", "pool", "temperature", "sampler", "seed", "dtype"),
+        *("memory_budget_mb", "attention", "compile"),
+    )
     return {k: getattr(scoring, k) for k in keep}
+
+
+# How a unit is computed, not what: equal results up to float rounding, so a resumed run may
+# change them without redoing finished units.
+_NOT_HASHED = ("memory_budget_mb", "attention", "compile")
 
 
 def scoring_units(
     run_dir: Path, cell: Cell, scoring: ScoringConfig, shards: list[tuple[Path, str]]
 ) -> list[Unit]:
     """One unit per (layer, input shard); `shards` are (path, sha256) of the input files."""
-    values = {k: v for k, v in score_args(scoring).items() if k != "memory_budget_mb"}
+    values = {k: v for k, v in score_args(scoring).items() if k not in _NOT_HASHED}
     model, dataset = cell.model, cell.dataset
     identity = model_identity(model)
     units = []

@@ -98,6 +98,7 @@ def test_model_cards_sampling_values():
         (["sweep.models=[tiny,nope]"], "unknown model 'nope'"),
         (["scoring.layers=[]"], "scoring.layers is empty"),
         (["run_id=../x"], "run_id='../x'"),
+        (["scoring.attention=sdpa"], "scoring.attention='sdpa'; valid: ('eager', 'flex')"),
     ],
 )
 def test_bad_values_raise_one_line_config_errors(overrides, message):

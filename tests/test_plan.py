@@ -155,6 +155,7 @@ def test_scoring_units_per_layer_and_shard_with_hashes_of_only_what_matters():
     assert (
         score_units(make("scoring.memory_budget_mb=7", "cluster.scorers=1", "scoring.retries=0"))
         == base
+        == score_units(make("scoring.attention=flex", "scoring.compile=true"))
     )
     assert score_units(make("scoring.alternatives=8")) != base
     # Adding a layer adds units and keeps the others' hashes.

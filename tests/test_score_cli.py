@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from moe_factories import make_model, make_trajectories, save_model, single_thread
@@ -67,6 +68,19 @@ def test_cli_end_to_end(model_dir, tmp_path):
     # the same command gives the same scores (seeded alternatives)
     assert main(cmd[3:]) == 0
     assert read_arrow(out).equals(scores)
+    # the fused attention path gives the same scores up to rounding, and says so in the sidecar
+    assert main([*cmd[3:], "--attention", "flex"]) == 0
+    assert read_sidecar(out)["score_config"]["attention"] == "flex"
+    flex = read_arrow(out)
+    assert flex["alt_routes"].equals(scores["alt_routes"])
+    for column in ("std_prob", "alt_probs"):
+        got, want = flex[column].combine_chunks(), scores[column].combine_chunks()
+        diff = np.abs(np.log(_flat(got)) - np.log(_flat(want))).max()
+        assert diff < 1e-5, column
+
+
+def _flat(column):
+    return np.asarray(column.flatten() if hasattr(column, "flatten") else column, dtype=np.float64)
 
 
 def _fails(capsys, args, message):

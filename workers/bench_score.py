@@ -2,6 +2,8 @@
 
     python -m workers.bench_score                       # tiny Qwen3-MoE on the CPU, with brute force
     python -m workers.bench_score --arch qwen3-30b-a3b --random-init --device cuda --dtype bfloat16 --layer all
+    python -m workers.bench_score --arch olmoe-1b-7b --random-init --device cuda --tokens 2048 \
+        --attention eager,flex,flex+compile --peak-tflops 790     # paths side by side
 
 Contract: on one random trajectory (--prompt-tokens + --tokens ids) it times
 - one standard forward pass of the model over the sequence (median of 3 after a warm-up);
@@ -11,7 +13,12 @@ Contract: on one random trajectory (--prompt-tokens + --tokens ids) it times
 and checks that brute force and the fast scorer agree (max abs log-prob difference). It prints the
 speedup over brute force and the fast scorer's cost in standard-forward equivalents, also per
 route, i.e. divided by (J+1): the target is <= 1.3 at the first MoE layer, where nearly every layer
-runs once per route.
+runs once per route. --attention a,b,... times each attention path (ScoreConfig.attention, with
+"+compile" for ScoreConfig.compile) on the same model in this one process and prints each one's
+tokens/s over the first's and its largest log-prob difference from the first. Next to tokens/s:
+the model FLOPs of one (t, R) pair (`decode_flops`: the matmuls of the layers after L and the
+LM head, and attention over the visible prefix, mean over the scored positions), the achieved
+rate over the distinct pairs decoded and, with --peak-tflops, its share of that peak.
 Architectures: "tiny" (Qwen3-MoE, 4 layers, hidden 128, 16 experts top-4, vocab 1024) or one of
 the real shapes typed in from the published config.json (OLMoE-1B-7B, Qwen3-30B-A3B, GPT-OSS-20B,
 DeepSeek-V2-Lite), built with random weights directly on --device (no hub access, no meta
@@ -197,6 +204,55 @@ def build_model(
     return model.eval()
 
 
+def decode_flops(scorer, layer: int, positions: torch.Tensor) -> tuple[float, float]:
+    """Model FLOPs of one (t, R) pair through the layers after `layer` and the LM head, mean
+    over `positions`: (matmuls, attention over the prefix). A matmul weight of n entries costs 2n
+    per token; routed experts count top_k / n_experts of their weights, shared experts, router
+    and attention projections in full; the query at t scores and mixes its t visible keys
+    (fewer in a sliding window) plus its own: 2 x heads x (d_k + d_v) FLOPs per key. Norms,
+    activations and softmax are left out."""
+    model, ad = scorer.model, scorer.adapter
+    cfg = model.config
+
+    def weights(module) -> float:
+        return float(sum(p.numel() for p in module.parameters() if p.dim() >= 2))
+
+    heads = cfg.num_attention_heads
+    d_k = getattr(cfg, "qk_head_dim", None) or getattr(cfg, "head_dim", None)
+    d_k = d_k or cfg.hidden_size // heads
+    d_v = getattr(cfg, "v_head_dim", None) or d_k
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or []
+    t = positions.double()
+    matmul = 2 * weights(model.lm_head)
+    attention = 0.0
+    for i in range(layer + 1, len(ad.layers)):
+        block = weights(ad.layers[i])
+        if i in ad.moe_layers:
+            experts = weights(ad.experts(i))
+            block += experts * (ad.top_k / ad.n_experts - 1)
+        matmul += 2 * block
+        sliding = window and i < len(types) and types[i] == "sliding_attention"
+        keys = t.clamp(max=window - 1) if sliding else t
+        attention += 2 * heads * (d_k + d_v) * float((keys + 1).mean())
+    return matmul, attention
+
+
+def _variants(spec: str) -> list[tuple[str, bool]]:
+    """ "eager,flex+compile" -> [("eager", False), ("flex", True)]."""
+    from workers.attention import ATTENTIONS
+
+    out = []
+    for item in spec.split(","):
+        name, _, extra = item.strip().partition("+")
+        if name not in ATTENTIONS or extra not in ("", "compile"):
+            raise ValueError(
+                f"--attention: {item!r} is not one of {', '.join(ATTENTIONS)}, optionally +compile"
+            )
+        out.append((name, extra == "compile"))
+    return out
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -246,7 +302,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy CPU)"
     )
+    p.add_argument(
+        "--attention",
+        default="eager",
+        help="attention path(s), comma-separated, each eager|flex[+compile]; the first is the base",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's peak rate, for the share"
+    )
+    p.add_argument(
+        "--forward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time a standard forward pass (off for sequences whose eager attention would not fit)",
+    )
     args = p.parse_args(argv)
+    try:
+        variants = _variants(args.attention)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -259,14 +334,20 @@ def main(argv: list[str] | None = None) -> int:
         "float32" if args.arch == "tiny" and args.model is None else "bfloat16"
     )
     budget = args.memory_budget_mb or (1024 if args.device == "cpu" else 16384)
-    config = ScoreConfig(
-        alternatives=args.alternatives,
-        pool=args.pool,
-        dtype=dtype_name,
-        device=args.device,
-        memory_budget_mb=budget,
-        seed=args.seed,
-    )
+    configs = [
+        ScoreConfig(
+            alternatives=args.alternatives,
+            pool=args.pool,
+            dtype=dtype_name,
+            device=args.device,
+            memory_budget_mb=budget,
+            seed=args.seed,
+            attention=attention,
+            compile=compiled,
+        )
+        for attention, compiled in variants
+    ]
+    config = configs[0]
     # 1. the model
     if args.model is not None:
         model, name = load_model(args.model, config), args.model
@@ -282,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
         )
         name = f"{args.arch} (random init, built in {t_build:.1f}s)"
-    scorer = Scorer(name, config, model=model)
+    scorers = [Scorer(name, c, model=model) for c in configs]  # one model, shared
+    scorer = scorers[0]
     brute = args.brute if args.brute is not None else (args.arch == "tiny" and args.model is None)
 
     # 2. one random trajectory
@@ -300,11 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     n_pairs = args.tokens * (args.alternatives + 1)
 
     # 3. the standard forward pass
-    seq = torch.tensor(ids, device=args.device)[None]
-    with torch.inference_mode():
-        forward = lambda: model(input_ids=seq, use_cache=False).logits  # noqa: E731
-        _timed(forward, args.device)
-        t_fwd = statistics.median(_timed(forward, args.device)[0] for _ in range(3))
+    t_fwd = None
+    if args.forward:
+        seq = torch.tensor(ids, device=args.device)[None]
+        with torch.inference_mode():
+            forward = lambda: model(input_ids=seq, use_cache=False).logits  # noqa: E731
+            _timed(forward, args.device)
+            t_fwd = statistics.median(_timed(forward, args.device)[0] for _ in range(3))
 
     device_name = (
         torch.cuda.get_device_name()
@@ -322,57 +406,95 @@ def main(argv: list[str] | None = None) -> int:
         f"sequence: {args.prompt_tokens} prompt + {args.tokens} scored tokens; J={args.alternatives}, pool={args.pool}; "
         f"{n_pairs} (t, R) pairs; memory budget {budget} MB"
     )
-    print(f"standard forward pass: {t_fwd * 1e3:.1f} ms")
+    if t_fwd is not None:
+        print(f"standard forward pass: {t_fwd * 1e3:.1f} ms")
+    positions = torch.arange(args.prompt_tokens - 1, n_ids - 1)
 
-    # 4. per layer: fast scorer, brute force on a subset, agreement
+    # 4. per layer: each attention path, brute force on a subset, agreement
     specs = ["early", "middle", "final"] if args.layer == "all" else [args.layer]
     for spec in specs:
         layer = scorer.resolve_layer(spec)
-        scorer.score_table(table.slice(0, 1), layer)  # warm-up
-        before = dict(scorer.stats)
-        t_fast, scores = _timed(lambda layer=layer: scorer.score_table(table, layer), args.device)
-        distinct = scorer.stats["distinct_pairs"] - before["distinct_pairs"]
-        equiv = t_fast / t_fwd
-        per_route = equiv / (args.alternatives + 1)
-        per_decoded = equiv / (distinct / args.tokens)
+        matmul, attention = decode_flops(scorer, layer, positions)
+        per_pair = matmul + attention
         print(
-            f"layer {layer} ({spec}): fast scorer {t_fast:.3f} s = {args.tokens / t_fast:.1f} tokens/s, "
-            f"{n_pairs / t_fast:.0f} (t, R) pairs/s; {distinct} of {n_pairs} pairs are distinct route "
-            f"sets (decoded once each)\n"
-            f"  cost: {equiv:.1f} standard forward passes = {per_route:.3f} x (J+1); "
-            f"{per_decoded:.3f} forward passes per decoded route set",
-            flush=True,
+            f"layer {layer} ({spec}): model FLOPs per (t, R) pair {per_pair / 1e9:.4g} GFLOP "
+            f"(matmuls {matmul / 1e9:.4g} + attention over the prefix {attention / 1e9:.4g})"
         )
-        if brute:
-            cols = scores.to_pydict()
-            pairs = [(i, r) for i in range(args.tokens) for r in range(args.alternatives + 1)]
-            pick = random.Random(args.seed).sample(pairs, min(args.brute_pairs, len(pairs)))
-            pos = torch.tensor([cols["position"][i] for i, _ in pick])
-            rts = torch.tensor(
-                [cols["std_route"][i] if r == 0 else cols["alt_routes"][i][r - 1] for i, r in pick]
+        base_rate, base_logp = None, None
+        for (attention_name, compiled), path in zip(variants, scorers, strict=True):
+            label = attention_name + ("+compile" if compiled else "")
+            path.score_table(table.slice(0, 1), layer)  # warm-up (and compilation)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            before = dict(path.stats)
+            t_fast, scores = _timed(
+                lambda p=path, layer=layer: p.score_table(table, layer), args.device
             )
-            fast_lp = (
+            distinct = path.stats["distinct_pairs"] - before["distinct_pairs"]
+            rate = args.tokens / t_fast
+            achieved = per_pair * distinct / t_fast
+            share = (
+                f", {100 * achieved / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops:g} TFLOP/s"
+                if args.peak_tflops
+                else ""
+            )
+            cols = scores.to_pydict()
+            logp = (
                 torch.tensor(
-                    [
-                        cols["std_prob"][i] if r == 0 else cols["alt_probs"][i][r - 1]
-                        for i, r in pick
-                    ]
+                    [[a, *b] for a, b in zip(cols["std_prob"], cols["alt_probs"], strict=True)]
                 )
                 .double()
                 .log()
             )
-            t_sub, brute_lp = _timed(
-                lambda layer=layer, pos=pos, rts=rts: brute_logprobs(model, ids, layer, pos, rts),
-                args.device,
-            )
-            t_brute = t_sub / len(pick) * n_pairs
-            diff = (brute_lp.double() - fast_lp).abs().max().item()
             print(
-                f"  brute force: {t_brute:.1f} s for all {n_pairs} pairs (extrapolated linearly from "
-                f"{len(pick)} random pairs in {t_sub:.2f} s); speedup {t_brute / t_fast:.0f}x; "
-                f"max |log p(brute) - log p(fast)| over those pairs = {diff:.2e}",
+                f"  [{label}] fast scorer {t_fast:.3f} s = {rate:.1f} tokens/s, "
+                f"{n_pairs / t_fast:.0f} (t, R) pairs/s; {distinct} of {n_pairs} pairs are distinct route "
+                f"sets (decoded once each); {achieved / 1e12:.3f} TFLOP/s achieved{share}",
                 flush=True,
             )
+            if args.device.startswith("cuda"):
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(f"    peak GPU memory {peak:.1f} GiB (weights included)")
+            if t_fwd is not None:
+                equiv = t_fast / t_fwd
+                print(
+                    f"    cost: {equiv:.1f} standard forward passes = {equiv / (args.alternatives + 1):.3f} "
+                    f"x (J+1); {equiv / (distinct / args.tokens):.3f} forward passes per decoded route set"
+                )
+            if base_rate is None:
+                base_rate, base_logp = rate, logp
+            else:
+                print(
+                    f"    {rate / base_rate:.2f}x the tokens/s of [{variants[0][0]}"
+                    f"{'+compile' if variants[0][1] else ''}]; max |log p difference| from it "
+                    f"{(logp - base_logp).abs().max().item():.2e}",
+                    flush=True,
+                )
+            if brute:
+                pairs = [(i, r) for i in range(args.tokens) for r in range(args.alternatives + 1)]
+                pick = random.Random(args.seed).sample(pairs, min(args.brute_pairs, len(pairs)))
+                pos = torch.tensor([cols["position"][i] for i, _ in pick])
+                rts = torch.tensor(
+                    [
+                        cols["std_route"][i] if r == 0 else cols["alt_routes"][i][r - 1]
+                        for i, r in pick
+                    ]
+                )
+                fast_lp = torch.stack([logp[i, r] for i, r in pick])
+                t_sub, brute_lp = _timed(
+                    lambda layer=layer, pos=pos, rts=rts: brute_logprobs(
+                        model, ids, layer, pos, rts
+                    ),
+                    args.device,
+                )
+                t_brute = t_sub / len(pick) * n_pairs
+                diff = (brute_lp.double() - fast_lp).abs().max().item()
+                print(
+                    f"    brute force: {t_brute:.1f} s for all {n_pairs} pairs (extrapolated linearly from "
+                    f"{len(pick)} random pairs in {t_sub:.2f} s); speedup {t_brute / t_fast:.0f}x; "
+                    f"max |log p(brute) - log p(fast)| over those pairs = {diff:.2e}",
+                    flush=True,
+                )
     return 0
 
 

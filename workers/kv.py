@@ -13,6 +13,8 @@ Contract:
   attends to the stored keys/values of positions < positions[b] plus its own, with the
   layer's own causal rule, sliding window and attention sinks.
 - `rotary(model, hidden, positions)`: the model's position embeddings for those positions.
+- `attention` ("eager" | "flex", both passes): `attend` below, the reference, or the fused
+  `workers.attention.flex_attend`; both compute the same function.
 
 How: both passes run the model's own modules with `config._attn_implementation` switched (for
 the duration of a `with`) to an attention function registered here, so every projection,
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from workers.attention import ATTENTIONS, flex_attend
+
 ATTENTION_NAME = "moe_counterfactual"
 
 
@@ -52,6 +56,7 @@ class _Capture:
     store: KVStore
     layers: frozenset[int]
     budget_bytes: int
+    fused: bool  # flex_attend instead of attend
 
 
 @dataclass
@@ -59,6 +64,7 @@ class _Decode:
     store: KVStore
     positions: torch.Tensor  # (B,) long, on the model's device
     n_keys: int  # max(positions): no query sees a stored key at or beyond it
+    fused: bool
 
 
 _STATE: contextvars.ContextVar[_Capture | _Decode | None] = contextvars.ContextVar(
@@ -95,6 +101,8 @@ def attention(
             state.store.values[layer] = values.contiguous()
         q = query[0].transpose(0, 1)  # (T, heads, d)
         pos = torch.arange(q_len, device=query.device)
+        if state.fused:  # no score matrix, so no chunks
+            return flex_attend(q, keys, values, pos, scaling, window, s_aux)[None], None
         per_query = 4 * 3 * n_heads * keys.shape[1]
         chunk = max(1, state.budget_bytes // max(1, per_query))
         out = torch.cat(
@@ -107,7 +115,7 @@ def attention(
     if q_len != 1:
         raise RuntimeError("decoding runs single-token queries")
     n_keys = state.n_keys
-    out = attend(
+    out = (flex_attend if state.fused else attend)(
         query[:, :, 0],
         state.store.keys[layer][:, :n_keys],
         state.store.values[layer][:, :n_keys],
@@ -195,7 +203,11 @@ def attention_switched(model: nn.Module):
 
 
 def standard_pass(
-    model: nn.Module, input_ids: torch.Tensor, layers: list[int], budget_bytes: int
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    layers: list[int],
+    budget_bytes: int,
+    attention: str = "eager",
 ) -> KVStore:
     """One forward pass of `model` over input_ids (1, T); keys/values of `layers` kept.
 
@@ -203,7 +215,7 @@ def standard_pass(
     `attention_switched(model)`.
     """
     store = KVStore()
-    token = _STATE.set(_Capture(store, frozenset(layers), budget_bytes))
+    token = _STATE.set(_Capture(store, frozenset(layers), budget_bytes, _fused(attention)))
     try:
         getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
     finally:
@@ -215,13 +227,22 @@ def standard_pass(
 
 
 @contextlib.contextmanager
-def decoding(store: KVStore, positions: torch.Tensor):
+def decoding(store: KVStore, positions: torch.Tensor, attention: str = "eager"):
     """Inside, attention modules attend single-token queries at `positions` over `store`."""
-    token = _STATE.set(_Decode(store, positions, int(positions.max())))  # one device sync
+    # one device sync; at least one key, so that no kernel sees an empty sequence (a query at
+    # t=0 still sees none: the mask says j < 0)
+    n_keys = max(1, int(positions.max()))
+    token = _STATE.set(_Decode(store, positions, n_keys, _fused(attention)))
     try:
         yield
     finally:
         _STATE.reset(token)
+
+
+def _fused(attention: str) -> bool:
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    return attention == "flex"
 
 
 def rotary(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):

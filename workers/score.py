@@ -2,7 +2,8 @@
 
     python -m workers.score --model DIR --trajectories IN.arrow --layer middle --out OUT.arrow \\
         [--alternatives 32] [--pool 32] [--temperature 1.0] [--sampler gumbel] [--seed 0] \\
-        [--dtype float32|bfloat16] [--device cpu|cuda] [--memory-budget-mb 1024]
+        [--dtype float32|bfloat16] [--device cpu|cuda] [--memory-budget-mb 1024] \\
+        [--attention eager|flex] [--compile]
 
 Contract: IN is an Arrow IPC file with at least problem_id, sample_idx, input_ids, prompt_len
 (a completion sidecar is not required); OUT is written with workers.io.write_arrow (SCORES_SCHEMA,
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from workers.attention import ATTENTIONS
 from workers.io import IncompleteFileError, config_hash, read_arrow
 from workers.scorer import DTYPES, ScoreConfig, Scorer, score_file
 
@@ -44,6 +46,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=_DEFAULTS["dtype"], choices=tuple(DTYPES))
     p.add_argument("--device", default=_DEFAULTS["device"])
     p.add_argument("--memory-budget-mb", type=int, default=_DEFAULTS["memory_budget_mb"])
+    p.add_argument(
+        "--attention",
+        default=_DEFAULTS["attention"],
+        choices=ATTENTIONS,
+        help="eager: the reference (fastest on CPU); flex: fused FlexAttention (GPUs)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=_DEFAULTS["compile"],
+        help="torch.compile fixed-shape decode steps (CUDA graphs on a GPU)",
+    )
     return p.parse_args(argv)
 
 
@@ -61,6 +75,8 @@ def run(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         device=args.device,
         memory_budget_mb=args.memory_budget_mb,
+        attention=args.attention,
+        compile=args.compile,
     )
     # 2. the input, checked before the (slow) model load
     in_path = Path(args.trajectories)

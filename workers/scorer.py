@@ -37,6 +37,7 @@ from torch import nn
 
 from workers import kv, routes
 from workers.adapters import MoeAdapter, adapter_for
+from workers.attention import ATTENTIONS
 from workers.schemas import SCORES_SCHEMA
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -50,7 +51,10 @@ CPU_MAX_PAIRS = 1024
 class ScoreConfig:
     """How to score. J = alternatives, P = pool (capped at the number of experts), tau =
     temperature; memory_budget_mb bounds one micro-batch's activations (weights and the
-    standard pass's keys/values come on top)."""
+    standard pass's keys/values come on top). attention: "eager" (workers.kv.attend, the
+    reference, fastest on CPU) or "flex" (workers.attention, fused FlexAttention for GPUs); both
+    compute the same numbers up to rounding. compile: decode steps of one fixed micro-batch
+    shape (the last one padded) through torch.compile, CUDA graphs on a GPU."""
 
     alternatives: int = 32
     pool: int = 32
@@ -60,6 +64,8 @@ class ScoreConfig:
     dtype: str = "float32"
     device: str = "cpu"
     memory_budget_mb: int = 1024
+    attention: str = "eager"
+    compile: bool = False
 
     def __post_init__(self):
         _check(
@@ -93,6 +99,12 @@ class ScoreConfig:
             "memory_budget_mb must be an integer >= 1",
             self.memory_budget_mb,
         )
+        _check(
+            self.attention in ATTENTIONS,
+            f"attention must be one of {', '.join(ATTENTIONS)}",
+            self.attention,
+        )
+        _check(isinstance(self.compile, bool), "compile must be true or false", self.compile)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -170,6 +182,7 @@ class Scorer:
         self.model_name = self.model_path.name or str(model_path)
         # Counters since construction: scored tokens, (t, R) pairs, distinct pairs decoded.
         self.stats = {"tokens": 0, "pairs": 0, "distinct_pairs": 0}
+        self._compiled: Callable | None = None
 
     def resolve_layer(self, spec: int | str) -> int:
         """An MoE layer index from an index or "early" | "middle" | "final"."""
@@ -255,7 +268,9 @@ class Scorer:
         ]
         try:
             input_ids = torch.tensor(ids[:-1], device=device)[None]
-            store = kv.standard_pass(self.model, input_ids, later, self._budget_bytes())
+            store = kv.standard_pass(
+                self.model, input_ids, later, self._budget_bytes(), cfg.attention
+            )
         finally:
             for h in hooks:
                 h.remove()
@@ -309,25 +324,47 @@ class Scorer:
         self, layer, later, store, z, x, resid, positions, targets, token, route_sets
     ):
         """log p(target) for each (token, route set): token (M,), route_sets (M, k) -> (M,)."""
-        ad, model = self.adapter, self.model
-        base = getattr(model, "model", model)
+        ad, cfg = self.adapter, self.config
         shared = ad.shared_output(layer, x)
         weights = ad.route_weights(z[token], route_sets)
         batch = self.micro_batch or self._micro_batch(int(positions[-1]) + 1)
-        out = torch.empty(token.shape[0], dtype=torch.float32, device=token.device)
-        for a in range(0, token.shape[0], batch):
-            tok = token[a : a + batch]
+        n = token.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=token.device)
+        step = self._compiled_step(tuple(later)) if cfg.compile else self._step
+        for a in range(0, n, batch):
+            rows: slice | torch.Tensor = slice(a, a + batch)
+            if cfg.compile and n - a < batch:  # pad with copies of the last pair: one shape
+                rows = torch.arange(a, a + batch, device=token.device).clamp(max=n - 1)
+            tok = token[rows]
             hidden = resid[tok] + ad.moe_output(
-                layer, x, tok, route_sets[a : a + batch], weights[a : a + batch], shared
+                layer, x, tok, route_sets[rows], weights[rows], shared
             )
             pos = positions[tok]
-            rope = kv.rotary(model, hidden, pos)
-            with kv.decoding(store, pos):
-                for i in later:
-                    hidden = kv.decode_layer(ad.layers[i], hidden, pos, rope)
-            logp = torch.log_softmax(model.lm_head(base.norm(hidden)).float(), dim=-1)
-            out[a : a + batch] = logp.gather(1, targets[tok][:, None])[:, 0]
+            with kv.decoding(store, pos, cfg.attention):
+                logp = step(hidden, pos, targets[tok], tuple(later))
+            out[a : a + batch] = logp[: min(batch, n - a)]
         return out
+
+    def _step(self, hidden, positions, targets, later):
+        """One decode step: log p(target) of B single-token queries after the layers `later`;
+        hidden (B, H) entering the first of them. Run inside kv.decoding."""
+        model = self.model
+        base = getattr(model, "model", model)
+        rope = kv.rotary(model, hidden, positions)
+        for i in later:
+            hidden = kv.decode_layer(self.adapter.layers[i], hidden, positions, rope)
+        logp = torch.log_softmax(model.lm_head(base.norm(hidden)).float(), dim=-1)
+        return logp.gather(1, targets[:, None])[:, 0]
+
+    def _compiled_step(self, later: tuple[int, ...]):
+        """`_step` through torch.compile, one graph per fixed shape; on CUDA with CUDA graphs
+        (mode reduce-overhead) so that a step is a few graph replays instead of thousands of
+        kernel launches. Compiled once per Scorer; a new layer L or micro-batch shape
+        recompiles."""
+        if self._compiled is None:
+            mode = "reduce-overhead" if self.config.device.startswith("cuda") else None
+            self._compiled = torch.compile(self._step, mode=mode, dynamic=False)
+        return self._compiled
 
     def _budget_bytes(self) -> int:
         return self.config.memory_budget_mb * 2**20
@@ -340,8 +377,11 @@ class Scorer:
         inter = max(
             int(getattr(c, name, 0) or 0) for name in ("intermediate_size", "moe_intermediate_size")
         )
+        # the eager path's attention logits, exp, weights (float32) + a low-precision copy;
+        # the fused path keeps no per-key state
+        logits = 4 * heads * n_keys if self.config.attention == "eager" else 0
         per_pair = 4 * (
-            4 * heads * n_keys  # attention logits, exp, weights (float32) + a low-precision copy
+            logits
             + 3 * vocab  # logits, float copy, logsumexp
             + 32 * hidden  # residual stream, norms, attention and block outputs
             + 6

@@ -1,0 +1,236 @@
+"""The fused attention path (workers.attention) equals the reference and brute force; compile.
+
+CPU tests run FlexAttention's uncompiled implementation, which honours the mask function but
+not the block lists, so the block lists are checked on their own against the definition. The
+`gpu` tests run the compiled kernels and measure the bfloat16 difference between the paths.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from moe_factories import FAMILIES, VARIANTS, make_model, make_trajectories, single_thread
+from test_scorer import _naive_attention, _pairs
+
+from workers import kv
+from workers.attention import flex_attend, position_block_mask
+from workers.brute import brute_logprobs
+from workers.scorer import ScoreConfig, Scorer
+
+J = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def _scorer(model, micro_batch=None, **config):
+    config = ScoreConfig(**{"alternatives": J, "pool": 6, **config})
+    return Scorer("/models/tiny-moe", config, model=model, micro_batch=micro_batch)
+
+
+def _visible(positions, n_keys, include_own, window):
+    j, p = torch.arange(n_keys)[None], positions[:, None]
+    ok = j <= p if include_own else j < p
+    return ok & (j > p - window) if window else ok
+
+
+@pytest.mark.parametrize("window", [None, 3, 16])
+@pytest.mark.parametrize("include_own", [False, True])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_block_lists_cover_exactly_the_visible_keys(window, include_own, order):
+    """Blocks not listed hold no visible key; blocks listed as full hold only visible keys
+    (the GPU kernel skips the mask there); with sorted queries most blocks are skipped."""
+    gen = torch.Generator().manual_seed(1)
+    n_keys, block = 37, 4
+    positions = torch.randint(0, n_keys + 1, (29,), generator=gen)
+    positions = positions.sort().values if order == "sorted" else positions
+    mask = position_block_mask(
+        positions, n_keys, include_own=include_own, window=window, block_size=block
+    )
+    want = _visible(positions, n_keys, include_own, window)
+    q_blocks, kv_blocks = -(-29 // block), -(-n_keys // block)
+    partial = torch.zeros(q_blocks, kv_blocks, dtype=torch.bool)
+    full = torch.zeros_like(partial)
+    for qb in range(q_blocks):
+        partial[qb, mask.kv_indices[0, 0, qb, : mask.kv_num_blocks[0, 0, qb]].long()] = True
+        full[qb, mask.full_kv_indices[0, 0, qb, : mask.full_kv_num_blocks[0, 0, qb]].long()] = True
+    assert not (partial & full).any()
+    expand = lambda b: b.repeat_interleave(block, 0)[:29].repeat_interleave(block, 1)[:, :n_keys]  # noqa: E731
+    listed, all_visible = expand(partial | full), expand(full)
+    assert not (want & ~listed).any()  # every visible key lies in a listed block
+    assert not (all_visible & ~want).any()  # full blocks are entirely visible
+    q = torch.arange(29)
+    by_mod = mask.mask_mod(0, 0, q[:, None], torch.arange(n_keys)[None])
+    assert torch.equal(by_mod, want)
+    if order == "sorted" and window == 3:
+        assert (partial | full).sum() < 0.5 * q_blocks * kv_blocks
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("with_sinks", [False, True])
+@pytest.mark.parametrize("decode", [False, True])
+def test_flex_attend_matches_the_definition(window, with_sinks, decode):
+    """GQA (4 heads on 2), key dim 5 != value dim 3 (MLA), t=0 queries that see no stored key."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, length, d = 4, 2, 7, 5
+    q = torch.randn(6, heads, d, generator=gen)
+    keys = torch.randn(kv_heads, length, d, generator=gen)
+    values = torch.randn(kv_heads, length, 3, generator=gen)
+    pos = torch.tensor([0, 1, 3, 6, 6, 2])
+    sinks = torch.randn(heads, generator=gen) if with_sinks else None
+    self_k = torch.randn(6, kv_heads, d, generator=gen) if decode else None
+    self_v = torch.randn(6, kv_heads, 3, generator=gen) if decode else None
+    with torch.inference_mode():
+        got = flex_attend(q, keys, values, pos, 0.4, window, sinks, self_k, self_v, block_size=4)
+    want = _naive_attention(q, keys, values, pos, 0.4, window, sinks, self_k, self_v)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: make_model(name) for name in VARIANTS}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_flex_scorer_matches_brute_force(models, name):
+    """Both passes through flex_attend, at the first MoE layer (so every later layer's window,
+    sinks and MLA dims are used); within 1e-4 of brute force and of the eager path."""
+    model = models[name]
+    table = make_trajectories(lengths=(13,), prompt_lens=(5,))
+    flex = _scorer(model, attention="flex", micro_batch=16)
+    layer = flex.resolve_layer("early")
+    rows = flex.score_table(table, layer).to_pylist()
+    pos, rts, fast = _pairs(rows)
+    brute = brute_logprobs(model, table["input_ids"][0].as_py(), layer, pos, rts).double()
+    assert (brute - fast).abs().max().item() < 1e-4
+    _, _, eager = _pairs(_scorer(model, micro_batch=16).score_table(table, layer).to_pylist())
+    assert (eager - fast).abs().max().item() < 1e-5
+
+
+def test_flex_standard_pass_equals_the_model(models):
+    """The prefill side (causal, window 4 < sequence, sinks) reproduces the model's logits."""
+    model = models["gpt_oss"]
+    ids = torch.tensor(make_trajectories(lengths=(11,), prompt_lens=(2,))["input_ids"][0].as_py())
+    seen = {}
+    hook = model.model.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
+    with kv.attention_switched(model), torch.inference_mode():
+        kv.standard_pass(model, ids[None], [1, 3], 1 << 20, attention="flex")
+        switched = model.lm_head(seen["h"])
+    hook.remove()
+    with torch.inference_mode():
+        eager = model(input_ids=ids[None], use_cache=False).logits
+    torch.testing.assert_close(switched, eager, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="attention must be one of eager, flex"):
+        kv.standard_pass(model, ids[None], [1], 1 << 20, attention="sdpa")
+
+
+def test_compiled_decode_pads_the_last_micro_batch(models):
+    """compile=True: every decode step has the micro-batch's shape (the last padded with copies
+    of its last pair, whose outputs are dropped); results equal the uncompiled path. At the last
+    MoE layer the compiled step is the final norm and head, which compiles in seconds on a CPU."""
+    model = models["qwen3_moe"]
+    table = make_trajectories(lengths=(13,), prompt_lens=(5,))
+    plain = _scorer(model, micro_batch=7)
+    compiled = _scorer(model, micro_batch=7, compile=True)
+    want = plain.score_table(table, "final").to_pydict()
+    got = compiled.score_table(table, "final").to_pydict()
+    assert compiled.stats["distinct_pairs"] % 7 != 0  # the last micro-batch was padded
+    assert got["alt_routes"] == want["alt_routes"]
+    torch.testing.assert_close(
+        torch.tensor(got["alt_probs"]), torch.tensor(want["alt_probs"]), rtol=0, atol=1e-6
+    )
+
+
+def test_attention_option_is_validated():
+    with pytest.raises(ValueError, match="ScoreConfig: attention must be one of eager, flex"):
+        ScoreConfig(attention="sdpa")
+    with pytest.raises(ValueError, match="ScoreConfig: compile must be true or false"):
+        ScoreConfig(compile="yes")
+
+
+# -- on a GPU: compiled kernels, real head dims, bfloat16 -----------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_ARCHS = ("olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite")
+
+
+def _real_shape_logps(arch, dtype, attention, compile=False, tokens=300, device="cuda"):
+    """log u of every (t, R) pair of one random trajectory, real head dims, 4 layers."""
+    import pyarrow as pa
+
+    from workers.bench_score import build_model
+
+    model = build_model(arch, device, dtype, layers=4, seed=0)
+    config = ScoreConfig(
+        alternatives=8,
+        dtype=str(dtype).split(".")[1],
+        device=device,
+        attention=attention,
+        compile=compile,
+    )
+    scorer = Scorer(arch, config, model=model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, scorer.vocab_size, (tokens + 32,), generator=gen).tolist()
+    table = pa.table(
+        {
+            "problem_id": ["gpu-0"],
+            "sample_idx": pa.array([0], pa.int32()),
+            "input_ids": pa.array([ids], pa.list_(pa.int32())),
+            "prompt_len": pa.array([32], pa.int32()),
+        }
+    )
+    _, _, logu = _pairs(scorer.score_table(table, "early").to_pylist())
+    return logu
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_cuda_flex_difference_from_eager(arch):
+    """float32: the compiled flex path equals the eager path; bfloat16: its distance from the
+    float32 result is no larger than the eager bfloat16 path's own (printed: run with -s)."""
+    ref = _real_shape_logps(arch, torch.float32, "eager")
+    flex32 = _real_shape_logps(arch, torch.float32, "flex")
+    eager16 = _real_shape_logps(arch, torch.bfloat16, "eager")
+    flex16 = _real_shape_logps(arch, torch.bfloat16, "flex")
+    between = (flex16 - eager16).abs()
+    print(
+        f"\n{arch}: float32 max |flex - eager| = {(flex32 - ref).abs().max():.2e}; bfloat16 "
+        f"|flex - eager| max {between.max():.3e} mean {between.mean():.3e}; vs float32: eager "
+        f"{(eager16 - ref).abs().max():.3e}, flex {(flex16 - ref).abs().max():.3e}"
+    )
+    assert (flex32 - ref).abs().max() < 1e-3
+    assert (flex16 - ref).abs().max() <= 2 * (eager16 - ref).abs().max() + 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_compiled_decode_matches_brute_force(models, name):
+    """CUDA graphs over padded, fixed-shape decode steps, float32, the tiny models."""
+    model = copy.deepcopy(models[name])
+    scorer = _scorer(model, device="cuda", compile=True, micro_batch=16)
+    table = make_trajectories(lengths=(13,), prompt_lens=(5,))
+    layer = scorer.resolve_layer("early")
+    pos, rts, fast = _pairs(scorer.score_table(table, layer).to_pylist())
+    brute = brute_logprobs(models[name], table["input_ids"][0].as_py(), layer, pos, rts).double()
+    assert (brute - fast).abs().max().item() < 1e-4
+    assert not math.isnan(fast.sum().item())
+
+
+def test_decode_flops_counts_weights_and_visible_keys(models):
+    """By hand, tiny Qwen3-MoE after layer 0 (layers 1, 2), positions 4..11: per layer q, k, v, o
+    projections 32x32 + 2 x 32x16 + 32x32 = 3072 weights, router 8x32 = 256, experts (8 x 64x32
+    + 8 x 32x32) x 2/8 = 6144; 2 FLOPs a weight, plus the 96x32 head: 2 x (2 x 9472 + 3072) =
+    44032. Attention: 2 x 4 heads x (8 + 8) x (mean t + 1 = 8.5) per layer. GPT-OSS's layer 2
+    has a window of 4: 3 stored keys + its own."""
+    from workers.bench_score import decode_flops
+
+    positions = torch.arange(4, 12)
+    assert decode_flops(_scorer(models["qwen3_moe"]), 0, positions) == (44032, 2 * 128 * 8.5)
+    _, attention = decode_flops(_scorer(models["gpt_oss"]), 0, positions)
+    assert attention == 128 * (8.5 + 4 + 8.5)
