@@ -10,6 +10,7 @@ printed), 2 bad config or input (one line on stderr, nothing marked complete).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import time
@@ -20,7 +21,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.config import (
+    CONF_DIR,
     ConfigError,
+    config_tree,
     register_configs,
     scrub_secrets,
     to_run_config,
@@ -44,9 +47,9 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         # 1. Typed config, validated before anything starts.
-        cfg = to_run_config(dcfg)
+        cfg = to_run_config(dcfg, overrides or [])
         validate(cfg)
-        resolved = OmegaConf.to_container(dcfg, resolve=True)
+        resolved = config_tree(cfg)
         run_id = derive_run_id(cfg, resolved)
         resolved["run_id"] = run_id
         run_dir = Path(cfg.runs_dir).resolve() / run_id
@@ -94,6 +97,34 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
 
             ray.shutdown()
     return code
+
+
+def check_command_line(argv: list[str]) -> str | None:
+    """Hydra's own errors for these overrides (unknown key or option, bad type) as one line,
+    or None. Hydra would print them over several lines and exit 1; the run's contract is one
+    `error:` line and exit 2. Hydra's flags (--help, -m, --cfg, ...) are left to Hydra."""
+    if any(arg.startswith("-") for arg in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            compose("config", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = " ".join(str(err).split()).split(" Config search path:")[0]
+        # Hydra's hint to add the key with `+` is wrong here: the schema has no such key.
+        message = re.sub(
+            r"Could not override '([^']*)'\. To append to your config use \S+",
+            r"unknown key \1",
+            message,
+        )
+        cause = err.__cause__
+        if cause is not None and str(cause).strip():
+            message += f" ({str(cause).strip().splitlines()[0]})"
+        return message
+    return None
 
 
 def hydra_overrides() -> list[str]:
@@ -181,4 +212,8 @@ def print_summary(summary: Any, resume: str, seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_command_line(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -335,7 +335,7 @@ class ScorerSpawner:
 
         self.model, self.cluster, self.actors = model, cfg.cluster, actors
         device = "cuda" if self.cluster.use_gpus else "cpu"
-        self.score_options = {**plan.score_args(cfg.scoring), "device": device}
+        self.score_options = {**plan.score_args(cfg.scoring, model), "device": device}
         self.gpus = model.gpus if self.cluster.use_gpus else 0
         env = (actors.FAULT_KILL_ENV, actors.FAULT_FAIL_ENV)
         self.faults = {k: os.environ[k] for k in env if os.environ.get(k)}

@@ -31,6 +31,7 @@ from orchestrator.config import (
     ScoringConfig,
     model_path,
     resolve_layer,
+    score_args,
     sweep_datasets,
     sweep_layers,
     sweep_models,
@@ -209,15 +210,6 @@ def shards_hash(scoring: ScoringConfig, generated_sha256: list[str]) -> str:
     )
 
 
-def score_args(scoring: ScoringConfig) -> dict[str, Any]:
-    """Keyword arguments of workers.scorer.ScoreConfig (device is set by the actor)."""
-    keep = (
-        *("alternatives", "pool", "temperature", "sampler", "seed", "dtype"),
-        *("memory_budget_mb", "attention", "compile"),
-    )
-    return {k: getattr(scoring, k) for k in keep}
-
-
 # How a unit is computed, not what: equal results up to float rounding, so a resumed run may
 # change them without redoing finished units.
 _NOT_HASHED = ("memory_budget_mb", "attention", "compile")
@@ -227,8 +219,8 @@ def scoring_units(
     run_dir: Path, cell: Cell, scoring: ScoringConfig, shards: list[tuple[Path, str]]
 ) -> list[Unit]:
     """One unit per (layer, input shard); `shards` are (path, sha256) of the input files."""
-    values = {k: v for k, v in score_args(scoring).items() if k not in _NOT_HASHED}
     model, dataset = cell.model, cell.dataset
+    values = {k: v for k, v in score_args(scoring, model).items() if k not in _NOT_HASHED}
     identity = model_identity(model)
     units = []
     for layer in sorted(set(cell.layers.values())):
