@@ -29,6 +29,7 @@ from orchestrator.config import (
     to_run_config,
     validate,
 )
+from orchestrator.estimate import check_memory
 from orchestrator.pipeline import PipelineError, prepare_problems, run_stages
 from orchestrator.plan import derive_run_id, describe_plan
 
@@ -53,13 +54,15 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         run_id = derive_run_id(cfg, resolved)
         resolved["run_id"] = run_id
         run_dir = Path(cfg.runs_dir).resolve() / run_id
-        # 2. The plan; a dry run stops here (no model, no Ray).
+        # 2. The plan, its memory and GPU-hours; a dry run stops here (no model, no Ray).
         if cfg.dry_run:
             print(describe_plan(cfg, run_id, run_dir))
             if cfg.router_update.enabled:
                 from orchestrator.router_stage import describe_router_plan
 
                 print(describe_router_plan(cfg))
+        check_memory(cfg)
+        if cfg.dry_run:
             return 0
         # 3. Problems on the driver: a missing data file fails here, before Ray starts.
         problems = prepare_problems(cfg, run_dir)

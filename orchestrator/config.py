@@ -48,6 +48,9 @@ class ModelConfig:
     num_experts: int = MISSING  # routed experts per MoE layer
     top_k: int = MISSING
     dtype: str = "bfloat16"  # generation, and scoring unless scoring.dtype is set
+    # For the dry run's memory check (orchestrator/estimate.py); None: not checked.
+    params_b: float | None = None  # parameters, billions (weights = params x dtype bytes)
+    kv_width: int | None = None  # key + value elements per token per layer, as cached
     tensor_parallel_size: int = 1  # GPUs per vLLM generator replica
     gpus: int = 1  # GPUs per scorer replica (cluster.use_gpus only)
     template: str | None = None  # prompt template with {prompt}; None = chat template / raw
@@ -120,6 +123,8 @@ class ClusterConfig:
     scorers: int = 2  # scorer actors per model, each loads the model once
     cpus_per_actor: float = 1.0
     torch_threads: int = 1  # torch.set_num_threads in each actor, so cores are not oversubscribed
+    gpu_type: str | None = None  # e.g. H100: picks the rows of workers/assets/rates.csv
+    gpu_memory_gb: float | None = None  # per GPU; the plan is refused if an actor cannot fit
     actor_start_timeout_s: float = 1800.0  # a model download + load can be slow on a fresh node
 
 

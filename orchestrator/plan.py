@@ -321,4 +321,13 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
             f" {c.generation_units:>9,} {c.max_completion_tokens:>12,}"
             f"  {spec} ({c.max_scoring_units_per_layer:,})"
         )
+    from orchestrator.estimate import describe_estimate
+
+    positions = {}
+    for c in cells:  # one spec per distinct layer index: units are per index
+        seen = positions.setdefault(c.cell.model.name, {})
+        for spec, index in c.cell.layers.items():
+            if index not in seen.values():
+                seen[spec] = index
+    lines.append(describe_estimate(cfg, cells, positions))
     return "\n".join(lines)
