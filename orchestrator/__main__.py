@@ -32,6 +32,7 @@ from orchestrator.config import (
 from orchestrator.estimate import check_memory
 from orchestrator.pipeline import PipelineError, prepare_problems, run_stages
 from orchestrator.plan import derive_run_id, describe_plan
+from orchestrator.provenance import check_resume, run_record
 
 register_configs()
 
@@ -53,6 +54,7 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         resolved = config_tree(cfg)
         run_id = derive_run_id(cfg, resolved)
         resolved["run_id"] = run_id
+        resolved["provenance"] = run_record(cfg)
         run_dir = Path(cfg.runs_dir).resolve() / run_id
         # 2. The plan, its memory and GPU-hours; a dry run stops here (no model, no Ray).
         if cfg.dry_run:
@@ -64,19 +66,23 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         check_memory(cfg)
         if cfg.dry_run:
             return 0
-        # 3. Problems on the driver: a missing data file fails here, before Ray starts.
+        # 3. A resumed run made by other code says so (or refuses: another scorer).
+        changed = check_resume(run_dir, resolved["provenance"], cfg.allow_scorer_change)
+        if changed:
+            print(f"warning: {changed}", file=sys.stderr)
+        # 4. Problems on the driver: a missing data file fails here, before Ray starts.
         problems = prepare_problems(cfg, run_dir)
         save_config(run_dir, resolved)
     except (ConfigError, PipelineError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     resume = resume_command(overrides, run_id)
-    # 4. Ray: a local instance started here, or an existing cluster.
+    # 5. Ray: a local instance started here, or an existing cluster.
     started_ray = init_ray(cfg.cluster)
     session = open_wandb(cfg, run_id, run_dir, resolved)
     code = 1
     try:
-        # 5. The stages, then 6. the report.
+        # 6. The stages, then 7. the report.
         summary = run_stages(cfg, run_dir, problems, run_id=run_id, sink=session.log_progress)
         router_md = run_router_update(cfg, run_dir, summary, run_id, session)
         summary.report_path = build_report(run_dir, session)
@@ -93,7 +99,7 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         print(f"interrupted; resume with:\n  {resume}", file=sys.stderr)
         code = 130
     finally:
-        # 7. Close W&B and the Ray this driver started.
+        # 8. Close W&B and the Ray this driver started.
         session.finish(exit_code=code)
         if started_ray:
             import ray

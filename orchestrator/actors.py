@@ -51,6 +51,19 @@ def setup_process(torch_threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
+def worker_provenance(path: str, driver: dict[str, Any] | None) -> dict[str, Any]:
+    """What a worker's sidecars record: the driver's git commit (workers may have no .git),
+    this node's library versions, the scoring code it runs and the model revision it loaded."""
+    from workers.provenance import library_versions, model_revision, scoring_code_version
+
+    return {
+        **(driver or {}),
+        "versions": library_versions(),
+        "scoring_code": scoring_code_version(),
+        "model_revision": model_revision(path),
+    }
+
+
 def local_model_dir(model: ModelConfig) -> str:
     """A directory with the model's files: model.path, the bundled model, or a snapshot of
     hf_id at model.revision in this node's Hugging Face cache (downloaded on first use; point
@@ -78,11 +91,14 @@ class GeneratorWorker:
         backend_options: dict[str, Any],
         *,
         torch_threads: int,
+        provenance: dict[str, Any] | None = None,
     ):
         setup_process(torch_threads)
         from workers.generation import make_backend
 
-        self.backend = make_backend(backend, local_model_dir(model), **backend_options)
+        path = local_model_dir(model)
+        self.backend = make_backend(backend, path, **backend_options)
+        self.provenance = worker_provenance(path, provenance)
 
     def pid(self) -> int:
         return os.getpid()
@@ -106,7 +122,13 @@ class GeneratorWorker:
             template=args["template"],
             use_chat_template=args["use_chat_template"],
         )
-        write_arrow(table, out_path, config_hash=config_hash, started=started)
+        write_arrow(
+            table,
+            out_path,
+            config_hash=config_hash,
+            started=started,
+            extra={"provenance": self.provenance},
+        )
         lengths = table.column("input_ids").to_pylist()
         prompt_lens = table.column("prompt_len").to_pylist()
         tokens = sum(len(ids) - p for ids, p in zip(lengths, prompt_lens, strict=True))
@@ -124,11 +146,14 @@ class ScorerWorker:
         *,
         torch_threads: int,
         faults: dict[str, str] | None = None,
+        provenance: dict[str, Any] | None = None,
     ):
         setup_process(torch_threads)
         from workers.scorer import ScoreConfig, Scorer
 
-        self.scorer = Scorer(local_model_dir(model), ScoreConfig(**score_options))
+        path = local_model_dir(model)
+        self.scorer = Scorer(path, ScoreConfig(**score_options))
+        self.provenance = worker_provenance(path, provenance)
         self.faults = faults or {}
         self.units = 0
 
@@ -141,7 +166,12 @@ class ScorerWorker:
         self.units += 1
         self.inject_faults(out_path)
         sidecar = score_file(
-            self.scorer, args["in_path"], args["layer"], out_path, config_hash=config_hash
+            self.scorer,
+            args["in_path"],
+            args["layer"],
+            out_path,
+            config_hash=config_hash,
+            extra={"provenance": self.provenance},
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 

@@ -201,6 +201,9 @@ class RunConfig:
     # On resume, re-hash every complete file to catch truncation/corruption. Costs one read of
     # all outputs (minutes for a paper-sized run on network storage); false trusts sidecars.
     verify_checksums: bool = True
+    # Resume a run although the scoring code changed since its shards were scored (they are
+    # kept, and mixed with new ones); without it such a resume is refused.
+    allow_scorer_change: bool = False
     # The models and datasets the run covers, filled by `to_run_config`, never set by hand: the
     # sweep's entries (or the single `model` / `dataset`) with every override applied.
     models: list[ModelConfig] = field(default_factory=list)

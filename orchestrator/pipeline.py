@@ -303,7 +303,11 @@ class GeneratorSpawner:
         if self.options.get("distributed_executor_backend") == "ray":
             resources = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": self.placement()}
         return self.actors.GeneratorActor.options(max_restarts=0, **resources).remote(
-            self.model, self.backend, self.options, torch_threads=self.cluster.torch_threads
+            self.model,
+            self.backend,
+            self.options,
+            torch_threads=self.cluster.torch_threads,
+            provenance=driver_provenance(),
         )
 
     def placement(self) -> Any:
@@ -347,10 +351,18 @@ class ScorerSpawner:
             self.score_options,
             torch_threads=self.cluster.torch_threads,
             faults=self.faults,
+            provenance=driver_provenance(),
         )
 
     def close(self) -> None:
         pass
+
+
+def driver_provenance() -> dict[str, Any]:
+    """The driver's part of a sidecar's provenance: the project's git commit."""
+    from workers.provenance import git_commit
+
+    return {"git_commit": git_commit()}
 
 
 # ------------------------------------------------------------------------------- bookkeeping

@@ -67,7 +67,8 @@ def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
     """
     if cfg.run_id:
         return cfg.run_id
-    keep = {k: resolved[k] for k in ("model", "dataset", "generation", "scoring", "sweep")}
+    decide = ("model", "dataset", "generation", "scoring", "sweep", "models", "datasets")
+    keep = {k: resolved[k] for k in decide if k in resolved}
     prefix = cfg.sweep.name if cfg.sweep.models or cfg.sweep.datasets else cfg.model.name
     return f"{prefix}-{config_hash(keep)[:8]}"
 
