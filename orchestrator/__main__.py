@@ -83,7 +83,14 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
     code = 1
     try:
         # 6. The stages, then 7. the report.
-        summary = run_stages(cfg, run_dir, problems, run_id=run_id, sink=session.log_progress)
+        summary = run_stages(
+            cfg,
+            run_dir,
+            problems,
+            run_id=run_id,
+            sink=session.log_progress,
+            job_sink=session.log_job,
+        )
         router_md = run_router_update(cfg, run_dir, summary, run_id, session)
         summary.report_path = build_report(run_dir, session)
         if router_md is not None:

@@ -219,10 +219,12 @@ def dispatch(
     actors: int,
     retries: int,
     progress: StageProgress,
+    on_done: Callable[[Unit, dict[str, Any]], None] | None = None,
 ) -> list[Outcome]:
     """Run `units` on up to `actors` actors made by `spawn`; `call(actor, unit)` -> ObjectRef.
 
-    Returns one Outcome per unit (in completion order). The actors are killed at the end.
+    Returns one Outcome per unit (in completion order); `on_done(unit, result)` is told of
+    each success as it happens. The actors are killed at the end.
     """
     queue = deque((unit, 1) for unit in units)
     live = [spawn() for _ in range(min(actors, len(units)))]
@@ -252,6 +254,8 @@ def dispatch(
             else:
                 outcomes.append(Outcome(unit, attempt, result=result))
                 progress.computed_one(int(result.get("tokens", 0)))
+                if on_done is not None:
+                    on_done(unit, result)
                 idle.append(actor)
                 continue
             idle.append(actor)

@@ -16,7 +16,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from workers.io import (
 )
 
 Sink = Callable[[dict[str, Any]], None]
+JobSink = Callable[[str, int, str, dict[str, Any]], None]
 
 
 class PipelineError(RuntimeError):
@@ -105,7 +107,10 @@ def run_stages(
     *,
     run_id: str,
     sink: Sink | None = None,
+    job_sink: JobSink | None = None,
 ) -> RunSummary:
+    """The stages over Ray; `sink` gets progress metrics, `job_sink` each scoring job (model,
+    layer, dataset) whose last unit this session wrote (e.g. WandbSession.log_job)."""
     from orchestrator import actors
 
     summary = RunSummary(run_id=run_id, run_dir=run_dir)
@@ -180,6 +185,7 @@ def run_stages(
         checksum=cfg.verify_checksums,
         summary=summary,
         sink=sink,
+        jobs=JobTracker(score_units, job_sink) if job_sink else None,
     )
     return summary
 
@@ -195,6 +201,7 @@ def run_units(
     checksum: bool,
     summary: RunSummary,
     sink: Sink | None,
+    jobs: JobTracker | None = None,
 ) -> dict[str, Any]:
     """Run a stage's incomplete units, one model at a time (its actors freed before the next
     model's start); record failures; return the stage's final progress metrics."""
@@ -206,6 +213,8 @@ def run_units(
     }
     total = sum(map(len, units_by_cell.values()))
     progress = StageProgress(stage, total, skipped=total - sum(map(len, todo.values())), sink=sink)
+    if jobs is not None:
+        jobs.expect(u for us in todo.values() for u in us)
     models = {c.model.name: c.model for c in todo}
     for name, model in models.items():
         units = [u for c, us in todo.items() if c.model.name == name for u in us]
@@ -214,12 +223,50 @@ def run_units(
         spawn = spawner(model)
         try:
             outcomes = dispatch(
-                units, spawn=spawn, call=call, actors=n_actors, retries=retries, progress=progress
+                units,
+                spawn=spawn,
+                call=call,
+                actors=n_actors,
+                retries=retries,
+                progress=progress,
+                on_done=jobs.done if jobs is not None else None,
             )
         finally:
             spawn.close()
         record_failures(summary, outcomes)
     return progress.close()
+
+
+class JobTracker:
+    """Tells `sink(model, layer, dataset, metrics)` when the last expected unit of a scoring
+    job is written: a job finished by this session is logged now, not after the report."""
+
+    def __init__(self, units_by_cell: dict[plan.Cell, list[plan.Unit]], sink: JobSink):
+        self.sink = sink
+        self.job_of = {
+            u.key: (cell.model.name, int(u.args["layer"]), cell.dataset.name)
+            for cell, units in units_by_cell.items()
+            for u in units
+        }
+        self.total = Counter(self.job_of.values())
+        self.left: dict[tuple[str, int, str], set[str]] = defaultdict(set)
+        self.tokens: Counter[tuple[str, int, str]] = Counter()
+
+    def expect(self, units: Iterable[plan.Unit]) -> None:
+        """The units this session will run (the others are complete already)."""
+        for u in units:
+            self.left[self.job_of[u.key]].add(u.key)
+
+    def done(self, unit: plan.Unit, result: dict[str, Any]) -> None:
+        job = self.job_of[unit.key]
+        self.tokens[job] += int(result.get("tokens", 0))
+        left = self.left.get(job)
+        if left is None:
+            return
+        left.discard(unit.key)
+        if not left:
+            del self.left[job]
+            self.sink(*job, {"units": self.total[job], "tokens_this_session": self.tokens[job]})
 
 
 def write_shards(
