@@ -2,7 +2,8 @@
 
 Contract: pure functions of the typed config and workers/assets/rates.csv (no Ray, no model).
 `check_memory(cfg)` raises ConfigError when a scorer or generator of some model cannot fit the
-GPUs it reserves (model.gpus, or model.tensor_parallel_size, x cluster.gpu_memory_gb);
+GPU (cluster.gpu_memory_gb; a scorer holds its model on one device, a vLLM generator spreads
+its weights over model.tensor_parallel_size GPUs);
 `describe_estimate(cfg)` is the dry run's text: each actor's memory need and the GPU-hours of
 generation and scoring, naming the measured rate each figure uses and how it was interpolated.
 Token counts are the plan's upper bounds (every completion reaches model.max_tokens, every
@@ -35,7 +36,7 @@ class Memory:
     kv: float
     micro_batch: float
     runtime: float
-    gpus: int
+    gpus: int  # reserved per scorer (model.gpus); the model itself is held on one of them
     length: int  # tokens of the longest trajectory (max_tokens + PROMPT_ALLOWANCE)
 
     @property
@@ -56,7 +57,7 @@ def scorer_memory(model: ModelConfig, cfg: RunConfig) -> Memory | None:
         weights=model.params_b * 1e9 * size / GB,
         kv=model.num_layers * model.kv_width * length * size / GB,
         micro_batch=cfg.scoring.memory_budget_mb * 2**20 / GB,
-        runtime=RUNTIME_GB_PER_GPU * gpus,
+        runtime=RUNTIME_GB_PER_GPU,
         gpus=gpus,
         length=length,
     )
@@ -70,20 +71,15 @@ def check_memory(cfg: RunConfig) -> None:
         return
     for model in sweep_models(cfg):
         need = scorer_memory(model, cfg)
-        if need is not None and need.total > need.gpus * per_gpu:
-            fits = next(
-                (
-                    g
-                    for g in range(need.gpus + 1, 65)
-                    if need.total + RUNTIME_GB_PER_GPU * (g - need.gpus) <= g * per_gpu
-                ),
-                None,
+        if need is not None and need.total > per_gpu:
+            hint = (
+                "scoring.dtype=bfloat16 (or unset: the model's own)"
+                if score_args(cfg.scoring, model)["dtype"] == "float32"
+                else "lower model.max_tokens or scoring.memory_budget_mb, or use larger GPUs"
             )
-            hint = f"set +sweep.overrides.{model.name}.gpus={fits}" if fits else "use larger GPUs"
             raise ConfigError(
                 f"model {model.name}: a scorer needs {need.total:.1f} GB ({describe_memory(need)})"
-                f" but reserves model.gpus={need.gpus} x cluster.gpu_memory_gb={per_gpu:g};"
-                f" {hint}, or lower scoring.memory_budget_mb / model.max_tokens"
+                f" and holds the model on one GPU of cluster.gpu_memory_gb={per_gpu:g}; use {hint}"
             )
         if cfg.generation.backend == "vllm" and model.params_b is not None:
             weights = model.params_b * 1e9 * BYTES.get(model.dtype, 2) / GB
@@ -176,15 +172,13 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
         if need is None:
             lines.append(f"  {model.name:<16} scorer: unknown (model.params_b / kv_width not set)")
             continue
-        have = f"{need.gpus} x {per_gpu:g} = {need.gpus * per_gpu:g}" if per_gpu else "not checked"
         verdict = (
-            ""
+            "GPU memory not checked"
             if not per_gpu
-            else (" fits" if need.total <= need.gpus * per_gpu else " DOES NOT FIT")
+            else (f"fits {per_gpu:g}" if need.total <= per_gpu else f"DOES NOT FIT {per_gpu:g}")
         )
         lines.append(
-            f"  {model.name:<16} scorer {need.total:6.1f} = {describe_memory(need)};"
-            f" GPUs: {have}{verdict}"
+            f"  {model.name:<16} scorer {need.total:6.1f} = {describe_memory(need)}; {verdict}"
         )
     if not per_gpu:
         lines.append("  (cluster.gpu_memory_gb not set: set it to check the plan against the GPUs)")

@@ -37,19 +37,22 @@ def test_a_plan_that_cannot_fit_is_refused_with_the_fix():
     cfg = make("sweep=paper", "cluster=address", "scoring.dtype=float32")
     with pytest.raises(C.ConfigError) as info:
         E.check_memory(cfg)
-    message = str(info.value)
-    assert message.startswith("model qwen3-30b-a3b: a scorer needs 132.0 GB (weights 122.1")
-    assert (
-        "model.gpus=1 x cluster.gpu_memory_gb=80; set +sweep.overrides.qwen3-30b-a3b.gpus=2"
-        in message
-    )
-    # two GPUs per Qwen scorer fit, GPT-OSS in float32 (84 GB of weights) is next
-    cfg = make(
-        *["sweep=paper", "cluster=address", "scoring.dtype=float32"],
-        "+sweep.overrides.qwen3-30b-a3b.gpus=2",
+    assert str(info.value) == (
+        "model qwen3-30b-a3b: a scorer needs 132.0 GB (weights 122.1 + K/V 6.8 at 34,816 tokens"
+        " + micro-batch 1.1 + runtime 2.0) and holds the model on one GPU of"
+        " cluster.gpu_memory_gb=80; use scoring.dtype=bfloat16 (or unset: the model's own)"
     )
     with pytest.raises(C.ConfigError, match="model gpt-oss-20b: a scorer needs"):
-        E.check_memory(cfg)
+        E.check_memory(
+            make(
+                "sweep=paper",
+                "cluster=address",
+                "sweep.models=[gpt-oss-20b]",
+                "scoring.dtype=float32",
+            )
+        )
+    with pytest.raises(C.ConfigError, match="use lower model.max_tokens"):
+        E.check_memory(make("sweep=paper", "cluster=address", "cluster.gpu_memory_gb=40"))
     E.check_memory(make("sweep=paper", "cluster=address"))  # bf16: every model fits one GPU
     E.check_memory(make("sweep=paper", "scoring.dtype=float32"))  # no GPUs: nothing to check
 
@@ -96,7 +99,7 @@ def test_the_estimate_adds_up_per_stage_and_in_total():
     assert f"= {gen_h + score_h:,.1f} GPU-hours" in text
     assert "H200 early, interpolated from 2,048 and 16,384 tokens" in text
     assert "generation rate: GPUStack performance lab" in text
-    assert "olmoe-1b-7b      scorer   17.6 = weights 13.8" in text and "fits" in text
+    assert "olmoe-1b-7b      scorer   17.6 = weights 13.8" in text and "fits 80" in text
 
 
 def test_the_rates_table_reads_and_bench_rows_append(tmp_path):
@@ -112,3 +115,30 @@ def test_the_rates_table_reads_and_bench_rows_append(tmp_path):
     path.write_text(path.read_text() + "scoring,x,early,64,H200,bfloat16,32,fast,,t\n")
     with pytest.raises(ValueError, match="rates.csv:4"):
         read_rates(path)
+
+
+def test_the_dry_run_prints_the_need_then_refuses(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "sweep=paper",
+            "dry_run=true",
+            "cluster=address",
+            "scoring.dtype=float32",
+            f"runs_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "qwen3-30b-a3b    scorer  132.0 = weights 122.1" in result.stdout
+    assert "DOES NOT FIT 80" in result.stdout and "GPU-hours" in result.stdout
+    assert result.stderr.strip().startswith("error: model qwen3-30b-a3b: a scorer needs 132.0 GB")
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
