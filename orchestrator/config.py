@@ -27,6 +27,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FAMILIES = ("qwen3_moe", "gpt_oss", "deepseek_v2", "olmoe")
 VERIFIERS = ("exact", "math", "choice")
 BACKENDS = ("hf", "vllm")
+MODEL_DTYPES = ("bfloat16", "float16", "float32")  # what both generation backends accept
 BUNDLED = "bundled"  # ModelConfig.hf_id of the tiny model shipped in workers/assets/
 
 
@@ -439,6 +440,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "cluster.generators, cluster.scorers and cluster.torch_threads must be >= 1"
         )
+    if cl.gpu_memory_gb is not None and cl.gpu_memory_gb <= 0:
+        raise ConfigError(f"cluster.gpu_memory_gb must be > 0 or null, got {cl.gpu_memory_gb}")
     if cfg.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]*", cfg.run_id):
         raise ConfigError(f"run_id={cfg.run_id!r}: use letters, digits, '.', '_', '=', '-'")
     layers = sweep_layers(cfg)
@@ -515,6 +518,11 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
         )
     if model.max_tokens < 1:
         raise ConfigError(f"model {model.name}: max_tokens must be >= 1, got {model.max_tokens}")
+    if model.dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model {model.name}: dtype={model.dtype!r}; valid: {MODEL_DTYPES}")
+    for key in ("params_b", "kv_width"):
+        if getattr(model, key) is not None and getattr(model, key) <= 0:
+            raise ConfigError(f"model {model.name}: {key} must be > 0 or null")
     local = Path(model_path(model))
     if model.path or model.hf_id == BUNDLED:
         # A local model is checked now; a hub model is checked by the actor that loads it.

@@ -117,11 +117,16 @@ def test_per_entry_overrides_change_only_their_entry():
     [
         ("+sweep.overrides.olmoe-1b-7b.top_k=0", "model olmoe-1b-7b: top_k=0 not in [1, 64]"),
         ("+sweep.overrides.olmoe-1b-7b.top_k=x", "model olmoe-1b-7b: Value 'x'"),
-        ("+sweep.overrides.olmoe-1b-7b.nope=1", "model olmoe-1b-7b: Key 'nope' not in 'ModelConfig'"),
+        (
+            "+sweep.overrides.olmoe-1b-7b.nope=1",
+            "model olmoe-1b-7b: Key 'nope' not in 'ModelConfig'",
+        ),
         ("+sweep.overrides.gpqa.path=/x.csv", "sweep.overrides names gpqa, not in this run"),
         ("+scoring.alternative=8", "unknown key scoring.alternative; valid: alternatives,"),
         ("+model.tmp=1", "unknown key model.tmp"),
         ("scoring.sampler=gumble", "scoring.sampler must be one of gumbel, uniform_pool"),
+        ("model.dtype=bf16", "model qwen3-30b-a3b: dtype='bf16'; valid:"),
+        ("cluster.gpu_memory_gb=0", "cluster.gpu_memory_gb must be > 0"),
     ],
 )
 def test_a_bad_value_in_any_entry_is_a_config_error(override, message):
