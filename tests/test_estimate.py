@@ -142,3 +142,24 @@ def test_the_dry_run_prints_the_need_then_refuses(tmp_path):
     assert "DOES NOT FIT 80" in result.stdout and "GPU-hours" in result.stdout
     assert result.stderr.strip().startswith("error: model qwen3-30b-a3b: a scorer needs 132.0 GB")
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_bench_score_records_a_row_the_estimate_can_read(tmp_path):
+    from argparse import Namespace
+
+    from workers.bench_score import record_rate
+    from workers.provenance import scoring_code_version
+
+    path = tmp_path / "rates.csv"
+    args = Namespace(arch="olmoe-1b-7b", tokens=4096, alternatives=32, gpu_name=None)
+    record_rate(args, "early", "bfloat16", 987.66, "NVIDIA H100 80GB HBM3", path=path)
+    (row,) = read_rates(path)
+    assert (row.stage, row.model, row.layer, row.tokens, row.gpu) == (
+        "scoring",
+        "olmoe-1b-7b",
+        "early",
+        4096,
+        "H100",
+    )
+    assert row.tokens_per_s == 987.7 and row.scorer == scoring_code_version()
+    assert E.scoring_rate([row], "olmoe-1b-7b", "early", 4096, "H100").tokens_per_s == 987.7

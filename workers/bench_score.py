@@ -268,9 +268,15 @@ def _timed(fn, device: str):
 
 
 def record_rate(
-    args, spec: str, dtype: str, tokens_per_s: float, device_name: str, label: str = "eager"
+    args,
+    spec: str,
+    dtype: str,
+    tokens_per_s: float,
+    device_name: str,
+    path=None,
+    label: str = "eager",
 ) -> None:
-    """One row of the dry run's rate table (workers.rates) for this measurement."""
+    """One row of the dry run's rate table (workers.rates, or `path`) for this measurement."""
     from workers.provenance import scoring_code_version
     from workers.rates import RATES_PATH, Rate, append_rate
 
@@ -288,8 +294,11 @@ def record_rate(
         scorer=scoring_code_version(),
         source=f"workers.bench_score --random-init, attention {label}, torch {torch.__version__}",
     )
-    append_rate(row)
-    print(f"  recorded in {RATES_PATH}: {row.model} {spec} {row.tokens} tokens {gpu}", flush=True)
+    append_rate(row, path or RATES_PATH)
+    print(
+        f"  recorded in {path or RATES_PATH}: {row.model} {spec} {row.tokens} tokens {gpu}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
