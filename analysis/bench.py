@@ -106,7 +106,9 @@ def make_scores(
     u[:, 1:] = np.where(repeat, u[:, :1], u[:, 1:])
     s_alt = np.where(repeat, s_std[:, None], s_alt).astype(np.float32)
     std_route, alt_routes = make_routes(n, alternatives=j, top_k=top_k, experts=experts)
-    traj = pa.array(np.arange(n, dtype=np.int64) // 500).cast(pa.string())
+    # Trajectories of 500 tokens, ids unique per seed so that shards never share one (the
+    # bootstrap resamples trajectories).
+    traj = pa.array(seed * 1_000_000 + np.arange(n, dtype=np.int64) // 500).cast(pa.string())
     cols = {
         "problem_id": pc.binary_join_element_wise("p", traj, ""),
         "sample_idx": pa.array(np.zeros(n, dtype=np.int32)),

@@ -67,11 +67,17 @@ def test_build_report_writes_tables_figures_and_markdown(run_dir):
     assert "- layers: early, final" in text and "- datasets: demo" in text
     assert "sk-live" not in text and "api_key" not in text
     assert "3 complete score shards (1 without a sidecar, ignored)" in text
-    # The per-bin markdown row of layer 0, fragile: 2 tokens, gain 10.0 pp, win 50.0%.
+    # The per-bin markdown row of layer 0, fragile: D (u(S) 0.1, gain 30 pp, a win) and E (0.4,
+    # -10 pp, no win), each its own trajectory: a resample holds D twice, E twice or one each,
+    # so every interval spans exactly from "E twice" to "D twice".
     assert (
-        "| tiny | 0 | demo | fragile | 2 | 33.3% | 0.250 | 0.350 | 10.0 | 50.0% | 2.25 | 1.000 | 1 |"
-        in text
+        "| tiny | early (L0) | demo | fragile | 2 | 33.3% | 0.250 [0.100, 0.400] "
+        "| 0.350 [0.300, 0.400] | 10.0 [-10.0, 30.0] | 50.0% [0.0%, 100.0%] "
+        "| 50.0% [0.0%, 100.0%] | 2.25 [1.00, 3.50] | 1.000 [1.000, 1.000] | 1 |" in text
     )
+    assert "- layer mapping: tiny: early (L0), tiny: final (L3)" in text
+    assert "chance rank of S: 2.5" in text and "(strictly: 50.0%)" in text
+    assert "## How to read this" in text and "dataset = all" not in text.split("## How")[0]
 
 
 def test_cli_regenerates_with_other_thresholds(run_dir, capsys):
