@@ -139,7 +139,8 @@ def bootstrap_intervals(
                 ok = np.isfinite(lo[i, k])
                 values[f"{mean}_lo"] = float(lo[i, k]) if ok else None
                 values[f"{mean}_hi"] = float(hi[i, k]) if ok else None
-            rows.append({"model": model, "layer": layer, "dataset": dataset, "bin": bin_name, **values})
+            rows.append(
+                {"model": model, "layer": layer, "dataset": dataset, "bin": bin_name, **values}
+            )
     frame = pl.DataFrame(rows, schema=schema)
     return groups.select(keys).join(frame, on=keys, how="left", nulls_equal=True)
-

@@ -55,9 +55,11 @@ def _model_shapes(run_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def layer_labels(run_config: dict[str, Any] | None) -> dict[tuple[str, int], str]:
     if not run_config:
         return {}
-    specs = (run_config.get("sweep") or {}).get("layers") or (
-        run_config.get("scoring") or {}
-    ).get("layers") or []
+    specs = (
+        (run_config.get("sweep") or {}).get("layers")
+        or (run_config.get("scoring") or {}).get("layers")
+        or []
+    )
     labels = {}
     for name, shape in _model_shapes(run_config).items():
         moe, num = shape.get("moe_layers"), shape.get("num_layers")
@@ -77,17 +79,27 @@ def generation_summary(run_dir: str | Path) -> pl.DataFrame:
     paths = [p for p in sorted(Path(run_dir).glob(GENERATED_GLOB)) if read_sidecar(p) is not None]
     if not paths:
         return pl.DataFrame(schema=GENERATION_COLUMNS)
-    frame = pl.scan_ipc([str(p) for p in paths]).select(
-        "model",
-        "dataset",
-        "verified",
-        pl.col("finish_reason").fill_null("none"),
-        (pl.col("input_ids").list.len() - pl.col("prompt_len")).alias("completion_tokens"),
-    ).collect()
+    frame = (
+        pl.scan_ipc([str(p) for p in paths])
+        .select(
+            "model",
+            "dataset",
+            "verified",
+            pl.col("finish_reason").fill_null("none"),
+            (pl.col("input_ids").list.len() - pl.col("prompt_len")).alias("completion_tokens"),
+        )
+        .collect()
+    )
     reasons = (
         frame.group_by("model", "dataset", "finish_reason")
         .len()
-        .sort("model", "dataset", pl.col("len"), "finish_reason", descending=[False, False, True, False])
+        .sort(
+            "model",
+            "dataset",
+            pl.col("len"),
+            "finish_reason",
+            descending=[False, False, True, False],
+        )
         .group_by("model", "dataset", maintain_order=True)
         .agg(
             pl.concat_str(pl.col("finish_reason"), pl.lit(": "), pl.col("len").cast(pl.String))

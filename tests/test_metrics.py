@@ -214,7 +214,9 @@ def test_win_rate_needs_the_margin_and_the_strict_rate_is_kept(tmp_path):
     write_run(tmp_path, {("m", 3, "d", "s0"): score_table(rows)})
     for margin, expected in ((1e-4, 1 / 3), (0.0, 2 / 3), (1e-3, 0.0)):
         cfg = AnalysisConfig(win_margin=margin, bootstrap=0)
-        row = summarise(collect_stats(find_shards(tmp_path), cfg), cfg)["overall"].row(0, named=True)
+        row = summarise(collect_stats(find_shards(tmp_path), cfg), cfg)["overall"].row(
+            0, named=True
+        )
         assert row["win_rate"] == pytest.approx(expected), margin
         assert row["win_rate_strict"] == pytest.approx(2 / 3)
         assert row["win_rate_lo"] is None  # bootstrap = 0: no intervals
