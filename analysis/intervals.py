@@ -61,6 +61,12 @@ def interval_columns() -> list[str]:
     return [f"{m}_{side}" for m in MEANS for side in ("lo", "hi")]
 
 
+def group_seed(cfg: AnalysisConfig, model: str, layer: int, dataset: str) -> list[int]:
+    """The seed of one group's generator: (cfg.seed, a stable hash of the group's name)."""
+    name = f"{model}\x00{layer}\x00{dataset}\x00{cfg.cluster}".encode()
+    return [cfg.seed, zlib.crc32(name)]
+
+
 def _cluster_sums(stats: pl.DataFrame, cfg: AnalysisConfig) -> pl.DataFrame:
     """Sums per (model, layer, dataset, bin, cluster), fixed point turned into float64."""
     keys = [*GROUP_KEYS, "bin", *cfg.cluster_keys]
@@ -127,8 +133,7 @@ def bootstrap_intervals(
         x = np.zeros((len(BINS), clusters.height, len(STATS)))
         b = part["bin"].replace_strict(BIN_INDEX, return_dtype=pl.Int64).to_numpy()
         np.add.at(x, (b, part["_c"].to_numpy()), part.select(STATS).to_numpy().astype(np.float64))
-        name = f"{model}\x00{layer}\x00{dataset}\x00{cfg.cluster}".encode()
-        reps = _replicate_means(x, cfg, [cfg.seed, zlib.crc32(name)])
+        reps = _replicate_means(x, cfg, group_seed(cfg, model, layer, dataset))
         # An all-NaN slice (a bin no replicate has tokens in) warns; its interval is null.
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             lo = np.nanquantile(reps, tail, axis=0)
