@@ -92,7 +92,7 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
             job_sink=session.log_job,
         )
         router_md = run_router_update(cfg, run_dir, summary, run_id, session)
-        summary.report_path = build_report(run_dir, session)
+        summary.report_path = build_report(run_dir, session, cfg.analysis)
         if router_md is not None:
             from orchestrator.router_report import link_from_report
 
@@ -197,13 +197,13 @@ def run_router_update(cfg: Any, run_dir: Path, summary: Any, run_id: str, sessio
     )
 
 
-def build_report(run_dir: Path, session: Any) -> Path | None:
+def build_report(run_dir: Path, session: Any, analysis: Any) -> Path | None:
     """Tables, figures and report.md from the complete score shards; logged to W&B."""
     from analysis.report import build_report as build
 
     if not any((run_dir / "scores").rglob("*.done.json")):
         return None
-    report = build(run_dir)
+    report = build(run_dir, config=analysis)
     session.log_results(report)
     return report.path
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from analysis.metrics import AnalysisConfig  # the analysis group's schema and defaults
 from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
 from workers import layers as layer_specs
 from workers.attention import ATTENTIONS
@@ -89,8 +90,8 @@ class GenerationConfig:
 
 @dataclass
 class ScoringConfig:
-    """Counterfactual scoring (SCIENCE.md). alternatives .. memory_budget_mb, attention and compile
-    are workers.scorer.ScoreConfig's."""
+    """Counterfactual scoring (docs/method.md). alternatives .. memory_budget_mb, attention and
+    compile are workers.scorer.ScoreConfig's."""
 
     alternatives: int = 32  # J routes drawn per token
     pool: int = 32  # P highest-scoring experts to draw from (capped at the expert count)
@@ -192,6 +193,7 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

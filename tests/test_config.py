@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from analysis.metrics import AnalysisConfig
 from orchestrator import config as C
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("model", "dataset", "generation", "scoring", "cluster", "wandb", "sweep")
+GROUPS = ("model", "dataset", "generation", "scoring", "analysis", "cluster", "wandb", "sweep")
 
 C.register_configs()
 
@@ -52,6 +53,14 @@ def test_the_default_is_the_demo_on_the_bundled_model():
     assert cfg.cluster.address is None and cfg.wandb.mode == "offline"
     assert cfg.scoring.layers == ["early", "middle", "final"]
     C.validate(cfg)
+
+
+def test_analysis_group_sets_the_report_and_rejects_bad_values():
+    cfg = make("analysis.win_margin=0.001", "analysis.cluster=problem", "analysis.bootstrap=50")
+    assert cfg.analysis == AnalysisConfig(win_margin=0.001, cluster="problem", bootstrap=50)
+    assert make().analysis == AnalysisConfig()  # the YAML adds nothing to the schema defaults
+    with pytest.raises(C.ConfigError, match="cluster must be one of trajectory, problem"):
+        make("analysis.cluster=token")
 
 
 def test_every_model_and_dataset_validates_in_every_pair():
