@@ -36,7 +36,9 @@ GENERATION_COLUMNS = {
 }
 
 
-def _model_shapes(run_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def model_entries(run_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{model name: its config entry}: the run's own `model`, and conf/model/<name>.yaml for
+    the others named by the sweep (the run's config.yaml holds only the composed model)."""
     import yaml
 
     shapes = {}
@@ -61,7 +63,7 @@ def layer_labels(run_config: dict[str, Any] | None) -> dict[tuple[str, int], str
         or []
     )
     labels = {}
-    for name, shape in _model_shapes(run_config).items():
+    for name, shape in model_entries(run_config).items():
         moe, num = shape.get("moe_layers"), shape.get("num_layers")
         if not moe or num is None:
             continue
