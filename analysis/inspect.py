@@ -224,6 +224,40 @@ def token_table(
     return pl.DataFrame(rows), runs
 
 
+def flat_tokens(tokens: pl.DataFrame) -> pl.DataFrame:
+    """`token_table`'s rows with plain columns only (for W&B tables and CSV): the best
+    alternatives become one text column "3 4: 0.300 (s -2.00); 7 8: 0.250 (s -4.00)"."""
+    best = [
+        "; ".join(f"{r}: {u:.4f} (s {s:.2f})" for r, u, s in zip(rs, us, ss, strict=True))
+        for rs, us, ss in zip(
+            tokens["best_routes"], tokens["best_u"], tokens["best_s"], strict=True
+        )
+    ]
+    return tokens.drop("best_routes", "best_u", "best_s").with_columns(
+        pl.Series("best_alternatives", best, dtype=pl.String)
+    )
+
+
+def wandb_tables(
+    run_dir: str | Path, cfg: AnalysisConfig | None = None, *, per_layer: int = 1
+) -> dict[str, pl.DataFrame]:
+    """{"<model>/L<layer>": flat token rows of its `per_layer` most fragile trajectories} for
+    every (model, layer) with complete scores."""
+    cfg = cfg or AnalysisConfig()
+    run_dir = Path(run_dir)
+    run_config = load_run_config(run_dir)
+    jobs = sorted({(p.parts[-4], int(p.parts[-3].split("=")[1])) for p in find_shards(run_dir)})
+    tokenizers: dict[str, Any] = {}
+    out = {}
+    for model, layer in jobs:
+        if model not in tokenizers:
+            tokenizers[model] = load_tokenizer(model, run_config)
+        wanted = top_fragile(_score_paths(run_dir, model, layer), cfg, per_layer)
+        tokens, _ = token_table(run_dir, model, layer, wanted, cfg=cfg, tokenizer=tokenizers[model])
+        out[f"{model}/L{layer}"] = flat_tokens(tokens)
+    return out
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>__TITLE__</title>

@@ -205,7 +205,20 @@ def build_report(run_dir: Path, session: Any, analysis: Any) -> Path | None:
         return None
     report = build(run_dir, config=analysis)
     session.log_results(report)
+    if session.active:
+        session.log_tokens(inspector_tables(run_dir, analysis))
     return report.path
+
+
+def inspector_tables(run_dir: Path, analysis: Any) -> dict[str, Any]:
+    """The token inspector's W&B tables; a tokenizer that cannot load costs a warning only."""
+    from analysis.inspect import wandb_tables
+
+    try:
+        return wandb_tables(run_dir, analysis)
+    except Exception as err:  # a hub tokenizer offline, an unreadable file: W&B only loses it
+        print(f"warning: token tables for W&B skipped: {err}", file=sys.stderr)
+        return {}
 
 
 def print_summary(summary: Any, resume: str, seconds: float) -> None:

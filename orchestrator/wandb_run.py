@@ -8,10 +8,12 @@ logs a scoring job (job_type="score", name "<run_id>/<model>/L<layer>/<dataset>"
 its last unit is written; `log_results(report)` adds to each job's run its per-bin summary
 metrics ("fragile/gain_pp", "confident/win_rate", "ambiguous/alignment", ...), its rows of
 the aggregate table and the figures, and logs the full tables and figures on the driver;
-`finish(exit_code)` closes it. Every run's W&B id is derived from (run id, model, layer,
-dataset) by `wandb_id` and opened with resume="allow", so a restarted driver continues the
-same runs instead of opening new ones. Job runs carry the scoring slice and the run's
-provenance (git commit, versions) as config. Needs wandb >= 0.19.10 (reinit="create_new").
+`log_tokens(tables)` adds the token inspector's tables (text and routes of the most fragile
+trajectories) to the driver run; `finish(exit_code)` closes it. Every run's W&B id is derived
+from (run id, model, layer, dataset) by `wandb_id` and opened with resume="allow", so a
+restarted driver continues the same runs instead of opening new ones. Job runs carry the
+scoring slice and the run's provenance (git commit, versions) as config. Needs wandb >=
+0.19.10 (reinit="create_new").
 
 W&B is never a reason for a run to fail: a missing package, a bad mode, entity or key, no
 network, a timeout, an exception inside wandb, each becomes one `logging.warning` line and
@@ -44,6 +46,9 @@ SUMMARY_METRICS = (  # by_bin column -> summary key suffix
     ("mean_max_alt", "mean_max_alt"),
     ("gain_pp", "gain_pp"),
     ("win_rate", "win_rate"),
+    ("win_rate_strict", "win_rate_strict"),
+    ("gain_pp_lo", "gain_pp_lo"),
+    ("gain_pp_hi", "gain_pp_hi"),
     ("mean_rank", "mean_rank"),
     ("alignment", "alignment"),
     ("no_variance", "no_variance"),
@@ -231,7 +236,9 @@ class WandbSession:
             }
             payload.update({f"figures/{name}": wandb.Image(str(p)) for name, p in figures.items()})
             self._run.log(payload)
-            overall = by_bin.filter(by_bin["dataset"] == "all")
+            from analysis.tables import pooled_rows  # every dataset of a (model, layer)
+
+            overall = pooled_rows(by_bin)
             for row in overall.iter_rows(named=True):
                 prefix = f"{row['model']}/L{row['layer']}/{row['bin']}"
                 self._run.summary.update(
@@ -240,6 +247,17 @@ class WandbSession:
             self._run.summary["report"] = str(report.path)
         except Exception as err:
             _warn("log_results on the driver run", err)
+
+    def log_tokens(self, tables: dict[str, Any]) -> None:
+        """Token inspector tables (analysis.inspect.wandb_tables) on the driver run, as
+        `inspect/<model>/L<layer>`: each token's text, pbar, u(S) and its best routes."""
+        if self._run is None or not tables:
+            return
+        try:
+            wandb = self._wandb
+            self._run.log({f"inspect/{k}": _table(wandb, frame) for k, frame in tables.items()})
+        except Exception as err:
+            _warn("log_tokens", err)
 
     def _open_job(self, model: str, layer: int, dataset: str) -> tuple[Any, str]:
         config = {

@@ -11,10 +11,19 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pytest
 
-from analysis.inspect import BUNDLED_DIR, decode_pieces, load_tokenizer, main, token_table
+from analysis.inspect import (
+    BUNDLED_DIR,
+    decode_pieces,
+    load_tokenizer,
+    main,
+    token_table,
+    wandb_tables,
+)
+from analysis.metrics import AnalysisConfig
 from analysis.runinfo import generation_summary
 from workers.io import write_arrow
 from workers.schemas import SCORES_SCHEMA, TRAJECTORIES_SCHEMA
@@ -118,6 +127,17 @@ def test_token_table_shows_the_predicted_token_and_its_best_routes(run, tokenize
     assert row["best_routes"] == ["3 4", "7 8"] and row["best_u"] == pytest.approx([0.3, 0.25])
     assert row["better_routes"] == 2 and row["rank_std"] == 3.0 and row["std_route"] == "1 2"
     assert runs["pieces"].to_list()[0] == decode_pieces(tokenizer, ids)
+
+
+def test_wandb_tables_hold_the_most_fragile_trajectory_per_layer_as_plain_columns(run):
+    root, _ = run
+    tables = wandb_tables(root, AnalysisConfig(), per_layer=1)
+    assert list(tables) == ["tiny/L3"]
+    frame = tables["tiny/L3"]
+    assert set(frame["problem_id"]) == {"p-a"} and frame["bin"].to_list().count("fragile") == 2
+    assert all(dtype != pl.List for dtype in frame.dtypes)
+    row = frame.filter(pl.col("bin") == "fragile").row(0, named=True)
+    assert row["best_alternatives"].startswith("3 4: 0.3000 (s -2.00); 7 8: 0.2500 (s -4.00)")
 
 
 def test_generation_summary_per_model_and_dataset(run, tokenizer):

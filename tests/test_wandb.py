@@ -18,6 +18,7 @@ import time
 import zlib
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from analysis.bench import write_sample_run
@@ -63,6 +64,11 @@ def read_wandb_records(path: Path) -> list:
         record.ParseFromString(b"".join(parts))
         records.append(record)
     return records
+
+
+def path_of(runs: dict, name: str) -> Path:
+    """The files/ folder of a run read back by name."""
+    return runs[name][2].parent / "files"
 
 
 def summary_of(records) -> dict:
@@ -116,6 +122,8 @@ def test_offline_run_read_back(wandb_env, monkeypatch):
     session.log_progress({"scoring/done": 2})  # within the interval: replaced by the next
     session.log_progress({"scoring/done": 3})  # pending until finish
     session.log_results(report)
+    tokens = pl.DataFrame({"position": [3, 4], "token": [" 12", " ;"], "pbar": [0.21, 0.97]})
+    session.log_tokens({"tiny/L2": tokens})
     session.finish(exit_code=0)
     session.finish(exit_code=0)  # idempotent
 
@@ -141,6 +149,13 @@ def test_offline_run_read_back(wandb_env, monkeypatch):
     assert driver_summary["tables/by_bin/_type"] == "table-file"
     assert driver_summary["figures/headline/_type"] == "image-file"
     assert "tiny/L2/fragile/gain_pp" in driver_summary
+    assert "tiny/L2/confident/win_rate_strict" in driver_summary
+    (entry,) = [h for h in history_of(records) if "inspect/tiny/L2/_type" in h]
+    inspect_table = json.loads(
+        (path_of(runs, "r1-driver") / entry["inspect/tiny/L2/path"]).read_text()
+    )
+    assert inspect_table["columns"] == ["position", "token", "pbar"]
+    assert inspect_table["data"] == [[3, " 12", 0.21], [4, " ;", 0.97]]
 
     job, records, path = runs["r1/tiny/L2/demo"]
     assert job.run_group == "r1" and job.job_type == "score"
