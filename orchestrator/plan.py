@@ -1,6 +1,6 @@
 """The work-unit plan: which files a run writes, and the hash that makes each one complete.
 
-Contract: every output path follows DESIGN.md's run layout,
+Contract: every output path follows the run layout of docs/design.md,
 
     problems/<dataset>.arrow
     trajectories/<model>/<dataset>/generated/<k>.arrow     all samples of problem shard k

@@ -1,4 +1,4 @@
-"""Counterfactual route scoring, exact and fast (SCIENCE.md, "Computing it exactly and fast").
+"""Counterfactual route scoring, exact and fast (docs/method.md, "The intervention and the utility").
 
 Contract: `Scorer(model_path, ScoreConfig(...))` loads the model once; `score_table(trajectories,
 layer)` returns one SCORES_SCHEMA row per completion token (positions prompt_len-1 .. len-2,
