@@ -147,17 +147,35 @@ def plot_headline(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
     return _save(fig, path)
 
 
-def plot_gain_hist(gain_hist: pl.DataFrame, path: Path, labels: dict) -> Path:
+def bucket_edges(gain_hist: pl.DataFrame):
+    """(every bucket's edges in pp, x min, x max): the x range covers the buckets that hold
+    tokens, one bucket of margin each side, within [-100, 100]."""
     import numpy as np
-    from matplotlib.ticker import NullLocator
 
-    buckets = round(200.0 / float((gain_hist["hi_pp"] - gain_hist["lo_pp"]).first() or 2.0))
-    pooled = gain_hist.group_by("model", "layer", "bin", "gain_bucket").agg(pl.col("tokens").sum())
-    width = 200.0 / buckets  # points
+    width = float((gain_hist["hi_pp"] - gain_hist["lo_pp"]).first() or 2.0)
+    buckets = round(200.0 / width)
     edges = -100.0 + width * np.arange(buckets + 1)
-    used = pooled["gain_bucket"]
-    lo_edge = max(-100.0, float(edges[used.min()]) - width) if len(used) else -100.0
-    hi_edge = min(100.0, float(edges[used.max() + 1]) + width) if len(used) else 100.0
+    used = gain_hist["gain_bucket"]
+    if used.is_empty():
+        return edges, -100.0, 100.0
+    return edges, max(-100.0, edges[used.min()] - width), min(100.0, edges[used.max() + 1] + width)
+
+
+def bucket_shares(h: pl.DataFrame, buckets: int):
+    """Share of the tokens per bucket, NaN where a bucket is empty: stairs leaves NaN steps
+    undrawn, where a step over only the filled buckets would stretch one across a gap."""
+    import numpy as np
+
+    share = np.full(buckets, np.nan)
+    share[h["gain_bucket"].to_numpy()] = h["tokens"].to_numpy() / h["tokens"].sum()
+    return share
+
+
+def plot_gain_hist(gain_hist: pl.DataFrame, path: Path, labels: dict) -> Path:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    pooled = gain_hist.group_by("model", "layer", "bin", "gain_bucket").agg(pl.col("tokens").sum())
+    edges, lo_edge, hi_edge = bucket_edges(gain_hist)
     fig, axes, panels = _model_layer_grid(pooled)
     for ax, model, layer, c in panels:
         for b in BINS:
@@ -167,17 +185,20 @@ def plot_gain_hist(gain_hist: pl.DataFrame, path: Path, labels: dict) -> Path:
             total = h["tokens"].sum()
             if not total:
                 continue
-            # Every bucket gets its own step; empty ones are NaN, which stairs leaves undrawn
-            # (a step over only the filled buckets would stretch one bucket across a gap).
-            share = np.full(buckets, np.nan)
-            share[h["gain_bucket"].to_numpy()] = h["tokens"].to_numpy() / total
+            share = bucket_shares(h, len(edges) - 1)
             ax.stairs(share, edges, label=f"{b} (n={total:,})", color=BIN_COLORS[b], linewidth=1.2)
         ax.set_yscale("log")
+        # Headroom for the legend above a share of 1, without ticks for shares above 1.
+        bottom = ax.get_ylim()[0]
+        ax.set_ylim(bottom, 30.0)
+        ax.yaxis.set_major_locator(FixedLocator([10.0**k for k in range(-8, 1)]))
         ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost seconds per figure
         ax.set_xlim(lo_edge, hi_edge)
         ax.tick_params(labelsize=FONT)
         ax.set_title(f"{model} · {layer_label(labels, model, layer)}", fontsize=FONT + 1)
-        ax.set_xlabel(f"gain = max u(R) − u(S), pp (buckets of {width:g} pp)", fontsize=FONT)
+        ax.set_xlabel(
+            f"gain = max u(R) − u(S), pp (buckets of {edges[1] - edges[0]:g} pp)", fontsize=FONT
+        )
         if c == 0:
             ax.set_ylabel("share of the bin's tokens", fontsize=FONT)
         ax.legend(fontsize=FONT - 1, loc="upper right")
@@ -233,11 +254,12 @@ def plot_win_rate(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
     fig, axes = _figure(1, len(panels), width=3.3, top=0.9)
     for c, b in enumerate(panels):
         ax = axes[0][c]
-        for model in models:
+        for i, model in enumerate(models):
             rows = pooled.filter((pl.col("model") == model) & (pl.col("bin") == b)).sort("layer")
             per_layer = list(rows.iter_rows(named=True))
+            shift = 0.08 * (i - (len(models) - 1) / 2)  # models side by side, bars apart
             ax.errorbar(
-                [pos[r["layer"]] for r in per_layer],
+                [pos[r["layer"]] + shift for r in per_layer],
                 [r["win_rate"] if r["win_rate"] is not None else float("nan") for r in per_layer],
                 yerr=_errors(per_layer, "win_rate"), marker="o", capsize=3, label=model,
             )  # fmt: skip
