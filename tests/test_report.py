@@ -159,14 +159,14 @@ def test_gain_histogram_draws_empty_buckets_empty_and_fits_the_x_range():
 
     from analysis.figures import bucket_edges, bucket_shares
 
-    # One fragile token in bucket 70 (38-40 pp), three in bucket 50 (-2-0 pp): the buckets in
-    # between hold nothing and must not be drawn as a plateau.
+    # One fragile token in bucket 70 ([40, 42) pp), three in bucket 49 ([-2, 0) pp): the buckets
+    # in between hold nothing and must not be drawn as a plateau.
     hist = pl.DataFrame(
-        {"gain_bucket": [50, 70], "tokens": [3, 1], "lo_pp": [-2.0, 38.0], "hi_pp": [0.0, 40.0]}
+        {"gain_bucket": [49, 70], "tokens": [3, 1], "lo_pp": [-2.0, 40.0], "hi_pp": [0.0, 42.0]}
     )
     edges, lo, hi = bucket_edges(hist)
-    assert len(edges) == 101 and edges[0] == -100 and edges[70] == 40.0 - 2.0
-    assert (lo, hi) == (-4.0, 42.0)  # the filled buckets and one bucket of margin
+    assert len(edges) == 101 and edges[0] == -100 and edges[49] == -2.0 and edges[70] == 40.0
+    assert (lo, hi) == (-4.0, 44.0)  # the filled buckets and one bucket of margin
     share = bucket_shares(hist, 100)
-    assert share[50] == 0.75 and share[70] == 0.25
-    assert all(math.isnan(v) for i, v in enumerate(share) if i not in (50, 70))
+    assert share[49] == 0.75 and share[70] == 0.25
+    assert all(math.isnan(v) for i, v in enumerate(share) if i not in (49, 70))
