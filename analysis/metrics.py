@@ -67,8 +67,9 @@ class AnalysisConfig:
     fragile: float = 0.5  # pbar < fragile -> Fragile; in between -> Ambiguous
     gain_buckets: int = 100  # histogram of per-token gain over [-1, 1]; width 2 / buckets
     # A win needs max_j u(R_j) > u(S) + win_margin. 1e-4 (0.01 pp) is far above float32
-    # rounding of a probability (< 6e-8) and the fast scorer's deviation from brute force
-    # (~1e-6), and far below any difference a reader would call a better route.
+    # rounding of a probability (< 6e-8) and ~10x the fast scorer's float32 deviation from brute
+    # force (~1e-5), and far below any difference a reader would call a better route. Scoring
+    # in bfloat16 is noisier: raise it there.
     win_margin: float = 1e-4
     cluster: str = "trajectory"  # bootstrap resampling unit: trajectory or problem
     bootstrap: int = 1000  # replicates for the percentile intervals; 0 = no intervals
