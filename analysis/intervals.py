@@ -8,7 +8,7 @@ every mean in MEANS, at coverage `cfg.level` from `cfg.bootstrap` replicates.
 Why clusters: tokens of one trajectory share a prefix, a problem and a sampled answer, so they
 are far from independent; resampling tokens would give intervals that are much too narrow.
 The unit is a trajectory (problem_id, sample_idx) or a problem (`cfg.cluster`). A replicate
-draws the group's clusters with replacement (multinomial counts) and recomputes each mean as a
+draws the group's n clusters n times with replacement (multinomial counts) and recomputes each mean as a
 ratio of resampled sums, so a bin's mean uses every resampled trajectory's tokens in that bin
 (trajectories without any count as zeros), exactly as the point estimate does.
 
@@ -53,7 +53,7 @@ MEANS = {
     "mean_rank": ("sum_rank", "tokens", 1.0),
     "alignment": ("sum_rho", "rho_tokens", 1.0),
 }
-BLOCK_CELLS = 2**22  # replicate weights per block (32 MiB as float64)
+BLOCK_CELLS = 2**20  # replicate weights per block (8 MiB each as int64 and float64)
 BIN_INDEX = {b: i for i, b in enumerate(BINS)}
 
 
@@ -80,6 +80,15 @@ def _cluster_sums(stats: pl.DataFrame, cfg: AnalysisConfig) -> pl.DataFrame:
     )
 
 
+def resample_weights(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """(size, n) int64: how often each of n clusters is drawn in each of `size` resamples of n
+    draws with replacement (multinomial counts; drawing indices and counting them is ~5x
+    faster than numpy's multinomial at thousands of clusters)."""
+    idx = rng.integers(0, n, size=(size, n))
+    flat = (np.arange(size, dtype=np.int64)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=size * n).reshape(size, n)
+
+
 def _replicate_means(x: np.ndarray, cfg: AnalysisConfig, seed: list[int]) -> np.ndarray:
     """x: (bins, clusters, stats) sums -> (replicates, bins + 1, means); the last bin is all."""
     x = np.concatenate([x, x.sum(axis=0, keepdims=True)])  # bin "all"
@@ -89,10 +98,9 @@ def _replicate_means(x: np.ndarray, cfg: AnalysisConfig, seed: list[int]) -> np.
     col = {s: i for i, s in enumerate(STATS)}
     out = np.empty((cfg.bootstrap, n_bins, len(MEANS)))
     flat = x.transpose(1, 0, 2).reshape(n, -1)  # clusters x (bins * stats)
-    p = np.full(n, 1.0 / n)
     for start in range(0, cfg.bootstrap, block):
         size = min(block, cfg.bootstrap - start)
-        weights = rng.multinomial(n, p, size=size).astype(np.float64)
+        weights = resample_weights(rng, n, size).astype(np.float64)
         sums = (weights @ flat).reshape(size, n_bins, len(STATS))
         with np.errstate(invalid="ignore", divide="ignore"):
             for k, (num, den, scale) in enumerate(MEANS.values()):
