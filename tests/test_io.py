@@ -16,9 +16,7 @@ def _table(n=5):
 def test_write_then_read_roundtrip(tmp_path):
     path = tmp_path / "sub" / "shard-00000.arrow"
     started = time.time()
-    sidecar = io.write_arrow(
-        _table(), path, config_hash="abc", started=started, extra={"unit": "u1"}
-    )
+    sidecar = io.write_arrow(_table(), path, config_hash="abc", started=started, extra={"unit": "u1"})
     assert io.done_path(path) == tmp_path / "sub" / "shard-00000.done.json"
     on_disk = json.loads(io.done_path(path).read_text())
     assert on_disk == sidecar
@@ -28,10 +26,7 @@ def test_write_then_read_roundtrip(tmp_path):
     assert io.is_complete(path) and io.is_complete(path, "abc")
     assert io.read_arrow(path).equals(_table())
     # No temporary files are left next to the outputs.
-    assert sorted(p.name for p in path.parent.iterdir()) == [
-        "shard-00000.arrow",
-        "shard-00000.done.json",
-    ]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["shard-00000.arrow", "shard-00000.done.json"]
 
 
 def test_config_hash_mismatch_is_not_complete(tmp_path):
