@@ -11,7 +11,6 @@ Each stage then gets its own slice (`ModelConfig`, `ScoringConfig`, ...), never 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from analysis.metrics import AnalysisConfig  # the analysis group's schema and d
 from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
 from workers import layers as layer_specs
 from workers.attention import ATTENTIONS
+from workers.io import check_path_name
 from workers.layers import LAYER_NAMES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -418,6 +418,7 @@ def list_or_value(value: Any) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check everything that can be checked without Ray or a model; raise ConfigError."""
+    check_names(cfg)
     if cfg.generation.backend not in BACKENDS:
         raise ConfigError(f"generation.backend={cfg.generation.backend!r}; valid: {BACKENDS}")
     for key in ("samples_per_problem", "batch_size", "problems_per_shard"):
@@ -444,8 +445,6 @@ def validate(cfg: RunConfig) -> None:
         )
     if cl.gpu_memory_gb is not None and cl.gpu_memory_gb <= 0:
         raise ConfigError(f"cluster.gpu_memory_gb must be > 0 or null, got {cl.gpu_memory_gb}")
-    if cfg.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]*", cfg.run_id):
-        raise ConfigError(f"run_id={cfg.run_id!r}: use letters, digits, '.', '_', '=', '-'")
     layers = sweep_layers(cfg)
     if not layers:
         raise ConfigError("scoring.layers is empty; give at least one of early, middle, final")
@@ -499,6 +498,21 @@ def router_models(cfg: RunConfig) -> list[ModelConfig]:
     return [load_option("model", n) for n in names] if names else sweep_models(cfg)
 
 
+def check_names(cfg: RunConfig) -> None:
+    """Every name that becomes a path component passes workers.io.check_path_name's one rule:
+    run_id, sweep.name (the derived run id's prefix), and each model's and dataset's name."""
+    named = [("run_id", cfg.run_id), ("sweep.name", cfg.sweep.name)]
+    named += [("model.name", m.name) for m in sweep_models(cfg)]
+    named += [("dataset.name", d.name) for d in sweep_datasets(cfg)]
+    for what, value in named:
+        if value is None and what == "run_id":
+            continue
+        try:
+            check_path_name(value, what)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig) -> None:
     if model.family not in FAMILIES:
         raise ConfigError(f"model {model.name}: family={model.family!r}; valid: {FAMILIES}")
@@ -531,7 +545,15 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
         config_json = local / "config.json"
         if not config_json.is_file():
             raise ConfigError(f"model {model.name}: {config_json} not found (model.path)")
-        check_model_shape(model, json.loads(config_json.read_text()))
+        try:
+            hf_config = json.loads(config_json.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"model {model.name}: {config_json} is not readable JSON: {err}"
+            ) from None
+        if not isinstance(hf_config, dict):
+            raise ConfigError(f"model {model.name}: {config_json} is not a JSON object")
+        check_model_shape(model, hf_config)
 
 
 def score_args(scoring: ScoringConfig, model: ModelConfig) -> dict[str, Any]:
@@ -565,7 +587,7 @@ def validate_dataset(dataset: DatasetConfig) -> None:
         raise ConfigError(
             f"dataset {dataset.name}: limit must be >= 1 or null, got {dataset.limit}"
         )
-    if dataset.path is not None and not Path(dataset.path).exists():
+    if dataset.path is not None and not Path(dataset.path).is_file():
         raise ConfigError(
             f"dataset {dataset.name}: data file {dataset.path} not found (dataset.path)"
         )

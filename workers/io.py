@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -21,6 +22,21 @@ from typing import Any
 import pyarrow as pa
 
 SIDECAR_SUFFIX = ".done.json"
+# Every name that becomes one path component (run id, model and dataset names): it starts
+# with a letter or digit, so "", ".", ".." and hidden names are out, and it has no separator,
+# whitespace or newline, so it can never leave the folder it is joined to.
+PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,127}")
+SIDECAR_KEYS = ("rows", "sha256", "config_hash")  # what write_arrow always records
+
+
+def check_path_name(value: object, what: str) -> str:
+    """`value` if it is safe as one path component (PATH_NAME), else ValueError naming `what`."""
+    if not isinstance(value, str) or not PATH_NAME.fullmatch(value):
+        raise ValueError(
+            f"{what}={value!r} cannot be a file name: use 1-128 letters, digits, '.', '_', "
+            "'=', '-', starting with a letter or digit"
+        )
+    return value
 
 
 class IncompleteFileError(RuntimeError):
@@ -101,11 +117,16 @@ def write_arrow(
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any] | None:
-    """The sidecar of a data file, or None if it is missing or unreadable."""
+    """The sidecar of a data file, or None if it is missing, unreadable or not one of ours
+    (valid JSON that is not an object with SIDECAR_KEYS counts as no sidecar: the unit is
+    redone, the file is never trusted)."""
     try:
-        return json.loads(done_path(path).read_text())
+        sidecar = json.loads(done_path(path).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(sidecar, dict) or any(k not in sidecar for k in SIDECAR_KEYS):
+        return None
+    return sidecar
 
 
 def is_complete(path: str | Path, config_hash: str | None = None, *, checksum: bool = True) -> bool:
