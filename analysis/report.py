@@ -6,8 +6,9 @@
 (every flag is a field of analysis.metrics.AnalysisConfig, which holds the defaults; the driver
 passes its `analysis` config group.)
 
-Contract: `build_report(run_dir, config=None)` scans `runs/<id>/scores/**.arrow` (only files
-with a `.done.json` sidecar; see analysis.metrics), writes `tables/<name>.{parquet,csv}`,
+Contract: `build_report(run_dir, config=None)` reads the score files of the run's current
+plan whose checksums verify (analysis.inputs; missing, stale or corrupt units are named on
+stderr and in report.md), writes `tables/<name>.{parquet,csv}`,
 `figures/<name>.png` and `report.md`, and returns a `Report`. No Ray, no model, no GPU. It
 raises FileNotFoundError when the run dir or its complete shards are missing; the CLI turns
 that (and bad thresholds) into one line on stderr and exit code 2. Rerunning replaces the
@@ -27,14 +28,8 @@ from typing import Any
 import polars as pl
 
 from analysis.figures import layer_label, plot_all
-from analysis.metrics import (
-    BINS,
-    CLUSTERS,
-    SCORES_GLOB,
-    AnalysisConfig,
-    collect_stats,
-    find_shards,
-)
+from analysis.inputs import ScoreInputs, select_score_files
+from analysis.metrics import BINS, CLUSTERS, SCORES_GLOB, AnalysisConfig, collect_stats
 from analysis.runinfo import generation_summary, layer_labels
 from analysis.tables import pooled_rows, summarise, write_tables
 
@@ -52,14 +47,17 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    # 1. The complete shards (a data file without its sidecar is never opened).
-    shards = find_shards(run_dir)
+    # 1. The score files of the run's current plan, intact (analysis.inputs); the rest is
+    # named on stderr and in report.md, never silently left out.
+    inputs = select_score_files(run_dir)
+    shards = inputs.files
     if not shards:
         raise FileNotFoundError(
-            f"no complete score shards under {run_dir / 'scores'} "
+            f"no complete score shards of the current plan under {run_dir / 'scores'} "
             f"(expected {SCORES_GLOB} files, each with a .done.json sidecar)"
         )
-    incomplete = len(list(run_dir.glob(SCORES_GLOB))) - len(shards)
+    for line in inputs.problems():
+        print(f"warning: report of {run_dir.name}: {line}", file=sys.stderr)
     # 2. One streaming pass -> per-bin sums -> tables.
     started = time.perf_counter()
     tables = summarise(collect_stats(shards, cfg), cfg)
@@ -76,7 +74,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         run_dir=run_dir,
         cfg=cfg,
         shards=len(shards),
-        incomplete=incomplete,
+        inputs=inputs,
         seconds=seconds,
         run_config=run_config,
         labels=labels,
@@ -251,7 +249,7 @@ def render_markdown(
     run_dir: Path,
     cfg: AnalysisConfig,
     shards: int,
-    incomplete: int,
+    inputs: ScoreInputs,
     seconds: float,
     run_config: dict[str, Any] | None,
     labels: dict[tuple[str, int], str] | None = None,
@@ -265,9 +263,17 @@ def render_markdown(
     lines = [f"# Counterfactual routing report: {run_dir.name}", ""]
     lines += [
         f"{total:,} scored tokens from {shards} complete score shards"
-        + (f" ({incomplete} without a sidecar, ignored)" if incomplete else "")
+        + (f" of {inputs.planned} planned" if inputs.planned is not None else "")
         + f"; aggregated in {seconds:.1f} s. Regenerate with `python -m analysis.report {run_dir}`.",
         "",
+    ]
+    notes = inputs.problems(limit=50)
+    if notes:
+        lines += ["## Inputs", ""]
+        if inputs.missing or inputs.stale or inputs.corrupt or inputs.unscored:
+            lines += ["**Incomplete: these results cover only part of the run.**", ""]
+        lines += [f"- {line}" for line in notes] + [""]
+    lines += [
         "## Configuration",
         "",
     ]

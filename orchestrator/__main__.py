@@ -30,8 +30,9 @@ from orchestrator.config import (
     validate,
 )
 from orchestrator.estimate import check_memory
+from orchestrator.lock import RunLock, RunLockedError
 from orchestrator.pipeline import PipelineError, prepare_problems, run_stages
-from orchestrator.plan import derive_run_id, describe_plan
+from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.provenance import check_resume, run_record
 
 register_configs()
@@ -66,23 +67,48 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         check_memory(cfg)
         if cfg.dry_run:
             return 0
-        # 3. A resumed run made by other code says so (or refuses: another scorer).
+        # 3. One driver per run: the run folder's lease, held until this driver exits.
+        lock = RunLock(run_dir)
+        lock.acquire()
+    except (ConfigError, PipelineError, FileNotFoundError, RunLockedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run_locked(cfg, run_dir, run_id, resolved, overrides, started)
+    finally:
+        lock.release()
+
+
+def run_locked(
+    cfg: Any,
+    run_dir: Path,
+    run_id: str,
+    resolved: dict[str, Any],
+    overrides: list[str] | None,
+    started: float,
+) -> int:
+    """Steps 4-9 of `run`, under the run's lease."""
+    try:
+        # 4. A resumed run made by other code says so (or refuses: another scorer).
         changed = check_resume(run_dir, resolved["provenance"], cfg.allow_scorer_change)
         if changed:
             print(f"warning: {changed}", file=sys.stderr)
-        # 4. Problems on the driver: a missing data file fails here, before Ray starts.
+        # 5. Problems on the driver: a missing data file fails here, before Ray starts.
+        # plan.json says "scoring not planned" until the stages replan it: a report made
+        # meanwhile never trusts the plan of an earlier config.
         problems = prepare_problems(cfg, run_dir)
         save_config(run_dir, resolved)
+        write_plan(run_dir, None)
     except (ConfigError, PipelineError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     resume = resume_command(overrides, run_id)
-    # 5. Ray: a local instance started here, or an existing cluster.
+    # 6. Ray: a local instance started here, or an existing cluster.
     started_ray = init_ray(cfg.cluster)
     session = open_wandb(cfg, run_id, run_dir, resolved)
     code = 1
     try:
-        # 6. The stages, then 7. the report.
+        # 7. The stages, then 8. the report.
         summary = run_stages(
             cfg,
             run_dir,
@@ -106,7 +132,7 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         print(f"interrupted; resume with:\n  {resume}", file=sys.stderr)
         code = 130
     finally:
-        # 8. Close W&B and the Ray this driver started.
+        # 9. Close W&B and the Ray this driver started.
         session.finish(exit_code=code)
         if started_ray:
             import ray
@@ -203,7 +229,11 @@ def build_report(run_dir: Path, session: Any, analysis: Any) -> Path | None:
 
     if not any((run_dir / "scores").rglob("*.done.json")):
         return None
-    report = build(run_dir, config=analysis)
+    try:
+        report = build(run_dir, config=analysis)
+    except (FileNotFoundError, ValueError) as err:  # e.g. no file of the current plan yet
+        print(f"warning: no report: {err}", file=sys.stderr)
+        return None
     session.log_results(report)
     if session.active:
         session.log_tokens(inspector_tables(run_dir, analysis))

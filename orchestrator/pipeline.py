@@ -85,7 +85,10 @@ def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]
                 raise PipelineError(f"dataset {dataset.name}: {last_line(err)}") from err
             if table.num_rows == 0:
                 raise PipelineError(f"dataset {dataset.name} has no problems (limit/options)")
-            write_arrow(table, path, config_hash=want)
+            try:
+                write_arrow(table, path, config_hash=want)
+            except OSError as err:  # a full disk or quota: write_arrow left nothing complete
+                raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
         sidecar = read_sidecar(path)
         out[dataset.name] = (sidecar["rows"], sidecar["sha256"])
     return out
@@ -129,7 +132,7 @@ def run_stages(
         for cell in cells
     }
     for cell in cells:
-        prune([plan.generated_dir(run_dir, cell.model, cell.dataset)], gen_units[cell])
+        prune(run_dir, [plan.generated_dir(run_dir, cell.model, cell.dataset)], gen_units[cell])
     summary.stages["generation"] = run_units(
         "generation",
         gen_units,
@@ -168,13 +171,17 @@ def run_stages(
             "no verified trajectories to score: "
             + "; ".join(w for w in summary.warnings if "verified" in w)
             + " (raise model.max_tokens or generation.samples_per_problem, or set"
-            " scoring.verified_only=false)"
+            " scoring.verified_only=false; the generated trajectories are kept and reused)"
         )
 
-    # 3. Scoring: one unit per (layer, shard); each scorer loads its model once.
+    # 3. Scoring: one unit per (layer, shard); each scorer loads its model once. The plan
+    # goes to plan.json first, so a report takes only these units' files.
     score_units = {c: plan.scoring_units(run_dir, c, cfg.scoring, s) for c, s in shards.items()}
+    plan.write_plan(
+        run_dir, [u for us in score_units.values() for u in us], unscored=list(summary.warnings)
+    )
     for cell, units in score_units.items():
-        prune(plan.scores_dirs(run_dir, cell), units)
+        prune(run_dir, plan.scores_dirs(run_dir, cell), units)
     summary.stages["scoring"] = run_units(
         "scoring",
         score_units,
@@ -294,15 +301,26 @@ def write_shards(
         if not is_complete(path, want):
             write_arrow(table.slice(k * size, size), path, config_hash=want)
         shards.append((path, read_sidecar(path)["sha256"]))
-    prune([out_dir], [p for p, _ in shards])
+    prune(run_dir, [out_dir], [p for p, _ in shards])
     return shards, table.num_rows, total
 
 
-def prune(dirs: list[Path], keep: list[plan.Unit] | list[Path]) -> int:
+def prune(run_dir: Path, dirs: list[Path], keep: list[plan.Unit] | list[Path]) -> int:
     """Discard data files in `dirs` that the plan does not write (left by an older config,
-    e.g. a larger shard count), so that no reader counts them. Returns how many."""
+    e.g. a larger shard count), so that no reader counts them. Returns how many.
+
+    Only files this project wrote are removed: inside `run_dir` and with a sidecar of ours
+    (workers.io.read_sidecar). Anything else found there is left alone, whatever its name.
+    """
+    root = run_dir.resolve()
     wanted = {getattr(k, "path", k) for k in keep}
-    stale = [p for d in dirs if d.is_dir() for p in sorted(d.glob("*.arrow")) if p not in wanted]
+    stale = [
+        p
+        for d in dirs
+        if d.is_dir() and d.resolve().is_relative_to(root)
+        for p in sorted(d.glob("*.arrow"))
+        if p not in wanted and p.resolve().is_relative_to(root) and read_sidecar(p) is not None
+    ]
     for path in stale:
         discard(path)
     if stale:

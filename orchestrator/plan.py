@@ -18,7 +18,9 @@ changed file, are redone. Functions here are pure (no Ray, no model): the dry ru
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,8 +120,15 @@ def problems_path(run_dir: Path, dataset: DatasetConfig) -> Path:
 
 
 def problems_hash(dataset: DatasetConfig) -> str:
-    keep = ("loader", "path", "limit", "seed", "options")
-    return config_hash({k: getattr(dataset, k) for k in keep})
+    """The problems file's hash: the loader settings and, for a local data file, its content
+    (an edited file redoes the problems and everything downstream; the path alone does not
+    count, so moving the file changes nothing)."""
+    keep = {k: getattr(dataset, k) for k in ("loader", "limit", "seed", "options")}
+    if dataset.path is not None:
+        source = Path(dataset.path).resolve()
+        stat = source.stat()
+        [keep["content"]] = hash_files(((str(source), stat.st_size, stat.st_mtime_ns),)).values()
+    return config_hash(keep)
 
 
 def generation_units(
@@ -244,6 +253,30 @@ def scoring_units(
                 )
             )
     return units
+
+
+def write_plan(
+    run_dir: Path, score_units: list[Unit] | None, unscored: list[str] | None = None
+) -> None:
+    """runs/<id>/plan.json: the score files this run's current config writes and the settings
+    hash each sidecar must carry (read by analysis.inputs, so a report takes only those).
+    `score_units=None` records that scoring is not planned yet (written first by each driver,
+    so a report never trusts the plan of an earlier config)."""
+    scores = None
+    if score_units is not None:
+        scores = [
+            {
+                "unit": u.key,
+                "path": u.path.relative_to(run_dir).as_posix(),
+                "config_hash": u.config_hash,
+            }
+            for u in score_units
+        ]
+    path = run_dir / "plan.json"
+    tmp = path.with_name(".plan.json.tmp")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps({"scores": scores, "unscored": unscored or []}, indent=1))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the dry run

@@ -7,6 +7,7 @@ bitwise-identical score shards whatever happens to them or however the work is s
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import polars as pl
@@ -25,7 +26,7 @@ from pipeline_runs import (
 from orchestrator.actors import FAULT_KILL_ENV, ActorStartError, dispatch
 from orchestrator.plan import Unit
 from orchestrator.progress import StageProgress
-from workers.io import discard, read_arrow
+from workers.io import discard, is_complete, read_arrow
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -152,6 +153,13 @@ def test_zero_verified_trajectories_is_one_error_and_nothing_to_score(tmp_path, 
     assert "tiny/demo: 0 of 16 trajectories verified" in lines[0]
     assert not (tmp_path / "none" / "scores").exists()
     assert not list((tmp_path / "none" / "trajectories").rglob("shards/*.arrow"))
+    # What is kept, as the README says: the problems and every generated sample, complete
+    # (a rerun with scoring.verified_only=false reuses them); no scoring plan to report on.
+    assert "generated trajectories are kept" in lines[0]
+    generated = sorted((tmp_path / "none" / "trajectories").rglob("generated/*.arrow"))
+    assert len(generated) == 2 and all(is_complete(p) for p in generated)
+    assert is_complete(tmp_path / "none" / "problems" / "demo.arrow")
+    assert json.loads((tmp_path / "none" / "plan.json").read_text())["scores"] is None
 
 
 def test_progress_reaches_wandb_offline(reference, tmp_path):

@@ -66,7 +66,8 @@ def test_build_report_writes_tables_figures_and_markdown(run_dir):
     assert "- J (alternatives): 3" in text and "- P (pool): 8" in text and "- models: tiny" in text
     assert "- layers: early, final" in text and "- datasets: demo" in text
     assert "sk-live" not in text and "api_key" not in text
-    assert "3 complete score shards (1 without a sidecar, ignored)" in text
+    assert "from 3 complete score shards;" in text
+    assert "- 1 missing: scores/tiny/layer=3/demo/shard-00001.arrow" in text
     # The per-bin markdown row of layer 0, fragile: D (u(S) 0.1, gain 30 pp, a win) and E (0.4,
     # -10 pp, no win), each its own trajectory: a resample holds D twice, E twice or one each,
     # so every interval spans exactly from "E twice" to "D twice".

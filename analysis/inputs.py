@@ -1,0 +1,121 @@
+"""Which score files belong to a run: the ones its current plan wrote, intact.
+
+Contract: `select_score_files(run_dir) -> ScoreInputs`. The driver writes `runs/<id>/plan.json`
+(orchestrator/plan.py, `write_plan`) before each run's stages, with `"scores": null`, and
+again once the scoring units are known, listing each unit's file (relative to the run dir)
+and the settings hash its sidecar must carry, plus the (model, dataset) cells left unscored.
+A score file is used only when
+
+- the plan lists it, and its sidecar's `config_hash` equals the planned one (not "stale":
+  left by another seed, layer set or shard size), and
+- its sha256 equals the sidecar's (not "corrupt"). The report reads every byte of its input
+  anyway, so the check costs one more sequential read of files the page cache then holds.
+
+Planned units without such a file are "missing". A run dir without plan.json (made by hand,
+or by a version that did not write one) uses every score file with a sidecar whose checksum
+verifies, and says so. `"scores": null` means the driver has not planned scoring yet (it
+stopped before the trajectories were complete): nothing can be said to belong to the run,
+which is an error. Plain file reads: no Ray, no model, no Polars.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.io import file_sha256, read_sidecar
+
+PLAN_FILE = "plan.json"
+SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
+
+
+@dataclass
+class ScoreInputs:
+    files: list[Path]  # the score files to read, sorted
+    planned: int | None  # units in plan.json; None without one
+    missing: list[str] = field(default_factory=list)  # planned, no complete file
+    stale: list[str] = field(default_factory=list)  # a sidecar of other settings, or unplanned
+    corrupt: list[str] = field(default_factory=list)  # checksum differs from the sidecar's
+    unscored: list[str] = field(default_factory=list)  # cells the driver could not score
+
+    @property
+    def complete(self) -> bool:
+        return self.planned is not None and not (
+            self.missing or self.stale or self.corrupt or self.unscored
+        )
+
+    def problems(self, limit: int = 10) -> list[str]:
+        """One line per kind of problem, naming up to `limit` units each."""
+        out = []
+        if self.planned is None:
+            out.append(f"no {PLAN_FILE}: every score file with a verified sidecar was used")
+        for what, items in (
+            ("missing", self.missing),
+            ("stale (other settings or not in the plan)", self.stale),
+            ("corrupt (checksum differs)", self.corrupt),
+            ("not scored", self.unscored),
+        ):
+            if items:
+                shown = ", ".join(items[:limit]) + (
+                    f" and {len(items) - limit} more" if len(items) > limit else ""
+                )
+                out.append(f"{len(items)} {what}: {shown}")
+        return out
+
+
+def read_plan(run_dir: Path) -> dict | None:
+    """plan.json as a dict, or None when absent; ValueError when unreadable."""
+    path = run_dir / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}); rerun the driver") from None
+    if not isinstance(plan, dict) or "scores" not in plan:
+        raise ValueError(f"{path} is not a plan (no 'scores' key); rerun the driver")
+    return plan
+
+
+def select_score_files(run_dir: str | Path) -> ScoreInputs:
+    """The score files of `run_dir` that belong to its current plan, and what is wrong with
+    the rest (see the module docstring). Raises ValueError for an unreadable or unfinished plan."""
+    run_dir = Path(run_dir)
+    plan = read_plan(run_dir)
+    present = {p.relative_to(run_dir).as_posix(): p for p in sorted(run_dir.glob(SCORES_GLOB))}
+    if plan is None:
+        inputs = ScoreInputs(files=[], planned=None)
+        for rel, path in present.items():
+            _check(path, rel, None, inputs)
+        return inputs
+    if plan["scores"] is None:
+        raise ValueError(
+            f"{run_dir.name}: the driver has not planned its scoring yet (it stopped before the "
+            "trajectories were complete); rerun it to finish the run"
+        )
+    inputs = ScoreInputs(
+        files=[], planned=len(plan["scores"]), unscored=list(plan.get("unscored", []))
+    )
+    planned = {u["path"]: u for u in plan["scores"]}
+    for rel, unit in planned.items():
+        if rel not in present:
+            inputs.missing.append(unit["unit"])
+        else:
+            _check(present[rel], unit["unit"], unit["config_hash"], inputs)
+    inputs.stale += [
+        rel for rel, path in present.items() if rel not in planned and read_sidecar(path)
+    ]
+    return inputs
+
+
+def _check(path: Path, name: str, want: str | None, inputs: ScoreInputs) -> None:
+    sidecar = read_sidecar(path)
+    if sidecar is None:
+        inputs.missing.append(name)
+    elif want is not None and sidecar["config_hash"] != want:
+        inputs.stale.append(name)
+    elif file_sha256(path) != sidecar["sha256"]:
+        inputs.corrupt.append(name)
+    else:
+        inputs.files.append(path)

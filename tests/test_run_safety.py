@@ -1,0 +1,254 @@
+"""Nothing lost, nothing silently wrong: path names, stale-file cleanup, content hashes, the
+report's inputs and the one-driver lease, on real files and (where a driver runs) a real Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hydra import compose, initialize_config_dir
+from pipeline_runs import ROOT, cli_command, copy_run, run_inprocess, tables
+
+from orchestrator import config as C
+from orchestrator import plan
+from orchestrator.actors import FAULT_FAIL_ENV
+from orchestrator.lock import LOCK_NAME, RunLock, RunLockedError
+from orchestrator.pipeline import prepare_problems, prune
+from workers.io import check_path_name, done_path, read_arrow, write_arrow
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def typed(*overrides: str) -> C.RunConfig:
+    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
+        return C.to_run_config(compose("config", overrides=list(overrides)))
+
+
+# ----------------------------------------------------------------------------- path names
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["..", ".", "", "../../v", "/abs/path", "a/b", "a\\b", "a\nb", "line\n", " a", ".hidden",
+     "-x", "a b", "x" * 129, None, 7],
+)  # fmt: skip
+def test_unsafe_names_are_refused_by_the_one_rule(name):
+    with pytest.raises(ValueError, match="cannot be a file name"):
+        check_path_name(name, "model.name")
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen3-30b-a3b", "math500", "s_del", "layer=2", "v1.0"])
+def test_safe_names_pass(name):
+    assert check_path_name(name, "x") == name
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("dataset.name=../../victim", "dataset.name"),
+        ("model.name=/tmp/abs", "model.name"),
+        ("run_id=a/b", "run_id"),
+        ("sweep.name=..", "sweep.name"),
+    ],
+)
+def test_every_name_that_becomes_a_path_is_validated(override, key):
+    with pytest.raises(C.ConfigError, match=f"^{key}="):
+        C.validate(typed(override))
+
+
+def test_dataset_name_traversal_neither_writes_nor_deletes_outside_runs_dir(tmp_path, capsys):
+    # The victim folder sits where generated/ would land for the name below: twice the run
+    # used to write there, and the second run's cleanup deleted the stranger's file.
+    victim = tmp_path / "victim" / "generated"
+    victim.mkdir(parents=True)
+    (victim / "precious.arrow").write_bytes(b"precious")
+    runs = tmp_path / "runs"
+    for _ in range(2):
+        code = run_inprocess(
+            runs, "s_del", "dataset.name=../../../../victim", "scoring.layers=[early]"
+        )
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: dataset.name=") and err.count("\n") == 1
+    assert (victim / "precious.arrow").read_bytes() == b"precious"
+    assert sorted(p.name for p in (tmp_path / "victim").rglob("*")) == [
+        "generated",
+        "precious.arrow",
+    ]
+    assert not runs.exists()
+
+
+def test_prune_deletes_only_our_files_inside_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    scores = run_dir / "scores" / "m" / "layer=0" / "d"
+    keep, stale = scores / "00000.arrow", scores / "00001.arrow"
+    table = pl.DataFrame({"x": [1]}).to_arrow()
+    for path in (keep, stale):
+        write_arrow(table, path, config_hash="h")
+    foreign = scores / "notes.arrow"  # a user's file, no sidecar of ours
+    foreign.write_bytes(b"mine")
+    garbage = scores / "00002.arrow"  # a sidecar that is not ours ([]), e.g. hand-made
+    garbage.write_bytes(b"x")
+    done_path(garbage).write_text("[]")
+    outside = tmp_path / "elsewhere"
+    write_arrow(table, outside / "00000.arrow", config_hash="h")
+
+    assert prune(run_dir, [scores, outside], [keep]) == 1
+    assert not stale.exists() and not done_path(stale).exists()
+    assert keep.exists() and foreign.read_bytes() == b"mine" and garbage.exists()
+    assert (outside / "00000.arrow").exists()
+
+
+# ----------------------------------------------------------------------------- content hashes
+
+
+def test_an_edited_local_data_file_redoes_the_problems(tmp_path):
+    data = tmp_path / "math500.jsonl"
+    shutil.copy(FIXTURES / "math500.jsonl", data)
+    cfg = typed("dataset=math500", f"dataset.path={data}")
+    run_dir = tmp_path / "run"
+    first = prepare_problems(cfg, run_dir)["math500"]
+    problems = run_dir / "problems" / "math500.arrow"
+    before = pl.read_ipc(problems)["gold_answer"].to_list()
+
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    rows[0]["answer"] = "edited-answer"
+    stat = data.stat()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    second = prepare_problems(cfg, run_dir)["math500"]
+    after = pl.read_ipc(problems)["gold_answer"].to_list()
+    assert second[1] != first[1]
+    assert after[0] == "edited-answer" and after[1:] == before[1:]
+    # The same content under another path is the same problems file (nothing redone).
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(data, moved)
+    assert plan.problems_hash(typed("dataset=math500", f"dataset.path={moved}").dataset) == (
+        plan.problems_hash(cfg.dataset)
+    )
+
+
+# ----------------------------------------------------------------------------- report inputs
+
+
+def report_cli(run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_report_leaves_out_and_names_a_corrupted_score_file(reference, tmp_path):
+    run_dir = copy_run(reference, tmp_path, "z")
+    victim = sorted((run_dir / "scores").rglob("*.arrow"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 256] = bytes(256)  # same size, zeroed bytes
+    victim.write_bytes(bytes(data))
+    result = report_cli(run_dir)
+    assert result.returncode == 0, result.stderr
+    unit = "tiny/layer=" + victim.parent.parent.name.split("=")[1] + "/demo/" + victim.stem
+    assert f"1 corrupt (checksum differs): {unit}" in result.stderr
+    text = (run_dir / "report.md").read_text()
+    assert "**Incomplete" in text and unit in text
+    ref_counts = tables(reference)["counts"]
+    counts = tables(run_dir)["counts"]
+    rows = read_arrow(reference / victim.relative_to(run_dir)).num_rows
+    assert counts["tokens"].sum() == ref_counts["tokens"].sum() - rows
+
+
+def test_report_after_a_failed_unit_under_a_new_seed_mixes_in_no_old_shard(
+    reference, tmp_path, capsys, monkeypatch
+):
+    run_dir = copy_run(reference, tmp_path, "s1")
+    monkeypatch.setenv(FAULT_FAIL_ENV, "layer=2/demo/00001")
+    assert run_inprocess(tmp_path, "s1", "scoring.seed=1", "scoring.retries=0") == 1
+    err = capsys.readouterr().err
+    assert "1 stale (other settings or not in the plan): tiny/layer=2/demo/00001" in err
+    text = (run_dir / "report.md").read_text()
+    assert "**Incomplete" in text and "tiny/layer=2/demo/00001" in text
+    seed0 = read_arrow(run_dir / "scores/tiny/layer=2/demo/00001.arrow")  # still seed 0's
+    counts = tables(run_dir)["counts"]
+    ref = tables(reference)["counts"]
+    layer2 = pl.col("layer") == 2
+    assert (
+        counts.filter(layer2)["tokens"].sum() == ref.filter(layer2)["tokens"].sum() - seed0.num_rows
+    )
+
+
+# ----------------------------------------------------------------------------- one driver
+
+
+def wait_for(predicate, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_second_driver_on_the_same_run_exits_2_naming_the_first(reference, tmp_path, capsys):
+    run_dir = copy_run(reference, tmp_path, "two", "problems", "trajectories")
+    first = subprocess.Popen(
+        cli_command(tmp_path, "two"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: (run_dir / LOCK_NAME).exists() or first.poll() is not None)
+        assert first.poll() is None
+        assert run_inprocess(tmp_path, "two") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: run two is in use")
+        assert f"host {socket.gethostname()}, pid {first.pid}, started 20" in err
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a crash: the lease stays on disk
+        first.wait()
+    # The crashed driver's lease does not hold the run: its pid is gone on this host.
+    assert (run_dir / LOCK_NAME).exists()
+    with RunLock(run_dir):
+        assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_a_lease_from_another_host_expires_without_heartbeats(tmp_path):
+    def lease(age_s: float) -> None:
+        tmp_path.joinpath(LOCK_NAME).write_text(
+            json.dumps(
+                {
+                    "host": "node-7",
+                    "pid": 1,
+                    "started": "then",
+                    "token": "t",
+                    "heartbeat": time.time() - age_s,
+                }
+            )  # fmt: skip
+        )
+
+    lease(5)
+    with pytest.raises(RunLockedError, match="host node-7, pid 1, started then"):
+        RunLock(tmp_path, ttl_s=60).acquire()
+    lease(61)
+    lock = RunLock(tmp_path, ttl_s=60, heartbeat_s=0.05)
+    lock.acquire()
+    try:
+        first = json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"]
+        wait_for(lambda: json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] > first, 10)
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path, ttl_s=60).acquire()  # alive on this host: held
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
