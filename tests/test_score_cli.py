@@ -140,3 +140,70 @@ def test_cli_errors(model_dir, tmp_path, capsys, case, message):
         message,
     )
     assert not out.exists() and not done_path(out).exists()
+
+
+def _model_copy(model_dir, tmp_path, case):
+    """A copy of the saved model with config.json or the weights damaged as `case` says."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    config = copy / "config.json"
+    if case == "config_not_json":
+        config.write_text("{not json")
+    elif case == "config_list":
+        config.write_text("[1, 2]")
+    elif case == "too_long":
+        config.write_text(
+            json.dumps({**json.loads(config.read_text()), "max_position_embeddings": 8})
+        )
+    elif case == "safetensors_header":
+        [weights] = copy.glob("*.safetensors")
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"\xff" * 32  # the JSON header after its 8-byte length
+        weights.write_bytes(bytes(data))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("duplicate", "1 duplicate (problem_id, sample_idx) keys, e.g. ('p0-0', 0)"),
+        ("out_is_input", "is the input file: it would overwrite it"),
+        ("float_ids", "input_ids must be a list of integers, got list<item: double>"),
+        ("string_ids", "input_ids must be a list of integers, got list<item: string>"),
+        ("string_prompt_len", "prompt_len must be an integer column, got string"),
+        ("too_long", "a sequence has 10 tokens, more than the model's position limit"),
+        ("config_not_json", "cannot load a model config from"),
+        ("config_list", "not a JSON object"),
+        ("safetensors_header", "cannot load model weights from"),
+    ],
+)
+def test_cli_refuses_input_it_used_to_accept_or_crash_on(
+    model_dir, tmp_path, capsys, case, message
+):
+    table = make_trajectories(lengths=(10,), prompt_lens=(4,))
+    src, out = tmp_path / "traj.arrow", tmp_path / "out.arrow"
+    ids = table["input_ids"][0].as_py()
+    if case == "duplicate":
+        table = pa.concat_tables([table, table])
+    elif case == "float_ids":
+        table = table.set_column(2, "input_ids", pa.array([[float(x) for x in ids]]))
+    elif case == "string_ids":
+        table = table.set_column(2, "input_ids", pa.array([[str(x) for x in ids]]))
+    elif case == "string_prompt_len":
+        table = table.set_column(3, "prompt_len", pa.array(["4"]))
+    _write(table, src)
+    before = src.read_bytes()
+    if case == "out_is_input":
+        out = src
+    model = model_dir
+    if case in ("config_not_json", "config_list", "too_long", "safetensors_header"):
+        model = _model_copy(model_dir, tmp_path, case)
+    _fails(
+        capsys,
+        ["--model", str(model), "--trajectories", str(src), "--layer", "1", "--out", str(out)],
+        message,
+    )
+    assert src.read_bytes() == before
+    assert not done_path(out).exists() and (case == "out_is_input" or not out.exists())

@@ -119,12 +119,7 @@ def load_problems(
     else:
         _check_options(name, options, {"split"})
         records = _read_records(name, spec, path, options.get("split", spec.split))
-        missing = [c for c in spec.columns if records and c not in records[0]]
-        if missing:
-            where = path or spec.hf_id
-            raise ValueError(
-                f"{where} lacks columns {missing} needed for {name}; has {list(records[0])}"
-            )
+        check_records(records, spec, name, where=str(path or spec.hf_id))
         rows = [_CONVERTERS[name](record, seed) for record in records]
     if limit is not None:
         rows = rows[:limit]
@@ -132,6 +127,36 @@ def load_problems(
     if len(set(ids)) != len(ids):
         raise ValueError(f"{name}: duplicate problem ids in the source")
     return pa.Table.from_pylist(rows, schema=PROBLEMS_SCHEMA)
+
+
+# Columns that become the prompt's text: a list or a number there is a malformed source.
+TEXT_COLUMNS = {
+    "problem", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+    "Incorrect Answer 3",
+}  # fmt: skip
+
+
+def check_records(records: list[Any], spec: DatasetSpec, name: str, *, where: str) -> None:
+    """ValueError naming the first bad row: every record is an object holding each of the
+    spec's columns as a non-null string or integer (text columns: strings only), so a null
+    answer never becomes the gold answer 'None' and a list never becomes a prompt."""
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: row {i} is {type(record).__name__}, not an object")
+        missing = [c for c in spec.columns if c not in record]
+        if missing:
+            raise ValueError(
+                f"{where}: row {i} lacks columns {missing} needed for {name}; has {list(record)}"
+            )
+        for column in spec.columns:
+            value = record[column]
+            ok = (str,) if column in TEXT_COLUMNS else (str, int)
+            if not isinstance(value, ok) or isinstance(value, bool):
+                wanted = "a string" if column in TEXT_COLUMNS else "a string or an integer"
+                raise ValueError(
+                    f"{where}: row {i} column {column!r} is {value!r} ({type(value).__name__}),"
+                    f" not {wanted}"
+                )
 
 
 def _check_options(name: str, options: dict[str, Any], valid: set[str]) -> None:
@@ -191,10 +216,20 @@ def read_local_records(path: str | Path) -> list[dict[str, Any]]:
 
         return pq.read_table(path).to_pylist()
     if suffix == ".jsonl":
+        records = []
         with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError as err:
+                        raise ValueError(f"{path}: line {number} is not JSON: {err}") from None
+        return records
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"{path} is not JSON: {err}") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of objects (or use .jsonl)")
         return data
