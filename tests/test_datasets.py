@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from workers.schemas import PROBLEMS_SCHEMA
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_PERMUTATION = [1, 0, 2, 3]
 
 
 def _meta(table: pa.Table) -> list[dict]:
@@ -82,10 +84,16 @@ def test_gpqa_from_csv_shuffles_options_and_keeps_gold():
 
 
 def test_gpqa_permutation_is_seeded_and_stable():
-    # Fixed values: the order must not change across machines, runs or Python versions.
-    assert gpqa_permutation("recTestPhys0000001", 0) == gpqa_permutation("recTestPhys0000001", 0)
+    # Fixed values: the order must not change across machines, runs or Python versions
+    # (sorted by sha256(f"{seed}:{record_id}:{j}"); recomputed by hand with hashlib).
+    assert gpqa_permutation("recTestPhys0000001", 0) == GOLDEN_PERMUTATION
     golden = {seed: [gpqa_permutation(f"rec{i}", seed) for i in range(8)] for seed in (0, 1)}
-    assert golden[0] != golden[1]
+    assert golden == {
+        0: [[2, 1, 3, 0], [0, 1, 2, 3], [2, 1, 0, 3], [2, 1, 3, 0],
+            [1, 2, 0, 3], [2, 1, 3, 0], [1, 3, 2, 0], [1, 3, 2, 0]],
+        1: [[1, 3, 2, 0], [1, 0, 2, 3], [3, 0, 2, 1], [3, 2, 0, 1],
+            [1, 0, 2, 3], [2, 1, 3, 0], [0, 1, 2, 3], [1, 0, 2, 3]],
+    }  # fmt: skip
     code = "from workers.datasets import gpqa_permutation as g; print([g(f'rec{i}', 0) for i in range(8)])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
@@ -108,7 +116,7 @@ def test_limit_takes_first_rows_in_file_order():
 
 
 def test_demo_delegates_to_demo_task():
-    demo_task = pytest.importorskip("workers.demo_task")
+    from workers import demo_task
     table = load_problems("demo", seed=3, n=5, difficulty=1)
     assert table.schema == PROBLEMS_SCHEMA
     assert table.equals(demo_task.make_problems(5, 3, difficulty=1))
@@ -137,6 +145,47 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         "hmmt_feb_2025",
         "gpqa_diamond",
     }
+
+
+def _write_records(path, records):
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+MATH_ROW = {"problem": "1+1?", "answer": "2", "subject": "a", "level": 1, "unique_id": "u/1.json"}
+
+
+@pytest.mark.parametrize(
+    "name, records, message",
+    [
+        ("rows.jsonl", [MATH_ROW, {k: v for k, v in MATH_ROW.items() if k != "answer"}],
+         "row 1 lacks columns ['answer']"),
+        ("numbers.json", [1, 2, 3], "row 0 is int, not an object"),
+        ("list_prompt.parquet", [{**MATH_ROW, "problem": [1, 2]}],
+         "row 0 column 'problem' is [1, 2] (list), not a string"),
+        ("null_answer.jsonl", [MATH_ROW, {**MATH_ROW, "answer": None, "unique_id": "u/2"}],
+         "row 1 column 'answer' is None (NoneType), not a string or an integer"),
+        ("bool_answer.json", [{**MATH_ROW, "answer": True}], "column 'answer' is True (bool)"),
+    ],
+)  # fmt: skip
+def test_malformed_rows_are_refused_naming_the_row(tmp_path, name, records, message):
+    path = _write_records(tmp_path / name, records)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_problems("math500", path=path)
+
+
+def test_a_jsonl_line_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(MATH_ROW) + "\n{oops\n")
+    with pytest.raises(ValueError, match="bad.jsonl: line 2 is not JSON"):
+        load_problems("math500", path=path)
 
 
 def test_unreachable_hub_says_to_pass_a_local_path():

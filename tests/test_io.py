@@ -35,6 +35,18 @@ def test_config_hash_mismatch_is_not_complete(tmp_path):
     assert not io.is_complete(path, "other")
 
 
+@pytest.mark.parametrize("sidecar", ["[]", "3", '"done"', "null", '{"rows": 5}'])
+def test_a_sidecar_that_is_not_our_object_is_no_sidecar(tmp_path, sidecar):
+    # Valid JSON of the wrong shape used to crash is_complete and so block every resume.
+    path = tmp_path / "x.arrow"
+    io.write_arrow(_table(), path, config_hash="abc")
+    io.done_path(path).write_text(sidecar)
+    assert io.read_sidecar(path) is None
+    assert not io.is_complete(path) and not io.is_complete(path, "abc")
+    io.write_arrow(_table(), path, config_hash="abc")  # the unit is simply redone
+    assert io.is_complete(path, "abc")
+
+
 def test_missing_sidecar_is_never_read(tmp_path):
     path = tmp_path / "x.arrow"
     io.write_arrow(_table(), path, config_hash="abc")

@@ -118,7 +118,6 @@ def test_choice_failures():
 
 
 def test_exact_uses_the_demo_extractor():
-    pytest.importorskip("workers.demo_task")
     assert verify("exact", "try 2 : 6 + 7 = 13 no ; answer 6", "6") == Verdict(True, "6", "match")
     assert verify("exact", "try 2 : 6 + 7 = 13 no ; answer 5", "6").reason == "mismatch"
     assert verify("exact", "try 2 : 6 + 7", "6") == Verdict(False, None, "no_answer")
