@@ -34,6 +34,7 @@ from orchestrator.lock import RunLock, RunLockedError
 from orchestrator.pipeline import PipelineError, prepare_problems, run_stages
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.provenance import check_resume, run_record
+from orchestrator.wandb_run import SECRET_KEY
 
 register_configs()
 
@@ -184,9 +185,43 @@ def save_config(run_dir: Path, resolved: dict[str, Any]) -> None:
 
 
 def resume_command(overrides: list[str] | None, run_id: str) -> str:
-    """The command that resumes this run: the same overrides, with the run id pinned."""
+    """The command that resumes this run: the same overrides, with the run id pinned and the
+    values of secret-looking keys masked (give them again, or through the environment)."""
     kept = [o for o in overrides or [] if not o.startswith(("run_id=", "dry_run="))]
-    return shlex.join(["python", "-m", "orchestrator", *kept, f"run_id={run_id}"])
+    masked = [f"{o.split('=', 1)[0]}=***" if secret_override(o) else o for o in kept]
+    return shlex.join(["python", "-m", "orchestrator", *masked, f"run_id={run_id}"])
+
+
+def secret_override(override: str) -> str | None:
+    """The value of a `key=value` override whose key looks secret (api_key, token, ...)."""
+    key, sep, value = override.partition("=")
+    key = key.lstrip("+~").rsplit(".", 1)[-1]
+    return value if sep and value and SECRET_KEY.search(key) else None
+
+
+class MaskedStream:
+    """A text stream that writes `secrets` as ***: whatever prints an override (Hydra's echo
+    of a bad one, a traceback, a warning) cannot show a secret given on the command line."""
+
+    def __init__(self, stream: Any, secrets: list[str]):
+        self._stream = stream
+        self._secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def write(self, text: str) -> int:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def mask_secret_arguments(argv: list[str]) -> None:
+    """Route stdout and stderr through MaskedStream for the secret values in `argv`."""
+    secrets = [v for v in map(secret_override, argv) if v]
+    if secrets:
+        sys.stdout = MaskedStream(sys.stdout, secrets)
+        sys.stderr = MaskedStream(sys.stderr, secrets)
 
 
 def init_ray(cluster: Any) -> bool:
@@ -271,6 +306,7 @@ def print_summary(summary: Any, resume: str, seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    mask_secret_arguments(sys.argv[1:])
     problem = check_command_line(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

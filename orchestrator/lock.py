@@ -84,6 +84,10 @@ class RunLock:
             holder = self._read()
             if holder is not None and holder.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
+            try:  # a run that failed before writing anything leaves no empty folder
+                self.path.parent.rmdir()
+            except OSError:
+                pass
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -166,12 +166,12 @@ MATH_ROW = {"problem": "1+1?", "answer": "2", "subject": "a", "level": 1, "uniqu
     "name, records, message",
     [
         ("rows.jsonl", [MATH_ROW, {k: v for k, v in MATH_ROW.items() if k != "answer"}],
-         "row 1 lacks columns ['answer']"),
-        ("numbers.json", [1, 2, 3], "row 0 is int, not an object"),
+         "row 2 lacks columns ['answer']"),
+        ("numbers.json", [1, 2, 3], "row 1 is int, not an object"),
         ("list_prompt.parquet", [{**MATH_ROW, "problem": [1, 2]}],
-         "row 0 column 'problem' is [1, 2] (list), not a string"),
+         "row 1 column 'problem' is [1, 2] (list), not a string"),
         ("null_answer.jsonl", [MATH_ROW, {**MATH_ROW, "answer": None, "unique_id": "u/2"}],
-         "row 1 column 'answer' is None (NoneType), not a string or an integer"),
+         "row 2 column 'answer' is None (NoneType), not a string or an integer"),
         ("bool_answer.json", [{**MATH_ROW, "answer": True}], "column 'answer' is True (bool)"),
     ],
 )  # fmt: skip

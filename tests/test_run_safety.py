@@ -174,8 +174,13 @@ def test_report_after_a_failed_unit_under_a_new_seed_mixes_in_no_old_shard(
 ):
     run_dir = copy_run(reference, tmp_path, "s1")
     monkeypatch.setenv(FAULT_FAIL_ENV, "layer=2/demo/00001")
-    assert run_inprocess(tmp_path, "s1", "scoring.seed=1", "scoring.retries=0") == 1
+    secret = "+wandb.api_key=sk-live-0123456789"
+    assert run_inprocess(tmp_path, "s1", "scoring.seed=1", "scoring.retries=0", secret) == 1
     err = capsys.readouterr().err
+    # The resume command keeps the override, not its secret value.
+    resume = err.split("resume with:")[1].split("\n")[1]
+    assert "+wandb.api_key=***" in resume and "scoring.seed=1" in resume
+    assert "sk-live" not in err and "sk-live" not in (run_dir / "config.yaml").read_text()
     assert "1 stale (other settings or not in the plan): tiny/layer=2/demo/00001" in err
     text = (run_dir / "report.md").read_text()
     assert "**Incomplete" in text and "tiny/layer=2/demo/00001" in text
@@ -252,3 +257,87 @@ def test_a_lease_from_another_host_expires_without_heartbeats(tmp_path):
     finally:
         lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def driver(runs: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m orchestrator` with only these overrides (no SMALL: math500 has no `n`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", f"runs_dir={runs}", "wandb=disabled", *overrides],
+        cwd=runs.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_a_data_file_row_lacking_a_field_is_one_error_line(tmp_path):
+    data = tmp_path / "math.jsonl"
+    rows = [json.loads(ln) for ln in (FIXTURES / "math500.jsonl").read_text().splitlines()]
+    del rows[1]["answer"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = tmp_path / "runs"
+    line = one_error_line(driver(runs, "run_id=bad", "dataset=math500", f"dataset.path={data}"))
+    assert "row 2 lacks columns ['answer']" in line
+    assert not list(runs.rglob("*.done.json"))
+
+
+def test_a_model_config_json_that_is_not_json_is_one_error_line(tmp_path):
+    from workers.demo_task import bundled_model_path
+
+    model = shutil.copytree(bundled_model_path(), tmp_path / "model")
+    (model / "config.json").write_text("{not json")
+    line = one_error_line(driver(tmp_path / "runs", "run_id=bad", f"model.path={model}"))
+    assert "config.json is not readable JSON" in line
+
+
+def test_a_full_disk_while_the_problems_are_written_is_one_error_line(tmp_path):
+    # RLIMIT_FSIZE makes every write past 8 KiB fail (EFBIG; Python ignores SIGXFSZ), the
+    # same path through the writer as ENOSPC on a full disk, without filling a real disk.
+    import resource
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        cli_command(runs, "full", "dataset.options.n=400"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_disk,
+    )
+    line = one_error_line(result)
+    assert line.startswith(f"error: cannot write {runs / 'full/problems/demo.arrow'}")
+    assert not list(runs.rglob("*.done.json")) and not list(runs.rglob("*.arrow"))
+    assert not list(runs.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize(
+    "override", ["wandb.api_key=sk-live-0123456789", "model.auth_token=sk-live-0123456789"]
+)
+def test_the_echo_of_a_bad_override_masks_its_secret(tmp_path, override):
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", override, f"runs_dir={tmp_path}", "dry_run=true"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "Could not override" in result.stderr
+    assert "sk-live" not in result.stderr + result.stdout
+    assert override.split("=")[0] + "=***" in result.stderr

@@ -140,7 +140,7 @@ def check_records(records: list[Any], spec: DatasetSpec, name: str, *, where: st
     """ValueError naming the first bad row: every record is an object holding each of the
     spec's columns as a non-null string or integer (text columns: strings only), so a null
     answer never becomes the gold answer 'None' and a list never becomes a prompt."""
-    for i, record in enumerate(records):
+    for i, record in enumerate(records, 1):  # rows count from 1, as lines do
         if not isinstance(record, dict):
             raise ValueError(f"{where}: row {i} is {type(record).__name__}, not an object")
         missing = [c for c in spec.columns if c not in record]
