@@ -1,10 +1,11 @@
 """`python -m orchestrator [group=option ...] [key=value ...]`: problems -> scores -> report.
 
 Reads as its steps: compose the typed config, validate it, plan (or print the plan and stop:
-`dry_run=true`), load the problems, start Ray, run the stages, build the report, log to W&B,
-exit 0 when every unit is complete. Running the same command again resumes the run: complete
-units are skipped. Exit codes: 0 complete, 1 some units failed (the resume command is
-printed), 2 bad config or input (one line on stderr, nothing marked complete).
+`dry_run=true`), take the run's lease (orchestrator/lock.py), load the problems, start Ray, run
+the stages, build the report, log to W&B, exit 0 when every unit is complete. Running the same
+command again resumes the run: complete units are skipped. Exit codes: 0 complete, 1 some units
+failed (the resume command is printed, secrets masked), 2 bad config or input, or another
+driver holds the run (one line on stderr, nothing marked complete).
 """
 
 from __future__ import annotations
@@ -233,7 +234,10 @@ def init_ray(cluster: Any) -> bool:
     if cluster.address:
         ray.init(address=cluster.address)
     else:
+        # address="local": always a new instance of our own, even on a node where `ray start`
+        # ran (a bare ray.init() would join that cluster and refuse num_cpus).
         ray.init(
+            address="local",
             num_cpus=cluster.num_cpus or os.cpu_count(),
             num_gpus=cluster.num_gpus,
             include_dashboard=False,

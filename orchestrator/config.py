@@ -11,6 +11,7 @@ Each stage then gets its own slice (`ModelConfig`, `ScoringConfig`, ...), never 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,7 @@ def list_or_value(value: Any) -> Any:
 def validate(cfg: RunConfig) -> None:
     """Check everything that can be checked without Ray or a model; raise ConfigError."""
     check_names(cfg)
+    check_runs_dir(cfg.runs_dir)
     if cfg.generation.backend not in BACKENDS:
         raise ConfigError(f"generation.backend={cfg.generation.backend!r}; valid: {BACKENDS}")
     for key in ("samples_per_problem", "batch_size", "problems_per_shard"):
@@ -496,6 +498,23 @@ def router_models(cfg: RunConfig) -> list[ModelConfig]:
     """The models whose router the update trains: router_update.models, else the run's."""
     names = cfg.router_update.models
     return [load_option("model", n) for n in names] if names else sweep_models(cfg)
+
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a job's driver
+
+
+def check_runs_dir(runs_dir: str) -> None:
+    """Inside `ray job submit`, the driver's working directory is Ray's temporary copy of
+    --working-dir, deleted when the cluster stops: refuse a runs_dir that would land there."""
+    if not os.environ.get(RAY_JOB_ENV):
+        return
+    inside = Path(runs_dir).resolve().is_relative_to(Path.cwd().resolve())
+    if not Path(runs_dir).is_absolute() or inside:
+        raise ConfigError(
+            f"runs_dir={runs_dir} is inside this Ray job's temporary working directory"
+            f" ({Path.cwd()}), which is deleted with the cluster: give an absolute path on"
+            " storage every node mounts, e.g. runs_dir=/mnt/shared/runs"
+        )
 
 
 def check_names(cfg: RunConfig) -> None:

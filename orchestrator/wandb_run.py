@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ class WandbSession:
         self._last_progress = -math.inf
         self._pending: dict[str, Any] | None = None
         self._step = 0
+        self._log_warned = False  # a wandb log file failed to write (reported once)
         mode = getattr(cfg, "mode", None)
         if mode == "disabled":
             return
@@ -134,6 +136,10 @@ class WandbSession:
             _warn("import", err)
             return
         self._wandb = wandb
+        # wandb's own log files (debug.log, ...) fail on a full disk: Python's logging would
+        # print a "--- Logging error ---" traceback per record, from wandb's threads too.
+        # Off while this session lives; the first such failure is one warning (_log_failed).
+        self._raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
         self._run = self._init(
             name=f"{run_id}-driver",
             job_type="driver",
@@ -164,7 +170,7 @@ class WandbSession:
                 save_code=False,
                 x_save_requirements=False,
             )
-            return wandb.init(
+            run = wandb.init(
                 project=self.cfg.project,
                 entity=self.cfg.entity,
                 group=self.run_id,
@@ -183,6 +189,17 @@ class WandbSession:
             _warn(f"init of {name}", err)
             self._broken = True
             return None
+        for handler in logging.getLogger("wandb").handlers:
+            handler.handleError = self._log_failed  # type: ignore[method-assign]
+        return run
+
+    def _log_failed(self, record: logging.LogRecord) -> None:
+        """A wandb log file could not be written (a full disk): one warning, no traceback."""
+        if not self._log_warned:
+            self._log_warned = True
+            err = sys.exc_info()[1] or OSError("unknown error")
+            _warn("writing its files", err)
+            self._broken = True  # no more runs: the next would fail the same way
 
     def log_progress(self, metrics: dict[str, Any]) -> None:
         """Log live progress on the driver run, at most once per progress_interval_s."""
@@ -202,7 +219,8 @@ class WandbSession:
         try:
             self._run.log({k: _clean(v) for k, v in pending.items()})
         except Exception as err:
-            _warn("log_progress", err)
+            if not self._log_warned:
+                _warn("log_progress", err)
 
     def log_results(self, report: Any) -> None:
         """One score run per (model, layer, dataset) of the report, and everything on the driver."""
@@ -346,6 +364,7 @@ class WandbSession:
         or sent (online) everything, so the files under runs/<id>/wandb/ are complete on return.
         Safe to call twice."""
         if self._run is None:
+            self._restore_logging()
             return
         self._flush_progress()
         run, self._run = self._run, None
@@ -355,7 +374,13 @@ class WandbSession:
             # teardown waits for it (and ends W&B's service process; a later init restarts it).
             self._wandb.teardown(exit_code=int(exit_code))
         except Exception as err:
-            _warn("finish", err)
+            if not self._log_warned:  # a full disk was already reported, once
+                _warn("finish", err)
+        self._restore_logging()
+
+    def _restore_logging(self) -> None:
+        if hasattr(self, "_raise_exceptions"):
+            logging.raiseExceptions = self._raise_exceptions
 
 
 def _table(wandb: Any, frame: Any) -> Any:

@@ -9,7 +9,7 @@ def local_ray():
     """A real local Ray for one test module, as the driver would start it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -341,3 +342,59 @@ def test_the_echo_of_a_bad_override_masks_its_secret(tmp_path, override):
     assert result.returncode != 0 and "Could not override" in result.stderr
     assert "sk-live" not in result.stderr + result.stdout
     assert override.split("=")[0] + "=***" in result.stderr
+
+
+# ----------------------------------------------------------------------------- clusters
+
+
+def test_cluster_local_starts_its_own_ray_on_a_node_where_ray_start_ran(reference, tmp_path):
+    # RAY_TMPDIR keeps this head's address file (where a bare ray.init() finds the cluster
+    # to join) away from every other Ray on the machine; a short path, for Ray's sockets.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    ray_cli = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (ray_tmp / "ray" / "ray_current_cluster").exists() or head.poll())
+        assert head.poll() is None, "ray start failed"
+        copy_run(reference, tmp_path, "rs")
+        result = subprocess.run(
+            cli_command(tmp_path, "rs"), cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        kill_processes_mentioning(str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def kill_processes_mentioning(marker: str) -> None:
+    """SIGKILL the processes this test started (their command lines name its temp dir)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def test_a_relative_runs_dir_inside_a_ray_job_is_refused(tmp_path):
+    # What Ray's job supervisor sets in a submitted job's driver; its cwd is the temporary
+    # copy of --working-dir, here tmp_path.
+    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": '{"runtime_env": {"working_dir": "."}}'}
+    for runs_dir in ("runs", str(tmp_path / "runs")):
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator", f"runs_dir={runs_dir}", "wandb=disabled"],
+            cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        line = one_error_line(result)
+        assert f"runs_dir={runs_dir} is inside this Ray job's temporary working directory" in line
+        assert list(tmp_path.iterdir()) == []

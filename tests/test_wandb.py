@@ -319,3 +319,36 @@ def test_jobs_are_reported_when_their_last_expected_unit_is_written(tmp_path):
     assert seen[-1] == ("m", 0, "d", {"units": 2, "tokens_this_session": 11})
     jobs.done(units[1], {"tokens": 6})  # a duplicate report changes nothing
     assert len(seen) == 2
+
+
+FULL_DISK_SCRIPT = """
+import logging, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))  # every write past 2 KiB fails
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from orchestrator.wandb_run import WandbConfig, WandbSession
+raise_before = logging.raiseExceptions
+s = WandbSession(WandbConfig(mode="offline", progress_interval_s=0), run_id="r",
+                 run_dir=sys.argv[1], config={"a": 1})
+for i in range(20):
+    s.log_progress({"x": i, "blob": "y" * 500})
+s.finish(0)
+print("restored", logging.raiseExceptions == raise_before)
+"""
+
+
+def test_a_full_disk_under_wandb_is_one_warning_line(tmp_path):
+    # RLIMIT_FSIZE fails writes like ENOSPC (EFBIG; Python ignores SIGXFSZ), in wandb's
+    # service process too; stderr goes to a pipe, which the limit does not touch.
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("WARNING orchestrator.wandb_run: W&B"), lines
+    assert "File too large" in lines[0]
+    assert proc.stdout.strip() == "restored True"
