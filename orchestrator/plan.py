@@ -12,7 +12,8 @@ and a unit is complete when its file has a sidecar whose config hash equals the 
 slice and its inputs *by content* (the sha256 recorded in their sidecars), so when a config
 changes under the same run id exactly the affected units, and everything downstream of a
 changed file, are redone. Functions here are pure (no Ray, no model): the dry run prints
-`describe_plan` and the pipeline builds its units with the `*_units` functions.
+`describe_plan` and the pipeline builds its units with the `*_units` functions; `write_plan`
+records the scoring units in runs/<id>/plan.json for the report (analysis/inputs.py).
 """
 
 from __future__ import annotations
