@@ -268,7 +268,7 @@ def test_kernel_matches_reference_on_random_tables_with_ties():
     ref = token_metrics(lf, cfg, fast=False).collect()
     # The same columns (the two implementations may order them differently).
     expected = ["bin", "dataset", "gain", "layer", "max_alt", "model", "n_routes", "pbar",
-                "rank_std", "rho", "u_std", "win"]  # fmt: skip
+                "problem_id", "rank_std", "rho", "sample_idx", "u_std", "win", "win_strict"]  # fmt: skip
     assert sorted(fast.columns) == sorted(ref.columns) == expected
     ref = ref.select(fast.columns)
     assert fast["rho"].null_count() > 100  # the case is exercised
