@@ -34,9 +34,10 @@ def mini_config(family: str):
     config.vocab_size = VOCAB
     config.hidden_size = 128
     if family == "deepseek_v2":  # MLA: the head size is qk_nope + qk_rope (v: v_head_dim)
-        config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim = 16, 16, 32
-        config.qk_head_dim = 32
-        config.kv_lora_rank = 32
+        config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim = 32, 32, 32
+        config.qk_head_dim = 64
+        config.kv_lora_rank = 64
+        config.num_hidden_layers = 4  # dense layer 0, then three MoE layers: early, middle, final
     else:
         config.head_dim = 32
     return config
