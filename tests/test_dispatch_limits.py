@@ -126,9 +126,7 @@ def test_the_placement_group_of_a_dead_actor_is_freed_at_once(gpu_ray, tmp_path)
 
 
 def test_driver_exits_2_with_one_error_line_when_no_node_has_a_gpu(tmp_path):
-    result = run_cli(
-        tmp_path, "nogpu", "cluster.use_gpus=true", "cluster.actor_start_timeout_s=5"
-    )
+    result = run_cli(tmp_path, "nogpu", "cluster.use_gpus=true", "cluster.actor_start_timeout_s=5")
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'GPU': 1" in errors[0] and "within 5 s" in errors[0]

@@ -79,8 +79,9 @@ def test_vllm_logprobs_equal_the_scorers_standard_route_probability(vllm_demo):
         .select("problem_id", "sample_idx", "prompt_len", "sample_logprobs")
         .explode("sample_logprobs")
         .with_columns(
-            position=(pl.col("prompt_len") - 1 + pl.int_range(pl.len()).over("problem_id", "sample_idx"))
-            .cast(pl.Int32)
+            position=(
+                pl.col("prompt_len") - 1 + pl.int_range(pl.len()).over("problem_id", "sample_idx")
+            ).cast(pl.Int32)
         )
     )
     scores = pl.concat(pl.read_ipc(p) for p in sorted((vllm_demo / "scores").rglob("*.arrow")))
@@ -179,5 +180,7 @@ def test_mini_sweep_of_four_families_survives_a_driver_kill(tmp_path):
     files = sorted(Path(run_dir / "wandb").rglob("run-*.wandb"))
     assert files
     for path in files:
-        runs_info = [r.run for r in read_wandb_records(path) if r.WhichOneof("record_type") == "run"]
+        runs_info = [
+            r.run for r in read_wandb_records(path) if r.WhichOneof("record_type") == "run"
+        ]
         assert runs_info and all(r.run_group == "m" for r in runs_info)
