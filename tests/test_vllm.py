@@ -3,8 +3,8 @@
 Skipped where vllm is not installed. Each test starts vLLM engines (tens of seconds each on
 two cores), so sizes are tiny.
 - The demo through the pipeline with vLLM generators: vLLM's log-probability of every
-  sampled token equals the scorer's standard-route u(S) within LOGPROB_TOL, and its accuracy
-  lies in the 95% interval of the HF backend's on the same problems.
+  sampled token equals the scorer's standard-route u(S) within LOGPROB_TOL.
+- vLLM's demo accuracy lies in the 95% interval of the HF backend's on the same problems.
 - The mini sweep (conf/sweep/mini.yaml): four families x three layers x two data sets from
   local files, killed mid-run and resumed, ends with every cell in its tables.
 """
@@ -92,33 +92,37 @@ def test_vllm_logprobs_equal_the_scorers_standard_route_probability(vllm_demo):
     assert diff.max() < LOGPROB_TOL
 
 
-def test_vllm_accuracy_lies_in_the_hf_backends_interval(vllm_demo):
+def test_vllm_accuracy_lies_in_the_hf_backends_interval():
+    """Both backends sample 4 completions of 64 demo problems (seeded, so the figures are
+    reproducible); vLLM's accuracy must lie in the 95% Wilson interval of HF's. Measured:
+    vLLM 0.7168 vs HF 0.7246 at 8 samples (512 each); at 2 samples of 24 problems vLLM's
+    0.646 fell below HF's 0.681-0.898 by chance (48 draws are too few)."""
+    from workers.datasets import load_problems
     from workers.demo_task import bundled_model_path
     from workers.generate import generate_trajectories
-    from workers.generation import SamplingParams
-    from workers.generation.hf import HFBackend
-    from workers.io import read_arrow
+    from workers.generation import SamplingParams, make_backend
 
-    traj = pl.concat(
-        pl.read_ipc(p) for p in sorted((vllm_demo / "trajectories").rglob("generated/*.arrow"))
-    )
-    problems = read_arrow(vllm_demo / "problems" / "demo.arrow")
-    hf = HFBackend(str(bundled_model_path()), batch_size=48)
-    table = generate_trajectories(
-        hf,
-        problems,
-        SamplingParams(n=2, temperature=1.0, max_tokens=96, seed=0),
-        model_name="tiny",
-        verifier="exact",
-        tokenizer=hf.tokenizer,
-        template="{prompt}",
-        use_chat_template=False,
-    )
-    hf_ok, n = sum(table.column("verified").to_pylist()), table.num_rows
-    low, high = wilson(hf_ok, n)
-    vllm_acc = traj["verified"].mean()
-    print(f"accuracy: vLLM {vllm_acc:.3f}, HF {hf_ok / n:.3f} (95% interval {low:.3f}-{high:.3f})")
-    assert traj.height == n and low <= vllm_acc <= high
+    problems = load_problems("demo", path=None, limit=None, seed=0, n=64)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=96, seed=0)
+    accuracy = {}
+    for name, options in (
+        ("vllm", dict(dtype="float32", max_model_len=256, enforce_eager=True,
+                      kv_cache_memory_bytes=256 << 20, max_num_seqs=64)),
+        ("hf", dict(batch_size=64)),
+    ):  # fmt: skip
+        backend = make_backend(name, str(bundled_model_path()), **options)
+        table = generate_trajectories(
+            backend, problems, params, model_name="tiny", verifier="exact",
+            tokenizer=backend.tokenizer, template="{prompt}", use_chat_template=False,
+        )  # fmt: skip
+        if name == "vllm":
+            backend.close()
+        verified = table.column("verified").to_pylist()
+        accuracy[name] = (sum(verified), len(verified))
+    (v_ok, n_v), (h_ok, n_h) = accuracy["vllm"], accuracy["hf"]
+    low, high = wilson(h_ok, n_h)
+    print(f"accuracy: vLLM {v_ok / n_v:.4f}, HF {h_ok / n_h:.4f} (95% {low:.4f}-{high:.4f})")
+    assert n_v == n_h == 256 and low <= v_ok / n_v <= high
 
 
 def test_mini_sweep_of_four_families_survives_a_driver_kill(tmp_path):
