@@ -204,8 +204,8 @@ def dispatch(
 ) -> list[Outcome]:
     """Run `units` on up to `actors` actors made by `spawn`; `call(actor, unit)` -> ObjectRef.
 
-    An actor gets units only once started (its `pid()` answered). One that does not start
-    within `start_timeout_s` (unschedulable: the cluster lacks what it asks for; or a load that
+    An actor gets units only once started (Ray's `__ray_ready__` answered). One that does not
+    start within `start_timeout_s` (unschedulable: the cluster lacks what it asks for; or a load that
     hangs) raises ActorStartError with `describe()` in the message. A unit still running after
     `unit_timeout_s` counts as a failed attempt: its actor is killed and replaced. `release(a)`
     is called for every actor that goes (e.g. to free its placement group). Returns one Outcome
@@ -224,7 +224,7 @@ class _Pool:
         self.start_timeout_s, self.unit_timeout_s = start_timeout_s, unit_timeout_s
         self.release, self.describe = release, describe
         self.queue: deque[tuple[Unit, int]] = deque()
-        self.starting: dict[Any, tuple[Any, float]] = {}  # pid() ref -> (actor, spawned at)
+        self.starting: dict[Any, tuple[Any, float]] = {}  # ready ref -> (actor, spawned at)
         self.pending: dict[Any, tuple[Any, Unit, int, float]] = {}  # ref -> (actor, unit, try, t0)
         self.live: list[Any] = []
         self.idle: list[Any] = []
@@ -258,7 +258,7 @@ class _Pool:
     def start(self) -> None:
         actor = self.spawn()
         self.live.append(actor)
-        self.starting[actor.pid.remote()] = (actor, time.monotonic())
+        self.starting[actor.__ray_ready__.remote()] = (actor, time.monotonic())
 
     def started(self, ref: Any) -> None:
         actor, _ = self.starting.pop(ref)
