@@ -205,8 +205,8 @@ def dispatch(
     """Run `units` on up to `actors` actors made by `spawn`; `call(actor, unit)` -> ObjectRef.
 
     An actor gets units only once started (Ray's `__ray_ready__` answered). One that does not
-    start within `start_timeout_s` (unschedulable: the cluster lacks what it asks for; or a load that
-    hangs) raises ActorStartError with `describe()` in the message. A unit still running after
+    start within `start_timeout_s` (unschedulable: the cluster lacks what it asks for; or a
+    load that hangs) raises ActorStartError with `describe()` in the message. A unit still running after
     `unit_timeout_s` counts as a failed attempt: its actor is killed and replaced. `release(a)`
     is called for every actor that goes (e.g. to free its placement group). Returns one Outcome
     per unit (in completion order). The actors are shut down (`close`) and killed at the end.

@@ -194,7 +194,7 @@ def run_units(
     call: Callable[[Any, plan.Unit], Any],
     n_actors: int,
     retries: int,
-    timeouts: tuple[float | None, float | None],
+    timeouts: tuple[float | None, float | None] = (None, None),
     checksum: bool,
     summary: RunSummary,
     sink: Sink | None,
