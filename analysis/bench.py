@@ -2,9 +2,11 @@
 
     python -m analysis.bench [--rows 10000000] [--shards 20] [--alternatives 32] [--top-k 8]
 
-Writes `--rows` synthetic token rows (SCORES_SCHEMA, J alternatives of k experts each) as
-several complete shards under a temporary directory, then runs `analysis.metrics.collect_stats`
-over them in a fresh process and reports its wall time and its RSS high-water mark (VmHWM:
+Writes `--rows` synthetic token rows (SCORES_SCHEMA, J alternatives of k experts each; 500-token
+trajectories) as several complete shards under a temporary directory, then runs
+`analysis.metrics.collect_stats` and `analysis.tables.summarise` (the tables with their
+bootstrap intervals) over them in a fresh process and reports their wall times and the RSS
+high-water mark (VmHWM:
 Polars allocates natively, so tracemalloc would not see it), next to the
 size of the data in memory (Arrow nbytes, of the whole table and of the columns the
 aggregation reads). Generating and writing the data (vectorised numpy, ~15 s per million
@@ -106,7 +108,9 @@ def make_scores(
     u[:, 1:] = np.where(repeat, u[:, :1], u[:, 1:])
     s_alt = np.where(repeat, s_std[:, None], s_alt).astype(np.float32)
     std_route, alt_routes = make_routes(n, alternatives=j, top_k=top_k, experts=experts)
-    traj = pa.array(np.arange(n, dtype=np.int64) // 500).cast(pa.string())
+    # Trajectories of 500 tokens, ids unique per seed so that shards never share one (the
+    # bootstrap resamples trajectories).
+    traj = pa.array(seed * 1_000_000 + np.arange(n, dtype=np.int64) // 500).cast(pa.string())
     cols = {
         "problem_id": pc.binary_join_element_wise("p", traj, ""),
         "sample_idx": pa.array(np.zeros(n, dtype=np.int32)),
@@ -206,20 +210,30 @@ def _peak_rss_kib() -> int:
 
 
 def _aggregate_child(run_dir: str) -> None:
-    """Child process body: aggregate, print timing and RSS (before and peak) as JSON."""
+    """Child process body: aggregate, then the tables with their bootstrap intervals; print
+    timings and RSS (before and peak) as JSON."""
     from analysis.metrics import AnalysisConfig, collect_stats, find_shards
+    from analysis.tables import summarise
 
     paths = find_shards(run_dir)
     import analysis.kernel  # noqa: F401  (libraries loaded before the baseline is read)
 
+    cfg = AnalysisConfig()
     baseline = _peak_rss_kib()
     t0 = time.perf_counter()
-    stats = collect_stats(paths, AnalysisConfig())
+    stats = collect_stats(paths, cfg)
     seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    tables = summarise(stats, cfg)
+    tables_s = time.perf_counter() - t1
     result = {
         "seconds": seconds,
+        "tables_seconds": tables_s,
+        "bootstrap": cfg.bootstrap,
         "rows": int(stats["tokens"].sum()),
         "groups": stats.height,
+        "stats_mb": stats.estimated_size() / 2**20,
+        "by_bin_rows": tables["by_bin"].height,
         "baseline_rss_mb": baseline / 1024,
         "peak_rss_mb": _peak_rss_kib() / 1024,
     }
@@ -262,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generate+write       {gen_s:.1f} s (not counted)")
         print(
             f"aggregate            {result['seconds']:.1f} s ({result['rows'] / result['seconds'] / 1e6:.2f} M rows/s)"
+        )
+        print(
+            f"tables + intervals   {result['tables_seconds']:.1f} s ({result['bootstrap']:,} bootstrap "
+            f"replicates over {result['groups']:,} (trajectory, bin, gain bucket) sums, "
+            f"{result['stats_mb']:,.0f} MB)"
         )
         print(
             f"peak RSS             {result['peak_rss_mb']:,.0f} MB"

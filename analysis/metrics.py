@@ -1,10 +1,11 @@
-"""Per-token metrics and per-bin sufficient statistics over score shards (SCIENCE.md, "Definitions").
+"""Per-token metrics and per-bin sufficient statistics over score shards (docs/method.md).
 
 Contract: `find_shards(run_dir)` lists the complete score shards of a run (a data file counts
 only when its `<name>.done.json` sidecar exists; a file without one is never opened);
 `scan_scores(paths)` is one lazy scan over them; `token_metrics(lf, cfg)` adds the per-token
 columns; `aggregate(lf, cfg)` reduces everything to one small frame of sums per
-(model, layer, dataset, bin, gain bucket), from which `tables.py` derives every mean exactly.
+(model, layer, dataset, bin, cluster, gain bucket), from which `tables.py` derives every mean
+exactly and `intervals.py` resamples clusters (trajectories or problems) for the intervals.
 
 Per token, with u(S) = `std_prob`, u(R_j) = `alt_probs[j]`, s(R) = route log-probabilities:
 - pbar = mean of u over S and the J alternatives, computed in float64 from the stored float32
@@ -13,7 +14,9 @@ Per token, with u(S) = `std_prob`, u(R_j) = `alt_probs[j]`, s(R) = route log-pro
   in that precision is Confident, as the definition says, not a float64 rounding accident.
 - bin: Confident if pbar >= confident, Fragile if pbar < fragile, Ambiguous otherwise.
 - max_alt = max_j u(R_j); gain = max_alt - u(S) (tables report its mean x 100, in points).
-- win = max_alt > u(S), strictly: an alternative that only ties S is not a win.
+- win = max_alt > u(S) + win_margin: an alternative must beat S by more than the margin, so
+  that float rounding in the scorer is not counted as a better route; win_strict = max_alt >
+  u(S) (any difference, a tie is not a win), kept to show how much of it is rounding.
 - rank of u(S) among the J+1 routes: 1 = highest utility, ties share the average of the ranks
   they span, i.e. rank = 1 + #{j: u(R_j) > u(S)} + #{j: u(R_j) = u(S)} / 2. It lies in
   [1, J+1]; (J+2)/2 is what a route of no special quality would get on average.
@@ -48,13 +51,30 @@ FIXED_POINT = 2**32
 SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
 
 
-@dataclass(frozen=True)
+CLUSTERS = {"trajectory": ("problem_id", "sample_idx"), "problem": ("problem_id",)}
+
+
+@dataclass
 class AnalysisConfig:
-    """Bin thresholds on pbar (SCIENCE.md) and the resolution of the gain histogram."""
+    """How scores become tables: bins, win margin, histogram resolution, bootstrap intervals.
+
+    The one place these defaults live: `python -m analysis.report` flags and the driver's
+    `analysis` config group (orchestrator/config.py) both take them from here. Not frozen: it is
+    also the Hydra schema of conf/analysis/.
+    """
 
     confident: float = 0.9  # pbar >= confident -> Confident
     fragile: float = 0.5  # pbar < fragile -> Fragile; in between -> Ambiguous
     gain_buckets: int = 100  # histogram of per-token gain over [-1, 1]; width 2 / buckets
+    # A win needs max_j u(R_j) > u(S) + win_margin. 1e-4 (0.01 pp) is far above float32
+    # rounding of a probability (< 6e-8) and ~10x the fast scorer's float32 deviation from brute
+    # force (~1e-5), and far below any difference a reader would call a better route. Scoring
+    # in bfloat16 is noisier: raise it there.
+    win_margin: float = 1e-4
+    cluster: str = "trajectory"  # bootstrap resampling unit: trajectory or problem
+    bootstrap: int = 1000  # replicates for the percentile intervals; 0 = no intervals
+    level: float = 0.95  # coverage of the intervals
+    seed: int = 0  # the intervals are a function of (data, seed)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fragile < self.confident <= 1.0:
@@ -64,12 +84,25 @@ class AnalysisConfig:
             )
         if self.gain_buckets < 1:
             raise ValueError(f"gain_buckets must be >= 1, got {self.gain_buckets}")
+        if not 0.0 <= self.win_margin < 1.0:
+            raise ValueError(f"win_margin must be in [0, 1), got {self.win_margin}")
+        if self.cluster not in CLUSTERS:
+            raise ValueError(f"cluster must be one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be >= 0 replicates, got {self.bootstrap}")
+        if not 0.0 < self.level < 1.0:
+            raise ValueError(f"level must be in (0, 1), got {self.level}")
+
+    @property
+    def cluster_keys(self) -> tuple[str, ...]:
+        """Score columns that identify one resampling unit within a (model, layer, dataset)."""
+        return CLUSTERS[self.cluster]
 
 
 def find_shards(run_dir: str | Path) -> list[Path]:
     """Complete score shards of a run, sorted: data files whose sidecar exists and parses.
 
-    A file without one (in progress, crashed, foreign) is never opened (DESIGN.md). The
+    A file without one (in progress, crashed, foreign) is never opened (docs/design.md). The
     checksum is not recomputed here: that would read every byte of every shard once more,
     and the writer only renames a sidecar into place after the data file is complete.
     """
@@ -84,13 +117,14 @@ def scan_scores(paths: Sequence[str | Path]) -> pl.LazyFrame:
     return pl.scan_ipc([str(p) for p in paths], hive_partitioning=False)
 
 
-def _reference_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
+def _reference_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
     """The per-token route columns as Polars list expressions: the readable reference, exact
     but slow (`list.eval(rank)` costs ~7 s per million J=32 rows per ranked column)."""
     u = pl.concat_list(pl.col("std_prob"), pl.col("alt_probs"))
     s = pl.concat_list(pl.col("std_route_logprob"), pl.col("alt_route_logprobs"))
     out = lf.select(
         *GROUP_KEYS,
+        *keys,
         pl.col("std_prob").cast(pl.Float64).alias("u_std"),
         pl.col("alt_probs").list.max().cast(pl.Float64).alias("max_alt"),
         u.list.mean().cast(pl.Float32).alias("pbar"),
@@ -116,7 +150,7 @@ def _reference_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
     ).drop("_ru", "_rs")
 
 
-def _kernel_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
+def _kernel_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
     """The same columns from the compiled kernel, one call per streamed batch."""
     from analysis.kernel import KERNEL_FIELDS, route_metrics
 
@@ -126,15 +160,18 @@ def _kernel_columns(lf: pl.LazyFrame) -> pl.LazyFrame:
     )
     return lf.select(
         *GROUP_KEYS,
+        *keys,
         pl.col("std_prob").cast(pl.Float64).alias("u_std"),
         metrics.alias("_k"),
     ).unnest("_k")
 
 
 def token_metrics(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl.LazyFrame:
-    """Per token: model, layer, dataset, u_std, max_alt, pbar, rank_std, rho, n_routes, bin,
-    gain, win (lazily). `fast=False` uses the pure-Polars reference instead of the kernel."""
-    out = _kernel_columns(lf) if fast else _reference_columns(lf)
+    """Per token: model, layer, dataset, the cluster keys, u_std, max_alt, pbar, rank_std, rho,
+    n_routes, bin, gain, win, win_strict (lazily). `fast=False` uses the pure-Polars reference
+    instead of the kernel."""
+    keys = cfg.cluster_keys
+    out = _kernel_columns(lf, keys) if fast else _reference_columns(lf, keys)
     confident = pl.lit(cfg.confident, dtype=pl.Float32)
     fragile = pl.lit(cfg.fragile, dtype=pl.Float32)
     return out.with_columns(
@@ -145,7 +182,8 @@ def token_metrics(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -
         .otherwise(pl.lit("ambiguous"))
         .alias("bin"),
         (pl.col("max_alt") - pl.col("u_std")).alias("gain"),
-        (pl.col("max_alt") > pl.col("u_std")).alias("win"),
+        (pl.col("max_alt") > pl.col("u_std") + cfg.win_margin).alias("win"),
+        (pl.col("max_alt") > pl.col("u_std")).alias("win_strict"),
     )
 
 
@@ -162,19 +200,24 @@ def exact_sum(column: str) -> pl.Expr:
 
 
 def aggregate(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl.LazyFrame:
-    """Sums per (model, layer, dataset, bin, gain bucket): every table and histogram derives
-    from these exactly, so the shards are scanned once. `sum_*` columns are fixed-point Int64
-    (divide by FIXED_POINT)."""
+    """Sums per (model, layer, dataset, bin, cluster keys, gain bucket): every table, histogram
+    and interval derives from these exactly, so the shards are scanned once. `sum_*` columns are
+    fixed-point Int64 (divide by FIXED_POINT).
+
+    Size: one row per distinct (trajectory, bin, gain bucket), a few dozen per trajectory in
+    practice (most of a trajectory's tokens share the bucket around zero gain), so it grows with
+    the number of trajectories, not tokens."""
     tok = token_metrics(lf, cfg, fast=fast).with_columns(
         gain_bucket(pl.col("gain"), cfg.gain_buckets)
     )
-    return tok.group_by(*GROUP_KEYS, "bin", "gain_bucket").agg(
+    return tok.group_by(*GROUP_KEYS, "bin", *cfg.cluster_keys, "gain_bucket").agg(
         pl.len().alias("tokens"),
         exact_sum("u_std").alias("sum_u_std"),
         exact_sum("max_alt").alias("sum_max_alt"),
         pl.col("gain").count().alias("gain_tokens"),  # tokens with J >= 1
         exact_sum("gain").alias("sum_gain"),
         pl.col("win").sum().cast(pl.Int64).alias("wins"),
+        pl.col("win_strict").sum().cast(pl.Int64).alias("wins_strict"),
         exact_sum("rank_std").alias("sum_rank"),
         exact_sum("rho").alias("sum_rho"),
         pl.col("rho").count().alias("rho_tokens"),

@@ -1,6 +1,10 @@
 """Tables, figures and report.md of a run, from its complete score shards alone.
 
-    python -m analysis.report runs/<run_id> [--confident 0.9] [--fragile 0.5]
+    python -m analysis.report runs/<run_id> [--confident 0.9] [--fragile 0.5] [--win-margin 1e-4]
+        [--cluster trajectory|problem] [--bootstrap 1000] [--level 0.95] [--seed 0]
+
+(every flag is a field of analysis.metrics.AnalysisConfig, which holds the defaults; the driver
+passes its `analysis` config group.)
 
 Contract: `build_report(run_dir, config=None)` scans `runs/<id>/scores/**.arrow` (only files
 with a `.done.json` sidecar; see analysis.metrics), writes `tables/<name>.{parquet,csv}`,
@@ -22,9 +26,17 @@ from typing import Any
 
 import polars as pl
 
-from analysis.figures import plot_all
-from analysis.metrics import BINS, SCORES_GLOB, AnalysisConfig, collect_stats, find_shards
-from analysis.tables import summarise, write_tables
+from analysis.figures import layer_label, plot_all
+from analysis.metrics import (
+    BINS,
+    CLUSTERS,
+    SCORES_GLOB,
+    AnalysisConfig,
+    collect_stats,
+    find_shards,
+)
+from analysis.runinfo import generation_summary, layer_labels
+from analysis.tables import pooled_rows, summarise, write_tables
 
 
 @dataclass
@@ -52,9 +64,12 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
     started = time.perf_counter()
     tables = summarise(collect_stats(shards, cfg), cfg)
     seconds = time.perf_counter() - started
+    tables["generation"] = generation_summary(run_dir)
     write_tables(tables, run_dir / "tables")
     # 3. Figures and the markdown report that embeds them.
-    figures = plot_all(tables, run_dir / "figures")
+    run_config = load_run_config(run_dir)
+    labels = layer_labels(run_config)
+    figures = plot_all(tables, run_dir / "figures", labels)
     text = render_markdown(
         tables,
         figures,
@@ -63,7 +78,8 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         shards=len(shards),
         incomplete=incomplete,
         seconds=seconds,
-        run_config=load_run_config(run_dir),
+        run_config=run_config,
+        labels=labels,
     )
     path = run_dir / "report.md"
     tmp = path.with_name(".report.md.tmp")
@@ -120,29 +136,112 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def _markdown_table(frame: pl.DataFrame) -> list[str]:
-    columns = [
-        ("model", "model", "s"),
-        ("layer", "layer", "d"),
-        ("dataset", "dataset", "s"),
-        ("bin", "bin", "s"),
-        ("tokens", "tokens", ","),
-        ("share", "share", ".1%"),
-        ("mean_u_std", "mean u(S)", ".3f"),
-        ("mean_max_alt", "mean max u(R)", ".3f"),
-        ("gain_pp", "gain (pp)", ".1f"),
-        ("win_rate", "win rate", ".1%"),
-        ("mean_rank", "mean rank of S", ".2f"),
-        ("alignment", "alignment ρ", ".3f"),
-        ("no_variance", "no variance", ","),
-    ]
-    lines = [
-        "| " + " | ".join(title for _, title, _ in columns) + " |",
-        "|" + "|".join("---" if spec == "s" else "---:" for *_, spec in columns) + "|",
-    ]
-    for row in frame.iter_rows(named=True):
-        lines.append("| " + " | ".join(_fmt(row[c], spec) for c, _, spec in columns) + " |")
+def _ci(row: dict[str, Any], mean: str, spec: str) -> str:
+    """'0.412 [0.380, 0.441]': the mean and its bootstrap interval, when there is one."""
+    text = _fmt(row[mean], spec)
+    lo, hi = row.get(f"{mean}_lo"), row.get(f"{mean}_hi")
+    if row[mean] is None or lo is None or hi is None:
+        return text
+    return f"{text} [{_fmt(lo, spec)}, {_fmt(hi, spec)}]"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """A markdown table; align has one letter per column, l(eft) or r(ight)."""
+    rules = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rules) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
+
+
+def _markdown_table(frame: pl.DataFrame, labels: dict) -> list[str]:
+    header = [
+        "model", "layer", "dataset", "bin", "tokens", "share", "mean u(S)", "mean max u(R)",
+        "gain (pp)", "win rate", "strict win rate", "mean rank of S", "alignment ρ",
+        "no variance",
+    ]  # fmt: skip
+    rows = []
+    for row in frame.iter_rows(named=True):
+        rows.append(
+            [
+                row["model"],
+                layer_label(labels, row["model"], row["layer"]),
+                row["dataset"],
+                row["bin"],
+                _fmt(row["tokens"], ","),
+                _fmt(row["share"], ".1%"),
+                _ci(row, "mean_u_std", ".3f"),
+                _ci(row, "mean_max_alt", ".3f"),
+                _ci(row, "gain_pp", ".1f"),
+                _ci(row, "win_rate", ".1%"),
+                _ci(row, "win_rate_strict", ".1%"),
+                _ci(row, "mean_rank", ".2f"),
+                _ci(row, "alignment", ".3f"),
+                _fmt(row["no_variance"], ","),
+            ]
+        )
+    return _table(header, rows, align="llll" + "r" * 10)
+
+
+def _generation_table(generation: pl.DataFrame) -> list[str]:
+    if generation.is_empty():
+        return ["(no complete generated trajectories in this run directory)"]
+    header = ["model", "dataset", "samples", "verified", "mean length", "max length"]
+    header.append("finish reasons")
+    rows = [
+        [
+            r["model"],
+            r["dataset"],
+            _fmt(r["samples"], ","),
+            f"{r['verified']:,} ({_fmt(r['verified_share'], '.1%')})",
+            _fmt(r["mean_tokens"], ",.1f"),
+            _fmt(r["max_tokens"], ","),
+            r["finish_reasons"],
+        ]
+        for r in generation.iter_rows(named=True)
+    ]
+    return _table(header, rows, align="llrrrrl")
+
+
+def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:
+    unit = {"trajectory": "trajectories", "problem": "problems"}[cfg.cluster]
+    margin_pp = 100 * cfg.win_margin
+    return [
+        "## How to read this",
+        "",
+        "- Each scored token is a position of a verified completion. At the scored layer, "
+        "S is the route (set of k experts) the router picks; R_1..R_J are alternatives of the "
+        "same size drawn from the router's top experts. u(R) is the probability the model "
+        "gives to the token it actually wrote next when only this position, at this layer, "
+        "takes route R; everything before is unchanged and later layers route as usual.",
+        "- pbar = mean of u over S and the J alternatives. A token is Confident when "
+        f"pbar ≥ {cfg.confident}, Fragile when pbar < {cfg.fragile}, Ambiguous in between "
+        "(pbar is the float64 mean of the float32 data, compared in float32).",
+        "- mean u(S), mean max u(R): averages over the bin's tokens of u(S) and of the best "
+        "alternative's u. gain (pp) = 100 × mean of max_j u(R_j) − u(S): how much probability "
+        "the best sampled route adds, in percentage points. max ≥ u(S) often only because an "
+        "alternative repeats S or differs from it by rounding, so gain is never negative in "
+        "the mean and small gains mean little.",
+        f"- win rate: share of tokens where the best alternative beats u(S) by more than "
+        f"{cfg.win_margin:g} ({margin_pp:g} pp), the margin below which a difference is float "
+        "rounding rather than a better route. strict win rate: beats u(S) by any amount (a tie "
+        "is not a win); the gap between the two is the share of tokens won by rounding only.",
+        "- mean rank of S: rank of u(S) among the J+1 routes, 1 = the highest utility, tied "
+        "routes share the average of their ranks (1 + #better + #tied/2). A route no better "
+        f"than a random one of the J+1 would average (J+2)/2 = {chance}.",
+        "- alignment ρ: per token, the Spearman correlation (average ranks for ties) between "
+        "the router's score s(R) = Σ_{e∈R} log softmax(z)_e and u(R) over the J+1 routes, "
+        "averaged over tokens. 1: the router orders routes by their utility; 0: no relation. "
+        "Tokens where s or u is constant over the routes have no correlation; they are left out "
+        "and counted in 'no variance'.",
+        f"- [lo, hi]: {100 * cfg.level:g}% percentile bootstrap interval of the mean, from "
+        f"{cfg.bootstrap:,} resamples of whole {unit} (seed {cfg.seed}): tokens of one "
+        f"trajectory are correlated, so {unit}, not tokens, are the independent units. A "
+        "bin with few trajectories gets a wide interval; '–' means no interval (no tokens, or "
+        "intervals turned off).",
+        "- Rows with dataset = all pool the datasets of a (model, layer) (only when there are "
+        "several); bin = all pools the bins.",
+        "",
+    ]
 
 
 def render_markdown(
@@ -155,10 +254,14 @@ def render_markdown(
     incomplete: int,
     seconds: float,
     run_config: dict[str, Any] | None,
+    labels: dict[tuple[str, int], str] | None = None,
 ) -> str:
+    labels = labels or {}
     by_bin = tables["by_bin"]
     per_job = by_bin.filter(pl.col("dataset") != "all")
     total = int(per_job.filter(pl.col("bin") == "all")["tokens"].sum())
+    chances = sorted({f"{c:g}" for c in by_bin["chance_rank"].drop_nulls().to_list()})
+    chance = " or ".join(chances) or "–"
     lines = [f"# Counterfactual routing report: {run_dir.name}", ""]
     lines += [
         f"{total:,} scored tokens from {shards} complete score shards"
@@ -175,51 +278,52 @@ def render_markdown(
                 lines.append(f"- {key}: {shown}")
     else:
         lines.append("- (no config.yaml in the run directory)")
+    mapping = ", ".join(f"{m}: {name}" for (m, _), name in sorted(labels.items()))
     lines += [
+        f"- layer mapping: {mapping}" if mapping else "- layer mapping: (not in the run config)",
         f"- bins: Confident pbar ≥ {cfg.confident}, Fragile pbar < {cfg.fragile}, Ambiguous between",
+        f"- win margin: {cfg.win_margin:g}; chance rank of S: {chance}",
+        f"- intervals: {100 * cfg.level:g}% percentile bootstrap resampling {cfg.cluster} "
+        "clusters, "
+        f"{cfg.bootstrap:,} replicates, seed {cfg.seed}",
         "",
-        "## Key numbers (all datasets pooled)",
+        "## Generation and verification",
+        "",
+        *_generation_table(tables.get("generation", pl.DataFrame())),
+        "",
+        "Lengths are completion tokens; only verified trajectories are scored.",
+        "",
+        "## Key numbers (all datasets of a model and layer)",
         "",
     ]
-    for row in by_bin.filter(
-        (pl.col("dataset") == "all") & (pl.col("bin").is_in(list(BINS)))
-    ).iter_rows(named=True):
+    for row in pooled_rows(by_bin).filter(pl.col("bin").is_in(list(BINS))).iter_rows(named=True):
         lines.append(
-            f"- {row['model']} layer {row['layer']}, {row['bin']}: {row['tokens']:,} tokens "
-            f"({_fmt(row['share'], '.1%')}); best alternative beats S by "
-            f"{_fmt(row['gain_pp'], '.1f')} pp on average, wins on {_fmt(row['win_rate'], '.1%')}; "
-            f"router alignment ρ = {_fmt(row['alignment'], '.3f')}"
+            f"- {row['model']} {layer_label(labels, row['model'], row['layer'])}, {row['bin']}: "
+            f"{row['tokens']:,} tokens ({_fmt(row['share'], '.1%')}); best alternative beats S "
+            f"by {_ci(row, 'gain_pp', '.1f')} pp on average; wins on "
+            f"{_ci(row, 'win_rate', '.1%')} (strictly: {_fmt(row['win_rate_strict'], '.1%')}); "
+            f"mean rank of S {_ci(row, 'mean_rank', '.2f')} (chance {_fmt(row['chance_rank'], 'g')}); "
+            f"router alignment ρ = {_ci(row, 'alignment', '.3f')}"
         )
     lines += ["", "## Figures", ""]
     captions = {
-        "headline": "Mean u(S) and mean max_j u(R_j) per bin (token counts above the bars).",
+        "headline": "Mean u(S) and mean max_j u(R_j) per bin (token counts above the bars), "
+        "with 95% bootstrap intervals.",
         "gain_hist": "Distribution of the per-token gain max_j u(R_j) − u(S), per bin.",
         "alignment": "Router alignment: mean Spearman ρ between s(R) and u(R) over the J+1 routes.",
-        "win_rate": "Share of tokens where some alternative strictly beats the standard route.",
+        "win_rate": "Share of tokens where some alternative beats the standard route by more "
+        "than the win margin, per scored layer.",
     }
     for name, path in figures.items():
         rel = os.path.relpath(path, run_dir)
         lines += [f"![{name}]({rel})", "", captions.get(name, ""), ""]
     lines += ["## Per model, layer, dataset and bin", ""]
-    lines += _markdown_table(by_bin)
+    lines += _markdown_table(by_bin, labels)
+    lines += [""]
+    lines += _how_to_read(cfg, chance)
     lines += [
-        "",
-        "## Definitions",
-        "",
-        "- u(R) = p(next token | prefix, route R at the scored position and layer); S = the "
-        "router's own route; R_1..R_J = the sampled alternatives; pbar = mean of u over S and "
-        "the J alternatives (float64 mean of the float32 data, compared in float32).",
-        "- gain (pp) = 100 × mean over tokens of max_j u(R_j) − u(S). Win rate = share of "
-        "tokens where max_j u(R_j) > u(S) strictly (a tie is not a win).",
-        "- Mean rank of S: rank of u(S) among the J+1 routes, 1 = highest utility, tied routes "
-        "share the average of their ranks (1 + #better + #tied/2); (J+2)/2 is chance level.",
-        "- Alignment: per token, the Spearman correlation (average ranks for ties) between the "
-        "router score s(R) = Σ_{e∈R} log softmax(z)_e and u(R) over the J+1 routes; averaged "
-        "over tokens. Tokens where s or u is constant over the routes have no correlation: "
-        "they are left out and counted in 'no variance'.",
-        "- Rows with dataset = all pool the datasets of a (model, layer); bin = all pools bins.",
-        "",
-        "Tables: `tables/by_bin`, `tables/overall`, `tables/counts`, `tables/gain_hist` (.parquet and .csv).",
+        "Tables: `tables/by_bin`, `tables/overall`, `tables/counts`, `tables/gain_hist`, "
+        "`tables/generation` (.parquet and .csv). The exact definitions: docs/method.md.",
         "",
     ]
     return "\n".join(lines)
@@ -231,16 +335,28 @@ def main(argv: list[str] | None = None) -> int:
         description="Regenerate tables, figures and report.md of a run from its score shards.",
     )
     parser.add_argument("run_dir", type=Path, help="runs/<run_id>")
-    defaults = AnalysisConfig()
-    parser.add_argument(
-        "--confident", type=float, default=defaults.confident, help="pbar >= this: Confident"
-    )
-    parser.add_argument(
-        "--fragile", type=float, default=defaults.fragile, help="pbar < this: Fragile"
-    )
+    d = AnalysisConfig()
+    add = parser.add_argument
+    add("--confident", type=float, default=d.confident, help="pbar >= this: Confident")
+    add("--fragile", type=float, default=d.fragile, help="pbar < this: Fragile")
+    add("--win-margin", type=float, default=d.win_margin, help="a win beats u(S) by more")
+    add("--cluster", choices=list(CLUSTERS), default=d.cluster, help="bootstrap resampling unit")
+    add("--bootstrap", type=int, default=d.bootstrap, help="replicates (0: no intervals)")
+    add("--level", type=float, default=d.level, help="interval coverage")
+    add("--seed", type=int, default=d.seed, help="bootstrap seed")
+    add("--gain-buckets", type=int, default=d.gain_buckets, help="gain histogram buckets")
     args = parser.parse_args(argv)
     try:
-        cfg = AnalysisConfig(confident=args.confident, fragile=args.fragile)
+        cfg = AnalysisConfig(
+            confident=args.confident,
+            fragile=args.fragile,
+            gain_buckets=args.gain_buckets,
+            win_margin=args.win_margin,
+            cluster=args.cluster,
+            bootstrap=args.bootstrap,
+            level=args.level,
+            seed=args.seed,
+        )
         report = build_report(args.run_dir, config=cfg)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

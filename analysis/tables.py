@@ -5,14 +5,18 @@ writes each as `<name>.parquet` and `<name>.csv`. Every mean is a ratio of exact
 rollups are exact too:
 - by_bin: one row per (model, layer, dataset, bin) with bin in confident / ambiguous / fragile
   and "all" (every token of the group), plus dataset = "all" rows pooling the datasets of each
-  (model, layer). Columns: tokens, share (of the group's tokens), mean_u_std, mean_max_alt,
-  gain_pp = 100 x mean(max_j u(R_j) - u(S)), win_rate (share of tokens where an alternative is
-  strictly better than S), mean_rank (of u(S) among the J+1 routes, 1 = best, ties averaged),
-  alignment (mean Spearman rho of s and u over the tokens where both vary), alignment_tokens,
-  no_variance (tokens left out of alignment), routes (J+1; min if it varies).
+  (model, layer) that has more than one. Columns: tokens, share (of the group's tokens),
+  mean_u_std, mean_max_alt, gain_pp = 100 x mean(max_j u(R_j) - u(S)), win_rate (share of
+  tokens where an alternative beats S by more than cfg.win_margin), win_rate_strict (by any
+  amount), mean_rank (of u(S) among the J+1 routes, 1 = best, ties averaged), alignment (mean
+  Spearman rho of s and u over the tokens where both vary), alignment_tokens, no_variance
+  (tokens left out of alignment), routes (J+1; min if it varies), chance_rank ((J+2)/2, the
+  mean rank of a route no better than the alternatives), and `<mean>_lo`, `<mean>_hi`: the
+  cluster bootstrap interval of each mean (analysis/intervals.py; null without replicates).
 - overall: the bin = "all" rows of by_bin.
 - counts: tokens per bin side by side, per (model, layer, dataset), with no_variance.
-- gain_hist: tokens per gain bucket [lo, hi) per (model, layer, dataset, bin), for figures.
+- gain_hist: tokens per gain bucket [lo_pp, hi_pp) in percentage points per (model, layer,
+  dataset, bin), for figures; buckets without tokens have no row.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
+from analysis.intervals import bootstrap_intervals
 from analysis.metrics import BINS, FIXED_POINT, GROUP_KEYS, AnalysisConfig
 
 BIN_ORDER = (*BINS, "all")
@@ -31,6 +36,7 @@ SUMS = (
     "gain_tokens",
     "sum_gain",
     "wins",
+    "wins_strict",
     "sum_rank",
     "sum_rho",
     "rho_tokens",
@@ -59,12 +65,14 @@ def _means(sums: pl.DataFrame) -> pl.DataFrame:
         ratio("sum_max_alt", "gain_tokens", 1 / FIXED_POINT).alias("mean_max_alt"),
         ratio("sum_gain", "gain_tokens", 100.0 / FIXED_POINT).alias("gain_pp"),
         ratio("wins", "gain_tokens").alias("win_rate"),
+        ratio("wins_strict", "gain_tokens").alias("win_rate_strict"),
         ratio("sum_rank", "tokens", 1 / FIXED_POINT).alias("mean_rank"),
         ratio("sum_rho", "rho_tokens", 1 / FIXED_POINT).alias("alignment"),
         pl.col("rho_tokens").cast(pl.Int64).alias("alignment_tokens"),
         (pl.col("tokens") - pl.col("rho_tokens")).cast(pl.Int64).alias("no_variance"),
         pl.col("min_routes").cast(pl.Int64).alias("routes"),
         (pl.col("min_routes") != pl.col("max_routes")).alias("routes_vary"),
+        ((pl.col("min_routes") + 1) / 2).alias("chance_rank"),
     )
 
 
@@ -86,9 +94,16 @@ def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFram
     per_bin = _sum_by(stats, [*keys, "bin"])
     every = _sum_by(stats, keys).with_columns(pl.lit("all").alias("bin"))
     sums = pl.concat([per_bin, every.select(per_bin.columns)])
-    pooled = _sum_by(sums, ["model", "layer", "bin"]).with_columns(pl.lit("all").alias("dataset"))
+    # Pool datasets only where there is more than one: otherwise the rows would repeat.
+    several = sums.group_by("model", "layer").agg(pl.col("dataset").n_unique() > 1)
+    several = several.filter(pl.col("dataset")).select("model", "layer")
+    pooled = _sum_by(sums.join(several, on=["model", "layer"]), ["model", "layer", "bin"])
+    pooled = pooled.with_columns(pl.lit("all").alias("dataset"))
     sums = pl.concat([sums, pooled.select(sums.columns)])
     by_bin = _means(sums)
+    by_bin = by_bin.join(
+        bootstrap_intervals(stats, cfg, by_bin), on=[*keys, "bin"], how="left", nulls_equal=True
+    )
     totals = by_bin.filter(pl.col("bin") == "all").select(*keys, pl.col("tokens").alias("_total"))
     by_bin = _sort(
         by_bin.join(totals, on=keys, how="left")
@@ -121,9 +136,9 @@ def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFram
         stats.group_by(*keys, "bin", "gain_bucket")
         .agg(pl.col("tokens").sum().cast(pl.Int64))
         .drop_nulls("gain_bucket")
-        .with_columns(
-            (pl.col("gain_bucket") * width - 1.0).alias("lo"),
-            ((pl.col("gain_bucket") + 1) * width - 1.0).alias("hi"),
+        .with_columns(  # percentage points, the unit of gain_pp and of the figure's axis
+            (100.0 * (pl.col("gain_bucket") * width - 1.0)).alias("lo_pp"),
+            (100.0 * ((pl.col("gain_bucket") + 1) * width - 1.0)).alias("hi_pp"),
         )
     ).sort(*keys, "bin", "gain_bucket")
     return {
@@ -132,6 +147,19 @@ def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFram
         "counts": counts,
         "gain_hist": gain_hist,
     }
+
+
+def pooled_rows(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows over all datasets of a (model, layer): its dataset = "all" rows where it has several
+    datasets, its only dataset's rows otherwise; `dataset` is kept as it was."""
+    alone = frame.group_by("model", "layer").agg(
+        (pl.col("dataset").filter(pl.col("dataset") != "all").n_unique() == 1).alias("_alone")
+    )
+    return (
+        frame.join(alone, on=["model", "layer"])
+        .filter(pl.col("_alone") | (pl.col("dataset") == "all"))
+        .drop("_alone")
+    )
 
 
 def write_tables(tables: dict[str, pl.DataFrame], out_dir: str | Path) -> dict[str, Path]:

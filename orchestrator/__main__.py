@@ -10,6 +10,7 @@ printed), 2 bad config or input (one line on stderr, nothing marked complete).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import time
@@ -20,14 +21,18 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.config import (
+    CONF_DIR,
     ConfigError,
+    config_tree,
     register_configs,
     scrub_secrets,
     to_run_config,
     validate,
 )
+from orchestrator.estimate import check_memory
 from orchestrator.pipeline import PipelineError, prepare_problems, run_stages
 from orchestrator.plan import derive_run_id, describe_plan
+from orchestrator.provenance import check_resume, run_record
 
 register_configs()
 
@@ -44,36 +49,50 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         # 1. Typed config, validated before anything starts.
-        cfg = to_run_config(dcfg)
+        cfg = to_run_config(dcfg, overrides or [])
         validate(cfg)
-        resolved = OmegaConf.to_container(dcfg, resolve=True)
+        resolved = config_tree(cfg)
         run_id = derive_run_id(cfg, resolved)
         resolved["run_id"] = run_id
+        resolved["provenance"] = run_record(cfg)
         run_dir = Path(cfg.runs_dir).resolve() / run_id
-        # 2. The plan; a dry run stops here (no model, no Ray).
+        # 2. The plan, its memory and GPU-hours; a dry run stops here (no model, no Ray).
         if cfg.dry_run:
             print(describe_plan(cfg, run_id, run_dir))
             if cfg.router_update.enabled:
                 from orchestrator.router_stage import describe_router_plan
 
                 print(describe_router_plan(cfg))
+        check_memory(cfg)
+        if cfg.dry_run:
             return 0
-        # 3. Problems on the driver: a missing data file fails here, before Ray starts.
+        # 3. A resumed run made by other code says so (or refuses: another scorer).
+        changed = check_resume(run_dir, resolved["provenance"], cfg.allow_scorer_change)
+        if changed:
+            print(f"warning: {changed}", file=sys.stderr)
+        # 4. Problems on the driver: a missing data file fails here, before Ray starts.
         problems = prepare_problems(cfg, run_dir)
         save_config(run_dir, resolved)
     except (ConfigError, PipelineError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     resume = resume_command(overrides, run_id)
-    # 4. Ray: a local instance started here, or an existing cluster.
+    # 5. Ray: a local instance started here, or an existing cluster.
     started_ray = init_ray(cfg.cluster)
     session = open_wandb(cfg, run_id, run_dir, resolved)
     code = 1
     try:
-        # 5. The stages, then 6. the report.
-        summary = run_stages(cfg, run_dir, problems, run_id=run_id, sink=session.log_progress)
+        # 6. The stages, then 7. the report.
+        summary = run_stages(
+            cfg,
+            run_dir,
+            problems,
+            run_id=run_id,
+            sink=session.log_progress,
+            job_sink=session.log_job,
+        )
         router_md = run_router_update(cfg, run_dir, summary, run_id, session)
-        summary.report_path = build_report(run_dir, session)
+        summary.report_path = build_report(run_dir, session, cfg.analysis)
         if router_md is not None:
             from orchestrator.router_report import link_from_report
 
@@ -87,13 +106,41 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         print(f"interrupted; resume with:\n  {resume}", file=sys.stderr)
         code = 130
     finally:
-        # 7. Close W&B and the Ray this driver started.
+        # 8. Close W&B and the Ray this driver started.
         session.finish(exit_code=code)
         if started_ray:
             import ray
 
             ray.shutdown()
     return code
+
+
+def check_command_line(argv: list[str]) -> str | None:
+    """Hydra's own errors for these overrides (unknown key or option, bad type) as one line,
+    or None. Hydra would print them over several lines and exit 1; the run's contract is one
+    `error:` line and exit 2. Hydra's flags (--help, -m, --cfg, ...) are left to Hydra."""
+    if any(arg.startswith("-") for arg in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            compose("config", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = " ".join(str(err).split()).split(" Config search path:")[0]
+        # Hydra's hint to add the key with `+` is wrong here: the schema has no such key.
+        message = re.sub(
+            r"Could not override '([^']*)'\. To append to your config use \S+",
+            r"unknown key \1",
+            message,
+        )
+        cause = err.__cause__
+        if cause is not None and str(cause).strip():
+            message += f" ({str(cause).strip().splitlines()[0]})"
+        return message
+    return None
 
 
 def hydra_overrides() -> list[str]:
@@ -150,15 +197,28 @@ def run_router_update(cfg: Any, run_dir: Path, summary: Any, run_id: str, sessio
     )
 
 
-def build_report(run_dir: Path, session: Any) -> Path | None:
+def build_report(run_dir: Path, session: Any, analysis: Any) -> Path | None:
     """Tables, figures and report.md from the complete score shards; logged to W&B."""
     from analysis.report import build_report as build
 
     if not any((run_dir / "scores").rglob("*.done.json")):
         return None
-    report = build(run_dir)
+    report = build(run_dir, config=analysis)
     session.log_results(report)
+    if session.active:
+        session.log_tokens(inspector_tables(run_dir, analysis))
     return report.path
+
+
+def inspector_tables(run_dir: Path, analysis: Any) -> dict[str, Any]:
+    """The token inspector's W&B tables; a tokenizer that cannot load costs a warning only."""
+    from analysis.inspect import wandb_tables
+
+    try:
+        return wandb_tables(run_dir, analysis)
+    except Exception as err:  # a hub tokenizer offline, an unreadable file: W&B only loses it
+        print(f"warning: token tables for W&B skipped: {err}", file=sys.stderr)
+        return {}
 
 
 def print_summary(summary: Any, resume: str, seconds: float) -> None:
@@ -181,4 +241,8 @@ def print_summary(summary: Any, resume: str, seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_command_line(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -53,6 +53,19 @@ def setup_process(torch_threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
+def worker_provenance(path: str, driver: dict[str, Any] | None) -> dict[str, Any]:
+    """What a worker's sidecars record: the driver's git commit (workers may have no .git),
+    this node's library versions, the scoring code it runs and the model revision it loaded."""
+    from workers.provenance import library_versions, model_revision, scoring_code_version
+
+    return {
+        **(driver or {}),
+        "versions": library_versions(),
+        "scoring_code": scoring_code_version(),
+        "model_revision": model_revision(path),
+    }
+
+
 def local_model_dir(model: ModelConfig) -> str:
     """A directory with the model's files: model.path, the bundled model, or a snapshot of
     hf_id at model.revision in this node's Hugging Face cache (downloaded on first use; point
@@ -80,11 +93,14 @@ class GeneratorWorker:
         backend_options: dict[str, Any],
         *,
         torch_threads: int,
+        provenance: dict[str, Any] | None = None,
     ):
         setup_process(torch_threads)
         from workers.generation import make_backend
 
-        self.backend = make_backend(backend, local_model_dir(model), **backend_options)
+        path = local_model_dir(model)
+        self.backend = make_backend(backend, path, **backend_options)
+        self.provenance = worker_provenance(path, provenance)
 
     def pid(self) -> int:
         return os.getpid()
@@ -114,7 +130,13 @@ class GeneratorWorker:
             template=args["template"],
             use_chat_template=args["use_chat_template"],
         )
-        write_arrow(table, out_path, config_hash=config_hash, started=started)
+        write_arrow(
+            table,
+            out_path,
+            config_hash=config_hash,
+            started=started,
+            extra={"provenance": self.provenance},
+        )
         lengths = table.column("input_ids").to_pylist()
         prompt_lens = table.column("prompt_len").to_pylist()
         tokens = sum(len(ids) - p for ids, p in zip(lengths, prompt_lens, strict=True))
@@ -132,11 +154,14 @@ class ScorerWorker:
         *,
         torch_threads: int,
         faults: dict[str, str] | None = None,
+        provenance: dict[str, Any] | None = None,
     ):
         setup_process(torch_threads)
         from workers.scorer import ScoreConfig, Scorer
 
-        self.scorer = Scorer(local_model_dir(model), ScoreConfig(**score_options))
+        path = local_model_dir(model)
+        self.scorer = Scorer(path, ScoreConfig(**score_options))
+        self.provenance = worker_provenance(path, provenance)
         self.faults = faults or {}
         self.units = 0
 
@@ -149,7 +174,12 @@ class ScorerWorker:
         self.units += 1
         self.inject_faults(out_path)
         sidecar = score_file(
-            self.scorer, args["in_path"], args["layer"], out_path, config_hash=config_hash
+            self.scorer,
+            args["in_path"],
+            args["layer"],
+            out_path,
+            config_hash=config_hash,
+            extra={"provenance": self.provenance},
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 
@@ -201,6 +231,7 @@ def dispatch(
     unit_timeout_s: float | None = None,
     release: Callable[[Any], None] | None = None,
     describe: Callable[[], str] = lambda: "an actor",
+    on_done: Callable[[Unit, dict[str, Any]], None] | None = None,
 ) -> list[Outcome]:
     """Run `units` on up to `actors` actors made by `spawn`; `call(actor, unit)` -> ObjectRef.
 
@@ -208,10 +239,13 @@ def dispatch(
     start within `start_timeout_s` (unschedulable: the cluster lacks what it asks for; or a
     load that hangs) raises ActorStartError with `describe()` in the message. A unit still running after
     `unit_timeout_s` counts as a failed attempt: its actor is killed and replaced. `release(a)`
-    is called for every actor that goes (e.g. to free its placement group). Returns one Outcome
-    per unit (in completion order). The actors are shut down (`close`) and killed at the end.
+    is called for every actor that goes (e.g. to free its placement group); `on_done(unit,
+    result)` is told of each success as it happens. Returns one Outcome per unit (in completion
+    order). The actors are shut down (`close`) and killed at the end.
     """
-    pool = _Pool(spawn, call, retries, progress, start_timeout_s, unit_timeout_s, release, describe)
+    pool = _Pool(
+        spawn, call, retries, progress, start_timeout_s, unit_timeout_s, release, describe, on_done
+    )
     return pool.run(units, actors)
 
 
@@ -219,10 +253,10 @@ class _Pool:
     """dispatch's state: actors starting, idle or busy, and the units queued or running."""
 
     def __init__(self, spawn, call, retries, progress, start_timeout_s, unit_timeout_s, release,
-                 describe):  # fmt: skip
+                 describe, on_done):  # fmt: skip
         self.spawn, self.call, self.retries, self.progress = spawn, call, retries, progress
         self.start_timeout_s, self.unit_timeout_s = start_timeout_s, unit_timeout_s
-        self.release, self.describe = release, describe
+        self.release, self.describe, self.on_done = release, describe, on_done
         self.queue: deque[tuple[Unit, int]] = deque()
         self.starting: dict[Any, tuple[Any, float]] = {}  # ready ref -> (actor, spawned at)
         self.pending: dict[Any, tuple[Any, Unit, int, float]] = {}  # ref -> (actor, unit, try, t0)
@@ -284,6 +318,8 @@ class _Pool:
         else:
             self.outcomes.append(Outcome(unit, attempt, result=result))
             self.progress.computed_one(int(result.get("tokens", 0)))
+            if self.on_done is not None:
+                self.on_done(unit, result)
             self.idle.append(actor)
 
     def failed(self, unit: Unit, attempt: int, error: str) -> None:

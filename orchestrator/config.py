@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from analysis.metrics import AnalysisConfig  # the analysis group's schema and defaults
 from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
 from workers import layers as layer_specs
 from workers.attention import ATTENTIONS
@@ -27,6 +28,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FAMILIES = ("qwen3_moe", "gpt_oss", "deepseek_v2", "olmoe")
 VERIFIERS = ("exact", "math", "choice")
 BACKENDS = ("hf", "vllm")
+MODEL_DTYPES = ("bfloat16", "float16", "float32")  # what both generation backends accept
 BUNDLED = "bundled"  # ModelConfig.hf_id of the tiny model shipped in workers/assets/
 
 
@@ -60,7 +62,10 @@ class ModelConfig:
     moe_layers: list[int] = MISSING  # decoder layers with a routed MoE block
     num_experts: int = MISSING  # routed experts per MoE layer
     top_k: int = MISSING
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # generation, and scoring unless scoring.dtype is set
+    # For the dry run's memory check (orchestrator/estimate.py); None: not checked.
+    params_b: float | None = None  # parameters, billions (weights = params x dtype bytes)
+    kv_width: int | None = None  # key + value elements per token per layer, as cached
     tensor_parallel_size: int = 1  # GPUs per vLLM generator replica
     gpus: int = 1  # GPUs per scorer replica (cluster.use_gpus only)
     template: str | None = None  # prompt template with {prompt}; None = chat template / raw
@@ -102,15 +107,17 @@ class GenerationConfig:
 
 @dataclass
 class ScoringConfig:
-    """Counterfactual scoring (SCIENCE.md). alternatives .. memory_budget_mb, attention and compile
-    are workers.scorer.ScoreConfig's."""
+    """Counterfactual scoring (docs/method.md). alternatives .. memory_budget_mb, attention and
+    compile are workers.scorer.ScoreConfig's."""
 
     alternatives: int = 32  # J routes drawn per token
     pool: int = 32  # P highest-scoring experts to draw from (capped at the expert count)
     temperature: float = 1.0  # tau of Gumbel-top-k
     sampler: str = "gumbel"
     seed: int = 0
-    dtype: str = "float32"
+    # None: each model's own `dtype` (bf16 for the hub models, whose float32 weights would not
+    # fit one 80 GB GPU; float32 for the tiny model). float32 is what the exactness tests use.
+    dtype: str | None = None
     memory_budget_mb: int = 1024  # bounds one micro-batch of activations inside the scorer
     # eager: the reference attention, fastest on CPU; flex: fused FlexAttention, for GPUs
     attention: str = "eager"
@@ -141,6 +148,8 @@ class ClusterConfig:
     # A unit running longer is failed (its actor replaced) and retried: one hung engine must
     # not stall a sweep. None: no deadline.
     unit_timeout_s: float | None = None
+    gpu_type: str | None = None  # e.g. H100: picks the rows of workers/assets/rates.csv
+    gpu_memory_gb: float | None = None  # per GPU; the plan is refused if an actor cannot fit
 
 
 @dataclass
@@ -151,6 +160,10 @@ class SweepConfig:
     models: list[str] = field(default_factory=list)  # conf/model/<name>.yaml
     datasets: list[str] = field(default_factory=list)  # conf/dataset/<name>.yaml
     layers: list[str] = field(default_factory=list)  # overrides scoring.layers when non-empty
+    # Per-entry settings, {model-or-dataset name: {key: value}}, applied after the command
+    # line's `model.*` / `dataset.*` overrides (which reach every entry), e.g.
+    # +sweep.overrides.gpqa_diamond.path=/data/gpqa.csv (`+`: the entry names are new keys).
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -202,6 +215,7 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -212,6 +226,13 @@ class RunConfig:
     # On resume, re-hash every complete file to catch truncation/corruption. Costs one read of
     # all outputs (minutes for a paper-sized run on network storage); false trusts sidecars.
     verify_checksums: bool = True
+    # Resume a run although the scoring code changed since its shards were scored (they are
+    # kept, and mixed with new ones); without it such a resume is refused.
+    allow_scorer_change: bool = False
+    # The models and datasets the run covers, filled by `to_run_config`, never set by hand: the
+    # sweep's entries (or the single `model` / `dataset`) with every override applied.
+    models: list[ModelConfig] = field(default_factory=list)
+    datasets: list[DatasetConfig] = field(default_factory=list)
 
 
 def register_configs() -> None:
@@ -221,36 +242,128 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The typed config (dataclass instances) from Hydra's composed DictConfig."""
+def to_run_config(dcfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The typed config (dataclass instances) from Hydra's composed DictConfig.
+
+    `overrides` are the command line's (Hydra's task overrides): those of `model.*` and
+    `dataset.*` are applied to every sweep entry too, then `sweep.overrides.<entry>.*`.
+    """
+    reject_unknown_keys(dcfg, RunConfig)
+    if dcfg.get("models") or dcfg.get("datasets"):
+        raise ConfigError("models/datasets are filled from sweep.models/sweep.datasets; set those")
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        cfg: RunConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     except ValueError as err:  # a dataclass's own check, e.g. WandbConfig.mode
         raise ConfigError(str(err).splitlines()[0]) from None
+    by_group = entry_overrides(overrides)
+    per_entry = dict(cfg.sweep.overrides)
+    # Without a sweep, `model` / `dataset` already carry the command line's overrides.
+    if cfg.sweep.models:
+        cfg.models = [
+            build_entry("model", n, by_group["model"], per_entry) for n in cfg.sweep.models
+        ]
+    else:
+        cfg.models = [apply_entry(cfg.model, "model", [], per_entry)]
+    if cfg.sweep.datasets:
+        cfg.datasets = [
+            build_entry("dataset", n, by_group["dataset"], per_entry) for n in cfg.sweep.datasets
+        ]
+    else:
+        cfg.datasets = [apply_entry(cfg.dataset, "dataset", [], per_entry)]
+    if per_entry:
+        valid = [e.name for e in (*cfg.models, *cfg.datasets)]
+        raise ConfigError(
+            f"sweep.overrides names {', '.join(sorted(per_entry))}, not in this run;"
+            f" valid: {', '.join(valid)}"
+        )
+    for group, entries in (("model", cfg.models), ("dataset", cfg.datasets)):
+        names = [e.name for e in entries]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"two {group}s of the run share the name {names}: names key paths")
+    return cfg
 
 
-def load_option(group: str, name: str) -> Any:
-    """One group option from conf/<group>/<name>.yaml, typed by its group's schema.
+def config_tree(cfg: RunConfig) -> dict[str, Any]:
+    """The typed config as a plain tree (config.yaml, W&B, the run id), the resolved sweep
+    entries included."""
+    import dataclasses
 
-    Used for the models and datasets of a sweep, which are named, not composed.
-    """
-    schema = {"model": ModelConfig, "dataset": DatasetConfig}[group]
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def reject_unknown_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """Raise ConfigError for a key the schema does not have. Hydra's `+key=value` adds keys
+    even to a structured config (it opens the struct flag) and `to_object` then drops them
+    silently: `+scoring.alternative=8` would leave J at its default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in hints:
+            raise ConfigError(f"unknown key {prefix}{key}; valid: {', '.join(hints)}")
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig):
+            reject_unknown_keys(child, hints[key], f"{prefix}{key}.")
+
+
+def entry_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, list[tuple[str, Any]]]:
+    """The command line's `model.<key>=...` and `dataset.<key>=...` as (key, value) pairs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out: dict[str, list[tuple[str, Any]]] = {"model": [], "dataset": []}
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        group, _, key = o.key_or_group.partition(".")
+        if group in out and key and not o.is_delete():
+            out[group].append((key, o.value()))
+    return out
+
+
+def build_entry(
+    group: str, name: str, changes: list[tuple[str, Any]], per_entry: dict[str, Any]
+) -> Any:
+    """A sweep entry: conf/<group>/<name>.yaml, then `changes`, then its per-entry overrides."""
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         raise ConfigError(f"unknown {group} {name!r} in sweep.{group}s; valid: {', '.join(valid)}")
-    node = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
-    return OmegaConf.to_object(node)
+    return apply_entry(OmegaConf.load(path), group, changes, per_entry, name=name)
+
+
+def apply_entry(
+    base: Any,
+    group: str,
+    changes: list[tuple[str, Any]],
+    per_entry: dict[str, Any],
+    *,
+    name: str | None = None,
+) -> Any:
+    """`base` (a YAML node or an entry) typed by its group's schema with `changes` and the
+    per-entry overrides of its name applied (removed from `per_entry`); ConfigError if bad."""
+    schema = {"model": ModelConfig, "dataset": DatasetConfig}[group]
+    node = OmegaConf.structured(schema)
+    try:
+        node = OmegaConf.merge(node, base)
+        name = name or node.name
+        for key, value in [*changes, *per_entry.pop(name, {}).items()]:
+            OmegaConf.update(node, key, value, merge=True)
+        return OmegaConf.to_object(node)
+    except Exception as err:  # omegaconf's ValidationError, ConfigKeyError, ...
+        message = " ".join(str(err).splitlines()[0].split())
+        raise ConfigError(f"{group} {name}: {message}") from None
+
+
+def load_option(group: str, name: str) -> Any:
+    """One group option from conf/<group>/<name>.yaml as written there, typed by its schema."""
+    return build_entry(group, name, [], {})
 
 
 def sweep_models(cfg: RunConfig) -> list[ModelConfig]:
-    return [load_option("model", n) for n in cfg.sweep.models] if cfg.sweep.models else [cfg.model]
+    return list(cfg.models) or [cfg.model]
 
 
 def sweep_datasets(cfg: RunConfig) -> list[DatasetConfig]:
-    if not cfg.sweep.datasets:
-        return [cfg.dataset]
-    return [load_option("dataset", n) for n in cfg.sweep.datasets]
+    return list(cfg.datasets) or [cfg.dataset]
 
 
 def sweep_layers(cfg: RunConfig) -> list[str]:
@@ -360,6 +473,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "cluster.generators, cluster.scorers and cluster.torch_threads must be >= 1"
         )
+    if cl.gpu_memory_gb is not None and cl.gpu_memory_gb <= 0:
+        raise ConfigError(f"cluster.gpu_memory_gb must be > 0 or null, got {cl.gpu_memory_gb}")
     if cfg.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]*", cfg.run_id):
         raise ConfigError(f"run_id={cfg.run_id!r}: use letters, digits, '.', '_', '=', '-'")
     layers = sweep_layers(cfg)
@@ -367,6 +482,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("scoring.layers is empty; give at least one of early, middle, final")
     for model in sweep_models(cfg):
         validate_model(model, layers, sc)
+        validate_scoring(sc, model)
     for dataset in sweep_datasets(cfg):
         validate_dataset(dataset)
     if cfg.router_update.enabled:
@@ -441,6 +557,11 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
             f" valid: {BACKENDS} or null"
         )
     validate_engine(model)
+    if model.dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model {model.name}: dtype={model.dtype!r}; valid: {MODEL_DTYPES}")
+    for key in ("params_b", "kv_width"):
+        if getattr(model, key) is not None and getattr(model, key) <= 0:
+            raise ConfigError(f"model {model.name}: {key} must be > 0 or null")
     local = Path(model_path(model))
     if model.path or model.hf_id == BUNDLED:
         # A local model is checked now; a hub model is checked by the actor that loads it.
@@ -475,6 +596,28 @@ def validate_engine(model: ModelConfig) -> None:
             f"model {name}: sample_top_k must be >= 0 and min_p in [0, 1], got"
             f" {model.sample_top_k}, {model.min_p}"
         )
+
+
+def score_args(scoring: ScoringConfig, model: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments of workers.scorer.ScoreConfig (device is set by the actor); the
+    dtype is scoring.dtype, or the model's own when that is unset."""
+    keep = (
+        *("alternatives", "pool", "temperature", "sampler", "seed"),
+        *("memory_budget_mb", "attention", "compile"),
+    )
+    return {**{k: getattr(scoring, k) for k in keep}, "dtype": scoring.dtype or model.dtype}
+
+
+def validate_scoring(scoring: ScoringConfig, model: ModelConfig) -> None:
+    """The scorer's own checks (workers.scorer.ScoreConfig), run now rather than in an actor
+    after the whole generation stage."""
+    from workers.scorer import ScoreConfig
+
+    try:
+        ScoreConfig(**score_args(scoring, model))
+    except ValueError as err:
+        message = str(err).removeprefix("ScoreConfig: ")
+        raise ConfigError(f"scoring.{message} (model {model.name})") from None
 
 
 def validate_dataset(dataset: DatasetConfig) -> None:

@@ -16,7 +16,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from workers.io import (
 )
 
 Sink = Callable[[dict[str, Any]], None]
+JobSink = Callable[[str, int, str, dict[str, Any]], None]
 
 
 class PipelineError(RuntimeError):
@@ -105,7 +107,10 @@ def run_stages(
     *,
     run_id: str,
     sink: Sink | None = None,
+    job_sink: JobSink | None = None,
 ) -> RunSummary:
+    """The stages over Ray; `sink` gets progress metrics, `job_sink` each scoring job (model,
+    layer, dataset) whose last unit this session wrote (e.g. WandbSession.log_job)."""
     from orchestrator import actors
 
     summary = RunSummary(run_id=run_id, run_dir=run_dir)
@@ -182,6 +187,7 @@ def run_stages(
         checksum=cfg.verify_checksums,
         summary=summary,
         sink=sink,
+        jobs=JobTracker(score_units, job_sink) if job_sink else None,
     )
     return summary
 
@@ -198,6 +204,7 @@ def run_units(
     checksum: bool,
     summary: RunSummary,
     sink: Sink | None,
+    jobs: JobTracker | None = None,
 ) -> dict[str, Any]:
     """Run a stage's incomplete units, one model at a time (its actors shut down and freed
     before the next model's start); record failures; return the stage's final progress
@@ -210,6 +217,8 @@ def run_units(
     }
     total = sum(map(len, units_by_cell.values()))
     progress = StageProgress(stage, total, skipped=total - sum(map(len, todo.values())), sink=sink)
+    if jobs is not None:
+        jobs.expect(u for us in todo.values() for u in us)
     models = {c.model.name: c.model for c in todo}
     for name, model in models.items():
         units = [u for c, us in todo.items() if c.model.name == name for u in us]
@@ -228,11 +237,44 @@ def run_units(
                 unit_timeout_s=timeouts[1],
                 release=spawn.release,
                 describe=spawn.describe,
+                on_done=jobs.done if jobs is not None else None,
             )
         finally:
             spawn.close()
         record_failures(summary, outcomes)
     return progress.close()
+
+
+class JobTracker:
+    """Tells `sink(model, layer, dataset, metrics)` when the last expected unit of a scoring
+    job is written: a job finished by this session is logged now, not after the report."""
+
+    def __init__(self, units_by_cell: dict[plan.Cell, list[plan.Unit]], sink: JobSink):
+        self.sink = sink
+        self.job_of = {
+            u.key: (cell.model.name, int(u.args["layer"]), cell.dataset.name)
+            for cell, units in units_by_cell.items()
+            for u in units
+        }
+        self.total = Counter(self.job_of.values())
+        self.left: dict[tuple[str, int, str], set[str]] = defaultdict(set)
+        self.tokens: Counter[tuple[str, int, str]] = Counter()
+
+    def expect(self, units: Iterable[plan.Unit]) -> None:
+        """The units this session will run (the others are complete already)."""
+        for u in units:
+            self.left[self.job_of[u.key]].add(u.key)
+
+    def done(self, unit: plan.Unit, result: dict[str, Any]) -> None:
+        job = self.job_of[unit.key]
+        self.tokens[job] += int(result.get("tokens", 0))
+        left = self.left.get(job)
+        if left is None:
+            return
+        left.discard(unit.key)
+        if not left:
+            del self.left[job]
+            self.sink(*job, {"units": self.total[job], "tokens_this_session": self.tokens[job]})
 
 
 def write_shards(
@@ -336,7 +378,11 @@ class GeneratorSpawner:
             group, strategy = self.placement()
             resources = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy}
         actor = self.actors.GeneratorActor.options(max_restarts=0, **resources).remote(
-            self.model, self.backend, self.options, torch_threads=self.cluster.torch_threads
+            self.model,
+            self.backend,
+            self.options,
+            torch_threads=self.cluster.torch_threads,
+            provenance=driver_provenance(),
         )
         if group is not None:
             self.groups[actor] = group
@@ -392,7 +438,7 @@ class ScorerSpawner:
 
         self.model, self.cluster, self.actors = absolute_path(model), cfg.cluster, actors
         device = "cuda" if self.cluster.use_gpus else "cpu"
-        self.score_options = {**plan.score_args(cfg.scoring), "device": device}
+        self.score_options = {**plan.score_args(cfg.scoring, model), "device": device}
         self.gpus = model.gpus if self.cluster.use_gpus else 0
         env = (actors.FAULT_KILL_ENV, actors.FAULT_FAIL_ENV)
         self.faults = {k: os.environ[k] for k in env if os.environ.get(k)}
@@ -404,6 +450,7 @@ class ScorerSpawner:
             self.score_options,
             torch_threads=self.cluster.torch_threads,
             faults=self.faults,
+            provenance=driver_provenance(),
         )
 
     def describe(self) -> str:
@@ -415,6 +462,13 @@ class ScorerSpawner:
 
     def close(self) -> None:
         pass
+
+
+def driver_provenance() -> dict[str, Any]:
+    """The driver's part of a sidecar's provenance: the project's git commit."""
+    from workers.provenance import git_commit
+
+    return {"git_commit": git_commit()}
 
 
 # ------------------------------------------------------------------------------- bookkeeping

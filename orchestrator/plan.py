@@ -1,6 +1,6 @@
 """The work-unit plan: which files a run writes, and the hash that makes each one complete.
 
-Contract: every output path follows DESIGN.md's run layout,
+Contract: every output path follows the run layout of docs/design.md,
 
     problems/<dataset>.arrow
     trajectories/<model>/<dataset>/generated/<k>.arrow     all samples of problem shard k
@@ -31,6 +31,7 @@ from orchestrator.config import (
     ScoringConfig,
     model_path,
     resolve_layer,
+    score_args,
     sweep_datasets,
     sweep_layers,
     sweep_models,
@@ -66,7 +67,8 @@ def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
     """
     if cfg.run_id:
         return cfg.run_id
-    keep = {k: resolved[k] for k in ("model", "dataset", "generation", "scoring", "sweep")}
+    decide = ("model", "dataset", "generation", "scoring", "sweep", "models", "datasets")
+    keep = {k: resolved[k] for k in decide if k in resolved}
     prefix = cfg.sweep.name if cfg.sweep.models or cfg.sweep.datasets else cfg.model.name
     return f"{prefix}-{config_hash(keep)[:8]}"
 
@@ -211,15 +213,6 @@ def shards_hash(scoring: ScoringConfig, generated_sha256: list[str]) -> str:
     )
 
 
-def score_args(scoring: ScoringConfig) -> dict[str, Any]:
-    """Keyword arguments of workers.scorer.ScoreConfig (device is set by the actor)."""
-    keep = (
-        *("alternatives", "pool", "temperature", "sampler", "seed", "dtype"),
-        *("memory_budget_mb", "attention", "compile"),
-    )
-    return {k: getattr(scoring, k) for k in keep}
-
-
 # How a unit is computed, not what: equal results up to float rounding, so a resumed run may
 # change them without redoing finished units.
 _NOT_HASHED = ("memory_budget_mb", "attention", "compile")
@@ -229,8 +222,8 @@ def scoring_units(
     run_dir: Path, cell: Cell, scoring: ScoringConfig, shards: list[tuple[Path, str]]
 ) -> list[Unit]:
     """One unit per (layer, input shard); `shards` are (path, sha256) of the input files."""
-    values = {k: v for k, v in score_args(scoring).items() if k not in _NOT_HASHED}
     model, dataset = cell.model, cell.dataset
+    values = {k: v for k, v in score_args(scoring, model).items() if k not in _NOT_HASHED}
     identity = model_identity(model)
     units = []
     for layer in sorted(set(cell.layers.values())):
@@ -331,4 +324,13 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
             f" {c.generation_units:>9,} {c.max_completion_tokens:>12,}"
             f"  {spec} ({c.max_scoring_units_per_layer:,})"
         )
+    from orchestrator.estimate import describe_estimate
+
+    positions = {}
+    for c in cells:  # one spec per distinct layer index: units are per index
+        seen = positions.setdefault(c.cell.model.name, {})
+        for spec, index in c.cell.layers.items():
+            if index not in seen.values():
+                seen[spec] = index
+    lines.append(describe_estimate(cfg, cells, positions))
     return "\n".join(lines)

@@ -3,11 +3,17 @@
 Contract: `WandbSession(cfg, run_id=..., run_dir=..., config=...)` opens the driver run
 (group=<run_id>, job_type="driver", name="<run_id>-driver") under `<run_dir>/wandb/`;
 `log_progress(metrics)` logs to it at most once every `progress_interval_s` (the latest
-metrics win; the last ones are flushed by `finish`); `log_results(report)` opens one run per
-(model, layer, dataset) scoring job (job_type="score", name "<run_id>/<model>/L<layer>/<dataset>")
-with the scoring slice as config, per-bin summary metrics ("fragile/gain_pp",
-"confident/win_rate", "ambiguous/alignment", ...), its rows of the aggregate table and the
-figures, and logs the full tables and figures on the driver; `finish(exit_code)` closes it.
+metrics win; the last ones are flushed by `finish`); `log_job(model, layer, dataset, metrics)`
+logs a scoring job (job_type="score", name "<run_id>/<model>/L<layer>/<dataset>") as soon as
+its last unit is written; `log_results(report)` adds to each job's run its per-bin summary
+metrics ("fragile/gain_pp", "confident/win_rate", "ambiguous/alignment", ...), its rows of
+the aggregate table and the figures, and logs the full tables and figures on the driver;
+`log_tokens(tables)` adds the token inspector's tables (text and routes of the most fragile
+trajectories) to the driver run; `finish(exit_code)` closes it. Every run's W&B id is derived
+from (run id, model, layer, dataset) by `wandb_id` and opened with resume="allow", so a
+restarted driver continues the same runs instead of opening new ones. Job runs carry the
+scoring slice and the run's provenance (git commit, versions) as config. Needs wandb >=
+0.19.10 (reinit="create_new").
 
 W&B is never a reason for a run to fail: a missing package, a bad mode, entity or key, no
 network, a timeout, an exception inside wandb, each becomes one `logging.warning` line and
@@ -18,6 +24,7 @@ are never logged. Online mode reads WANDB_API_KEY itself (wandb does); it is nev
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -39,6 +46,9 @@ SUMMARY_METRICS = (  # by_bin column -> summary key suffix
     ("mean_max_alt", "mean_max_alt"),
     ("gain_pp", "gain_pp"),
     ("win_rate", "win_rate"),
+    ("win_rate_strict", "win_rate_strict"),
+    ("gain_pp_lo", "gain_pp_lo"),
+    ("gain_pp_hi", "gain_pp_hi"),
     ("mean_rank", "mean_rank"),
     ("alignment", "alignment"),
     ("no_variance", "no_variance"),
@@ -71,6 +81,14 @@ def scrub_secrets(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [scrub_secrets(v) for v in obj]
     return obj
+
+
+def wandb_id(*parts: Any) -> str:
+    """A W&B run id from its parts: readable, within W&B's 64 characters, free of the
+    characters W&B refuses in ids (/ \\ # ? % :), and unique by a hash of the parts."""
+    text = "-".join(str(p) for p in parts)
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:48].strip("-")
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def _warn(what: str, err: BaseException) -> None:
@@ -116,13 +134,18 @@ class WandbSession:
             _warn("import", err)
             return
         self._wandb = wandb
-        self._run = self._init(name=f"{run_id}-driver", job_type="driver", config=self.config)
+        self._run = self._init(
+            name=f"{run_id}-driver",
+            job_type="driver",
+            config=self.config,
+            run_key=wandb_id(run_id, "driver"),
+        )
 
     @property
     def active(self) -> bool:
         return self._run is not None
 
-    def _init(self, *, name: str, job_type: str, config: dict[str, Any]) -> Any:
+    def _init(self, *, name: str, job_type: str, config: dict[str, Any], run_key: str) -> Any:
         """One wandb run, or None (and W&B off) on any failure."""
         if self._wandb is None or self._broken:
             return None
@@ -147,6 +170,8 @@ class WandbSession:
                 group=self.run_id,
                 job_type=job_type,
                 name=name,
+                id=run_key,
+                resume="allow",  # a restarted driver continues the run with this id
                 config=config,
                 tags=list(self.cfg.tags) or None,
                 mode=self.cfg.mode,
@@ -211,7 +236,9 @@ class WandbSession:
             }
             payload.update({f"figures/{name}": wandb.Image(str(p)) for name, p in figures.items()})
             self._run.log(payload)
-            overall = by_bin.filter(by_bin["dataset"] == "all")
+            from analysis.tables import pooled_rows  # every dataset of a (model, layer)
+
+            overall = pooled_rows(by_bin)
             for row in overall.iter_rows(named=True):
                 prefix = f"{row['model']}/L{row['layer']}/{row['bin']}"
                 self._run.summary.update(
@@ -221,16 +248,49 @@ class WandbSession:
         except Exception as err:
             _warn("log_results on the driver run", err)
 
-    def _log_job(self, model: str, layer: int, dataset: str, rows: Any, figures: dict) -> None:
+    def log_tokens(self, tables: dict[str, Any]) -> None:
+        """Token inspector tables (analysis.inspect.wandb_tables) on the driver run, as
+        `inspect/<model>/L<layer>`: each token's text, pbar, u(S) and its best routes."""
+        if self._run is None or not tables:
+            return
+        try:
+            wandb = self._wandb
+            self._run.log({f"inspect/{k}": _table(wandb, frame) for k, frame in tables.items()})
+        except Exception as err:
+            _warn("log_tokens", err)
+
+    def _open_job(self, model: str, layer: int, dataset: str) -> tuple[Any, str]:
         config = {
             "run_id": self.run_id,
             "model": model,
             "layer": int(layer),
             "dataset": dataset,
             "scoring": self.config.get("scoring", {}),
+            "provenance": self.config.get("provenance", {}),
         }
         name = f"{self.run_id}/{model}/L{layer}/{dataset}"
-        run = self._init(name=name, job_type="score", config=config)
+        key = wandb_id(self.run_id, model, int(layer), dataset)
+        return self._init(name=name, job_type="score", config=config, run_key=key), name
+
+    def log_job(self, model: str, layer: int, dataset: str, metrics: dict[str, Any]) -> None:
+        """A scoring job whose units are all written: its counts, in its own run, now."""
+        if self._run is None:
+            return
+        run, name = self._open_job(model, layer, dataset)
+        if run is None:
+            return
+        try:
+            run.summary.update({f"job/{k}": _clean(v) for k, v in metrics.items()})
+        except Exception as err:
+            _warn(f"logging {name}", err)
+        finally:
+            try:
+                run.finish()
+            except Exception as err:
+                _warn(f"finish of {name}", err)
+
+    def _log_job(self, model: str, layer: int, dataset: str, rows: Any, figures: dict) -> None:
+        run, name = self._open_job(model, layer, dataset)
         if run is None:
             return
         try:

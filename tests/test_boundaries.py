@@ -1,4 +1,4 @@
-"""The package import boundaries of DESIGN.md / STYLE.md, checked by parsing every import.
+"""The package import boundaries of docs/design.md, checked by parsing every import.
 
 - Only orchestrator/ imports ray, hydra or wandb.
 - workers/ at module level imports only the standard library, torch, transformers, pyarrow

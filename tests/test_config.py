@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from analysis.metrics import AnalysisConfig
 from orchestrator import config as C
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("model", "dataset", "generation", "scoring", "cluster", "wandb", "sweep")
+GROUPS = ("model", "dataset", "generation", "scoring", "analysis", "cluster", "wandb", "sweep")
 
 C.register_configs()
 
@@ -41,7 +42,7 @@ def mini_models(tmp_path_factory):
 
 def make(*overrides: str) -> C.RunConfig:
     with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
-        return C.to_run_config(compose("config", overrides=list(overrides)))
+        return C.to_run_config(compose("config", overrides=list(overrides)), overrides)
 
 
 def options(group: str) -> list[str]:
@@ -74,6 +75,14 @@ def test_the_default_is_the_demo_on_the_bundled_model():
     C.validate(cfg)
 
 
+def test_analysis_group_sets_the_report_and_rejects_bad_values():
+    cfg = make("analysis.win_margin=0.001", "analysis.cluster=problem", "analysis.bootstrap=50")
+    assert cfg.analysis == AnalysisConfig(win_margin=0.001, cluster="problem", bootstrap=50)
+    assert make().analysis == AnalysisConfig()  # the YAML adds nothing to the schema defaults
+    with pytest.raises(C.ConfigError, match="cluster must be one of trajectory, problem"):
+        make("analysis.cluster=token")
+
+
 def test_every_model_and_dataset_validates_in_every_pair():
     for model in options("model"):
         for dataset in options("dataset"):
@@ -92,8 +101,67 @@ def test_scoring_defaults_are_the_scorers_defaults():
 
     ours = C.ScoringConfig()
     for f in dataclasses.fields(ScoreConfig):
-        if f.name != "device":
+        if f.name not in ("device", "dtype"):  # dtype: None = the model's (next test)
             assert getattr(ours, f.name) == f.default, f.name
+
+
+def test_scoring_dtype_defaults_to_the_models_own():
+    hub = make("model=qwen3-30b-a3b")
+    assert C.score_args(hub.scoring, hub.model)["dtype"] == "bfloat16"
+    tiny = make()
+    assert C.score_args(tiny.scoring, tiny.model)["dtype"] == "float32"
+    forced = make("model=qwen3-30b-a3b", "scoring.dtype=float32")
+    assert C.score_args(forced.scoring, forced.model)["dtype"] == "float32"
+    with pytest.raises(C.ConfigError, match="scoring.dtype must be one of"):
+        C.validate(make("scoring.dtype=float64"))
+
+
+def test_command_line_overrides_reach_every_sweep_entry():
+    cfg = make("sweep=paper", "dry_run=true", "model.max_tokens=10", "dataset.limit=3")
+    assert [m.max_tokens for m in cfg.models] == [10, 10, 10, 10]
+    assert [d.limit for d in cfg.datasets] == [3] * 5
+    assert [m.top_k for m in cfg.models] == [8, 4, 6, 8]  # the rest is each entry's YAML
+    C.validate(cfg)
+    with pytest.raises(C.ConfigError, match="dataset math500: data file /nonexistent.csv"):
+        C.validate(make("sweep=paper", "dry_run=true", "dataset.path=/nonexistent.csv"))
+
+
+def test_per_entry_overrides_change_only_their_entry():
+    gpqa = ROOT / "tests" / "fixtures" / "gpqa_diamond.csv"
+    cfg = make(
+        "sweep=paper",
+        "dry_run=true",
+        "model.max_tokens=10",
+        f"+sweep.overrides.gpqa_diamond.path={gpqa}",
+        "+sweep.overrides.olmoe-1b-7b.max_tokens=7",
+    )
+    assert [d.path for d in cfg.datasets] == [None] * 4 + [str(gpqa)]
+    assert [m.max_tokens for m in cfg.models] == [10, 10, 10, 7]  # the entry's own wins
+    C.validate(cfg)
+    assert C.config_tree(cfg)["datasets"][4]["path"] == str(gpqa)  # recorded in config.yaml
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+sweep.overrides.olmoe-1b-7b.top_k=0", "model olmoe-1b-7b: top_k=0 not in [1, 64]"),
+        ("+sweep.overrides.olmoe-1b-7b.top_k=x", "model olmoe-1b-7b: Value 'x'"),
+        (
+            "+sweep.overrides.olmoe-1b-7b.nope=1",
+            "model olmoe-1b-7b: Key 'nope' not in 'ModelConfig'",
+        ),
+        ("+sweep.overrides.gpqa.path=/x.csv", "sweep.overrides names gpqa, not in this run"),
+        ("+scoring.alternative=8", "unknown key scoring.alternative; valid: alternatives,"),
+        ("+model.tmp=1", "unknown key model.tmp"),
+        ("scoring.sampler=gumble", "scoring.sampler must be one of gumbel, uniform_pool"),
+        ("model.dtype=bf16", "model qwen3-30b-a3b: dtype='bf16'; valid:"),
+        ("cluster.gpu_memory_gb=0", "cluster.gpu_memory_gb must be > 0"),
+    ],
+)
+def test_a_bad_value_in_any_entry_is_a_config_error(override, message):
+    with pytest.raises(C.ConfigError) as info:
+        C.validate(make("sweep=paper", "dry_run=true", override))
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_model_cards_sampling_values():
@@ -272,10 +340,36 @@ def test_cli_bad_config_is_one_error_line_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/, logs
 
 
-def test_cli_unknown_option_is_a_hydra_error(tmp_path):
-    result = cli("model=nope", f"runs_dir={tmp_path}/runs", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Could not find 'model/nope'" in result.stderr and "qwen3-30b-a3b" in result.stderr
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model=nope", "error: In 'config': Could not find 'model/nope' Available options in"),
+        ("scoring.alternative=8", "error: unknown key scoring.alternative"),
+        ("+scoring.alternative=8", "error: unknown key scoring.alternative; valid: alternatives"),
+        ("scoring.alternatives=x", "error: Error merging override scoring.alternatives=x"),
+    ],
+)
+def test_cli_hydra_errors_are_one_error_line_and_exit_2(tmp_path, override, message):
+    result = cli(override, f"runs_dir={tmp_path}/runs", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(message)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_sweep_overrides_fail_before_anything_starts(tmp_path):
+    result = cli(
+        "sweep=paper",
+        "dry_run=true",
+        "model.max_tokens=10",
+        "dataset.path=/nonexistent.csv",
+        f"runs_dir={tmp_path}/runs",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: dataset math500: data file /nonexistent.csv not found (dataset.path)"
+    )
     assert not (tmp_path / "runs").exists()
 
 

@@ -129,6 +129,13 @@ def test_bins_at_the_thresholds(fast):
     assert got["bin"].to_list() == ["ambiguous"] * 4 + ["confident"]
 
 
+def test_config_validation_of_the_interval_settings():
+    for bad in ({"cluster": "token"}, {"bootstrap": -1}, {"level": 1.0}, {"win_margin": -1e-4}):
+        with pytest.raises(ValueError):
+            AnalysisConfig(**bad)
+    assert AnalysisConfig(cluster="problem").cluster_keys == ("problem_id",)
+
+
 def test_config_validation():
     assert AnalysisConfig() == AnalysisConfig(confident=0.9, fragile=0.5)
     AnalysisConfig(confident=1.0, fragile=0.01)
@@ -187,11 +194,32 @@ def test_per_bin_table_from_shards(tmp_path):
         {"model": "m", "layer": 3, "dataset": "d", "tokens": 6, "confident": 2, "ambiguous": 2,
          "fragile": 2, "no_variance": 2, "routes": 4}
     ]  # fmt: skip
-    # gain histogram: 100 buckets of width 0.02 over [-1, 1]; E's -0.1 is in [-0.1, -0.08).
+    # gain histogram: 100 buckets of 2 pp over [-100, 100] pp; E's -10 pp is in [-10, -8).
     hist = tables["gain_hist"].filter((pl.col("dataset") == "d") & (pl.col("bin") == "fragile"))
     assert hist["tokens"].sum() == 2
-    e = hist.filter(pl.col("lo") < 0).row(0, named=True)
-    assert e["lo"] == pytest.approx(-0.1) and e["hi"] == pytest.approx(-0.08)
+    e = hist.filter(pl.col("lo_pp") < 0).row(0, named=True)
+    assert e["lo_pp"] == pytest.approx(-10) and e["hi_pp"] == pytest.approx(-8)
+    # One dataset: no dataset = "all" rows repeating it.
+    assert "all" not in tables["by_bin"]["dataset"].to_list()
+    assert c["chance_rank"] == 2.5  # (J + 2) / 2 with J = 3
+
+
+def test_win_rate_needs_the_margin_and_the_strict_rate_is_kept(tmp_path):
+    # Gains of 5e-5 (a rounding-sized difference), 2e-4 and exactly 0 (a repeated route).
+    rows = [
+        ([0.9, 0.90005, 0.9, 0.9], [-1.0, -2.0, -3.0, -4.0]),
+        ([0.9, 0.9002, 0.9, 0.9], [-1.0, -2.0, -3.0, -4.0]),
+        ([0.9, 0.9, 0.9, 0.9], [-1.0, -2.0, -3.0, -4.0]),
+    ]
+    write_run(tmp_path, {("m", 3, "d", "s0"): score_table(rows)})
+    for margin, expected in ((1e-4, 1 / 3), (0.0, 2 / 3), (1e-3, 0.0)):
+        cfg = AnalysisConfig(win_margin=margin, bootstrap=0)
+        row = summarise(collect_stats(find_shards(tmp_path), cfg), cfg)["overall"].row(
+            0, named=True
+        )
+        assert row["win_rate"] == pytest.approx(expected), margin
+        assert row["win_rate_strict"] == pytest.approx(2 / 3)
+        assert row["win_rate_lo"] is None  # bootstrap = 0: no intervals
 
 
 def test_rollup_pools_datasets_by_tokens(tmp_path):

@@ -67,11 +67,17 @@ def test_build_report_writes_tables_figures_and_markdown(run_dir):
     assert "- layers: early, final" in text and "- datasets: demo" in text
     assert "sk-live" not in text and "api_key" not in text
     assert "3 complete score shards (1 without a sidecar, ignored)" in text
-    # The per-bin markdown row of layer 0, fragile: 2 tokens, gain 10.0 pp, win 50.0%.
+    # The per-bin markdown row of layer 0, fragile: D (u(S) 0.1, gain 30 pp, a win) and E (0.4,
+    # -10 pp, no win), each its own trajectory: a resample holds D twice, E twice or one each,
+    # so every interval spans exactly from "E twice" to "D twice".
     assert (
-        "| tiny | 0 | demo | fragile | 2 | 33.3% | 0.250 | 0.350 | 10.0 | 50.0% | 2.25 | 1.000 | 1 |"
-        in text
+        "| tiny | early (L0) | demo | fragile | 2 | 33.3% | 0.250 [0.100, 0.400] "
+        "| 0.350 [0.300, 0.400] | 10.0 [-10.0, 30.0] | 50.0% [0.0%, 100.0%] "
+        "| 50.0% [0.0%, 100.0%] | 2.25 [1.00, 3.50] | 1.000 [1.000, 1.000] | 1 |" in text
     )
+    assert "- layer mapping: tiny: early (L0), tiny: final (L3)" in text
+    assert "chance rank of S: 2.5" in text and "(strictly: 50.0%)" in text
+    assert "## How to read this" in text and "dataset = all" not in text.split("## How")[0]
 
 
 def test_cli_regenerates_with_other_thresholds(run_dir, capsys):
@@ -146,3 +152,21 @@ def test_tables_are_bitwise_identical_whatever_the_order_the_shards_are_summed_i
     u = pl.concat([pl.read_ipc(p) for p in paths])["std_prob"].cast(pl.Float64)
     row = forward["by_bin"].filter(pl.col("bin") == "all", pl.col("dataset") == "d")
     assert abs(row["mean_u_std"][0] - u.mean()) < 1e-9
+
+
+def test_gain_histogram_draws_empty_buckets_empty_and_fits_the_x_range():
+    import math
+
+    from analysis.figures import bucket_edges, bucket_shares
+
+    # One fragile token in bucket 70 ([40, 42) pp), three in bucket 49 ([-2, 0) pp): the buckets
+    # in between hold nothing and must not be drawn as a plateau.
+    hist = pl.DataFrame(
+        {"gain_bucket": [49, 70], "tokens": [3, 1], "lo_pp": [-2.0, 40.0], "hi_pp": [0.0, 42.0]}
+    )
+    edges, lo, hi = bucket_edges(hist)
+    assert len(edges) == 101 and edges[0] == -100 and edges[49] == -2.0 and edges[70] == 40.0
+    assert (lo, hi) == (-4.0, 44.0)  # the filled buckets and one bucket of margin
+    share = bucket_shares(hist, 100)
+    assert share[49] == 0.75 and share[70] == 0.25
+    assert all(math.isnan(v) for i, v in enumerate(share) if i not in (49, 70))

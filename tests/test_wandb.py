@@ -18,6 +18,7 @@ import time
 import zlib
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from analysis.bench import write_sample_run
@@ -63,6 +64,11 @@ def read_wandb_records(path: Path) -> list:
         record.ParseFromString(b"".join(parts))
         records.append(record)
     return records
+
+
+def path_of(runs: dict, name: str) -> Path:
+    """The files/ folder of a run read back by name."""
+    return runs[name][2].parent / "files"
 
 
 def summary_of(records) -> dict:
@@ -116,6 +122,8 @@ def test_offline_run_read_back(wandb_env, monkeypatch):
     session.log_progress({"scoring/done": 2})  # within the interval: replaced by the next
     session.log_progress({"scoring/done": 3})  # pending until finish
     session.log_results(report)
+    tokens = pl.DataFrame({"position": [3, 4], "token": [" 12", " ;"], "pbar": [0.21, 0.97]})
+    session.log_tokens({"tiny/L2": tokens})
     session.finish(exit_code=0)
     session.finish(exit_code=0)  # idempotent
 
@@ -141,6 +149,13 @@ def test_offline_run_read_back(wandb_env, monkeypatch):
     assert driver_summary["tables/by_bin/_type"] == "table-file"
     assert driver_summary["figures/headline/_type"] == "image-file"
     assert "tiny/L2/fragile/gain_pp" in driver_summary
+    assert "tiny/L2/confident/win_rate_strict" in driver_summary
+    (entry,) = [h for h in history_of(records) if "inspect/tiny/L2/_type" in h]
+    inspect_table = json.loads(
+        (path_of(runs, "r1-driver") / entry["inspect/tiny/L2/path"]).read_text()
+    )
+    assert inspect_table["columns"] == ["position", "token", "pbar"]
+    assert inspect_table["data"] == [[3, " 12", 0.21], [4, " ;", 0.97]]
 
     job, records, path = runs["r1/tiny/L2/demo"]
     assert job.run_group == "r1" and job.job_type == "score"
@@ -239,3 +254,68 @@ def test_scrub_secrets():
         "auth_token": "***",
         "none": {"secret": None},
     }
+
+
+def runs_by_id(run_dir: Path) -> dict[str, list]:
+    """{W&B run id: [the run record of each session that wrote it]} from the offline files."""
+    out: dict[str, list] = {}
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        for r in read_wandb_records(path):
+            if r.WhichOneof("record_type") == "run":
+                out.setdefault(r.run.run_id, []).append((r.run, read_wandb_records(path)))
+    return out
+
+
+def test_a_restarted_driver_continues_the_same_runs(wandb_env):
+    from orchestrator.wandb_run import wandb_id
+
+    run_dir = wandb_env / "runs" / "r1"
+    write_sample_run(run_dir, models=("tiny",), layers=(2,), datasets=("demo",), rows=400, shards=1)
+    config = {"scoring": {"alternatives": 32}, "provenance": {"git_commit": "c0ffee"}}
+    cfg = WandbConfig(mode="offline", progress_interval_s=3600)
+    # 1st driver: the job is logged as its last unit is written, then the driver dies
+    first = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
+    first.log_job("tiny", 2, "demo", {"units": 3, "tokens_this_session": 120})
+    first.finish(exit_code=1)
+    # 2nd driver, same run: nothing left to score, the report is logged to the same runs
+    second = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
+    second.log_results(build_report(run_dir))
+    second.finish(exit_code=0)
+
+    runs = runs_by_id(run_dir)
+    driver, job = wandb_id("r1", "driver"), wandb_id("r1", "tiny", 2, "demo")
+    assert set(runs) == {driver, job}
+    assert len(runs[driver]) == 2 and len(runs[job]) == 2  # one per session, one id each
+    assert "/" not in job and len(job) <= 64
+    job_runs = [run for run, _ in runs[job]]
+    assert {r.display_name for r in job_runs} == {"r1/tiny/L2/demo"}
+    job_config = {i.key: json.loads(i.value_json) for i in job_runs[0].config.update}
+    assert job_config["provenance"] == {"git_commit": "c0ffee"}
+    first_summary, second_summary = (summary_of(records) for _, records in runs[job])
+    assert first_summary["job/units"] == 3 and "fragile/gain_pp" not in first_summary
+    assert "fragile/gain_pp" in second_summary
+
+
+def test_jobs_are_reported_when_their_last_expected_unit_is_written(tmp_path):
+    from orchestrator import plan
+    from orchestrator.config import DatasetConfig, ModelConfig
+    from orchestrator.pipeline import JobTracker
+
+    cell = plan.Cell(ModelConfig(name="m"), DatasetConfig(name="d"), {"early": 0, "final": 3})
+
+    def unit(layer, k):
+        key = f"m/layer={layer}/d/{k:05d}"
+        return plan.Unit("scoring", key, tmp_path / key, "h", {"layer": layer})
+
+    units = [unit(0, 0), unit(0, 1), unit(3, 0), unit(3, 1)]
+    seen = []
+    jobs = JobTracker({cell: units}, lambda *job: seen.append(job))
+    jobs.expect([units[0], units[1], units[3]])  # units[2] was complete already
+    jobs.done(units[0], {"tokens": 5})
+    assert seen == []
+    jobs.done(units[3], {"tokens": 7})  # layer 3's only missing unit
+    assert seen == [("m", 3, "d", {"units": 2, "tokens_this_session": 7})]
+    jobs.done(units[1], {"tokens": 6})
+    assert seen[-1] == ("m", 0, "d", {"units": 2, "tokens_this_session": 11})
+    jobs.done(units[1], {"tokens": 6})  # a duplicate report changes nothing
+    assert len(seen) == 2

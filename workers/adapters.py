@@ -10,7 +10,7 @@ Qwen3-MoE, OLMoE, DeepSeek-V2, GPT-OSS. For a decoder layer index an adapter giv
 - `standard_route(z)`: the family's own top-k rule on router logits z (DeepSeek-V2
   group-limited selection where configured), experts in descending score;
 - `route_weights(z, routes)`: the family's gating rule applied to any chosen sets
-  (SCIENCE.md, "Route weights");
+  (docs/method.md, "Routes");
 - `moe_output(i, x, token, routes, weights)`: the block's output for given routes, each
   (token, expert) pair computed once and recombined per route, shared experts added.
 It knows nothing about scoring, sampling or files.

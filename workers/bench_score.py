@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -266,6 +267,40 @@ def _timed(fn, device: str):
     return time.perf_counter() - start, result
 
 
+def record_rate(
+    args,
+    spec: str,
+    dtype: str,
+    tokens_per_s: float,
+    device_name: str,
+    path=None,
+    label: str = "eager",
+) -> None:
+    """One row of the dry run's rate table (workers.rates, or `path`) for this measurement."""
+    from workers.provenance import scoring_code_version
+    from workers.rates import RATES_PATH, Rate, append_rate
+
+    match = re.search(r"\b([A-Z]+\d{2,4}[A-Z]?)\b", device_name)
+    gpu = args.gpu_name or (match.group(1) if match else device_name)
+    row = Rate(
+        stage="scoring",
+        model=args.arch,
+        layer=spec,
+        tokens=args.tokens,
+        gpu=gpu,
+        dtype=dtype,
+        alternatives=args.alternatives,
+        tokens_per_s=round(tokens_per_s, 1),
+        scorer=scoring_code_version(),
+        source=f"workers.bench_score --random-init, attention {label}, torch {torch.__version__}",
+    )
+    append_rate(row, path or RATES_PATH)
+    print(
+        f"  recorded in {path or RATES_PATH}: {row.model} {spec} {row.tokens} tokens {gpu}",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m workers.bench_score", description=__doc__.split("\n\n")[0]
@@ -303,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy CPU)"
     )
     p.add_argument(
+        "--record",
+        action="store_true",
+        help="append each early/middle/final tokens/s of the first --attention path to "
+        "workers/assets/rates.csv (GPU runs)",
+    )
+    p.add_argument(
+        "--gpu-name", default=None, help="GPU type recorded, e.g. H200 (default: detected)"
+    )
+    p.add_argument(
         "--attention",
         default="eager",
         help="attention path(s), comma-separated, each eager|flex[+compile]; the first is the base",
@@ -321,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         variants = _variants(args.attention)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.record and (args.model is not None or args.arch == "tiny" or args.device == "cpu"):
+        print(
+            "error: --record is for real shapes (--arch ... --random-init) on a GPU",
+            file=sys.stderr,
+        )
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -463,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if base_rate is None:
                 base_rate, base_logp = rate, logp
+                if args.record and spec in ("early", "middle", "final"):
+                    record_rate(args, spec, dtype_name, rate, device_name, label=label)
             else:
                 print(
                     f"    {rate / base_rate:.2f}x the tokens/s of [{variants[0][0]}"

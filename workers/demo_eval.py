@@ -24,7 +24,7 @@ import torch
 
 from workers import demo_task
 
-FRAGILE = 0.5  # SCIENCE.md: a token is fragile when its probability is below 0.5
+FRAGILE = 0.5  # docs/method.md: a token is fragile when its probability is below 0.5
 
 
 def load_model(model_dir: str | Path):

@@ -1,6 +1,6 @@
 """Arrow IPC files that are either complete or absent.
 
-Contract (DESIGN.md, "Data contracts"): a data file `<dir>/<name>.arrow` is complete only when
+Contract (docs/design.md, "Completeness"): a data file `<dir>/<name>.arrow` is complete only when
 its sidecar `<dir>/<name>.done.json` exists and agrees with it (row count, sha256, config hash).
 Both are written under a temporary name and renamed, the data file first, so a crash at any
 point leaves either the old complete pair, or a data file without a sidecar, which readers

@@ -1,4 +1,4 @@
-"""Alternative routes for a token and the noise that draws them (SCIENCE.md, "Alternatives").
+"""Alternative routes for a token and the noise that draws them (docs/method.md, "Routes").
 
 Contract:
 - `token_seed(seed, problem_id, sample_idx, position, layer)`: a 63-bit seed from the sha256

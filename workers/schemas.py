@@ -1,4 +1,4 @@
-"""Arrow schemas of the files that stages exchange (DESIGN.md, "Data contracts").
+"""Arrow schemas of the files that stages exchange (docs/design.md, "Data contracts").
 
 Every stage writes exactly these columns, in this order; readers may rely on them.
 """
@@ -39,7 +39,7 @@ TRAJECTORIES_SCHEMA = pa.schema(
     ]
 )
 
-# One row per scored completion token (SCIENCE.md): the standard route S and J alternatives at
+# One row per scored completion token (docs/method.md): the standard route S and J alternatives at
 # one MoE layer, each with u(R) = p(target | prefix, R) and s(R) = sum of router log-softmax.
 SCORES_SCHEMA = pa.schema(
     [

@@ -1,4 +1,4 @@
-"""Counterfactual route scoring, exact and fast (SCIENCE.md, "Computing it exactly and fast").
+"""Counterfactual route scoring, exact and fast (docs/method.md, "The intervention and the utility").
 
 Contract: `Scorer(model_path, ScoreConfig(...))` loads the model once; `score_table(trajectories,
 layer)` returns one SCORES_SCHEMA row per completion token (positions prompt_len-1 .. len-2,
@@ -422,11 +422,13 @@ def score_file(
     config_hash: str,
     require_complete: bool = False,
     progress: Callable[[int], Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
 
     The input is read with workers.io.read_arrow (its sidecar is required only with
-    `require_complete`); nothing is written unless scoring succeeds.
+    `require_complete`); nothing is written unless scoring succeeds. `extra` is added to
+    the sidecar.
     """
     from workers.io import read_arrow, write_arrow
 
@@ -446,6 +448,7 @@ def score_file(
         "input": str(in_path),
         "tokens": scores.num_rows,
         "score_config": asdict(scorer.config),
+        **(extra or {}),
     }
     return write_arrow(scores, out_path, config_hash=config_hash, started=started, extra=extra)
 

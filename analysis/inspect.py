@@ -1,0 +1,501 @@
+"""A token inspector: one trajectory's text with every scored token's routes, as one HTML page.
+
+    python -m analysis.inspect runs/<id> --model M --layer L [--problem P [--sample S] |
+        --top-fragile N] [--out PATH] [--alternatives 5]
+
+Contract: `token_table(run_dir, model, layer, trajectories)` -> one row per scored token of
+the given (problem_id, sample_idx) trajectories, with the token's text decoded by the model's
+own tokenizer, pbar and its bin, u(S), the standard route and its router score s(S), rank of
+S, Spearman rho, the best alternatives (route, u, s; best first) and the win flags;
+`write_page(...)` turns it into one self-contained HTML file (inline CSS, JS and data: no
+server, no network) that shows each trajectory's decoded text with every completion token
+shaded by pbar, and on hover or click that token's details. `--layer` takes an index or a
+layer name of the run (early/middle/final). `--top-fragile N` picks the N trajectories with
+the most fragile tokens at that layer (ties: more tokens, then problem id). Bad input: one
+`error:` line on stderr, exit 2, no page written.
+
+Row position t scores the prediction of token ids[t + 1] from the prefix ids[:t + 1]: the page
+shades that predicted token. The tokenizer is the run's model's (config.yaml: model.path, the
+bundled tiny model, or the hub id through `tokenizers`' own download/cache), loaded from its
+tokenizer.json alone: no model weights, no transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from analysis.kernel import KERNEL_FIELDS, route_metrics
+from analysis.metrics import AnalysisConfig, find_shards
+from analysis.report import load_run_config
+from analysis.runinfo import layer_labels, model_entries
+from workers.io import read_sidecar
+
+TRAJECTORIES_GLOB = "trajectories/{model}/*/generated/*.arrow"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "workers" / "assets" / "tiny-moe"
+
+
+def resolve_layer_arg(spec: str, model: str, run_config: dict | None) -> int:
+    """An index, or a layer name as the run's config resolves it for this model."""
+    if spec.strip().lstrip("-").isdigit():
+        return int(spec)
+    for (m, index), label in layer_labels(run_config).items():
+        if m == model and label.split(" ")[0] == spec:
+            return index
+    raise ValueError(f"layer {spec!r} is not an index or a layer name of model {model} in this run")
+
+
+def load_tokenizer(model: str, run_config: dict | None):
+    """The model's tokenizer (tokenizers.Tokenizer) from tokenizer.json: a local path, the
+    bundled tiny model, or the hub id (downloaded or cached by tokenizers itself)."""
+    from tokenizers import Tokenizer
+
+    entry = model_entries(run_config or {}).get(model, {})
+    local = entry.get("path") or (BUNDLED_DIR if entry.get("hf_id") == "bundled" else None)
+    if local is not None:
+        path = Path(local) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {local} (model {model})")
+        return Tokenizer.from_file(str(path))
+    hub_id = entry.get("hf_id")
+    if not hub_id:
+        raise FileNotFoundError(f"model {model} is not described in the run's config.yaml")
+    return Tokenizer.from_pretrained(hub_id, revision=entry.get("revision") or "main")
+
+
+def decode_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds, so that "".join(pieces) is the decoded sequence.
+
+    Byte-level tokenizers split characters across tokens, so a token alone may decode to a
+    replacement character, and some decoders change a token's text by its neighbours. Each
+    piece is the growth of the decoding of a short window (the previous piece's tokens and
+    this one); a token that ends inside a character yields "" and the one that completes it
+    carries the whole character (the incremental decoding of text-generation servers).
+    """
+    pieces, prefix, read = [], 0, 0
+    for i in range(len(ids)):
+        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=False)
+        after = tokenizer.decode(ids[prefix : i + 1], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            pieces.append(after[len(before) :])
+            prefix, read = read, i + 1  # the window: the last complete piece's tokens
+        else:
+            pieces.append("")
+    return pieces
+
+
+def _score_paths(run_dir: Path, model: str, layer: int) -> list[Path]:
+    prefix = run_dir / "scores" / model / f"layer={layer}"
+    return [p for p in find_shards(run_dir) if p.is_relative_to(prefix)]
+
+
+def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[str, int]]:
+    """The n trajectories with the most fragile tokens (pbar < cfg.fragile)."""
+    u_sum = pl.col("std_prob").cast(pl.Float64) + pl.col("alt_probs").list.sum()
+    pbar = (u_sum / (pl.col("alt_probs").list.len() + 1)).cast(pl.Float32)
+    counts = (
+        pl.scan_ipc([str(p) for p in paths])
+        .group_by("problem_id", "sample_idx")
+        .agg((pbar < pl.lit(cfg.fragile, dtype=pl.Float32)).sum().alias("fragile"), pl.len())
+        .sort(["fragile", "len", "problem_id", "sample_idx"], descending=[True, True, False, False])
+        .head(n)
+        .collect()
+    )
+    return [(p, int(s)) for p, s in counts.select("problem_id", "sample_idx").rows()]
+
+
+def _trajectories(run_dir: Path, model: str, wanted: list[tuple[str, int]]) -> pl.DataFrame:
+    paths = [
+        p
+        for p in sorted(run_dir.glob(TRAJECTORIES_GLOB.format(model=model)))
+        if read_sidecar(p) is not None
+    ]
+    if not paths:
+        return pl.DataFrame()
+    keys = pl.DataFrame(
+        wanted, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
+    )
+    return (
+        pl.scan_ipc([str(p) for p in paths])
+        .join(keys.lazy(), on=["problem_id", "sample_idx"])
+        .unique(["problem_id", "sample_idx"], keep="first", maintain_order=True)
+        .collect()
+    )
+
+
+def token_table(
+    run_dir: str | Path,
+    model: str,
+    layer: int,
+    trajectories: list[tuple[str, int]],
+    *,
+    cfg: AnalysisConfig | None = None,
+    alternatives: int = 5,
+    tokenizer: Any = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(tokens, trajectories): one row per scored token of `trajectories` at (model, layer),
+    and one row per trajectory with its decoded pieces. Raises FileNotFoundError when the run
+    has no such scores or trajectories."""
+    cfg = cfg or AnalysisConfig()
+    run_dir = Path(run_dir)
+    paths = _score_paths(run_dir, model, layer)
+    if not paths:
+        raise FileNotFoundError(
+            f"no complete score shards under {run_dir}/scores/{model}/layer={layer}"
+        )
+    keys = pl.DataFrame(
+        trajectories, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
+    )
+    scores = (
+        pl.scan_ipc([str(p) for p in paths])
+        .join(keys.lazy(), on=["problem_id", "sample_idx"])
+        .sort("problem_id", "sample_idx", "position")
+        .collect()
+    )
+    if scores.is_empty():
+        raise FileNotFoundError(
+            f"no scored tokens of {', '.join(f'{p}/{s}' for p, s in trajectories)} at {model} layer {layer}"
+        )
+    runs = _trajectories(run_dir, model, trajectories)
+    if runs.is_empty():
+        raise FileNotFoundError(f"no complete generated trajectories of model {model} in {run_dir}")
+    tokenizer = tokenizer or load_tokenizer(model, load_run_config(run_dir))
+    texts = {}
+    for row in runs.iter_rows(named=True):
+        texts[(row["problem_id"], row["sample_idx"])] = decode_pieces(tokenizer, row["input_ids"])
+    runs = runs.with_columns(
+        pl.Series("pieces", [texts[k] for k in runs.select("problem_id", "sample_idx").rows()])
+    )
+    metrics = scores.select(
+        pl.struct("std_prob", "alt_probs", "std_route_logprob", "alt_route_logprobs")
+        .map_batches(route_metrics, return_dtype=pl.Struct(KERNEL_FIELDS))
+        .alias("_k")
+    ).unnest("_k")
+    tokens = pl.concat([scores, metrics], how="horizontal")
+    confident = pl.lit(cfg.confident, dtype=pl.Float32)
+    fragile = pl.lit(cfg.fragile, dtype=pl.Float32)
+    tokens = tokens.with_columns(
+        pl.when(pl.col("pbar") >= confident)
+        .then(pl.lit("confident"))
+        .when(pl.col("pbar") < fragile)
+        .then(pl.lit("fragile"))
+        .otherwise(pl.lit("ambiguous"))
+        .alias("bin"),
+        (pl.col("max_alt") > pl.col("std_prob") + cfg.win_margin).alias("win"),
+    )
+    rows = []
+    for r in tokens.iter_rows(named=True):
+        pieces = texts.get((r["problem_id"], r["sample_idx"]), [])
+        t = r["position"]
+        order = sorted(range(len(r["alt_probs"])), key=lambda j: (-r["alt_probs"][j], j))
+        best = order[:alternatives]
+        rows.append(
+            {
+                "problem_id": r["problem_id"],
+                "sample_idx": r["sample_idx"],
+                "position": t,
+                "token": pieces[t + 1] if t + 1 < len(pieces) else "",
+                "context": "".join(pieces[max(0, t - 7) : t + 1]),
+                "target_id": r["target_id"],
+                "pbar": r["pbar"],
+                "bin": r["bin"],
+                "u_std": r["std_prob"],
+                "max_alt": r["max_alt"],
+                "gain_pp": None if r["max_alt"] is None else 100 * (r["max_alt"] - r["std_prob"]),
+                "win": r["win"],
+                "better_routes": sum(u > r["std_prob"] + cfg.win_margin for u in r["alt_probs"]),
+                "rank_std": r["rank_std"],
+                "rho": r["rho"],
+                "std_route": " ".join(map(str, r["std_route"])),
+                "s_std": r["std_route_logprob"],
+                "best_routes": [" ".join(map(str, r["alt_routes"][j])) for j in best],
+                "best_u": [r["alt_probs"][j] for j in best],
+                "best_s": [r["alt_route_logprobs"][j] for j in best],
+                "alternatives": len(r["alt_probs"]),
+            }
+        )
+    return pl.DataFrame(rows), runs
+
+
+def flat_tokens(tokens: pl.DataFrame) -> pl.DataFrame:
+    """`token_table`'s rows with plain columns only (for W&B tables and CSV): the best
+    alternatives become one text column "3 4: 0.300 (s -2.00); 7 8: 0.250 (s -4.00)"."""
+    best = [
+        "; ".join(f"{r}: {u:.4f} (s {s:.2f})" for r, u, s in zip(rs, us, ss, strict=True))
+        for rs, us, ss in zip(
+            tokens["best_routes"], tokens["best_u"], tokens["best_s"], strict=True
+        )
+    ]
+    return tokens.drop("best_routes", "best_u", "best_s").with_columns(
+        pl.Series("best_alternatives", best, dtype=pl.String)
+    )
+
+
+def wandb_tables(
+    run_dir: str | Path, cfg: AnalysisConfig | None = None, *, per_layer: int = 1
+) -> dict[str, pl.DataFrame]:
+    """{"<model>/L<layer>": flat token rows of its `per_layer` most fragile trajectories} for
+    every (model, layer) with complete scores."""
+    cfg = cfg or AnalysisConfig()
+    run_dir = Path(run_dir)
+    run_config = load_run_config(run_dir)
+    jobs = sorted({(p.parts[-4], int(p.parts[-3].split("=")[1])) for p in find_shards(run_dir)})
+    tokenizers: dict[str, Any] = {}
+    out = {}
+    for model, layer in jobs:
+        if model not in tokenizers:
+            tokenizers[model] = load_tokenizer(model, run_config)
+        wanted = top_fragile(_score_paths(run_dir, model, layer), cfg, per_layer)
+        tokens, _ = token_table(run_dir, model, layer, wanted, cfg=cfg, tokenizer=tokenizers[model])
+        out[f"{model}/L{layer}"] = flat_tokens(tokens)
+    return out
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>__TITLE__</title>
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;display:flex;height:100vh}
+#main{flex:1;overflow:auto;padding:16px 24px}
+#side{width:380px;border-left:1px solid #ccc;padding:16px;overflow:auto;background:#fafafa}
+h1{font-size:18px;margin:0 0 4px} h2{font-size:15px;margin:18px 0 4px}
+.meta{color:#666;font-size:12px;margin-bottom:6px}
+.text{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px;
+  border:1px solid #ddd;padding:10px;background:#fff}
+.prompt{color:#999}
+.tok{cursor:pointer;border-radius:2px}
+.tok:hover{outline:1px solid #333}
+.tok.sel{outline:2px solid #1d4ed8}
+.legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#555;margin:6px 0}
+.bar{width:160px;height:10px;background:linear-gradient(90deg,__GRADIENT__)}
+table{border-collapse:collapse;font-size:12px;width:100%} td,th{padding:2px 4px;text-align:left}
+th{color:#555;font-weight:600} tr.std{background:#e8eefc}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+.tok.bin-fragile{font-weight:700}
+code{background:#eee;padding:0 3px}
+</style></head>
+<body>
+<div id="main">
+<h1>__TITLE__</h1>
+<div class="meta">__SUBTITLE__</div>
+<div class="legend">pbar: <span>0</span><span class="bar"></span><span>1</span>
+ &nbsp; grey text: prompt (not scored). Hover or click a token; the panel shows its routes.</div>
+<div id="trajectories"></div>
+</div>
+<div id="side"><div id="detail">Hover or click a token.</div></div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+const DATA = JSON.parse(document.getElementById("data").textContent);
+const fmt = (x, d) => (x === null || x === undefined) ? "–" : Number(x).toFixed(d);
+function shade(p) {  // pbar 1 -> white, 0.5 -> amber, 0 -> red
+  const t = Math.max(0, Math.min(1, p));
+  const h = 10 + 40 * t, l = 62 + 38 * t * t;
+  return "hsl(" + h + ",90%," + Math.min(l, 100) + "%)";
+}
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+let selected = null;
+function show(tok, span) {
+  if (selected) selected.classList.remove("sel");
+  selected = span; span.classList.add("sel");
+  const d = document.getElementById("detail");
+  d.replaceChildren();
+  d.appendChild(el("h2", "", "Token " + JSON.stringify(tok.token)));
+  const m = el("div", "meta");
+  m.textContent = tok.problem_id + " / sample " + tok.sample_idx + " · position " + tok.position
+    + " · target id " + tok.target_id;
+  d.appendChild(m);
+  const facts = [
+    ["pbar", fmt(tok.pbar, 4) + " (" + tok.bin + ")"],
+    ["u(S)", fmt(tok.u_std, 4)],
+    ["best alternative u", fmt(tok.max_alt, 4) + " (gain " + fmt(tok.gain_pp, 2) + " pp)"],
+    ["alternatives beating S", tok.better_routes + " of " + tok.alternatives
+      + " (by more than " + DATA.margin + ")"],
+    ["rank of S", fmt(tok.rank_std, 1) + " of " + (tok.alternatives + 1)],
+    ["alignment ρ(s, u)", fmt(tok.rho, 3)],
+  ];
+  const ft = el("table", "facts");
+  for (const [k, v] of facts) {
+    const tr = el("tr"); tr.appendChild(el("th", "", k)); tr.appendChild(el("td", "num", v));
+    ft.appendChild(tr);
+  }
+  d.appendChild(ft);
+  d.appendChild(el("h2", "", "Routes (experts, u, router score s)"));
+  const rt = el("table", "routes");
+  const head = el("tr");
+  for (const h of ["route", "experts", "u(R)", "s(R)"]) head.appendChild(el("th", "", h));
+  rt.appendChild(head);
+  const row = (name, experts, u, s, cls) => {
+    const tr = el("tr", cls);
+    tr.appendChild(el("td", "", name)); tr.appendChild(el("td", "", experts));
+    tr.appendChild(el("td", "num", fmt(u, 4))); tr.appendChild(el("td", "num", fmt(s, 3)));
+    rt.appendChild(tr);
+  };
+  row("S (standard)", tok.std_route, tok.u_std, tok.s_std, "std");
+  tok.best_routes.forEach((r, i) => row("best " + (i + 1), r, tok.best_u[i], tok.best_s[i], "alt"));
+  d.appendChild(rt);
+  d.appendChild(el("div", "meta", "context: …" + tok.context + "[" + tok.token + "]"));
+}
+function render() {
+  const root = document.getElementById("trajectories");
+  for (const tr of DATA.trajectories) {
+    const sec = el("section", "trajectory");
+    sec.id = "t-" + tr.problem_id + "-" + tr.sample_idx;
+    sec.appendChild(el("h2", "", tr.problem_id + " / sample " + tr.sample_idx));
+    sec.appendChild(el("div", "meta", tr.dataset + " · verified: " + tr.verified
+      + " · answer " + JSON.stringify(tr.extracted_answer) + " (gold " + JSON.stringify(tr.gold_answer)
+      + ") · " + tr.counts));
+    const text = el("div", "text");
+    const byPos = new Map(tr.tokens.map(t => [t.position + 1, t]));
+    tr.pieces.forEach((piece, i) => {
+      const tok = byPos.get(i);
+      if (!tok) { text.appendChild(el("span", i < tr.prompt_len ? "prompt" : "", piece)); return; }
+      const s = el("span", "tok bin-" + tok.bin, piece === "" ? "\\u200b" : piece);
+      s.style.background = shade(tok.pbar);
+      s.dataset.position = tok.position;
+      s.title = "pbar " + fmt(tok.pbar, 3) + ", u(S) " + fmt(tok.u_std, 3);
+      s.addEventListener("mouseenter", () => show(tok, s));
+      s.addEventListener("click", () => show(tok, s));
+      text.appendChild(s);
+    });
+    sec.appendChild(text);
+    root.appendChild(sec);
+  }
+  // Start on the token the URL names (#t=<position>), else the lowest pbar of the first.
+  const want = new URLSearchParams(location.hash.slice(1)).get("t");
+  const first = DATA.trajectories[0];
+  if (!first || !first.tokens.length) return;
+  let pick = first.tokens.reduce((a, b) => (b.pbar < a.pbar ? b : a));
+  if (want !== null) pick = first.tokens.find(t => t.position === Number(want)) || pick;
+  const span = document.querySelector("#t-" + CSS.escape(first.problem_id + "-" + first.sample_idx)
+    + " .tok[data-position='" + pick.position + "']");
+  show(pick, span);
+}
+render();
+</script>
+</body></html>
+"""
+
+
+def write_page(
+    path: str | Path,
+    tokens: pl.DataFrame,
+    runs: pl.DataFrame,
+    *,
+    title: str,
+    subtitle: str,
+    cfg: AnalysisConfig,
+) -> Path:
+    """One self-contained HTML file (temp file, then rename)."""
+    trajectories = []
+    for run in runs.iter_rows(named=True):
+        own = tokens.filter(
+            (pl.col("problem_id") == run["problem_id"])
+            & (pl.col("sample_idx") == run["sample_idx"])
+        )
+        counts = own["bin"].value_counts().sort("bin")
+        trajectories.append(
+            {
+                "problem_id": run["problem_id"],
+                "sample_idx": run["sample_idx"],
+                "dataset": run["dataset"],
+                "verified": run["verified"],
+                "extracted_answer": run["extracted_answer"],
+                "gold_answer": run["gold_answer"],
+                "prompt_len": run["prompt_len"],
+                "pieces": run["pieces"],
+                "counts": ", ".join(f"{b} {n}" for b, n in counts.rows()) + " scored tokens",
+                "tokens": own.to_dicts(),
+            }
+        )
+    data = {"margin": cfg.win_margin, "trajectories": trajectories}
+    # "</" inside the JSON would end the script element early.
+    blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    gradient = ", ".join(
+        f"hsl({10 + 40 * t},90%,{min(62 + 38 * t * t, 100)}%)" for t in (0, 0.5, 1)
+    )
+    page = (
+        PAGE.replace("__GRADIENT__", gradient)
+        .replace("__TITLE__", html.escape(title))
+        .replace("__SUBTITLE__", html.escape(subtitle))
+        .replace("__DATA__", blob)
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.inspect",
+        description="Write one self-contained HTML page that shows tokens and their routes.",
+    )
+    parser.add_argument("run_dir", type=Path, help="runs/<run_id>")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--layer", required=True, help="decoder index, or early/middle/final")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--problem", help="problem_id of the trajectory")
+    which.add_argument("--top-fragile", type=int, metavar="N", help="N most fragile trajectories")
+    parser.add_argument("--sample", type=int, default=0, help="sample_idx (with --problem)")
+    parser.add_argument("--alternatives", type=int, default=5, help="best alternatives shown")
+    parser.add_argument("--out", type=Path, help="default: <run>/inspect/<model>-L<layer>-....html")
+    args = parser.parse_args(argv)
+    try:
+        if not args.run_dir.is_dir():
+            raise FileNotFoundError(f"run directory {args.run_dir} does not exist")
+        if args.top_fragile is not None and args.top_fragile < 1:
+            raise ValueError("--top-fragile must be >= 1")
+        run_config = load_run_config(args.run_dir)
+        cfg = AnalysisConfig(**((run_config or {}).get("analysis") or {}))
+        layer = resolve_layer_arg(args.layer, args.model, run_config)
+        if args.problem is not None:
+            wanted = [(args.problem, args.sample)]
+            name = f"{args.problem}-s{args.sample}"
+        else:
+            paths = _score_paths(args.run_dir, args.model, layer)
+            if not paths:
+                raise FileNotFoundError(
+                    f"no complete score shards under {args.run_dir}/scores/{args.model}/layer={layer}"
+                )
+            wanted = top_fragile(paths, cfg, args.top_fragile)
+            name = f"top{args.top_fragile}-fragile"
+        tokens, runs = token_table(
+            args.run_dir, args.model, layer, wanted, cfg=cfg, alternatives=args.alternatives
+        )
+        label = layer_labels(run_config).get((args.model, layer), f"L{layer}")
+        out = args.out or args.run_dir / "inspect" / f"{args.model}-L{layer}-{name}.html"
+        write_page(
+            out,
+            tokens,
+            runs,
+            title=f"{args.run_dir.name}: {args.model} · {label}",
+            subtitle=(
+                f"{len(runs)} trajectories, {tokens.height:,} scored tokens; bins: confident "
+                f"pbar ≥ {cfg.confident}, fragile < {cfg.fragile}; win margin {cfg.win_margin:g}"
+            ),
+            cfg=cfg,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

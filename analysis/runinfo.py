@@ -1,0 +1,124 @@
+"""What a run's report says besides the scores: its layer names and its generation stage.
+
+Contract:
+- `layer_labels(run_config)` -> {(model, decoder index): "final (L23)"}: the run's layer specs
+  (sweep.layers, else scoring.layers) resolved against each model's MoE layers with the
+  scorer's own rule (workers.layers). A model's shape comes from conf/model/<name>.yaml when
+  the run's config.yaml does not hold it (sweep models); a model that cannot be resolved gets
+  no label (figures then say "L<index>").
+- `generation_summary(run_dir)` -> one row per (model, dataset) over the complete generated
+  trajectory files (`trajectories/<model>/<dataset>/generated/*.arrow` with their sidecar):
+  samples, verified, verified_share, mean and max completion length in tokens, and the finish
+  reasons as "stop: 90, length: 6". Empty (with its columns) when nothing was generated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from workers.io import read_sidecar
+from workers.layers import LAYER_NAMES, resolve_layer
+
+CONF_MODELS = Path(__file__).resolve().parent.parent / "conf" / "model"
+GENERATED_GLOB = "trajectories/*/*/generated/*.arrow"
+GENERATION_COLUMNS = {
+    "model": pl.String,
+    "dataset": pl.String,
+    "samples": pl.Int64,
+    "verified": pl.Int64,
+    "verified_share": pl.Float64,
+    "mean_tokens": pl.Float64,
+    "max_tokens": pl.Int64,
+    "finish_reasons": pl.String,
+}
+
+
+def model_entries(run_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{model name: its config entry}: the run's own `model`, and conf/model/<name>.yaml for
+    the others named by the sweep (the run's config.yaml holds only the composed model)."""
+    import yaml
+
+    shapes = {}
+    model = run_config.get("model") or {}
+    if isinstance(model, dict) and model.get("name") and model.get("moe_layers"):
+        shapes[model["name"]] = model
+    names = [*((run_config.get("sweep") or {}).get("models") or []), model.get("name")]
+    for name in names:
+        path = CONF_MODELS / f"{name}.yaml"
+        if name and name not in shapes and path.is_file():
+            data = yaml.safe_load(path.read_text()) or {}
+            shapes[data.get("name", name)] = data
+    return shapes
+
+
+def layer_labels(run_config: dict[str, Any] | None) -> dict[tuple[str, int], str]:
+    if not run_config:
+        return {}
+    specs = (
+        (run_config.get("sweep") or {}).get("layers")
+        or (run_config.get("scoring") or {}).get("layers")
+        or []
+    )
+    labels = {}
+    for name, shape in model_entries(run_config).items():
+        moe, num = shape.get("moe_layers"), shape.get("num_layers")
+        if not moe or num is None:
+            continue
+        for spec in specs:
+            try:
+                index = resolve_layer(spec, moe, num)
+            except ValueError:
+                continue
+            named = spec if spec in LAYER_NAMES else None
+            labels[(name, index)] = f"{named} (L{index})" if named else f"L{index}"
+    return labels
+
+
+def generation_summary(run_dir: str | Path) -> pl.DataFrame:
+    paths = [p for p in sorted(Path(run_dir).glob(GENERATED_GLOB)) if read_sidecar(p) is not None]
+    if not paths:
+        return pl.DataFrame(schema=GENERATION_COLUMNS)
+    frame = (
+        pl.scan_ipc([str(p) for p in paths])
+        .select(
+            "model",
+            "dataset",
+            "verified",
+            pl.col("finish_reason").fill_null("none"),
+            (pl.col("input_ids").list.len() - pl.col("prompt_len")).alias("completion_tokens"),
+        )
+        .collect()
+    )
+    reasons = (
+        frame.group_by("model", "dataset", "finish_reason")
+        .len()
+        .sort(
+            "model",
+            "dataset",
+            pl.col("len"),
+            "finish_reason",
+            descending=[False, False, True, False],
+        )
+        .group_by("model", "dataset", maintain_order=True)
+        .agg(
+            pl.concat_str(pl.col("finish_reason"), pl.lit(": "), pl.col("len").cast(pl.String))
+            .str.join(", ")
+            .alias("finish_reasons")
+        )
+    )
+    summary = frame.group_by("model", "dataset").agg(
+        pl.len().cast(pl.Int64).alias("samples"),
+        pl.col("verified").sum().cast(pl.Int64).alias("verified"),
+        pl.col("verified").mean().alias("verified_share"),
+        pl.col("completion_tokens").mean().alias("mean_tokens"),
+        pl.col("completion_tokens").max().cast(pl.Int64).alias("max_tokens"),
+    )
+    return (
+        summary.join(reasons, on=["model", "dataset"])
+        .select(list(GENERATION_COLUMNS))
+        .cast(GENERATION_COLUMNS)
+        .sort("model", "dataset")
+    )
