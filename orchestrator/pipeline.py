@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,7 @@ def run_stages(
         call=lambda actor, u: actor.generate.remote(u.args, str(u.path), u.config_hash),
         n_actors=cfg.cluster.generators,
         retries=cfg.scoring.retries,
+        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
         checksum=cfg.verify_checksums,
         summary=summary,
         sink=sink,
@@ -189,6 +190,7 @@ def run_stages(
         call=lambda actor, u: actor.score.remote(u.args, str(u.path), u.config_hash),
         n_actors=cfg.cluster.scorers,
         retries=cfg.scoring.retries,
+        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
         checksum=cfg.verify_checksums,
         summary=summary,
         sink=sink,
@@ -205,13 +207,15 @@ def run_units(
     call: Callable[[Any, plan.Unit], Any],
     n_actors: int,
     retries: int,
+    timeouts: tuple[float | None, float | None] = (None, None),
     checksum: bool,
     summary: RunSummary,
     sink: Sink | None,
     jobs: JobTracker | None = None,
 ) -> dict[str, Any]:
-    """Run a stage's incomplete units, one model at a time (its actors freed before the next
-    model's start); record failures; return the stage's final progress metrics."""
+    """Run a stage's incomplete units, one model at a time (its actors shut down and freed
+    before the next model's start); record failures; return the stage's final progress
+    metrics. `timeouts` = (actor start, unit) deadlines in seconds, None for none."""
     from orchestrator.actors import dispatch
 
     todo = {
@@ -236,6 +240,10 @@ def run_units(
                 actors=n_actors,
                 retries=retries,
                 progress=progress,
+                start_timeout_s=timeouts[0],
+                unit_timeout_s=timeouts[1],
+                release=spawn.release,
+                describe=spawn.describe,
                 on_done=jobs.done if jobs is not None else None,
             )
         finally:
@@ -332,68 +340,112 @@ def prune(run_dir: Path, dirs: list[Path], keep: list[plan.Unit] | list[Path]) -
 
 
 class GeneratorSpawner:
-    """Starts generator actors for one model with their resources; `close` frees placement groups."""
+    """Starts generator actors for one model with their resources.
+
+    `cluster.use_gpus`: HF takes one GPU; vLLM takes `model.tensor_parallel_size` GPUs, as a
+    placement group when > 1 (one per actor, removed by `release` when its actor goes and by
+    `close`). Otherwise no GPU is asked for: HF runs on CPU, and so does vLLM's CPU build, with
+    a fixed KV-cache size (`model.engine.cpu_kv_cache_gib`).
+    """
 
     def __init__(self, model: ModelConfig, cfg: RunConfig, actors: Any):
-        self.model, self.cluster, self.backend, self.actors = (
-            model,
-            cfg.cluster,
-            cfg.generation.backend,
-            actors,
-        )
-        self.groups: list[Any] = []
+        self.model, self.cluster, self.actors = absolute_path(model), cfg.cluster, actors
+        self.backend = model.generation_backend or cfg.generation.backend
+        self.groups: dict[Any, Any] = {}  # actor -> its placement group
+        gpus = self.cluster.use_gpus
         self.resources: dict[str, Any] = {"num_cpus": self.cluster.cpus_per_actor, "num_gpus": 0}
         if self.backend == "hf":
             self.options: dict[str, Any] = {
                 "dtype": model.dtype,
                 "batch_size": cfg.generation.batch_size,
-                "device": "cuda" if self.cluster.use_gpus else "cpu",
+                "device": "cuda" if gpus else "cpu",
             }
-            self.resources["num_gpus"] = 1 if self.cluster.use_gpus else 0
-        else:
-            tp = model.tensor_parallel_size
-            self.options = {
-                "dtype": model.dtype,
-                "tensor_parallel_size": tp,
-                "seed": cfg.generation.seed,
-            }
+            self.resources["num_gpus"] = 1 if gpus else 0
+            return
+        engine, tp = model.engine, model.tensor_parallel_size if gpus else 1
+        self.options = {
+            "dtype": model.dtype,
+            "tensor_parallel_size": tp,
+            "seed": cfg.generation.seed,
+            "max_model_len": engine.max_model_len,
+            "enforce_eager": engine.enforce_eager,
+            "max_num_seqs": engine.max_num_seqs,
+        }
+        if gpus:
+            self.options["gpu_memory_utilization"] = engine.gpu_memory_utilization
             self.resources["num_gpus"] = tp
-            if tp > 1:
-                # vLLM starts one Ray worker per GPU itself: reserve the GPUs as a placement
-                # group its workers inherit (vLLM's distributed_executor_backend="ray").
-                self.options["distributed_executor_backend"] = "ray"
+        else:
+            self.options["kv_cache_memory_bytes"] = int(engine.cpu_kv_cache_gib * 2**30)
+        if tp > 1:
+            # vLLM starts one Ray worker per GPU itself: reserve the GPUs as a placement
+            # group its workers inherit (vLLM's distributed_executor_backend="ray").
+            self.options["distributed_executor_backend"] = "ray"
+
+    def describe(self) -> str:
+        need = {"CPU": self.resources["num_cpus"], "GPU": self.resources["num_gpus"]}
+        if self.options.get("distributed_executor_backend") == "ray":
+            need = {"bundles": f"{self.model.tensor_parallel_size} x {self.bundle()}"}
+        return f"the {self.backend} generator actor of model {self.model.name}, needing {need},"
+
+    def bundle(self) -> dict[str, float]:
+        return {"GPU": 1, "CPU": self.cluster.cpus_per_actor}
 
     def __call__(self) -> Any:
-        resources = dict(self.resources)
+        resources, group = dict(self.resources), None
         if self.options.get("distributed_executor_backend") == "ray":
-            resources = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": self.placement()}
-        return self.actors.GeneratorActor.options(max_restarts=0, **resources).remote(
+            group, strategy = self.placement()
+            resources = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy}
+        actor = self.actors.GeneratorActor.options(max_restarts=0, **resources).remote(
             self.model,
             self.backend,
             self.options,
             torch_threads=self.cluster.torch_threads,
             provenance=driver_provenance(),
         )
+        if group is not None:
+            self.groups[actor] = group
+        return actor
 
-    def placement(self) -> Any:
+    def placement(self) -> tuple[Any, Any]:
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.exceptions import GetTimeoutError
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {"GPU": 1, "CPU": self.cluster.cpus_per_actor}
-        group = placement_group([bundle] * self.model.tensor_parallel_size, strategy="STRICT_PACK")
-        ray.get(group.ready(), timeout=self.cluster.actor_start_timeout_s)
-        self.groups.append(group)
-        return PlacementGroupSchedulingStrategy(
+        bundles = [self.bundle()] * self.model.tensor_parallel_size
+        group = placement_group(bundles, strategy="STRICT_PACK")
+        try:
+            ray.get(group.ready(), timeout=self.cluster.actor_start_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(group)
+            raise self.actors.ActorStartError(
+                f"{self.describe()} could not be placed within"
+                f" {self.cluster.actor_start_timeout_s:g} s (cluster.actor_start_timeout_s):"
+                f" no node has {len(bundles)} x {self.bundle()} free;"
+                f" the cluster has {self.actors.cluster_resources()}"
+            ) from None
+        return group, PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_capture_child_tasks=True
         )
 
-    def close(self) -> None:
+    def release(self, actor: Any) -> None:
+        """Free the placement group of an actor that is gone (dead, hung or done)."""
         from ray.util.placement_group import remove_placement_group
 
-        for group in self.groups:
+        group = self.groups.pop(actor, None)
+        if group is not None:
             remove_placement_group(group)
-        self.groups.clear()
+
+    def close(self) -> None:
+        for actor in list(self.groups):
+            self.release(actor)
+
+
+def absolute_path(model: ModelConfig) -> ModelConfig:
+    """`model` with a relative `path` made absolute here, on the driver: actors run elsewhere."""
+    if model.path and not Path(model.path).is_absolute():
+        return replace(model, path=str(Path(model.path).resolve()))
+    return model
 
 
 class ScorerSpawner:
@@ -402,7 +454,7 @@ class ScorerSpawner:
     def __init__(self, model: ModelConfig, cfg: RunConfig, actors: Any):
         import os
 
-        self.model, self.cluster, self.actors = model, cfg.cluster, actors
+        self.model, self.cluster, self.actors = absolute_path(model), cfg.cluster, actors
         device = "cuda" if self.cluster.use_gpus else "cpu"
         self.score_options = {**plan.score_args(cfg.scoring, model), "device": device}
         self.gpus = model.gpus if self.cluster.use_gpus else 0
@@ -418,6 +470,13 @@ class ScorerSpawner:
             faults=self.faults,
             provenance=driver_provenance(),
         )
+
+    def describe(self) -> str:
+        need = {"CPU": self.cluster.cpus_per_actor, "GPU": self.gpus}
+        return f"the scorer actor of model {self.model.name}, needing {need},"
+
+    def release(self, actor: Any) -> None:
+        pass
 
     def close(self) -> None:
         pass

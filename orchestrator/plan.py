@@ -152,7 +152,7 @@ def generation_units(
     common = {
         "model": model_identity(model),
         "dtype": model.dtype,
-        "backend": generation.backend,
+        "backend": model.generation_backend or generation.backend,
         "sampling": sampling,
         "prompt": prompt,
         "problems": problems_sha256,
@@ -186,6 +186,8 @@ def sampling_args(model: ModelConfig, generation: GenerationConfig) -> dict[str,
         "n": generation.samples_per_problem,
         "temperature": model.temperature,
         "top_p": model.top_p,
+        "top_k": model.sample_top_k,
+        "min_p": model.min_p,
         "max_tokens": model.max_tokens,
         "seed": generation.seed,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,25 @@ ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("model", "dataset", "generation", "scoring", "analysis", "cluster", "wandb", "sweep")
 
 C.register_configs()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mini_models(tmp_path_factory):
+    """The checkpoints conf/model/mini-*.yaml point at (their shapes are validated), and the
+    repository root as working directory (conf/dataset/mini-*.yaml name files relative to it)."""
+    from make_mini_models import write_mini_models
+
+    root = tmp_path_factory.mktemp("mini-models")
+    write_mini_models(root)
+    old_env, old_cwd = os.environ.get("MOE_MINI_MODELS"), os.getcwd()
+    os.environ["MOE_MINI_MODELS"] = str(root)
+    os.chdir(ROOT)
+    yield root
+    os.chdir(old_cwd)
+    if old_env is None:
+        del os.environ["MOE_MINI_MODELS"]
+    else:
+        os.environ["MOE_MINI_MODELS"] = old_env
 
 
 def make(*overrides: str) -> C.RunConfig:
@@ -162,7 +182,10 @@ def test_model_cards_sampling_values():
         (["scoring.layers=[7]"], "layer 7 is out of range; valid MoE layers: 0-3"),
         (["scoring.pool=2"], "scoring.pool=2 is smaller than model tiny's top_k=4"),
         (["dataset.path=/nonexistent/x.jsonl"], "data file /nonexistent/x.jsonl not found"),
-        (["generation=vllm"], "generation=vllm needs GPUs"),
+        (["model.engine.max_model_len=512"], "exceeds the model's max_position_embeddings=256"),
+        (["model.engine.max_model_len=64"], "leaves no room for a prompt before max_tokens=96"),
+        (["model.min_p=2"], "min_p in [0, 1]"),
+        (["model.generation_backend=tgi"], "generation_backend='tgi'"),
         (["sweep.models=[tiny,nope]"], "unknown model 'nope'"),
         (["scoring.layers=[]"], "scoring.layers is empty"),
         (["run_id=../x"], "run_id='../x'"),
@@ -174,6 +197,16 @@ def test_bad_values_raise_one_line_config_errors(overrides, message):
         C.validate(make(*overrides))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_vllm_without_vllm_installed_is_a_config_error():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(C.ConfigError, match="generation=vllm needs vLLM, not installed here"):
+        C.validate(make("generation=vllm"))
+    C.validate(make("generation=vllm", "cluster=address"))  # a cluster's nodes may have it
 
 
 def test_model_shape_is_checked_against_config_json():

@@ -154,6 +154,21 @@ def test_row_sampler_follows_the_distribution_and_top_p():
     assert int(greedy(None, logits.clone()).argmax()) == 0
 
 
+def test_row_sampler_top_k_and_min_p_drop_the_tail():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    top2 = _RowSampler([7], temperature=1.0, top_p=1.0, top_k=2)
+    draws = [int(top2(None, logits.clone()).argmax()) for _ in range(2000)]
+    assert set(draws) == {0, 1}
+    assert abs(draws.count(0) / len(draws) - 0.5 / 0.8) < 0.04  # renormalised over the top 2
+    # min_p=0.25: tokens below 0.25 x 0.5 = 0.125 go (only the last one here).
+    minp = _RowSampler([7], temperature=1.0, top_p=1.0, min_p=0.25)
+    assert {int(minp(None, logits.clone()).argmax()) for _ in range(1000)} == {0, 1, 2}
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+
+
 # --- the HF backend ----------------------------------------------------------------------------
 
 

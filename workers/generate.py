@@ -72,6 +72,7 @@ def generate_trajectories(
                 "verify_reason": verdict.reason,
                 "finish_reason": completion.finish_reason,
                 "seed": params.seed,
+                "sample_logprobs": completion.logprobs,
             }
         )
     return pa.Table.from_pylist(records, schema=TRAJECTORIES_SCHEMA)

@@ -17,7 +17,9 @@ PROBLEMS_SCHEMA = pa.schema(
 )
 
 # One row per sampled completion. `input_ids` is prompt + completion; the completion starts at
-# `prompt_len`. `extracted_answer` is null when nothing could be extracted.
+# `prompt_len`. `extracted_answer` is null when nothing could be extracted. `sample_logprobs`
+# holds log p(token | prefix) of each completion token as the generator computed it (vLLM),
+# null where the backend does not report it (HF).
 TRAJECTORIES_SCHEMA = pa.schema(
     [
         ("problem_id", pa.string()),
@@ -33,6 +35,7 @@ TRAJECTORIES_SCHEMA = pa.schema(
         ("verify_reason", pa.string()),
         ("finish_reason", pa.string()),
         ("seed", pa.int64()),
+        ("sample_logprobs", pa.list_(pa.float32())),
     ]
 )
 

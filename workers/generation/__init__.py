@@ -29,6 +29,8 @@ class SamplingParams:
     n: int = 1  # completions per prompt
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
     max_tokens: int = 256  # new tokens per completion
     seed: int = 0
 
@@ -39,6 +41,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -51,6 +57,9 @@ class Completion:
     completion_ids: list[int]  # includes the EOS token when finish_reason == "stop"
     text: str  # the completion decoded without special tokens
     finish_reason: str  # "stop" (EOS produced) or "length" (max_tokens reached)
+    # log p(token | prefix) of each completion token under the model's raw distribution
+    # (before temperature/truncation), where the backend reports it (vLLM); None otherwise.
+    logprobs: list[float] | None = None
 
 
 class GenerationBackend(Protocol):
@@ -62,7 +71,7 @@ class GenerationBackend(Protocol):
 
 
 def make_backend(name: str, model_path: str, **options: Any) -> GenerationBackend:
-    """A backend by name: "hf" (transformers, CPU or GPU) or "vllm" (GPU, `pip install .[vllm]`)."""
+    """A backend by name: "hf" (transformers, CPU or GPU) or "vllm" (vLLM on GPUs or its CPU build)."""
     if name == "hf":
         from workers.generation.hf import HFBackend
 

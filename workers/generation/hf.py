@@ -2,9 +2,9 @@
 
 Each (problem_id, sample_idx) draws its tokens from its own torch.Generator seeded from
 sha256(seed, problem_id, sample_idx), so a sample does not depend on which other samples share
-its batch, on batch size, or on order. `_RowSampler` (a LogitsProcessor) applies temperature
-and top-p, draws one token per row by inverse CDF with that row's generator, and masks every
-other token to -inf; `generate(do_sample=False)` then picks exactly that token. (Transformers'
+its batch, on batch size, or on order. `_RowSampler` (a LogitsProcessor) applies temperature,
+top-k, min-p and top-p, draws one token per row by inverse CDF with that row's generator, and
+masks every other token to -inf; `generate(do_sample=False)` then picks exactly that token. (Transformers'
 own sampling uses one global RNG over the whole batch, which would tie samples together.)
 
 Prompts are left-padded (position ids follow the attention mask); a completion ends at the
@@ -38,10 +38,19 @@ _DTYPES = {
 class _RowSampler(LogitsProcessor):
     """Samples one token per row with that row's generator; returns 0 there, -inf elsewhere."""
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        temperature: float,
+        top_p: float,
+        top_k: int = 0,
+        min_p: float = 0.0,
+    ) -> None:
         self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
+        self.min_p = min_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0:
@@ -50,6 +59,15 @@ class _RowSampler(LogitsProcessor):
             # float64 so a row's probabilities do not shift with the batch's other rows.
             probs = torch.softmax(scores.double() / self.temperature, dim=-1)
             sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            if self.top_k or self.min_p:
+                # Top-k, then min-p relative to the top token, then top-p over what is left
+                # (renormalised): vLLM's order.
+                if self.top_k:
+                    sorted_probs[:, self.top_k :] = 0.0
+                if self.min_p:
+                    floor = self.min_p * sorted_probs[:, :1]
+                    sorted_probs = sorted_probs.masked_fill(sorted_probs < floor, 0.0)
+                sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
             if self.top_p < 1:
                 # Keep the smallest prefix whose mass reaches top_p (always the top token).
                 before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -131,6 +149,8 @@ class HFBackend:
             [sample_seed(params.seed, pid, k) for pid, k, _ in batch],
             params.temperature,
             params.top_p,
+            params.top_k,
+            params.min_p,
         )
         with torch.inference_mode():
             out = self.model.generate(

