@@ -67,10 +67,16 @@ def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]
     Runs on the driver before Ray starts, so a missing data file fails fast.
     Returns {dataset name: (number of problems, sha256 of the file)}.
     """
+    datasets = {c.dataset.name: c.dataset for c in plan.plan_cells(cfg)}
+    return prepare_datasets(run_dir, list(datasets.values()))
+
+
+def prepare_datasets(run_dir: Path, datasets: list[Any]) -> dict[str, tuple[int, str]]:
+    """problems/<name>.arrow of each dataset (skipped when complete); {name: (rows, sha256)}."""
     from workers.datasets import load_problems
 
     out = {}
-    for dataset in {c.dataset.name: c.dataset for c in plan.plan_cells(cfg)}.values():
+    for dataset in datasets:
         path, want = plan.problems_path(run_dir, dataset), plan.problems_hash(dataset)
         if not is_complete(path, want):
             try:

@@ -44,7 +44,7 @@ from orchestrator.pipeline import (
     RunSummary,
     ScorerSpawner,
     Sink,
-    last_line,
+    prepare_datasets,
     record_failures,
     run_units,
     write_shards,
@@ -440,32 +440,6 @@ def run_router_units(
         )
         record_failures(summary, outcomes)
     summary.stages[stage] = progress.close()
-
-
-def prepare_datasets(run_dir: Path, wanted: list[DatasetConfig]) -> dict[str, tuple[int, str]]:
-    """problems/<name>.arrow of each dataset (as pipeline.prepare_problems writes them)."""
-    from workers.datasets import load_problems
-
-    out = {}
-    for dataset in wanted:
-        path, want = plan.problems_path(run_dir, dataset), plan.problems_hash(dataset)
-        if not is_complete(path, want):
-            try:
-                table = load_problems(
-                    dataset.loader,
-                    path=dataset.path,
-                    limit=dataset.limit,
-                    seed=dataset.seed,
-                    **dataset.options,
-                )
-            except (ValueError, RuntimeError, ImportError, OSError) as err:
-                raise PipelineError(f"dataset {dataset.name}: {last_line(err)}") from err
-            if table.num_rows == 0:
-                raise PipelineError(f"dataset {dataset.name} has no problems (limit/options)")
-            write_arrow(table, path, config_hash=want)
-        sidecar = read_sidecar(path)
-        out[dataset.name] = (sidecar["rows"], sidecar["sha256"])
-    return out
 
 
 # ------------------------------------------------------------------------------- the dry run
