@@ -39,6 +39,7 @@ from pathlib import Path
 
 import polars as pl
 
+from analysis.inputs import SCORES_GLOB
 from workers.io import read_sidecar
 
 BINS = ("confident", "ambiguous", "fragile")  # display order: high pbar to low
@@ -48,7 +49,6 @@ GROUP_KEYS = ("model", "layer", "dataset")
 # derived from them, are bitwise identical whatever order the streaming engine adds batches
 # in. 10 million tokens of values in [-33, 33] stay well inside Int64.
 FIXED_POINT = 2**32
-SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
 
 
 CLUSTERS = {"trajectory": ("problem_id", "sample_idx"), "problem": ("problem_id",)}
