@@ -183,12 +183,13 @@ def _markdown_table(frame: pl.DataFrame, labels: dict) -> list[str]:
 def _generation_table(generation: pl.DataFrame) -> list[str]:
     if generation.is_empty():
         return ["(no complete generated trajectories in this run directory)"]
-    header = ["model", "dataset", "samples", "verified", "mean length", "max length"]
+    header = ["model", "dataset", "backend", "samples", "verified", "mean length", "max length"]
     header.append("finish reasons")
     rows = [
         [
             r["model"],
             r["dataset"],
+            r["backend"],
             _fmt(r["samples"], ","),
             f"{r['verified']:,} ({_fmt(r['verified_share'], '.1%')})",
             _fmt(r["mean_tokens"], ",.1f"),
@@ -197,7 +198,7 @@ def _generation_table(generation: pl.DataFrame) -> list[str]:
         ]
         for r in generation.iter_rows(named=True)
     ]
-    return _table(header, rows, align="llrrrrl")
+    return _table(header, rows, align="lllrrrrl")
 
 
 def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:

@@ -9,7 +9,8 @@ Contract:
 - `generation_summary(run_dir)` -> one row per (model, dataset) over the complete generated
   trajectory files (`trajectories/<model>/<dataset>/generated/*.arrow` with their sidecar):
   samples, verified, verified_share, mean and max completion length in tokens, and the finish
-  reasons as "stop: 90, length: 6". Empty (with its columns) when nothing was generated.
+  reasons as "stop: 90, length: 6", and the generation backend(s) the files' sidecars record
+  ("hf", "vllm"; "unrecorded" for files written before sidecars named it). Empty (with its columns) when nothing was generated.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ GENERATION_COLUMNS = {
     "mean_tokens": pl.Float64,
     "max_tokens": pl.Int64,
     "finish_reasons": pl.String,
+    "backend": pl.String,
 }
 
 
@@ -78,9 +80,22 @@ def layer_labels(run_config: dict[str, Any] | None) -> dict[tuple[str, int], str
 
 
 def generation_summary(run_dir: str | Path) -> pl.DataFrame:
-    paths = [p for p in sorted(Path(run_dir).glob(GENERATED_GLOB)) if read_sidecar(p) is not None]
+    sidecars = {p: read_sidecar(p) for p in sorted(Path(run_dir).glob(GENERATED_GLOB))}
+    paths = [p for p, sidecar in sidecars.items() if sidecar is not None]
     if not paths:
         return pl.DataFrame(schema=GENERATION_COLUMNS)
+    # trajectories/<model>/<dataset>/generated/<k>.arrow
+    backends = (
+        pl.DataFrame(
+            {
+                "model": [p.parts[-4] for p in paths],
+                "dataset": [p.parts[-3] for p in paths],
+                "backend": [str(sidecars[p].get("backend", "unrecorded")) for p in paths],
+            }
+        )
+        .group_by("model", "dataset")
+        .agg(pl.col("backend").unique().sort().str.join(", "))
+    )
     frame = (
         pl.scan_ipc([str(p) for p in paths])
         .select(
@@ -118,6 +133,7 @@ def generation_summary(run_dir: str | Path) -> pl.DataFrame:
     )
     return (
         summary.join(reasons, on=["model", "dataset"])
+        .join(backends, on=["model", "dataset"], how="left")
         .select(list(GENERATION_COLUMNS))
         .cast(GENERATION_COLUMNS)
         .sort("model", "dataset")

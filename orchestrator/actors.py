@@ -100,6 +100,7 @@ class GeneratorWorker:
 
         path = local_model_dir(model)
         self.backend = make_backend(backend, path, **backend_options)
+        self.backend_name = backend  # recorded in each sidecar: the report says who generated
         self.provenance = worker_provenance(path, provenance)
 
     def pid(self) -> int:
@@ -135,7 +136,7 @@ class GeneratorWorker:
             out_path,
             config_hash=config_hash,
             started=started,
-            extra={"provenance": self.provenance},
+            extra={"provenance": self.provenance, "backend": self.backend_name},
         )
         lengths = table.column("input_ids").to_pylist()
         prompt_lens = table.column("prompt_len").to_pylist()

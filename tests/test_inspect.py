@@ -59,7 +59,7 @@ def run(tmp_path, tokenizer):
             problem_id=pid, sample_idx=sample, input_ids=ids, prompt_len=len(prompt_ids),
             model="tiny", dataset="demo", completion_text=text, extracted_answer="4",
             gold_answer="4", verified=pid == "p-a", verify_reason="", seed=0,
-            finish_reason="stop" if pid == "p-a" else "length",
+            finish_reason="stop" if pid == "p-a" else "length", sample_logprobs=None,
         ).items():  # fmt: skip
             traj[key].append(value)
         for k, t in enumerate(range(len(prompt_ids) - 1, len(ids) - 1)):
@@ -146,6 +146,7 @@ def test_generation_summary_per_model_and_dataset(run, tokenizer):
     row = generation_summary(root).row(0, named=True)
     assert (row["model"], row["dataset"], row["samples"], row["verified"]) == ("tiny", "demo", 2, 1)
     assert row["finish_reasons"] == "length: 1, stop: 1"  # most frequent first, then by name
+    assert row["backend"] == "unrecorded"  # written here without the actors' sidecar field
     assert row["max_tokens"] == max(lengths) and row["mean_tokens"] == sum(lengths) / 2
 
 

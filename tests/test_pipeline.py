@@ -37,6 +37,7 @@ def test_default_run_writes_every_stage_and_the_report(reference):
     assert problems["rows"] == 8
     generated = sidecars(reference, "trajectories/tiny/demo/generated")
     assert sorted(generated) == ["00000.arrow", "00001.arrow"]
+    assert {s["backend"] for s in generated.values()} == {"hf"}
     trajectories = pa.concat_tables(
         read_arrow(reference / "trajectories/tiny/demo/generated" / name) for name in generated
     )
@@ -56,6 +57,7 @@ def test_default_run_writes_every_stage_and_the_report(reference):
     by_bin = pl.read_parquet(reference / "tables" / "by_bin.parquet")
     assert set(by_bin["layer"].to_list()) == {0, 2, 3}
     assert (reference / "report.md").read_text().strip()
+    assert pl.read_parquet(reference / "tables" / "generation.parquet")["backend"].to_list() == ["hf"]
     assert list((reference / "figures").glob("*.png"))
 
 

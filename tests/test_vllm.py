@@ -182,6 +182,9 @@ def test_mini_sweep_of_four_families_survives_a_driver_kill(tmp_path):
     want = {(m, L, d) for m, ls in layers.items() for L in ls for d in ("math500", "gpqa_diamond")}
     assert cells == want
     assert "verified only: False" in (run_dir / "report.md").read_text()
+    generation = pl.read_parquet(run_dir / "tables" / "generation.parquet")
+    backends = dict(zip(generation["model"], generation["backend"], strict=True))
+    assert backends["mini-deepseek-v2"] == "hf" and backends["mini-qwen3-moe"] == "vllm"
 
     files = sorted(Path(run_dir / "wandb").rglob("run-*.wandb"))
     assert files
