@@ -120,8 +120,6 @@ def run_stages(
 ) -> RunSummary:
     """The stages over Ray; `sink` gets progress metrics, `job_sink` each scoring job (model,
     layer, dataset) whose last unit this session wrote (e.g. WandbSession.log_job)."""
-    from orchestrator import actors
-
     summary = RunSummary(run_id=run_id, run_dir=run_dir)
     cells = plan.plan_cells(cfg)
 
@@ -139,18 +137,7 @@ def run_stages(
     }
     for cell in cells:
         prune(run_dir, [plan.generated_dir(run_dir, cell.model, cell.dataset)], gen_units[cell])
-    summary.stages["generation"] = run_units(
-        "generation",
-        gen_units,
-        spawner=lambda model: GeneratorSpawner(model, cfg, actors),
-        call=lambda actor, u: actor.generate.remote(u.args, str(u.path), u.config_hash),
-        n_actors=cfg.cluster.generators,
-        retries=cfg.scoring.retries,
-        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
-        checksum=cfg.verify_checksums,
-        summary=summary,
-        sink=sink,
-    )
+    summary.stages["generation"] = run_generation("generation", gen_units, cfg, summary, sink)
 
     # 2. Shards: the trajectories to score (verified ones by default), split for the scorers.
     shards: dict[plan.Cell, list[tuple[Path, str]]] = {}
@@ -189,9 +176,57 @@ def run_stages(
     )
     for cell, units in score_units.items():
         prune(run_dir, plan.scores_dirs(run_dir, cell), units)
-    summary.stages["scoring"] = run_units(
+    summary.stages["scoring"] = run_scoring(
         "scoring",
         score_units,
+        cfg,
+        summary,
+        sink,
+        jobs=JobTracker(score_units, job_sink) if job_sink else None,
+    )
+    return summary
+
+
+def run_generation(
+    stage: str,
+    units: dict[plan.Cell, list[plan.Unit]],
+    cfg: RunConfig,
+    summary: RunSummary,
+    sink: Sink | None,
+    jobs: JobTracker | None = None,
+) -> dict[str, Any]:
+    """`run_units` on `cluster.generators` generator actors per model."""
+    from orchestrator import actors
+
+    return run_units(
+        stage,
+        units,
+        spawner=lambda model: GeneratorSpawner(model, cfg, actors),
+        call=lambda actor, u: actor.generate.remote(u.args, str(u.path), u.config_hash),
+        n_actors=cfg.cluster.generators,
+        retries=cfg.scoring.retries,
+        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
+        checksum=cfg.verify_checksums,
+        summary=summary,
+        sink=sink,
+        jobs=jobs,
+    )
+
+
+def run_scoring(
+    stage: str,
+    units: dict[plan.Cell, list[plan.Unit]],
+    cfg: RunConfig,
+    summary: RunSummary,
+    sink: Sink | None,
+    jobs: JobTracker | None = None,
+) -> dict[str, Any]:
+    """`run_units` on `cluster.scorers` scorer actors per model, each loading it once."""
+    from orchestrator import actors
+
+    return run_units(
+        stage,
+        units,
         spawner=lambda model: ScorerSpawner(model, cfg, actors),
         call=lambda actor, u: actor.score.remote(u.args, str(u.path), u.config_hash),
         n_actors=cfg.cluster.scorers,
@@ -200,9 +235,8 @@ def run_stages(
         checksum=cfg.verify_checksums,
         summary=summary,
         sink=sink,
-        jobs=JobTracker(score_units, job_sink) if job_sink else None,
+        jobs=jobs,
     )
-    return summary
 
 
 def run_units(

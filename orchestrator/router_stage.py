@@ -39,14 +39,13 @@ from orchestrator.config import (
     router_models,
 )
 from orchestrator.pipeline import (
-    GeneratorSpawner,
     PipelineError,
     RunSummary,
-    ScorerSpawner,
     Sink,
     prepare_datasets,
     record_failures,
-    run_units,
+    run_generation,
+    run_scoring,
     write_shards,
 )
 from workers.io import config_hash, is_complete, read_arrow, read_sidecar, write_arrow
@@ -163,8 +162,6 @@ def run_router_update(
     sink: Sink | None = None,
     session: Any = None,
 ) -> Path | None:
-    from orchestrator import actors
-
     ru = cfg.router_update
     problems = prepare_datasets(
         run_dir, datasets([*ru.train_datasets, *ru.eval_datasets], ru.problems_limit)
@@ -175,7 +172,7 @@ def run_router_update(
         root = router_root(run_dir, model)
         failures_before = len(summary.failures)
         # 1. Training data at the update's layer: the main pipeline's own units.
-        shards = training_scores(cfg, run_dir, model, layer, problems, summary, sink, actors)
+        shards = training_scores(cfg, run_dir, model, layer, problems, summary, sink)
         if shards is None:
             continue
         score_paths = [u.path for units in shards.values() for u in units[1]]
@@ -232,18 +229,7 @@ def run_router_update(
         updated = updated_model(run_dir, model)
         # 4. Evaluation: original and updated, same backend and sampling.
         evals = eval_units(cfg, run_dir, model, updated, problems)
-        summary.stages["router_eval"] = run_units(
-            "router_eval",
-            evals,
-            spawner=lambda m: GeneratorSpawner(m, cfg, actors),
-            call=lambda actor, u: actor.generate.remote(u.args, str(u.path), u.config_hash),
-            n_actors=cfg.cluster.generators,
-            retries=cfg.scoring.retries,
-            timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
-            checksum=cfg.verify_checksums,
-            summary=summary,
-            sink=sink,
-        )
+        summary.stages["router_eval"] = run_generation("router_eval", evals, cfg, summary, sink)
         # 5. Rescoring of the training shards with the updated model.
         rescore = {
             plan.Cell(updated, d, {ru.layer: layer}): [
@@ -261,17 +247,8 @@ def run_router_update(
             ]
             for d in datasets(ru.train_datasets, ru.problems_limit)
         }
-        summary.stages["router_rescore"] = run_units(
-            "router_rescore",
-            rescore,
-            spawner=lambda m: ScorerSpawner(m, cfg, actors),
-            call=lambda actor, u: actor.score.remote(u.args, str(u.path), u.config_hash),
-            n_actors=cfg.cluster.scorers,
-            retries=cfg.scoring.retries,
-            timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
-            checksum=cfg.verify_checksums,
-            summary=summary,
-            sink=sink,
+        summary.stages["router_rescore"] = run_scoring(
+            "router_rescore", rescore, cfg, summary, sink
         )
         if len(summary.failures) > failures_before:
             continue
@@ -303,7 +280,7 @@ def run_router_update(
     return write_markdown(run_dir, sections, ru)
 
 
-def training_scores(cfg, run_dir, model, layer, problems, summary, sink, actors):
+def training_scores(cfg, run_dir, model, layer, problems, summary, sink):
     """{dataset: ([(shard path, sha256)], [scoring units])} at `layer` for the training
     datasets, running whatever is incomplete; None if some of it failed."""
     ru = cfg.router_update
@@ -322,17 +299,8 @@ def training_scores(cfg, run_dir, model, layer, problems, summary, sink, actors)
         )
         for c in cells
     }
-    summary.stages["router_data_generation"] = run_units(
-        "router_data_generation",
-        gen,
-        spawner=lambda m: GeneratorSpawner(m, cfg, actors),
-        call=lambda actor, u: actor.generate.remote(u.args, str(u.path), u.config_hash),
-        n_actors=cfg.cluster.generators,
-        retries=cfg.scoring.retries,
-        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
-        checksum=cfg.verify_checksums,
-        summary=summary,
-        sink=sink,
+    summary.stages["router_data_generation"] = run_generation(
+        "router_data_generation", gen, cfg, summary, sink
     )
     if any(
         not is_complete(u.path, u.config_hash, checksum=False) for us in gen.values() for u in us
@@ -345,17 +313,8 @@ def training_scores(cfg, run_dir, model, layer, problems, summary, sink, actors)
             f"{model.name}: no verified trajectories in {ru.train_datasets} to train the router on"
         )
     units = {c: plan.scoring_units(run_dir, c, cfg.scoring, shards[c]) for c in cells}
-    summary.stages["router_data_scoring"] = run_units(
-        "router_data_scoring",
-        units,
-        spawner=lambda m: ScorerSpawner(m, cfg, actors),
-        call=lambda actor, u: actor.score.remote(u.args, str(u.path), u.config_hash),
-        n_actors=cfg.cluster.scorers,
-        retries=cfg.scoring.retries,
-        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
-        checksum=cfg.verify_checksums,
-        summary=summary,
-        sink=sink,
+    summary.stages["router_data_scoring"] = run_scoring(
+        "router_data_scoring", units, cfg, summary, sink
     )
     if any(
         not is_complete(u.path, u.config_hash, checksum=False) for us in units.values() for u in us
