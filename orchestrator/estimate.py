@@ -2,8 +2,9 @@
 
 Contract: pure functions of the typed config and workers/assets/rates.csv (no Ray, no model).
 `check_memory(cfg)` raises ConfigError when a scorer or generator of some model cannot fit the
-GPU (cluster.gpu_memory_gb; a scorer holds its model on one device, a vLLM generator spreads
-its weights over model.tensor_parallel_size GPUs);
+GPU (cluster.gpu_memory_gb; a scorer holds its model on one GPU, or spreads it layer by layer
+over its model.gpus GPUs when one does not hold it; a vLLM generator spreads its weights over
+model.tensor_parallel_size GPUs);
 `describe_estimate(cfg)` is the dry run's text: each actor's memory need and the GPU-hours of
 generation and scoring, naming the measured rate each figure uses and how it was interpolated.
 Token counts are the plan's upper bounds (every completion reaches model.max_tokens, every
@@ -36,12 +37,14 @@ class Memory:
     kv: float
     micro_batch: float
     runtime: float
-    gpus: int  # reserved per scorer (model.gpus); the model itself is held on one of them
+    gpus: int  # reserved per scorer (model.gpus): a model one does not hold spreads over them
     length: int  # tokens of the longest trajectory (max_tokens + PROMPT_ALLOWANCE)
 
     @property
     def total(self) -> float:
-        return self.weights + self.kv + self.micro_batch + self.runtime
+        """Over all its GPUs: weights and keys/values once, a micro-batch and the runtime on
+        each GPU (a spread model decodes a micro-batch on every device in turn)."""
+        return self.weights + self.kv + (self.micro_batch + self.runtime) * self.gpus
 
 
 def scorer_memory(model: ModelConfig, cfg: RunConfig) -> Memory | None:
@@ -71,15 +74,17 @@ def check_memory(cfg: RunConfig) -> None:
         return
     for model in sweep_models(cfg):
         need = scorer_memory(model, cfg)
-        if need is not None and need.total > per_gpu:
+        if need is not None and need.total > per_gpu * need.gpus:
             hint = (
                 "scoring.dtype=bfloat16 (or unset: the model's own)"
                 if score_args(cfg.scoring, model)["dtype"] == "float32"
-                else "lower model.max_tokens or scoring.memory_budget_mb, or use larger GPUs"
+                else "more GPUs per scorer (model.gpus), lower model.max_tokens or"
+                " scoring.memory_budget_mb, or larger GPUs"
             )
             raise ConfigError(
                 f"model {model.name}: a scorer needs {need.total:.1f} GB ({describe_memory(need)})"
-                f" and holds the model on one GPU of cluster.gpu_memory_gb={per_gpu:g}; use {hint}"
+                f" and has model.gpus={need.gpus} GPU(s) of cluster.gpu_memory_gb={per_gpu:g};"
+                f" use {hint}"
             )
         if cfg.generation.backend == "vllm" and model.params_b is not None:
             weights = model.params_b * 1e9 * BYTES.get(model.dtype, 2) / GB
@@ -93,9 +98,10 @@ def check_memory(cfg: RunConfig) -> None:
 
 
 def describe_memory(m: Memory) -> str:
+    per_gpu = f" on each of {m.gpus} GPUs" if m.gpus > 1 else ""
     return (
         f"weights {m.weights:.1f} + K/V {m.kv:.1f} at {m.length:,} tokens"
-        f" + micro-batch {m.micro_batch:.1f} + runtime {m.runtime:.1f}"
+        f" + micro-batch {m.micro_batch:.1f} + runtime {m.runtime:.1f}{per_gpu}"
     )
 
 
@@ -175,7 +181,11 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
         verdict = (
             "GPU memory not checked"
             if not per_gpu
-            else (f"fits {per_gpu:g}" if need.total <= per_gpu else f"DOES NOT FIT {per_gpu:g}")
+            else (
+                f"fits {need.gpus} x {per_gpu:g}"
+                if need.total <= per_gpu * need.gpus
+                else f"DOES NOT FIT {need.gpus} x {per_gpu:g}"
+            )
         )
         lines.append(
             f"  {model.name:<16} scorer {need.total:6.1f} = {describe_memory(need)}; {verdict}"

@@ -39,7 +39,7 @@ def test_a_plan_that_cannot_fit_is_refused_with_the_fix():
         E.check_memory(cfg)
     assert str(info.value) == (
         "model qwen3-30b-a3b: a scorer needs 132.0 GB (weights 122.1 + K/V 6.8 at 34,816 tokens"
-        " + micro-batch 1.1 + runtime 2.0) and holds the model on one GPU of"
+        " + micro-batch 1.1 + runtime 2.0) and has model.gpus=1 GPU(s) of"
         " cluster.gpu_memory_gb=80; use scoring.dtype=bfloat16 (or unset: the model's own)"
     )
     with pytest.raises(C.ConfigError, match="model gpt-oss-20b: a scorer needs"):
@@ -51,9 +51,15 @@ def test_a_plan_that_cannot_fit_is_refused_with_the_fix():
                 "scoring.dtype=float32",
             )
         )
-    with pytest.raises(C.ConfigError, match="use lower model.max_tokens"):
+    with pytest.raises(
+        C.ConfigError, match=r"use more GPUs per scorer \(model.gpus\), lower model.max_tokens"
+    ):
         E.check_memory(make("sweep=paper", "cluster=address", "cluster.gpu_memory_gb=40"))
     E.check_memory(make("sweep=paper", "cluster=address"))  # bf16: every model fits one GPU
+    # float32 Qwen3-30B-A3B (132 GB) spreads over two 80 GB GPUs: 122.1 + 6.8 + 2 x 3.1 <= 160
+    two = make("model=qwen3-30b-a3b", "cluster=address", "scoring.dtype=float32", "model.gpus=2")
+    assert E.scorer_memory(two.model, two).total == pytest.approx(122.1 + 6.8 + 2 * 3.07, abs=0.1)
+    E.check_memory(two)
     E.check_memory(make("sweep=paper", "scoring.dtype=float32"))  # no GPUs: nothing to check
 
 
@@ -99,7 +105,7 @@ def test_the_estimate_adds_up_per_stage_and_in_total():
     assert f"= {gen_h + score_h:,.1f} GPU-hours" in text
     assert "H200 early, interpolated from 2,048 and 16,384 tokens" in text
     assert "generation rate: GPUStack performance lab" in text
-    assert "olmoe-1b-7b      scorer   17.6 = weights 13.8" in text and "fits 80" in text
+    assert "olmoe-1b-7b      scorer   17.6 = weights 13.8" in text and "fits 1 x 80" in text
 
 
 def test_the_rates_table_reads_and_bench_rows_append(tmp_path):
@@ -139,7 +145,7 @@ def test_the_dry_run_prints_the_need_then_refuses(tmp_path):
     )
     assert result.returncode == 2
     assert "qwen3-30b-a3b    scorer  132.0 = weights 122.1" in result.stdout
-    assert "DOES NOT FIT 80" in result.stdout and "GPU-hours" in result.stdout
+    assert "DOES NOT FIT 1 x 80" in result.stdout and "GPU-hours" in result.stdout
     assert result.stderr.strip().startswith("error: model qwen3-30b-a3b: a scorer needs 132.0 GB")
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 

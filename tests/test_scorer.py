@@ -380,3 +380,33 @@ def test_bundled_model_matches_brute_force(spec):
     pos, rts, fast = _pairs(rows)
     brute = brute_logprobs(scorer.model, ids, layer, pos, rts).double()
     assert (brute - fast).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("spec", ["early", "final"])
+def test_a_model_spread_over_two_devices_scores_as_on_one(models, name, spec):
+    """Half the decoder layers on the GPU, half (and the head) on the CPU, each executing where
+    its weights are (accelerate's hooks, as a model spread over several GPUs has them): layer
+    L's routes cross devices on their way to the head, and the scores stay brute force's."""
+    from accelerate import dispatch_model
+
+    model = copy.deepcopy(models[name])
+    layers = adapter_for(model).layers
+    half = len(layers) // 2
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map |= {f"model.layers.{i}": 0 if i < half else "cpu" for i in range(len(layers))}
+    model = dispatch_model(model, device_map=device_map, main_device="cpu")
+    scorer = _scorer(model, device="cuda")
+    assert {d.type for d in scorer.devices} == {"cuda", "cpu"}
+    table = make_trajectories(lengths=(13,), prompt_lens=(5,))
+    layer = scorer.resolve_layer(spec)
+    pos, rts, fast = _pairs(scorer.score_table(table, layer).to_pylist())
+    brute = brute_logprobs(models[name], table["input_ids"][0].as_py(), layer, pos, rts).double()
+    assert (brute - fast).abs().max().item() < 1e-4

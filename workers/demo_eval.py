@@ -29,16 +29,12 @@ FRAGILE = 0.5  # docs/method.md: a token is fragile when its probability is belo
 
 def load_model(model_dir: str | Path):
     """Tokenizer and float32 model in eval mode, from safetensors, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no model directory at {model_dir} (config.json missing)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, use_safetensors=True, dtype=torch.float32
-    )
-    return tokenizer, model.eval()
+    from workers.models import load_causal_lm
+
+    model = load_causal_lm(model_dir, dtype=torch.float32)
+    return AutoTokenizer.from_pretrained(model_dir), model
 
 
 @torch.no_grad()

@@ -65,6 +65,15 @@ class _Decode:
     positions: torch.Tensor  # (B,) long, on the model's device
     n_keys: int  # max(positions): no query sees a stored key at or beyond it
     fused: bool
+    copies: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        """`positions` on `device`: a model spread over devices attends on each layer's own."""
+        if device == self.positions.device:
+            return self.positions
+        if device not in self.copies:
+            self.copies[device] = self.positions.to(device)
+        return self.copies[device]
 
 
 _STATE: contextvars.ContextVar[_Capture | _Decode | None] = contextvars.ContextVar(
@@ -115,11 +124,12 @@ def attention(
     if q_len != 1:
         raise RuntimeError("decoding runs single-token queries")
     n_keys = state.n_keys
+    keys = state.store.keys[layer]
     out = (flex_attend if state.fused else attend)(
         query[:, :, 0],
-        state.store.keys[layer][:, :n_keys],
+        keys[:, :n_keys],
         state.store.values[layer][:, :n_keys],
-        state.positions,
+        state.positions_on(keys.device),
         scaling,
         window,
         s_aux,

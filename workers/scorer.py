@@ -38,6 +38,7 @@ from torch import nn
 from workers import kv, routes
 from workers.adapters import MoeAdapter, adapter_for
 from workers.attention import ATTENTIONS
+from workers.models import devices_of
 from workers.schemas import SCORES_SCHEMA
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,6 +46,9 @@ REQUIRED_COLUMNS = ("problem_id", "sample_idx", "input_ids", "prompt_len")
 # On a CPU a decode step's activations fall out of cache beyond ~1k pairs: on the tiny benchmark
 # 4096 pairs per step ran 2x slower than 1024. GPUs take whatever the memory budget allows.
 CPU_MAX_PAIRS = 1024
+# Kept free on each GPU of a spread model besides one micro-batch: the CUDA context and its
+# layers' share of the standard pass's keys/values (Qwen3-30B-A3B: 3.4 GB at 34k tokens in all).
+SPREAD_RESERVE_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -112,48 +116,27 @@ class ScoreConfig:
 
 
 def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
-    """AutoModelForCausalLM from safetensors, in config.dtype on config.device, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """workers.models.load_causal_lm in config.dtype on config.device; a "cuda" device spreads
+    a model that one visible GPU cannot hold over the others, keeping each one's share of the
+    keys/values and one micro-batch free."""
+    from workers.models import load_causal_lm
 
     path = Path(model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    kwargs: dict[str, Any] = {"dtype": config.torch_dtype, "use_safetensors": True}
-    try:
-        quant = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load a model config from {path}: {err}") from err
-    if (
-        quant is not None
-        and (
-            quant.get("quant_method")
-            if isinstance(quant, dict)
-            else getattr(quant, "quant_method", None)
-        )
-        == "mxfp4"
-    ):
-        from transformers import (
-            Mxfp4Config,
-        )  # GPT-OSS checkpoints: the experts must be plain modules
-
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    try:
-        if config.device != "cpu":
-            try:  # straight onto the GPU; older releases need accelerate for device_map
-                return AutoModelForCausalLM.from_pretrained(
-                    path, device_map=config.device, **kwargs
-                ).eval()
-            except ImportError:
-                pass
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(config.device).eval()
-    except OSError as err:  # no safetensors weights, unreadable files
-        raise ValueError(f"cannot load model weights from {path}: {err}") from err
+    return load_causal_lm(
+        path,
+        dtype=config.torch_dtype,
+        device=config.device,
+        reserve_bytes=config.memory_budget_mb * 2**20 + SPREAD_RESERVE_BYTES,
+    )
 
 
 class Scorer:
     """A model loaded once, scoring trajectory tables at any of its MoE layers.
 
-    `model` (tests, benchmarks) skips loading; it is moved to config.device/dtype.
+    `model` (tests, benchmarks) skips loading; it is moved to config.device/dtype unless it
+    spans several devices (a spread model, as load_model makes: kept where it is).
     `micro_batch` fixes the number of (t, R) pairs per decode step (else from the budget).
     """
 
@@ -169,9 +152,19 @@ class Scorer:
         self.config = config
         if model is None:
             model = load_model(model_path, config)
-        if model.dtype != config.torch_dtype:  # else keep e.g. GPT-OSS's float32 norms as loaded
-            model = model.to(dtype=config.torch_dtype)
-        self.model = model.to(device=config.device).eval()
+        self.devices = devices_of(model)
+        if len(self.devices) > 1:  # spread by load_model (accelerate's hooks move the inputs)
+            if config.compile:
+                raise ValueError(
+                    "ScoreConfig: compile needs the model on one device; this one spans"
+                    f" {', '.join(map(str, self.devices))}"
+                )
+            self.model = model.eval()
+        else:
+            if model.dtype != config.torch_dtype:  # else keep GPT-OSS's float32 norms as loaded
+                model = model.to(dtype=config.torch_dtype)
+            self.model = model.to(device=config.device).eval()
+            self.devices = devices_of(self.model)
         self.adapter: MoeAdapter = adapter_for(self.model)
         self.moe_layers = list(self.adapter.moe_layers)
         self.pool = routes.pool_size(
@@ -244,10 +237,8 @@ class Scorer:
         self, ids: list[int], prompt_len: int, layer: int, problem_id: str, sample_idx: int
     ) -> dict[str, np.ndarray]:
         """Scores of one trajectory's completion tokens. Run inside kv.attention_switched."""
-        cfg, ad, device = self.config, self.adapter, self.config.device
+        cfg, ad = self.config, self.adapter
         first, n_tokens = prompt_len - 1, len(ids) - prompt_len
-        positions = torch.arange(first, len(ids) - 1, device=device)
-        targets = torch.tensor(ids[prompt_len:], device=device)
         later = [i for i in range(layer + 1, len(ad.layers))]
 
         # 1. the standard pass, with layer L's block input, residual and router output kept
@@ -267,7 +258,7 @@ class Scorer:
             ad.router(layer).register_forward_hook(keep_router),
         ]
         try:
-            input_ids = torch.tensor(ids[:-1], device=device)[None]
+            input_ids = torch.tensor(ids[:-1], device=self.devices[0])[None]
             store = kv.standard_pass(
                 self.model, input_ids, later, self._budget_bytes(), cfg.attention
             )
@@ -275,6 +266,11 @@ class Scorer:
             for h in hooks:
                 h.remove()
         z, x, resid = seen["z"], seen["x"], seen["resid"]
+        # layer L's device: where its routes are decoded (later layers move them on if the
+        # model is spread over several devices)
+        device = x.device
+        positions = torch.arange(first, len(ids) - 1, device=device)
+        targets = torch.tensor(ids[prompt_len:], device=device)
         std = seen["std"] if "std" in seen else ad.standard_route(z)
 
         # 2. routes: S then J alternatives per token; each distinct set computed once
@@ -354,7 +350,7 @@ class Scorer:
         for i in later:
             hidden = kv.decode_layer(self.adapter.layers[i], hidden, positions, rope)
         logp = torch.log_softmax(model.lm_head(base.norm(hidden)).float(), dim=-1)
-        return logp.gather(1, targets[:, None])[:, 0]
+        return logp.gather(1, targets.to(logp.device)[:, None])[:, 0].to(targets.device)
 
     def _compiled_step(self, later: tuple[int, ...]):
         """`_step` through torch.compile, one graph per fixed shape; on CUDA with CUDA graphs

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     LogitsProcessor,
@@ -26,6 +25,7 @@ from transformers import (
 )
 
 from workers.generation import Completion, SamplingParams, encode_prompt, sample_seed
+from workers.models import load_causal_lm
 
 _DTYPES = {
     "float32": torch.float32,
@@ -103,10 +103,7 @@ class HFBackend:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=_DTYPES[dtype], use_safetensors=True
-        )
-        self.model.to(self.device).eval()
+        self.model = load_causal_lm(model_path, dtype=_DTYPES[dtype], device=str(self.device))
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
         if not self.eos_ids:
             raise ValueError(
