@@ -192,7 +192,12 @@ def _real_shape_logps(arch, dtype, attention, compile=False, tokens=300, device=
 @pytest.mark.parametrize("arch", GPU_ARCHS)
 def test_cuda_flex_difference_from_eager(arch):
     """float32: the compiled flex path equals the eager path; bfloat16: its distance from the
-    float32 result is no larger than the eager bfloat16 path's own (printed: run with -s)."""
+    float32 result is no larger than the eager bfloat16 path's own (printed: run with -s).
+    GPT-OSS (windows, sinks) is refused on CUDA: its compiled kernel was off on one pair."""
+    if arch == "gpt-oss-20b":
+        with pytest.raises(ValueError, match="attention=flex on CUDA is not exact yet"):
+            _real_shape_logps(arch, torch.float32, "flex")
+        return
     ref = _real_shape_logps(arch, torch.float32, "eager")
     flex32 = _real_shape_logps(arch, torch.float32, "flex")
     eager16 = _real_shape_logps(arch, torch.bfloat16, "eager")
@@ -211,7 +216,7 @@ def test_cuda_flex_difference_from_eager(arch):
 @gpu
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cuda_compiled_decode_matches_brute_force(models, name):
-    """CUDA graphs over padded, fixed-shape decode steps, float32, the tiny models."""
+    """torch.compile over padded, fixed-shape decode steps, float32, the tiny models."""
     model = copy.deepcopy(models[name])
     scorer = _scorer(model, device="cuda", compile=True, micro_batch=16)
     table = make_trajectories(lengths=(13,), prompt_lens=(5,))
@@ -234,3 +239,14 @@ def test_decode_flops_counts_weights_and_visible_keys(models):
     assert decode_flops(_scorer(models["qwen3_moe"]), 0, positions) == (44032, 2 * 128 * 8.5)
     _, attention = decode_flops(_scorer(models["gpt_oss"]), 0, positions)
     assert attention == 128 * (8.5 + 4 + 8.5)
+
+
+def test_flex_is_refused_on_cuda_only_for_models_with_windows_or_sinks(models):
+    from workers.scorer import flex_refusal
+
+    cuda_flex = ScoreConfig(attention="flex", device="cuda")
+    assert flex_refusal(models["gpt_oss"], cuda_flex) is not None
+    for name in ("qwen3_moe", "olmoe", "deepseek_v2"):
+        assert flex_refusal(models[name], cuda_flex) is None
+    assert flex_refusal(models["gpt_oss"], ScoreConfig(attention="flex")) is None  # CPU
+    assert flex_refusal(models["gpt_oss"], ScoreConfig(device="cuda")) is None  # eager

@@ -3,7 +3,7 @@
     python -m workers.bench_score                       # tiny Qwen3-MoE on the CPU, with brute force
     python -m workers.bench_score --arch qwen3-30b-a3b --random-init --device cuda --dtype bfloat16 --layer all
     python -m workers.bench_score --arch olmoe-1b-7b --random-init --device cuda --tokens 2048 \
-        --attention eager,flex,flex+compile --peak-tflops 790     # paths side by side
+        --attention eager,flex,flex+compile --peak-tflops 989     # paths side by side
 
 Contract: on one random trajectory (--prompt-tokens + --tokens ids) it times
 - one standard forward pass of the model over the sequence (median of 3 after a warm-up);

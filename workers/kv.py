@@ -81,6 +81,7 @@ _STATE: contextvars.ContextVar[_Capture | _Decode | None] = contextvars.ContextV
 )
 
 
+@torch.compiler.disable  # a compiled decode step runs attention between its graphs, as is
 def attention(
     module: nn.Module,
     query: torch.Tensor,

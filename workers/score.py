@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile",
         action="store_true",
         default=_DEFAULTS["compile"],
-        help="torch.compile fixed-shape decode steps (CUDA graphs on a GPU)",
+        help="torch.compile fixed-shape decode steps (attention between the compiled graphs)",
     )
     return p.parse_args(argv)
 

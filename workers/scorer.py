@@ -57,8 +57,9 @@ class ScoreConfig:
     temperature; memory_budget_mb bounds one micro-batch's activations (weights and the
     standard pass's keys/values come on top). attention: "eager" (workers.kv.attend, the
     reference, fastest on CPU) or "flex" (workers.attention, fused FlexAttention for GPUs); both
-    compute the same numbers up to rounding. compile: decode steps of one fixed micro-batch
-    shape (the last one padded) through torch.compile, CUDA graphs on a GPU."""
+    compute the same numbers up to rounding (on CUDA, flex refuses models with sliding windows
+    or attention sinks: see `flex_refusal`). compile: decode steps of one fixed micro-batch
+    shape (the last one padded) through torch.compile, attention between the compiled graphs."""
 
     alternatives: int = 32
     pool: int = 32
@@ -132,6 +133,25 @@ def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
     )
 
 
+def flex_refusal(model: nn.Module, config: ScoreConfig) -> str | None:
+    """Why `config` may not score `model` (None: it may). On CUDA the compiled FlexAttention
+    kernel disagreed with eager attention on GPT-OSS-20B's shape (sliding windows and sinks):
+    one (t, R) pair in 2,700 off by 0.11 in float32 log-probability on an H200 (torch 2.11),
+    while the same code uncompiled on a CPU agrees to 1e-5; until that is explained, flex on
+    CUDA is for models without windows or sinks."""
+    if config.attention != "flex" or not config.device.startswith("cuda"):
+        return None
+    for module in model.modules():
+        window = getattr(module, "sliding_window", None)
+        sinks = getattr(module, "sinks", None)
+        if (isinstance(window, int) and window > 0) or isinstance(sinks, torch.Tensor):
+            return (
+                "ScoreConfig: attention=flex on CUDA is not exact yet for models with sliding"
+                " windows or attention sinks (GPT-OSS); use attention=eager"
+            )
+    return None
+
+
 class Scorer:
     """A model loaded once, scoring trajectory tables at any of its MoE layers.
 
@@ -176,6 +196,18 @@ class Scorer:
         # Counters since construction: scored tokens, (t, R) pairs, distinct pairs decoded.
         self.stats = {"tokens": 0, "pairs": 0, "distinct_pairs": 0}
         self._compiled: Callable | None = None
+        refusal = flex_refusal(self.model, config)
+        if refusal:
+            raise ValueError(refusal)
+        if config.compile and config.device.startswith("cuda") and config.dtype != "bfloat16":
+            # transformers' grouped_mm experts fall back, under torch.compile and below bf16,
+            # to a loop that reads group sizes on the host: a sync that CUDA graph capture
+            # forbids. batched_mm has none (it gathers each pair's expert weights: memory-heavy,
+            # fine for float32, which is for tiny models and exactness checks).
+            for module in self.model.modules():
+                cfg = getattr(module, "config", None)
+                if getattr(cfg, "_experts_implementation", None) == "grouped_mm":
+                    cfg._experts_implementation = "batched_mm"
 
     def resolve_layer(self, spec: int | str) -> int:
         """An MoE layer index from an index or "early" | "middle" | "final"."""
@@ -353,13 +385,13 @@ class Scorer:
         return logp.gather(1, targets.to(logp.device)[:, None])[:, 0].to(targets.device)
 
     def _compiled_step(self, later: tuple[int, ...]):
-        """`_step` through torch.compile, one graph per fixed shape; on CUDA with CUDA graphs
-        (mode reduce-overhead) so that a step is a few graph replays instead of thousands of
-        kernel launches. Compiled once per Scorer; a new layer L or micro-batch shape
-        recompiles."""
+        """`_step` through torch.compile, one graph per fixed shape between attention calls
+        (kv.attention runs outside: torch.compiler.disable). Compiled once per Scorer; a new
+        layer L or micro-batch shape recompiles. Without CUDA graphs: each later layer's graph
+        is the same code run again, and CUDA graph trees then overwrite the outputs that later
+        layers still read (the rotary embeddings; seen on an H200, torch 2.11)."""
         if self._compiled is None:
-            mode = "reduce-overhead" if self.config.device.startswith("cuda") else None
-            self._compiled = torch.compile(self._step, mode=mode, dynamic=False)
+            self._compiled = torch.compile(self._step, dynamic=False)
         return self._compiled
 
     def _budget_bytes(self) -> int:
