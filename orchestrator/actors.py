@@ -32,6 +32,7 @@ from orchestrator.config import ModelConfig, check_model_shape, model_path
 from orchestrator.pipeline import PipelineError, last_line
 from orchestrator.plan import Unit
 from orchestrator.progress import StageProgress
+from orchestrator.tasks import GenerationTask, ScoringTask
 
 # Test-only hooks, read by the driver and handed to scorer actors: with KILL set to a path that
 # does not exist yet, the first scorer to start its second unit creates it and SIGKILLs itself
@@ -112,24 +113,23 @@ class GeneratorWorker:
         if close is not None:
             close()
 
-    def generate(self, args: dict[str, Any], out_path: str, config_hash: str) -> dict[str, Any]:
+    def generate(self, task: GenerationTask, out_path: str, config_hash: str) -> dict[str, Any]:
         from workers.generate import generate_trajectories
-        from workers.generation import SamplingParams
         from workers.io import read_arrow, write_arrow
 
         started = time.time()
-        start, stop = args["rows"]
-        problems = read_arrow(args["problems_path"]).slice(start, stop - start)
+        start, stop = task.rows
+        problems = read_arrow(task.problems_path).slice(start, stop - start)
         table = generate_trajectories(
             self.backend,
             problems,
-            SamplingParams(**args["sampling"]),
-            model_name=args["model_name"],
-            verifier=args["verifier"],
+            task.sampling,
+            model_name=task.model_name,
+            verifier=task.verifier,
             tokenizer=self.backend.tokenizer,
-            instruction=args["instruction"],
-            template=args["template"],
-            use_chat_template=args["use_chat_template"],
+            instruction=task.instruction,
+            template=task.template,
+            use_chat_template=task.use_chat_template,
         )
         write_arrow(
             table,
@@ -169,15 +169,15 @@ class ScorerWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, args: dict[str, Any], out_path: str, config_hash: str) -> dict[str, Any]:
+    def score(self, task: ScoringTask, out_path: str, config_hash: str) -> dict[str, Any]:
         from workers.scorer import score_file
 
         self.units += 1
         self.inject_faults(out_path)
         sidecar = score_file(
             self.scorer,
-            args["in_path"],
-            args["layer"],
+            task.in_path,
+            task.layer,
             out_path,
             config_hash=config_hash,
             extra={"provenance": self.provenance},

@@ -202,7 +202,7 @@ def run_generation(
         stage,
         units,
         spawner=lambda model: GeneratorSpawner(model, cfg, actors),
-        call=lambda actor, u: actor.generate.remote(u.args, str(u.path), u.config_hash),
+        call=lambda actor, u: actor.generate.remote(u.task, str(u.path), u.config_hash),
         n_actors=cfg.cluster.generators,
         retries=cfg.scoring.retries,
         timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
@@ -228,7 +228,7 @@ def run_scoring(
         stage,
         units,
         spawner=lambda model: ScorerSpawner(model, cfg, actors),
-        call=lambda actor, u: actor.score.remote(u.args, str(u.path), u.config_hash),
+        call=lambda actor, u: actor.score.remote(u.task, str(u.path), u.config_hash),
         n_actors=cfg.cluster.scorers,
         retries=cfg.scoring.retries,
         timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
@@ -299,7 +299,7 @@ class JobTracker:
     def __init__(self, units_by_cell: dict[plan.Cell, list[plan.Unit]], sink: JobSink):
         self.sink = sink
         self.job_of = {
-            u.key: (cell.model.name, int(u.args["layer"]), cell.dataset.name)
+            u.key: (cell.model.name, u.task.layer, cell.dataset.name)
             for cell, units in units_by_cell.items()
             for u in units
         }

@@ -18,13 +18,14 @@ records the scoring units in runs/<id>/plan.json for the report (analysis/inputs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from orchestrator.config import (
     DatasetConfig,
@@ -39,18 +40,23 @@ from orchestrator.config import (
     sweep_layers,
     sweep_models,
 )
+from orchestrator.tasks import GenerationTask, ScoringTask
+from workers.generation import SamplingParams
 from workers.io import config_hash, file_sha256
+
+TaskT = TypeVar("TaskT")
 
 
 @dataclass(frozen=True)
-class Unit:
-    """One unit of work: write `path` (complete when its sidecar carries `config_hash`)."""
+class Unit(Generic[TaskT]):
+    """One unit of work: write `path` (complete when its sidecar carries `config_hash`) by
+    handing `task` (an orchestrator.tasks value) to its stage's worker."""
 
-    stage: str  # "generation" | "scoring"
+    stage: str  # "generation" | "scoring" | "router_*"
     key: str  # readable and unique within the stage, e.g. "tiny/layer=3/demo/00002"
     path: Path
     config_hash: str
-    args: dict[str, Any] = field(default_factory=dict)  # what the worker needs, JSON-safe
+    task: TaskT
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a dict key for the run's stages
@@ -140,9 +146,9 @@ def generation_units(
     *,
     num_problems: int,
     problems_sha256: str,
-) -> list[Unit]:
+) -> list[Unit[GenerationTask]]:
     """One unit per `problems_per_shard` problems; all samples of a problem stay in one shard."""
-    sampling = sampling_args(model, generation)
+    sampling = sampling_params(model, generation)
     prompt = {
         "template": model.template,
         "use_chat_template": model.use_chat_template,
@@ -153,7 +159,7 @@ def generation_units(
         "model": model_identity(model),
         "dtype": model.dtype,
         "backend": model.generation_backend or generation.backend,
-        "sampling": sampling,
+        "sampling": dataclasses.asdict(sampling),  # what the worker samples with, field by field
         "prompt": prompt,
         "problems": problems_sha256,
     }
@@ -161,36 +167,36 @@ def generation_units(
     units = []
     size = generation.problems_per_shard
     for k in range(math.ceil(num_problems / size)):
-        rows = [k * size, min((k + 1) * size, num_problems)]
+        rows = (k * size, min((k + 1) * size, num_problems))
         units.append(
             Unit(
                 stage="generation",
                 key=f"{model.name}/{dataset.name}/{k:05d}",
                 path=base / f"{k:05d}.arrow",
-                config_hash=config_hash({**common, "rows": rows}),
-                args={
-                    "problems_path": str(problems_path(run_dir, dataset)),
-                    "rows": rows,
-                    "model_name": model.name,
-                    "sampling": sampling,
+                config_hash=config_hash({**common, "rows": list(rows)}),
+                task=GenerationTask(
+                    problems_path=problems_path(run_dir, dataset),
+                    rows=rows,
+                    model_name=model.name,
+                    sampling=sampling,
                     **prompt,
-                },
+                ),
             )
         )
     return units
 
 
-def sampling_args(model: ModelConfig, generation: GenerationConfig) -> dict[str, Any]:
-    """Keyword arguments of workers.generation.SamplingParams for this model and generation."""
-    return {
-        "n": generation.samples_per_problem,
-        "temperature": model.temperature,
-        "top_p": model.top_p,
-        "top_k": model.sample_top_k,
-        "min_p": model.min_p,
-        "max_tokens": model.max_tokens,
-        "seed": generation.seed,
-    }
+def sampling_params(model: ModelConfig, generation: GenerationConfig) -> SamplingParams:
+    """The sampling of this model's completions (its per-model settings, the run's n and seed)."""
+    return SamplingParams(
+        n=generation.samples_per_problem,
+        temperature=model.temperature,
+        top_p=model.top_p,
+        top_k=model.sample_top_k,
+        min_p=model.min_p,
+        max_tokens=model.max_tokens,
+        seed=generation.seed,
+    )
 
 
 def generated_dir(run_dir: Path, model: ModelConfig, dataset: DatasetConfig) -> Path:
@@ -230,7 +236,7 @@ _NOT_HASHED = ("memory_budget_mb", "attention", "compile")
 
 def scoring_units(
     run_dir: Path, cell: Cell, scoring: ScoringConfig, shards: list[tuple[Path, str]]
-) -> list[Unit]:
+) -> list[Unit[ScoringTask]]:
     """One unit per (layer, input shard); `shards` are (path, sha256) of the input files."""
     model, dataset = cell.model, cell.dataset
     values = {k: v for k, v in score_args(scoring, model).items() if k not in _NOT_HASHED}
@@ -252,14 +258,14 @@ def scoring_units(
                             "input": sha,
                         }
                     ),
-                    args={"in_path": str(path), "layer": layer},
+                    task=ScoringTask(in_path=path, layer=layer),
                 )
             )
     return units
 
 
 def write_plan(
-    run_dir: Path, score_units: list[Unit] | None, unscored: list[str] | None = None
+    run_dir: Path, score_units: list[Unit[ScoringTask]] | None, unscored: list[str] | None = None
 ) -> None:
     """runs/<id>/plan.json: the score files this run's current config writes and the settings
     hash each sidecar must carry (read by analysis.inputs, so a report takes only those).

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import plan
 from orchestrator.config import (
@@ -48,16 +48,22 @@ from orchestrator.pipeline import (
     run_scoring,
     write_shards,
 )
+from orchestrator.tasks import GenerationTask, PreferenceTask, TrainTask
 from workers.io import config_hash, is_complete, read_arrow, read_sidecar, write_arrow
+
+if TYPE_CHECKING:
+    from workers.router_update import UpdateConfig
 
 VARIANTS = ("original", "updated")
 SELECT_KEYS = ("margin", "fragile", "confident", "max_anchor_tokens", "holdout_share", "seed")
 TRAIN_KEYS = ("beta", "anchor_weight", "steps", "lr", "seed")
 
 
-def update_args(ru: RouterUpdateConfig) -> dict[str, Any]:
-    """Keyword arguments of workers.router_update.UpdateConfig."""
-    return {k: getattr(ru, k) for k in (*SELECT_KEYS, *TRAIN_KEYS)}
+def update_config(ru: RouterUpdateConfig) -> UpdateConfig:
+    """The update's hyperparameters as the worker takes them."""
+    from workers.router_update import UpdateConfig  # loads torch: the router stage only
+
+    return UpdateConfig(**{k: getattr(ru, k) for k in (*SELECT_KEYS, *TRAIN_KEYS)})
 
 
 def router_root(run_dir: Path, model: ModelConfig) -> Path:
@@ -95,24 +101,23 @@ class RouterWorker:
         self.model = load_model(self.path, ScoreConfig(dtype=model.dtype, device=device))
         self.adapter = adapter_for(self.model)
 
-    def preferences(self, args: dict[str, Any], out_path: str, unit_hash: str) -> dict[str, Any]:
+    def preferences(self, task: PreferenceTask, out_path: str, unit_hash: str) -> dict[str, Any]:
         import pyarrow as pa
 
-        from workers.router_update import UpdateConfig, add_router_inputs, select_tokens
+        from workers.router_update import add_router_inputs, select_tokens
 
         started = time.time()
-        scores = pa.concat_tables([read_arrow(p) for p in args["scores"]])
-        trajectories = pa.concat_tables([read_arrow(p) for p in args["shards"]])
-        tokens = select_tokens(scores, UpdateConfig(**args["update"]))
-        table = add_router_inputs(self.model, self.adapter, tokens, trajectories, args["layer"])
+        scores = pa.concat_tables([read_arrow(p) for p in task.scores])
+        trajectories = pa.concat_tables([read_arrow(p) for p in task.shards])
+        tokens = select_tokens(scores, task.update)
+        table = add_router_inputs(self.model, self.adapter, tokens, trajectories, task.layer)
         kinds = table.column("kind").to_pylist()
         counts = {"prefer": kinds.count("prefer"), "anchor": kinds.count("anchor")}
         write_arrow(table, out_path, config_hash=unit_hash, started=started, extra=counts)
         return {"rows": table.num_rows, "tokens": scores.num_rows, **counts}
 
-    def train(self, args: dict[str, Any], out_path: str, unit_hash: str) -> dict[str, Any]:
+    def train(self, task: TrainTask, out_path: str, unit_hash: str) -> dict[str, Any]:
         from workers.router_update import (
-            UpdateConfig,
             describe_update,
             router_parameters,
             train_router,
@@ -120,30 +125,30 @@ class RouterWorker:
         )
 
         started = time.time()
-        cfg, layer = UpdateConfig(**args["update"]), args["layer"]
+        cfg, layer = task.update, task.layer
         params = router_parameters(self.model, self.adapter, layer)
         weight_name = next(n for n in params if n.endswith(".weight"))
         bias_name = next((n for n in params if n.endswith(".bias")), None)
-        prefs = read_arrow(args["preferences"])
+        prefs = read_arrow(task.preferences)
         weight, bias, log, summary = train_router(
             params[weight_name], params[bias_name] if bias_name else None, prefs, self.adapter, cfg
         )
         tensors = {weight_name: weight, **({bias_name: bias} if bias_name else {})}
         readme = describe_update(
-            source=args["source"], layer=layer, names=list(tensors), summary=summary, cfg=cfg
+            source=task.source, layer=layer, names=list(tensors), summary=summary, cfg=cfg
         )
-        write_checkpoint(self.path, args["checkpoint"], tensors, readme)
-        fingerprint = plan.local_fingerprint(str(Path(args["checkpoint"]).resolve()))
+        write_checkpoint(self.path, task.checkpoint, tensors, readme)
+        fingerprint = plan.local_fingerprint(str(task.checkpoint.resolve()))
         extra = {"summary": summary, "checkpoint_fingerprint": fingerprint}
         write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra)
         return {"rows": log.num_rows, "tokens": summary["prefer_tokens"], **summary}
 
 
-def train_complete(unit: plan.Unit, checksum: bool) -> bool:
+def train_complete(unit: plan.Unit[TrainTask], checksum: bool) -> bool:
     """The log is complete and the checkpoint's files still match the recorded fingerprint."""
     if not is_complete(unit.path, unit.config_hash, checksum=checksum):
         return False
-    ckpt = Path(unit.args["checkpoint"])
+    ckpt = unit.task.checkpoint
     if not (ckpt / "config.json").is_file():
         return False
     recorded = (read_sidecar(unit.path) or {}).get("checkpoint_fingerprint")
@@ -190,12 +195,12 @@ def run_router_update(
                     "scores": [read_sidecar(p)["sha256"] for p in score_paths],
                 }
             ),
-            args={
-                "scores": [str(p) for p in score_paths],
-                "shards": [str(p) for p in shard_paths],
-                "layer": layer,
-                "update": update_args(ru),
-            },
+            task=PreferenceTask(
+                scores=tuple(score_paths),
+                shards=tuple(shard_paths),
+                layer=layer,
+                update=update_config(ru),
+            ),
         )
         run_router_units(cfg, "router_preferences", model, [pref], "preferences", summary, sink)
         if not is_complete(pref.path, pref.config_hash, checksum=False):
@@ -213,13 +218,13 @@ def run_router_update(
                     "preferences": read_sidecar(pref.path)["sha256"],
                 }
             ),
-            args={
-                "preferences": str(pref.path),
-                "checkpoint": str(root / "checkpoint"),
-                "layer": layer,
-                "update": update_args(ru),
-                "source": model.hf_id if model.hf_id != "bundled" else "workers/assets/tiny-moe",
-            },
+            task=TrainTask(
+                preferences=pref.path,
+                checkpoint=root / "checkpoint",
+                layer=layer,
+                update=update_config(ru),
+                source=model.hf_id if model.hf_id != "bundled" else "workers/assets/tiny-moe",
+            ),
         )
         run_router_units(
             cfg, "router_train", model, [train], "train", summary, sink, complete=train_complete
@@ -324,7 +329,9 @@ def training_scores(cfg, run_dir, model, layer, problems, summary, sink):
     return {c.dataset.name: (shards[c], units[c]) for c in cells}
 
 
-def eval_units(cfg, run_dir, model, updated, problems) -> dict[plan.Cell, list[plan.Unit]]:
+def eval_units(
+    cfg, run_dir, model, updated, problems
+) -> dict[plan.Cell, list[plan.Unit[GenerationTask]]]:
     """Generation units of every evaluation dataset for both variants, under router_update/."""
     ru = cfg.router_update
     gen_cfg = dataclasses.replace(
@@ -355,7 +362,7 @@ def eval_units(cfg, run_dir, model, updated, problems) -> dict[plan.Cell, list[p
     return out
 
 
-def relocate(unit: plan.Unit, path: Path, key: str) -> plan.Unit:
+def relocate(unit: plan.Unit[plan.TaskT], path: Path, key: str) -> plan.Unit[plan.TaskT]:
     return dataclasses.replace(unit, path=path, key=key)
 
 
@@ -392,7 +399,7 @@ def run_router_units(
             spawn=lambda: actor_cls.options(**options).remote(
                 model, device, torch_threads=cfg.cluster.torch_threads
             ),
-            call=lambda actor, u: getattr(actor, method).remote(u.args, str(u.path), u.config_hash),
+            call=lambda actor, u: getattr(actor, method).remote(u.task, str(u.path), u.config_hash),
             actors=1,
             retries=cfg.scoring.retries,
             progress=progress,

@@ -52,8 +52,8 @@ class Worker:
 
 
 def units(tmp_path, *names):
-    return [Unit("generation", n, tmp_path / f"{n}.arrow", "h", {"marker": str(tmp_path / n)})
-            for n in names]  # fmt: skip
+    """Units whose task is the path of their marker file."""
+    return [Unit("generation", n, tmp_path / f"{n}.arrow", "h", str(tmp_path / n)) for n in names]
 
 
 def test_a_hung_unit_is_timed_out_retried_then_logged(gpu_ray, tmp_path):
@@ -62,7 +62,7 @@ def test_a_hung_unit_is_timed_out_retried_then_logged(gpu_ray, tmp_path):
     outcomes = actors.dispatch(
         units(tmp_path, "ok", "hang-once", "hang"),
         spawn=spawn,
-        call=lambda a, u: a.run.remote(u.key, u.args["marker"]),
+        call=lambda a, u: a.run.remote(u.key, u.task),
         actors=1,
         retries=1,
         progress=StageProgress("generation", 3),
@@ -82,7 +82,7 @@ def test_an_unschedulable_actor_fails_the_stage_naming_the_resource(gpu_ray, tmp
         actors.dispatch(
             units(tmp_path, "ok"),
             spawn=spawn,
-            call=lambda a, u: a.run.remote(u.key, u.args["marker"]),
+            call=lambda a, u: a.run.remote(u.key, u.task),
             actors=1,
             retries=0,
             progress=StageProgress("generation", 1),
@@ -111,7 +111,7 @@ def test_the_placement_group_of_a_dead_actor_is_freed_at_once(gpu_ray, tmp_path)
     outcomes = actors.dispatch(
         units(tmp_path, "die-once"),
         spawn=spawner,
-        call=lambda a, u: a.run.remote(u.key, u.args["marker"]),
+        call=lambda a, u: a.run.remote(u.key, u.task),
         actors=1,
         retries=1,
         progress=StageProgress("generation", 1),

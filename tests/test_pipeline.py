@@ -105,7 +105,7 @@ def test_dispatch_retries_a_failing_unit_then_records_it_and_goes_on():
             return {"tokens": 10}
 
     actor = ray.remote(Flaky)
-    units = [Unit("t", key, Path(f"/x/{key}"), "h") for key in ("a", "bad", "c", "d")]
+    units = [Unit("t", key, Path(f"/x/{key}"), "h", task=None) for key in ("a", "bad", "c", "d")]
     progress = StageProgress("t", len(units), stream=io.StringIO())
     outcomes = dispatch(
         units,
@@ -136,7 +136,7 @@ def test_dispatch_stops_with_the_cause_when_actors_cannot_start():
             return {}
 
     actor = ray.remote(Broken)
-    units = [Unit("t", "a", Path("/x/a"), "h")]
+    units = [Unit("t", "a", Path("/x/a"), "h", task=None)]
     with pytest.raises(ActorStartError, match="model directory /nowhere does not exist"):
         dispatch(
             units,

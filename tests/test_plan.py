@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from orchestrator import config as C
 from orchestrator import plan
+from orchestrator.tasks import ScoringTask
 
 C.register_configs()
 
@@ -120,7 +121,7 @@ def gen_units(cfg: C.RunConfig, n: int = 40) -> list[plan.Unit]:
 
 def test_generation_units_cover_every_problem_once():
     units = gen_units(make("generation.problems_per_shard=16"))
-    assert [u.args["rows"] for u in units] == [[0, 16], [16, 32], [32, 40]]
+    assert [u.task.rows for u in units] == [(0, 16), (16, 32), (32, 40)]
     assert [str(u.path) for u in units] == [
         f"/r/trajectories/tiny/demo/generated/{k:05d}.arrow" for k in range(3)
     ]
@@ -175,7 +176,7 @@ def test_the_paths_follow_the_run_layout():
         [(Path("/r/x/00007.arrow"), "s")],
     )
     assert str(unit.path) == "/r/scores/tiny/layer=3/demo/00007.arrow"
-    assert unit.args == {"in_path": "/r/x/00007.arrow", "layer": 3}
+    assert unit.task == ScoringTask(in_path=Path("/r/x/00007.arrow"), layer=3)
     assert (
         str(plan.shard_dir(Path("/r"), cfg.model, cfg.dataset))
         == "/r/trajectories/tiny/demo/shards"

@@ -300,12 +300,13 @@ def test_jobs_are_reported_when_their_last_expected_unit_is_written(tmp_path):
     from orchestrator import plan
     from orchestrator.config import DatasetConfig, ModelConfig
     from orchestrator.pipeline import JobTracker
+    from orchestrator.tasks import ScoringTask
 
     cell = plan.Cell(ModelConfig(name="m"), DatasetConfig(name="d"), {"early": 0, "final": 3})
 
     def unit(layer, k):
         key = f"m/layer={layer}/d/{k:05d}"
-        return plan.Unit("scoring", key, tmp_path / key, "h", {"layer": layer})
+        return plan.Unit("scoring", key, tmp_path / key, "h", ScoringTask(tmp_path / "in", layer))
 
     units = [unit(0, 0), unit(0, 1), unit(3, 0), unit(3, 1)]
     seen = []
