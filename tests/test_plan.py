@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from orchestrator import config as C
 from orchestrator import plan
 from orchestrator.tasks import ScoringTask
+from workers.io import config_hash
 
 C.register_configs()
 
@@ -126,6 +128,87 @@ def test_generation_units_cover_every_problem_once():
         f"/r/trajectories/tiny/demo/generated/{k:05d}.arrow" for k in range(3)
     ]
     assert len({u.config_hash for u in units}) == 3
+
+
+def test_units_hash_the_json_they_always_hashed_so_finished_runs_resume():
+    """Units carry typed tasks, but their hashes are still config_hash of the same JSON, so a
+    run begun by an earlier version skips its complete units. The JSON is spelled out here."""
+    cfg = make("generation.problems_per_shard=16")
+    m, g, d = cfg.model, cfg.generation, cfg.dataset
+    common = {
+        "model": plan.model_identity(m),
+        "dtype": m.dtype,
+        "backend": m.generation_backend or g.backend,
+        "sampling": {
+            "n": g.samples_per_problem,
+            "temperature": m.temperature,
+            "top_p": m.top_p,
+            "top_k": m.sample_top_k,
+            "min_p": m.min_p,
+            "max_tokens": m.max_tokens,
+            "seed": g.seed,
+        },
+        "prompt": {
+            "template": m.template,
+            "use_chat_template": m.use_chat_template,
+            "instruction": d.instruction,
+            "verifier": d.verifier,
+        },
+        "problems": "abc",
+    }
+    rows = ([0, 16], [16, 32], [32, 40])
+    assert [u.config_hash for u in gen_units(cfg)] == [
+        config_hash({**common, "rows": r}) for r in rows
+    ]
+    [cell] = plan.plan_cells(cfg)
+    hashed = dict(C.score_args(cfg.scoring, m))
+    for how in ("memory_budget_mb", "attention", "compile"):
+        del hashed[how]
+    units = plan.scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/in/00004.arrow"), "s4")])
+    assert [(str(u.path), u.config_hash) for u in units] == [
+        (
+            f"/r/scores/tiny/layer={L}/demo/00004.arrow",
+            config_hash(
+                {"model": plan.model_identity(m), "layer": L, "score": hashed, "input": "s4"}
+            ),
+        )
+        for L in (0, 2, 3)
+    ]
+
+
+def test_generation_hashes_are_pinned_to_those_of_files_already_written():
+    """Computed once by the planner of the version before typed tasks, on these fixed inputs:
+    generation now hashes the SamplingParams its worker gets, and must hash it as before."""
+    model = C.ModelConfig(
+        name="m", hf_id="example/moe", revision="r1", dtype="float32",
+        template="Q: {prompt}\nA:", use_chat_template=False, temperature=0.7, top_p=0.9,
+        sample_top_k=5, min_p=0.05, max_tokens=64,
+    )  # fmt: skip
+    dataset = C.DatasetConfig(name="d", verifier="exact", instruction="Answer briefly.")
+    generation = C.GenerationConfig(
+        backend="hf", samples_per_problem=3, seed=11, problems_per_shard=4
+    )
+    units = plan.generation_units(
+        Path("/r"), model, dataset, generation, num_problems=6, problems_sha256="abc"
+    )
+    assert [(str(u.path), u.config_hash, u.task.rows) for u in units] == [
+        ("/r/trajectories/m/d/generated/00000.arrow", "1122ae8cbb2f5aa0", (0, 4)),
+        ("/r/trajectories/m/d/generated/00001.arrow", "e65034a388c43b21", (4, 6)),
+    ]
+
+
+def test_a_malformed_task_fails_where_it_is_built_naming_the_field():
+    with pytest.raises(TypeError, match="ScoringTask.layer must be int, got str '3'"):
+        ScoringTask(in_path=Path("/r/x.arrow"), layer="3")
+    with pytest.raises(TypeError, match="ScoringTask.in_path must be Path, got str"):
+        ScoringTask(in_path="/r/x.arrow", layer=3)
+    good = gen_units(make())[0].task
+    with pytest.raises(TypeError, match="GenerationTask.sampling must be SamplingParams, got dict"):
+        dataclasses.replace(good, sampling=dataclasses.asdict(good.sampling))
+    with pytest.raises(TypeError, match=r"rows must be a \(start, stop\) tuple of int"):
+        dataclasses.replace(good, rows=[0, 16])
+    with pytest.raises(ValueError, match="0 <= start < stop"):
+        dataclasses.replace(good, rows=(16, 16))
 
 
 def test_generation_hash_changes_with_sampling_not_with_batching_or_cluster():
