@@ -1,5 +1,6 @@
 """`python -m workers.score` end to end on a saved tiny model, and its error contract."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from moe_factories import make_model, make_trajectories, save_model, single_thre
 
 from workers.io import done_path, is_complete, read_arrow, read_sidecar
 from workers.schemas import SCORES_SCHEMA
-from workers.score import main
+from workers.score import main, parse_args
+from workers.score_config import ScoreConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +85,16 @@ def _flat(column):
     return np.asarray(column.flatten() if hasattr(column, "flatten") else column, dtype=np.float64)
 
 
+def test_cli_options_are_the_score_configs_fields():
+    required = ["--model", "m", "--trajectories", "t", "--layer", "1", "--out", "o"]
+    args = vars(parse_args(required))
+    settings = [f.name for f in dataclasses.fields(ScoreConfig)]
+    assert ScoreConfig(**{k: args.pop(k) for k in settings}) == ScoreConfig()  # its defaults
+    assert sorted(args) == ["layer", "model", "out", "trajectories"]
+    changed = parse_args([*required, "--memory-budget-mb", "7", "--compile", "--sampler", "x"])
+    assert (changed.memory_budget_mb, changed.compile, changed.sampler) == (7, True, "x")
+
+
 def _fails(capsys, args, message):
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
@@ -104,6 +116,7 @@ def _fails(capsys, args, message):
         ("pool", "pool of 1 experts is smaller than the route size k=2"),
         ("model", "cannot load"),
         ("sampler", "sampler must be one of"),
+        ("dtype", "dtype must be one of float32, bfloat16, got 'fp8'"),
     ],
 )
 def test_cli_errors(model_dir, tmp_path, capsys, case, message):
@@ -129,9 +142,8 @@ def test_cli_errors(model_dir, tmp_path, capsys, case, message):
     if case == "missing":
         src = tmp_path / "nowhere.arrow"
     layer = "0" if case == "dense_layer" else layer
-    extra = (
-        ["--pool", "1"] if case == "pool" else ["--sampler", "best"] if case == "sampler" else []
-    )
+    extra = {"pool": ["--pool", "1"], "sampler": ["--sampler", "best"], "dtype": ["--dtype", "fp8"]}
+    extra = extra.get(case, [])
     model = str(tmp_path) if case == "model" else model
     out = tmp_path / "out.arrow"
     _fails(

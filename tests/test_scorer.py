@@ -248,6 +248,13 @@ def test_config_validation(field, value):
         ScoreConfig(**{field: value})
 
 
+def test_every_scoring_dtype_is_a_torch_floating_dtype():
+    from workers.score_config import DTYPES
+
+    for name in DTYPES:
+        assert ScoreConfig(dtype=name).torch_dtype.is_floating_point, name
+
+
 def _naive_attention(q, keys, values, pos, scaling, window, sinks, self_k=None, self_v=None):
     """Per-query loops: the definition that kv.attend must match."""
     out = torch.zeros(q.shape[0], q.shape[1], values.shape[-1], dtype=torch.float64)

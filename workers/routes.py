@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported inside the functions: the driver checks a config's sampler against SAMPLERS
+# without loading torch (~2 s).
 SAMPLERS = ("gumbel", "uniform_pool", "uniform_all")
 
 
@@ -49,6 +53,8 @@ def pool_size(pool: int, n_experts: int, k: int, sampler: str) -> int:
 
 def gumbel_noise(seeds: list[int], shape: tuple[int, int]) -> torch.Tensor:
     """Gumbel(0, 1) noise (N, *shape), float64 on the CPU, one generator per token."""
+    import torch
+
     uniform = torch.empty(len(seeds), *shape, dtype=torch.float64)
     gen = torch.Generator(device="cpu")
     for i, s in enumerate(seeds):  # ~10 us per token; seeding per token is what makes it stable
@@ -69,6 +75,8 @@ def sample_routes(
     sampler: str = "gumbel",
 ) -> torch.Tensor:
     """J alternative routes per token: z (N, E) router logits -> (N, J, k) long (CPU)."""
+    import torch
+
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     z = z.detach().to("cpu", torch.float64)
@@ -89,6 +97,8 @@ def sample_routes(
 
 def router_logprob(z: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
     """s(R) = sum_{e in R} log_softmax(z)_e: z (N, E), routes (N, R, k) -> (N, R) float32."""
+    import torch
+
     logp = torch.log_softmax(z.float(), dim=-1)
     logp = logp[:, None, :].expand(-1, routes.shape[1], -1)
     return logp.gather(-1, routes.to(logp.device)).sum(-1)

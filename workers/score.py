@@ -13,7 +13,7 @@ an index or early/middle/final. A tqdm bar of scored tokens goes to stderr. Bad 
 file, columns and their types, duplicate keys, prompt_len, token ids, sequence length, layer,
 model directory, config.json or weights) prints one line `error: ...` on stderr and exits with
 status 2, writing nothing.
-Option defaults are ScoreConfig's.
+The scoring options are workers.score_config.ScoreConfig's fields, with its defaults.
 """
 
 from __future__ import annotations
@@ -22,17 +22,15 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 from safetensors import SafetensorError
 
-from workers.attention import ATTENTIONS
 from workers.io import IncompleteFileError, config_hash, done_path, read_arrow
-from workers.scorer import DTYPES, ScoreConfig, Scorer, score_file
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ScoreConfig)}
+from workers.scorer import ScoreConfig, Scorer, score_file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,26 +42,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trajectories", required=True, help="input Arrow IPC file")
     p.add_argument("--layer", required=True, help="MoE layer index or early|middle|final")
     p.add_argument("--out", required=True, help="output Arrow IPC file")
-    p.add_argument("--alternatives", type=int, default=_DEFAULTS["alternatives"])
-    p.add_argument("--pool", type=int, default=_DEFAULTS["pool"])
-    p.add_argument("--temperature", type=float, default=_DEFAULTS["temperature"])
-    p.add_argument("--sampler", default=_DEFAULTS["sampler"])
-    p.add_argument("--seed", type=int, default=_DEFAULTS["seed"])
-    p.add_argument("--dtype", default=_DEFAULTS["dtype"], choices=tuple(DTYPES))
-    p.add_argument("--device", default=_DEFAULTS["device"])
-    p.add_argument("--memory-budget-mb", type=int, default=_DEFAULTS["memory_budget_mb"])
-    p.add_argument(
-        "--attention",
-        default=_DEFAULTS["attention"],
-        choices=ATTENTIONS,
-        help="eager: the reference (fastest on CPU); flex: fused FlexAttention (GPUs)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        default=_DEFAULTS["compile"],
-        help="torch.compile fixed-shape decode steps (attention between the compiled graphs)",
-    )
+    # One option per ScoreConfig field (--memory-budget-mb for memory_budget_mb), with its
+    # default and help; its values are checked when the config is built, as one `error:` line.
+    hints = typing.get_type_hints(ScoreConfig)
+    for f in dataclasses.fields(ScoreConfig):
+        flag, kind, help_ = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
+        if kind is bool:
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_
+            )
+        else:
+            p.add_argument(
+                flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})"
+            )
     return p.parse_args(argv)
 
 
@@ -72,18 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     # 1. options
-    config = ScoreConfig(
-        alternatives=args.alternatives,
-        pool=args.pool,
-        temperature=args.temperature,
-        sampler=args.sampler,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-        memory_budget_mb=args.memory_budget_mb,
-        attention=args.attention,
-        compile=args.compile,
-    )
+    config = ScoreConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreConfig)})
     # 2. the input, checked before the (slow) model load
     in_path = Path(args.trajectories)
     if not in_path.is_file():

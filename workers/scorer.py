@@ -23,10 +23,9 @@ single-token passes through the layers after L per token, instead of T x (J+1) f
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,10 @@ from torch import nn
 
 from workers import kv, routes
 from workers.adapters import MoeAdapter, adapter_for
-from workers.attention import ATTENTIONS
 from workers.models import devices_of
 from workers.schemas import SCORES_SCHEMA
+from workers.score_config import ScoreConfig  # declared there: the driver reads it without torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 REQUIRED_COLUMNS = ("problem_id", "sample_idx", "input_ids", "prompt_len")
 # On a CPU a decode step's activations fall out of cache beyond ~1k pairs: on the tiny benchmark
 # 4096 pairs per step ran 2x slower than 1024. GPUs take whatever the memory budget allows.
@@ -49,71 +47,6 @@ CPU_MAX_PAIRS = 1024
 # Kept free on each GPU of a spread model besides one micro-batch: the CUDA context and its
 # layers' share of the standard pass's keys/values (Qwen3-30B-A3B: 3.4 GB at 34k tokens in all).
 SPREAD_RESERVE_BYTES = 4 * 2**30
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """How to score. J = alternatives, P = pool (capped at the number of experts), tau =
-    temperature; memory_budget_mb bounds one micro-batch's activations (weights and the
-    standard pass's keys/values come on top). attention: "eager" (workers.kv.attend, the
-    reference, fastest on CPU) or "flex" (workers.attention, fused FlexAttention for GPUs); both
-    compute the same numbers up to rounding (on CUDA, flex refuses models with sliding windows
-    or attention sinks: see `flex_refusal`). compile: decode steps of one fixed micro-batch
-    shape (the last one padded) through torch.compile, attention between the compiled graphs."""
-
-    alternatives: int = 32
-    pool: int = 32
-    temperature: float = 1.0
-    sampler: str = "gumbel"
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
-    memory_budget_mb: int = 1024
-    attention: str = "eager"
-    compile: bool = False
-
-    def __post_init__(self):
-        _check(
-            _is_int(self.alternatives) and self.alternatives >= 1,
-            "alternatives must be an integer >= 1",
-            self.alternatives,
-        )
-        _check(_is_int(self.pool) and self.pool >= 1, "pool must be an integer >= 1", self.pool)
-        _check(
-            isinstance(self.temperature, (int, float))
-            and not isinstance(self.temperature, bool)
-            and self.temperature > 0,
-            "temperature must be a number > 0",
-            self.temperature,
-        )
-        _check(
-            self.sampler in routes.SAMPLERS,
-            f"sampler must be one of {', '.join(routes.SAMPLERS)}",
-            self.sampler,
-        )
-        _check(_is_int(self.seed), "seed must be an integer", self.seed)
-        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}", self.dtype)
-        _check(
-            isinstance(self.device, str)
-            and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
-            "device must be cpu, cuda or cuda:N",
-            self.device,
-        )
-        _check(
-            _is_int(self.memory_budget_mb) and self.memory_budget_mb >= 1,
-            "memory_budget_mb must be an integer >= 1",
-            self.memory_budget_mb,
-        )
-        _check(
-            self.attention in ATTENTIONS,
-            f"attention must be one of {', '.join(ATTENTIONS)}",
-            self.attention,
-        )
-        _check(isinstance(self.compile, bool), "compile must be true or false", self.compile)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
 
 def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
@@ -488,12 +421,3 @@ def _lists(values: np.ndarray) -> pa.Array:
         count = len(flat) // size
         flat = pa.ListArray.from_arrays(pa.array(np.arange(count + 1, dtype=np.int32) * size), flat)
     return flat
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(ok: bool, message: str, value) -> None:
-    if not ok:
-        raise ValueError(f"ScoreConfig: {message}, got {value!r}")
