@@ -27,9 +27,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from workers.families import FAMILIES  # noqa: F401 (every supported family has a test model)
 from workers.schemas import TRAJECTORIES_SCHEMA
 
-FAMILIES = ("qwen3_moe", "olmoe", "deepseek_v2", "gpt_oss")
 VOCAB = 96
 _COMMON = dict(
     vocab_size=VOCAB,

@@ -4,7 +4,8 @@ import pytest
 import torch
 from moe_factories import FAMILIES, VARIANTS, make_model, single_thread
 
-from workers.adapters import adapter_for
+from workers.adapters import ADAPTERS, adapter_for
+from workers.families import FAMILIES as SUPPORTED
 from workers.layers import format_ranges
 
 
@@ -95,6 +96,12 @@ def test_gating_rules():
     # routes (N, R, k) against logits (N, E)
     many = torch.tensor([[[0, 7], [1, 2], [3, 4]]])
     assert qwen.route_weights(z, many).shape == (1, 3, 2)
+
+
+def test_one_adapter_per_supported_family():
+    # The driver checks model.family against workers.families without importing the adapters.
+    assert sorted(ADAPTERS) == sorted(SUPPORTED) == sorted(FAMILIES)
+    assert all(ADAPTERS[name].family == name for name in ADAPTERS)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

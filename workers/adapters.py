@@ -244,6 +244,7 @@ class GptOssAdapter(MoeAdapter):
         return torch.softmax(_take(z.float(), routes), dim=-1)
 
 
+# One adapter per name of workers.families.FAMILIES (the list the config is checked against).
 ADAPTERS: dict[str, type[MoeAdapter]] = {
     "qwen3_moe": Qwen3MoeAdapter,
     "olmoe": OlmoeAdapter,

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm")  # the names make_backend builds
+DTYPES = ("bfloat16", "float16", "float32")  # model dtypes every backend loads (model.dtype)
 FINISH_REASONS = ("stop", "length")
 
 

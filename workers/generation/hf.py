@@ -24,15 +24,10 @@ from transformers import (
     LogitsProcessorList,
 )
 
-from workers.generation import Completion, SamplingParams, encode_prompt, sample_seed
+from workers.generation import DTYPES, Completion, SamplingParams, encode_prompt, sample_seed
 from workers.models import load_causal_lm
 
-_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "auto": "auto",
-}
+_DTYPES = {**{name: getattr(torch, name) for name in DTYPES}, "auto": "auto"}
 
 
 class _RowSampler(LogitsProcessor):
