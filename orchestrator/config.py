@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,15 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from analysis.metrics import AnalysisConfig  # the analysis group's schema and defaults
 from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
 from workers import layers as layer_specs
-from workers.attention import ATTENTIONS
+from workers.families import FAMILIES
+from workers.generation import BACKENDS
+from workers.generation import DTYPES as MODEL_DTYPES
 from workers.io import check_path_name
 from workers.layers import LAYER_NAMES
+from workers.score_config import ScoreConfig
+from workers.verify import KINDS as VERIFIERS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-FAMILIES = ("qwen3_moe", "gpt_oss", "deepseek_v2", "olmoe")
-VERIFIERS = ("exact", "math", "choice")
-BACKENDS = ("hf", "vllm")
-MODEL_DTYPES = ("bfloat16", "float16", "float32")  # what both generation backends accept
 BUNDLED = "bundled"  # ModelConfig.hf_id of the tiny model shipped in workers/assets/
 
 
@@ -106,29 +107,36 @@ class GenerationConfig:
     problems_per_shard: int = 16  # problems per generation unit
 
 
-@dataclass
-class ScoringConfig:
-    """Counterfactual scoring (docs/method.md). alternatives .. memory_budget_mb, attention and
-    compile are workers.scorer.ScoreConfig's."""
+def _scorer_setting(f: Any) -> tuple[str, Any, Any]:
+    """ScoreConfig's field `f` as a `scoring.<name>` key: same type, default and help, except
+    `dtype`, whose default None means each model's own `dtype` (bf16 for the hub models, whose
+    float32 weights would not fit one 80 GB GPU; float32 for the tiny model)."""
+    if f.name == "dtype":
+        return "dtype", str | None, field(default=None, metadata=f.metadata)
+    kind = typing.get_type_hints(ScoreConfig)[f.name]
+    return f.name, kind, field(default=f.default, metadata=f.metadata)
 
-    alternatives: int = 32  # J routes drawn per token
-    pool: int = 32  # P highest-scoring experts to draw from (capped at the expert count)
-    temperature: float = 1.0  # tau of Gumbel-top-k
-    sampler: str = "gumbel"
-    seed: int = 0
-    # None: each model's own `dtype` (bf16 for the hub models, whose float32 weights would not
-    # fit one 80 GB GPU; float32 for the tiny model). float32 is what the exactness tests use.
-    dtype: str | None = None
-    memory_budget_mb: int = 1024  # bounds one micro-batch of activations inside the scorer
-    # eager: the reference attention, fastest on CPU; flex: fused FlexAttention, for GPUs
-    attention: str = "eager"
-    compile: bool = False  # torch.compile fixed-shape decode steps (CUDA graphs on a GPU)
+
+# The scorer's own settings (J, P, tau, sampler, seed, dtype, memory_budget_mb, attention,
+# compile) are declared, defaulted and checked once, in workers.score_config.ScoreConfig; the
+# config takes every field but `device`, which is each scorer actor's own.
+ScorerSettings = make_dataclass(
+    "ScorerSettings",
+    [_scorer_setting(f) for f in fields(ScoreConfig) if f.name != "device"],
+    namespace={"__module__": __name__},
+)
+
+
+@dataclass
+class ScoringConfig(ScorerSettings):
+    """Counterfactual scoring (docs/method.md): the scorer's settings (from ScorerSettings)
+    and the run's own: which layers and trajectories are scored, in units of what size."""
+
     layers: list[str] = field(default_factory=lambda: list(LAYER_NAMES))  # names or indices
     verified_only: bool = True
     trajectories_per_shard: int = 16  # trajectories per scoring unit
-    retries: int = (
-        2  # extra attempts of a failing unit (scoring and generation) before failures.jsonl
-    )
+    # extra attempts of a failing unit (scoring and generation) before failures.jsonl
+    retries: int = 2
 
 
 @dataclass
@@ -448,16 +456,12 @@ def validate(cfg: RunConfig) -> None:
     for key in ("samples_per_problem", "batch_size", "problems_per_shard"):
         if getattr(cfg.generation, key) < 1:
             raise ConfigError(f"generation.{key} must be >= 1, got {getattr(cfg.generation, key)}")
-    sc = cfg.scoring
-    if sc.alternatives < 1 or sc.trajectories_per_shard < 1 or sc.retries < 0:
+    sc = cfg.scoring  # its scorer settings: validate_scoring, per model (the dtype may differ)
+    if sc.trajectories_per_shard < 1 or sc.retries < 0:
         raise ConfigError(
-            "scoring.alternatives and scoring.trajectories_per_shard must be >= 1 and "
-            f"scoring.retries >= 0, got {sc.alternatives}, {sc.trajectories_per_shard}, {sc.retries}"
+            "scoring.trajectories_per_shard must be >= 1 and scoring.retries >= 0, got"
+            f" {sc.trajectories_per_shard}, {sc.retries}"
         )
-    if sc.temperature <= 0:
-        raise ConfigError(f"scoring.temperature must be > 0, got {sc.temperature}")
-    if sc.attention not in ATTENTIONS:
-        raise ConfigError(f"scoring.attention={sc.attention!r}; valid: {ATTENTIONS}")
     cl = cfg.cluster
     uses_vllm = any(
         (m.generation_backend or cfg.generation.backend) == "vllm" for m in sweep_models(cfg)
@@ -639,20 +643,15 @@ def validate_engine(model: ModelConfig) -> None:
 
 
 def score_args(scoring: ScoringConfig, model: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments of workers.scorer.ScoreConfig (device is set by the actor); the
-    dtype is scoring.dtype, or the model's own when that is unset."""
-    keep = (
-        *("alternatives", "pool", "temperature", "sampler", "seed"),
-        *("memory_budget_mb", "attention", "compile"),
-    )
-    return {**{k: getattr(scoring, k) for k in keep}, "dtype": scoring.dtype or model.dtype}
+    """Keyword arguments of ScoreConfig for `model`: every scorer setting (device is set by the
+    actor); the dtype is scoring.dtype, or the model's own when that is unset."""
+    args = {f.name: getattr(scoring, f.name) for f in fields(ScorerSettings)}
+    return {**args, "dtype": scoring.dtype or model.dtype}
 
 
 def validate_scoring(scoring: ScoringConfig, model: ModelConfig) -> None:
-    """The scorer's own checks (workers.scorer.ScoreConfig), run now rather than in an actor
-    after the whole generation stage."""
-    from workers.scorer import ScoreConfig
-
+    """The scorer's own checks (ScoreConfig's), run now rather than in an actor after the
+    whole generation stage; the message names the `scoring.<key>`."""
     try:
         ScoreConfig(**score_args(scoring, model))
     except ValueError as err:

@@ -43,6 +43,7 @@ from orchestrator.config import (
 from orchestrator.tasks import GenerationTask, ScoringTask
 from workers.generation import SamplingParams
 from workers.io import config_hash, file_sha256
+from workers.score_config import SPEED_SETTINGS
 
 TaskT = TypeVar("TaskT")
 
@@ -229,17 +230,13 @@ def shards_hash(scoring: ScoringConfig, generated_sha256: list[str]) -> str:
     )
 
 
-# How a unit is computed, not what: equal results up to float rounding, so a resumed run may
-# change them without redoing finished units.
-_NOT_HASHED = ("memory_budget_mb", "attention", "compile")
-
-
 def scoring_units(
     run_dir: Path, cell: Cell, scoring: ScoringConfig, shards: list[tuple[Path, str]]
 ) -> list[Unit[ScoringTask]]:
     """One unit per (layer, input shard); `shards` are (path, sha256) of the input files."""
     model, dataset = cell.model, cell.dataset
-    values = {k: v for k, v in score_args(scoring, model).items() if k not in _NOT_HASHED}
+    # Every scorer setting that decides the scores; those of speed only may change on resume.
+    values = {k: v for k, v in score_args(scoring, model).items() if k not in SPEED_SETTINGS}
     identity = model_identity(model)
     units = []
     for layer in sorted(set(cell.layers.values())):

@@ -96,13 +96,40 @@ def test_unknown_keys_are_rejected(override):
         make(override)
 
 
-def test_scoring_defaults_are_the_scorers_defaults():
-    from workers.scorer import ScoreConfig
+def test_scoring_keys_are_the_scorers_settings_then_the_runs_own():
+    from workers.score_config import ScoreConfig
 
-    ours = C.ScoringConfig()
-    for f in dataclasses.fields(ScoreConfig):
-        if f.name not in ("device", "dtype"):  # dtype: None = the model's (next test)
-            assert getattr(ours, f.name) == f.default, f.name
+    scorer = {f.name: f.default for f in dataclasses.fields(ScoreConfig)}
+    ours = dataclasses.asdict(C.ScoringConfig())
+    run_keys = ["layers", "verified_only", "trajectories_per_shard", "retries"]
+    assert list(ours) == [*(k for k in scorer if k != "device"), *run_keys]  # device: the actor's
+    del scorer["device"], scorer["dtype"]  # dtype: None = the model's own (next test)
+    assert {k: ours[k] for k in scorer} == scorer
+    assert ours["dtype"] is None
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("scoring.alternatives=0", "scoring.alternatives must be an integer >= 1, got 0"),
+        ("scoring.temperature=0", "scoring.temperature must be a number > 0, got 0.0"),
+        ("scoring.sampler=gumble", "scoring.sampler must be one of gumbel, uniform_pool,"),
+        ("scoring.seed=-1", None),  # any integer is a seed
+        ("scoring.dtype=float16", "scoring.dtype must be one of float32, bfloat16, got 'float16'"),
+        ("scoring.memory_budget_mb=0", "scoring.memory_budget_mb must be an integer >= 1"),
+        ("scoring.attention=sdpa", "scoring.attention must be one of eager, flex, got 'sdpa'"),
+        ("scoring.trajectories_per_shard=0", "scoring.trajectories_per_shard must be >= 1"),
+        ("scoring.retries=-1", "and scoring.retries >= 0, got 16, -1"),
+    ],
+)
+def test_every_scoring_key_is_checked_before_ray(override, message):
+    cfg = make(override)
+    if message is None:
+        C.validate(cfg)
+        return
+    with pytest.raises(C.ConfigError) as info:
+        C.validate(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_scoring_dtype_defaults_to_the_models_own():
@@ -189,7 +216,7 @@ def test_model_cards_sampling_values():
         (["sweep.models=[tiny,nope]"], "unknown model 'nope'"),
         (["scoring.layers=[]"], "scoring.layers is empty"),
         (["run_id=../x"], "run_id='../x'"),
-        (["scoring.attention=sdpa"], "scoring.attention='sdpa'; valid: ('eager', 'flex')"),
+        (["scoring.attention=sdpa"], "scoring.attention must be one of eager, flex, got 'sdpa'"),
     ],
 )
 def test_bad_values_raise_one_line_config_errors(overrides, message):
@@ -326,16 +353,26 @@ def test_secrets_are_scrubbed():
     }
 
 
-def test_cli_bad_config_is_one_error_line_and_leaves_nothing(tmp_path):
-    result = cli(
-        "scoring.layers=[early,bogus]", f"runs_dir={tmp_path}/runs", "run_id=x", cwd=tmp_path
-    )
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "scoring.layers=[early,bogus]",
+            "error: model tiny: layer 'bogus' is not an index or one of early/middle/final;"
+            " valid MoE layers: 0-3 (or early/middle/final)",
+        ),
+        (
+            "scoring.sampler=gumble",
+            "error: scoring.sampler must be one of gumbel, uniform_pool, uniform_all,"
+            " got 'gumble' (model tiny)",
+        ),
+    ],
+)
+def test_cli_bad_config_is_one_error_line_and_leaves_nothing(tmp_path, override, message):
+    result = cli(override, f"runs_dir={tmp_path}/runs", "run_id=x", cwd=tmp_path)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert errors == [
-        "error: model tiny: layer 'bogus' is not an index or one of early/middle/final;"
-        " valid MoE layers: 0-3 (or early/middle/final)"
-    ]
+    assert errors == [message]
     assert not (tmp_path / "runs").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/, logs
 

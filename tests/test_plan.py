@@ -89,9 +89,9 @@ def test_dry_run_prints_the_plan_without_ray_or_a_model(tmp_path):
     imported = {
         line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line
     }
-    # torch comes in with the scorer's own config checks (workers.scorer.ScoreConfig); no
-    # model library, no Ray, no W&B.
-    assert not imported & {"ray", "transformers", "wandb", "vllm"}
+    # The scorer's settings are checked without torch (workers.score_config); no model
+    # library, no Ray, no W&B.
+    assert not imported & {"torch", "ray", "transformers", "wandb", "vllm"}
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
 
 
@@ -247,6 +247,38 @@ def test_scoring_units_per_layer_and_shard_with_hashes_of_only_what_matters():
     # Adding a layer adds units and keeps the others' hashes.
     more = score_units(make("scoring.layers=[early,middle,final,1]"))
     assert {k: more[k] for k in base} == base and len(more) == 8
+
+
+def test_a_scoring_units_hash_covers_exactly_these_scorer_settings():
+    # Pinned: hashing one more setting (or one fewer) would redo every finished unit of every
+    # run on resume. A new setting that changes the scores must be hashed; one that changes
+    # only speed belongs in workers.score_config.SPEED_SETTINGS.
+    cfg = make()
+    [cell] = plan.plan_cells(cfg)
+    [unit, *_] = plan.scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/a.arrow"), "s0")])
+    score = {
+        **{"alternatives": 32, "pool": 32, "temperature": 1.0, "sampler": "gumbel", "seed": 0},
+        "dtype": "float32",
+    }
+    identity = plan.model_identity(cfg.model)
+    want = config_hash({"model": identity, "layer": 0, "score": score, "input": "s0"})
+    assert unit.config_hash == want
+    # The hashes finished runs were written with, on fixed inputs (a hub model: no local files
+    # in its identity); the speed-only settings of the first config are not in them.
+    model = C.ModelConfig(
+        name="m", hf_id="example/moe", revision="r1", family="qwen3_moe", num_layers=4,
+        moe_layers=[0, 1, 2, 3], num_experts=16, top_k=4, dtype="bfloat16",
+    )  # fmt: skip
+    cell = plan.Cell(model, C.DatasetConfig(name="d"), {"early": 1, "final": 3})
+    scoring = C.ScoringConfig(
+        alternatives=8, pool=16, temperature=0.5, sampler="uniform_pool", seed=3,
+        memory_budget_mb=64, attention="flex", compile=True,
+    )  # fmt: skip
+    shards = [(Path("/r/in/00002.arrow"), "s2")]
+    units = plan.scoring_units(Path("/r"), cell, scoring, shards)
+    assert [u.config_hash for u in units] == ["33a532e30ffb9e93", "0d8e64a46a7e680f"]
+    units = plan.scoring_units(Path("/r"), cell, C.ScoringConfig(dtype="float32"), shards)
+    assert [u.config_hash for u in units] == ["09290a703c0c8dc2", "48f2bd740b1d608e"]
 
 
 def test_the_paths_follow_the_run_layout():
