@@ -18,6 +18,13 @@ def make(*overrides: str) -> C.RunConfig:
         return C.to_run_config(compose("config", overrides=list(overrides)), overrides)
 
 
+def test_every_model_and_scoring_dtype_has_a_size():
+    from workers.generation import DTYPES as MODEL_DTYPES
+    from workers.score_config import DTYPES as SCORING_DTYPES
+
+    assert set(E.BYTES) == {*MODEL_DTYPES, *SCORING_DTYPES}
+
+
 def rate(model, layer, tokens, per_s, gpu="H200", stage="scoring", alternatives=32):
     return Rate(stage, model, layer, tokens, gpu, "bfloat16", alternatives, per_s, "", "test")
 

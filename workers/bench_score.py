@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from workers.score_config import DTYPES
+
 ARCHS = ("tiny", "olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite")
 
 
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=("float32", "bfloat16"),
+        choices=DTYPES,
         help="default: float32 for tiny, else bfloat16",
     )
     p.add_argument("--memory-budget-mb", type=int, default=None)
