@@ -1,8 +1,11 @@
 """Typed configuration: one dataclass per Hydra config group, and the checks run before Ray.
 
 Contract: the dataclasses below are the schema (registered in Hydra's ConfigStore as
-`run_schema`, so an unknown key anywhere is an error) and hold every default; the YAML files
-under conf/<group>/ only set values. `main` builds one `RunConfig` from the composed DictConfig
+`run_schema`, so an unknown key anywhere is an error) and hold every default, except the
+scorer's own settings, which `ScoringConfig` takes from workers.score_config.ScoreConfig with
+their defaults and checks; the YAML files under conf/<group>/ only set values. Closed lists
+(families, verifiers, backends, dtypes, samplers, attention paths) come from the worker
+modules that implement them. `main` builds one `RunConfig` from the composed DictConfig
 (`to_run_config`) and `validate` checks it against itself and the files on disk, raising
 `ConfigError` (a ValueError) with one line that says what is wrong and what is valid.
 Each stage then gets its own slice (`ModelConfig`, `ScoringConfig`, ...), never the root.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import typing
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import Field, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +110,7 @@ class GenerationConfig:
     problems_per_shard: int = 16  # problems per generation unit
 
 
-def _scorer_setting(f: Any) -> tuple[str, Any, Any]:
+def _scorer_setting(f: Field) -> tuple[str, Any, Field]:
     """ScoreConfig's field `f` as a `scoring.<name>` key: same type, default and help, except
     `dtype`, whose default None means each model's own `dtype` (bf16 for the hub models, whose
     float32 weights would not fit one 80 GB GPU; float32 for the tiny model)."""
