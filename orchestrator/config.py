@@ -25,7 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from analysis.metrics import AnalysisConfig  # the analysis group's schema and defaults
 from orchestrator.wandb_run import WandbConfig, scrub_secrets  # noqa: F401 (re-exported)
 from workers import layers as layer_specs
-from workers.families import FAMILIES
+from workers.families import FAMILIES, WINDOWS_OR_SINKS
 from workers.generation import BACKENDS
 from workers.generation import DTYPES as MODEL_DTYPES
 from workers.io import check_path_name
@@ -491,6 +491,11 @@ def validate(cfg: RunConfig) -> None:
     for model in sweep_models(cfg):
         validate_model(model, layers, sc)
         validate_scoring(sc, model)
+        if cl.use_gpus and sc.attention == "flex" and model.family in WINDOWS_OR_SINKS:
+            raise ConfigError(
+                f"model {model.name}: scoring.attention=flex on GPUs is not exact yet for"
+                f" {model.family} (sliding windows, attention sinks); use scoring.attention=eager"
+            )
     for dataset in sweep_datasets(cfg):
         validate_dataset(dataset)
     if cfg.router_update.enabled:

@@ -250,3 +250,14 @@ def test_flex_is_refused_on_cuda_only_for_models_with_windows_or_sinks(models):
         assert flex_refusal(models[name], cuda_flex) is None
     assert flex_refusal(models["gpt_oss"], ScoreConfig(attention="flex")) is None  # CPU
     assert flex_refusal(models["gpt_oss"], ScoreConfig(device="cuda")) is None  # eager
+
+
+def test_the_drivers_family_list_names_exactly_the_models_flex_refuses(models):
+    """workers.families.WINDOWS_OR_SINKS (checked by the driver before Ray) agrees with what the
+    scorer finds in the loaded modules."""
+    from workers.families import FAMILIES, WINDOWS_OR_SINKS
+    from workers.scorer import flex_refusal
+
+    cuda_flex = ScoreConfig(attention="flex", device="cuda")
+    refused = {n for n in FAMILIES if flex_refusal(models[n], cuda_flex) is not None}
+    assert refused == set(WINDOWS_OR_SINKS)

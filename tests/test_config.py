@@ -421,3 +421,11 @@ def test_cli_missing_data_file_fails_before_anything_is_written(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: dataset aime2024: data file")
     assert not (tmp_path / "runs").exists()
+
+
+def test_flex_on_gpus_is_refused_before_ray_for_families_with_windows_or_sinks():
+    flex_gpu = ("scoring.attention=flex", "cluster.use_gpus=true", "cluster.address=auto")
+    with pytest.raises(C.ConfigError, match="model gpt-oss-20b: scoring.attention=flex on GPUs"):
+        C.validate(make("model=gpt-oss-20b", *flex_gpu))
+    C.validate(make("model=qwen3-30b-a3b", *flex_gpu))
+    C.validate(make("model=gpt-oss-20b", "scoring.attention=flex"))  # CPU: the exact reference

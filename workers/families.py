@@ -6,3 +6,8 @@ from the adapters, which import torch, so the driver checks `model.family` witho
 """
 
 FAMILIES = ("qwen3_moe", "olmoe", "deepseek_v2", "gpt_oss")
+
+# Families whose attention has sliding windows or sinks: FlexAttention on CUDA is refused for
+# them (workers.scorer.flex_refusal, which checks the loaded modules; this list lets the driver
+# refuse the configuration before anything runs).
+WINDOWS_OR_SINKS = ("gpt_oss",)
