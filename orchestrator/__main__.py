@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from orchestrator.actors import DEFAULT_WORKERS, Workers
 from orchestrator.config import (
     CONF_DIR,
     ConfigError,
@@ -30,9 +31,10 @@ from orchestrator.config import (
     to_run_config,
     validate,
 )
+from orchestrator.errors import PipelineError
 from orchestrator.estimate import check_memory
 from orchestrator.lock import RunLock, RunLockedError
-from orchestrator.pipeline import PipelineError, prepare_problems, run_stages
+from orchestrator.pipeline import prepare_problems, run_stages
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.provenance import check_resume, run_record
 from orchestrator.wandb_run import SECRET_KEY
@@ -47,8 +49,11 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(code)
 
 
-def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
-    """One run from a composed config; returns the exit code (tests call this directly)."""
+def run(
+    dcfg: DictConfig, *, overrides: list[str] | None = None, workers: Workers = DEFAULT_WORKERS
+) -> int:
+    """One run from a composed config; returns the exit code (tests call this directly, and
+    may pass `workers`: the actor classes, orchestrator.actors.Workers, e.g. failing ones)."""
     started = time.monotonic()
     try:
         # 1. Typed config, validated before anything starts.
@@ -76,7 +81,7 @@ def run(dcfg: DictConfig, *, overrides: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return run_locked(cfg, run_dir, run_id, resolved, overrides, started)
+        return run_locked(cfg, run_dir, run_id, resolved, overrides, started, workers)
     finally:
         lock.release()
 
@@ -88,6 +93,7 @@ def run_locked(
     resolved: dict[str, Any],
     overrides: list[str] | None,
     started: float,
+    workers: Workers = DEFAULT_WORKERS,
 ) -> int:
     """Steps 4-9 of `run`, under the run's lease."""
     try:
@@ -118,6 +124,7 @@ def run_locked(
             run_id=run_id,
             sink=session.log_progress,
             job_sink=session.log_job,
+            workers=workers,
         )
         router_md = run_router_update(cfg, run_dir, summary, run_id, session)
         summary.report_path = build_report(run_dir, session, cfg.analysis)

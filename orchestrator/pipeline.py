@@ -1,13 +1,16 @@
 """The stages of a run, from problems to the report, each skipping the units already complete.
 
 Contract: `prepare_problems` (driver, no Ray) writes problems/<dataset>.arrow; `run_stages`
-(Ray initialised) runs generation -> shards -> scoring -> report for every (model, dataset)
-cell of the plan and returns a `RunSummary`. Stages talk only through files in the run dir
+(Ray initialised) runs generation -> shards -> scoring for every (model, dataset) cell of the
+plan and returns a `RunSummary`. Stages talk only through files in the run dir
 (orchestrator/plan.py has the layout); a unit is skipped when `workers.io.is_complete` says
 its file matches its config hash (checksum included, so truncated or corrupted files are
 redone). Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are
-skipped. Models are processed one after the other: a model's generators are released before
-its scorers start, so both can use the same GPUs.
+skipped. All stages share one executor (orchestrator/executor.py), one pool of actors per
+(stage, model): a cell's shards are written and its scoring units queued as soon as its last
+generation unit lands, so a model's scorers run while its other data sets, or later models,
+still generate; an actor is started when the cluster has room for it and closed as soon as
+its pool has nothing left to do, so the next pool can take its GPUs.
 """
 
 from __future__ import annotations
@@ -23,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import ray
 
 from orchestrator import plan
+from orchestrator.actors import DEFAULT_WORKERS, GeneratorWorker, ScorerWorker, Workers
 from orchestrator.config import ModelConfig, RunConfig
+from orchestrator.errors import ActorStartError, PipelineError, last_line
+from orchestrator.executor import Executor, Outcome, Pool, cluster_resources
 from orchestrator.progress import StageProgress
 from workers.io import (
     IncompleteFileError,
@@ -38,10 +45,6 @@ from workers.io import (
 
 Sink = Callable[[dict[str, Any]], None]
 JobSink = Callable[[str, int, str, dict[str, Any]], None]
-
-
-class PipelineError(RuntimeError):
-    """The run cannot go on (e.g. nothing verified to score); the message says why."""
 
 
 @dataclass
@@ -100,12 +103,6 @@ def prepare_datasets(run_dir: Path, datasets: list[Any]) -> dict[str, tuple[int,
     return out
 
 
-def last_line(err: BaseException | str) -> str:
-    """The last non-empty line of an error message (tracebacks end with the cause)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
-
-
 # ------------------------------------------------------------------------------- the stages
 
 
@@ -117,13 +114,13 @@ def run_stages(
     run_id: str,
     sink: Sink | None = None,
     job_sink: JobSink | None = None,
+    workers: Workers = DEFAULT_WORKERS,
 ) -> RunSummary:
     """The stages over Ray; `sink` gets progress metrics, `job_sink` each scoring job (model,
-    layer, dataset) whose last unit this session wrote (e.g. WandbSession.log_job)."""
+    layer, dataset) whose last unit this session wrote (e.g. WandbSession.log_job); `workers`
+    the actor classes (tests pass failing ones)."""
     summary = RunSummary(run_id=run_id, run_dir=run_dir)
-    cells = plan.plan_cells(cfg)
-
-    # 1. Generation: every sample of every problem, verified, one file per problem shard.
+    # 1. Generation units: every sample of every problem, verified, one file per problem shard.
     gen_units = {
         cell: plan.generation_units(
             run_dir,
@@ -133,58 +130,215 @@ def run_stages(
             num_problems=problems[cell.dataset.name][0],
             problems_sha256=problems[cell.dataset.name][1],
         )
-        for cell in cells
+        for cell in plan.plan_cells(cfg)
     }
-    for cell in cells:
-        prune(run_dir, [plan.generated_dir(run_dir, cell.model, cell.dataset)], gen_units[cell])
-    summary.stages["generation"] = run_generation("generation", gen_units, cfg, summary, sink)
-
-    # 2. Shards: the trajectories to score (verified ones by default), split for the scorers.
-    shards: dict[plan.Cell, list[tuple[Path, str]]] = {}
-    verified_total = 0
-    for cell in cells:
-        # Just checked or written by the stage above: the sidecars suffice here.
-        if any(not is_complete(u.path, u.config_hash, checksum=False) for u in gen_units[cell]):
-            summary.warnings.append(
-                f"{cell.model.name}/{cell.dataset.name}: generation incomplete, not scored"
-            )
-            continue
-        shards[cell], kept, total = write_shards(run_dir, cell, cfg, gen_units[cell])
-        verified_total += kept
-        print(
-            f"[shards] {cell.model.name}/{cell.dataset.name}: {kept} of {total} trajectories"
-            f" {'verified' if cfg.scoring.verified_only else 'kept'}, {len(shards[cell])} shards",
-            file=sys.stderr,
-        )
-        if kept == 0:
-            summary.warnings.append(
-                f"{cell.model.name}/{cell.dataset.name}: 0 of {total} trajectories verified"
-            )
-    if shards and verified_total == 0 and not summary.failures:
-        raise PipelineError(
-            "no verified trajectories to score: "
-            + "; ".join(w for w in summary.warnings if "verified" in w)
-            + " (raise model.max_tokens or generation.samples_per_problem, or set"
-            " scoring.verified_only=false; the generated trajectories are kept and reused)"
-        )
-
-    # 3. Scoring: one unit per (layer, shard); each scorer loads its model once. The plan
-    # goes to plan.json first, so a report takes only these units' files.
-    score_units = {c: plan.scoring_units(run_dir, c, cfg.scoring, s) for c, s in shards.items()}
-    plan.write_plan(
-        run_dir, [u for us in score_units.values() for u in us], unscored=list(summary.warnings)
-    )
-    for cell, units in score_units.items():
-        prune(run_dir, plan.scores_dirs(run_dir, cell), units)
-    summary.stages["scoring"] = run_scoring(
-        "scoring",
-        score_units,
-        cfg,
-        summary,
-        sink,
-        jobs=JobTracker(score_units, job_sink) if job_sink else None,
-    )
+    for cell, units in gen_units.items():
+        prune(run_dir, [plan.generated_dir(run_dir, cell.model, cell.dataset)], units)
+    # 2. Generation, shards and scoring of every cell on one executor, overlapped.
+    CellStages(cfg, run_dir, summary, gen_units, sink, job_sink, workers).run()
     return summary
+
+
+class CellStages:
+    """Generation -> shards -> scoring per (model, dataset) cell, on one executor.
+
+    Pools, in the executor's order: for each model (in the plan's order) its generators, then
+    its scorers. When a cell's last generation unit is settled, its trajectories to score
+    (verified ones by default) are split into shards and its scoring units are planned,
+    pruned of stale files, recorded in plan.json (rewritten whole, so a report takes only
+    planned files) and queued; a model's scorer pool is sealed once all its cells are.
+    Generation is over when every cell is: then the generation summary is printed, and a run
+    in which no cell kept a trajectory stops with PipelineError before any scoring.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        summary: RunSummary,
+        gen_units: dict[plan.Cell, list[plan.Unit]],
+        sink: Sink | None,
+        job_sink: JobSink | None,
+        workers: Workers,
+    ):
+        self.cfg, self.run_dir, self.summary, self.gen_units = cfg, run_dir, summary, gen_units
+        todo = incomplete(gen_units, cfg.verify_checksums)
+        total = sum(map(len, gen_units.values()))
+        self.gen_progress = StageProgress(
+            "generation", total, skipped=total - sum(map(len, todo.values())), sink=sink
+        )
+        self.score_progress = StageProgress("scoring", 0, sink=sink)
+        self.jobs = JobTracker({}, job_sink) if job_sink else None
+        self.cell_of = {u.key: c for c, us in todo.items() for u in us}
+        self.left = {c: {u.key for u in us} for c, us in todo.items()}  # not settled yet
+        self.unresolved = Counter(c.model.name for c in gen_units)  # cells per model
+        self.score_units: dict[plan.Cell, list[plan.Unit]] = {}
+        self.empty: list[plan.Cell] = []  # generated, nothing kept: planned when generation ends
+        self.kept = 0
+        self.executor = Executor()
+        self.scorers: dict[str, Pool] = {}
+        models = {c.model.name: c.model for c in gen_units}
+        for i, model in enumerate(models.values()):
+            pool = self.executor.add(
+                generator_pool(
+                    model,
+                    cfg,
+                    workers.generator,
+                    self.gen_progress,
+                    priority=(i, 0),
+                    on_outcome=self.generated,
+                )
+            )
+            pool.add(u for c, us in todo.items() if c.model.name == model.name for u in us)
+            pool.seal()
+            self.scorers[model.name] = self.executor.add(
+                scorer_pool(
+                    model,
+                    cfg,
+                    workers.scorer,
+                    self.score_progress,
+                    priority=(i, 1),
+                    on_outcome=self.scored,
+                )
+            )
+
+    def run(self) -> None:
+        for cell, left in self.left.items():
+            if not left:  # complete already: scored from the start
+                self.resolve(cell)
+        self.executor.run()
+        self.summary.stages["scoring"] = self.score_progress.close()
+
+    def generated(self, outcome: Outcome) -> None:
+        if not outcome.ok:
+            record_failures(self.summary, [outcome])
+        cell = self.cell_of[outcome.unit.key]
+        self.left[cell].discard(outcome.unit.key)
+        if not self.left[cell]:
+            self.resolve(cell)
+
+    def scored(self, outcome: Outcome) -> None:
+        if not outcome.ok:
+            record_failures(self.summary, [outcome])
+        elif self.jobs is not None:
+            self.jobs.done(outcome.unit, outcome.result or {})
+
+    def resolve(self, cell: plan.Cell) -> None:
+        """The cell's generation is settled: its shards, then its scoring units (or why not)."""
+        units = self.gen_units[cell]
+        name = f"{cell.model.name}/{cell.dataset.name}"
+        # Just checked or written by this run: the sidecars suffice here.
+        if any(not is_complete(u.path, u.config_hash, checksum=False) for u in units):
+            self.summary.warnings.append(f"{name}: generation incomplete, not scored")
+        else:
+            shards, kept, total = write_shards(self.run_dir, cell, self.cfg, units)
+            self.kept += kept
+            print(
+                f"[shards] {name}: {kept} of {total} trajectories"
+                f" {'verified' if self.cfg.scoring.verified_only else 'kept'}, {len(shards)} shards",
+                file=sys.stderr,
+            )
+            if kept:
+                self.plan_scoring(cell, shards)
+                self.write_plan()
+            else:
+                self.summary.warnings.append(f"{name}: 0 of {total} trajectories verified")
+                self.empty.append(cell)
+        self.unresolved[cell.model.name] -= 1
+        if not self.unresolved[cell.model.name]:
+            self.scorers[cell.model.name].seal()
+        if not any(self.unresolved.values()):
+            self.generation_over()
+
+    def plan_scoring(self, cell: plan.Cell, shards: list[tuple[Path, str]]) -> None:
+        """One unit per (layer, shard); the incomplete ones queued on the model's scorers."""
+        units = plan.scoring_units(self.run_dir, cell, self.cfg.scoring, shards)
+        self.score_units[cell] = units
+        prune(self.run_dir, plan.scores_dirs(self.run_dir, cell), units)
+        todo = incomplete({cell: units}, self.cfg.verify_checksums)[cell]
+        self.score_progress.add(len(units), skipped=len(units) - len(todo))
+        if self.jobs is not None:
+            self.jobs.add({cell: units})
+            self.jobs.expect(todo)
+        self.scorers[cell.model.name].add(todo)
+
+    def generation_over(self) -> None:
+        self.summary.stages["generation"] = self.gen_progress.close()
+        if self.empty and self.kept == 0 and not self.summary.failures:
+            raise PipelineError(
+                "no verified trajectories to score: "
+                + "; ".join(w for w in self.summary.warnings if "verified" in w)
+                + " (raise model.max_tokens or generation.samples_per_problem, or set"
+                " scoring.verified_only=false; the generated trajectories are kept and reused)"
+            )
+        for cell in self.empty:
+            self.plan_scoring(cell, [])  # no units: only its stale score files go
+        self.write_plan()
+
+    def write_plan(self) -> None:
+        """plan.json: the units planned so far, in the plan's cell order, and the cells left
+        unscored; a report made now takes only these units' files."""
+        units = [u for c in self.gen_units for u in self.score_units.get(c, [])]
+        plan.write_plan(self.run_dir, units, unscored=list(self.summary.warnings))
+
+
+def incomplete(
+    units: dict[plan.Cell, list[plan.Unit]], checksum: bool
+) -> dict[plan.Cell, list[plan.Unit]]:
+    return {
+        c: [u for u in us if not is_complete(u.path, u.config_hash, checksum=checksum)]
+        for c, us in units.items()
+    }
+
+
+def generate(actor: Any, unit: plan.Unit) -> Any:
+    """The one call that runs a generation unit on a generator actor."""
+    return actor.generate.remote(unit.task, str(unit.path), unit.config_hash)
+
+
+def score(actor: Any, unit: plan.Unit) -> Any:
+    """The one call that runs a scoring unit on a scorer actor."""
+    return actor.score.remote(unit.task, str(unit.path), unit.config_hash)
+
+
+def generator_pool(
+    model: ModelConfig, cfg: RunConfig, worker: type, progress: StageProgress, **options: Any
+) -> Pool:
+    """A pool of up to `cluster.generators` generator actors of `model`."""
+    spawn = GeneratorSpawner(model, cfg, worker)
+    return Pool(
+        spawn,
+        generate,
+        cfg.cluster.generators,
+        cfg.scoring.retries,
+        progress,
+        need=spawn.need(),
+        start_timeout_s=cfg.cluster.actor_start_timeout_s,
+        unit_timeout_s=cfg.cluster.unit_timeout_s,
+        release=spawn.release,
+        on_close=spawn.close,
+        describe=spawn.describe,
+        **options,
+    )
+
+
+def scorer_pool(
+    model: ModelConfig, cfg: RunConfig, worker: type, progress: StageProgress, **options: Any
+) -> Pool:
+    """A pool of up to `cluster.scorers` scorer actors of `model`, each loading it once."""
+    spawn = ScorerSpawner(model, cfg, worker)
+    return Pool(
+        spawn,
+        score,
+        cfg.cluster.scorers,
+        cfg.scoring.retries,
+        progress,
+        need=spawn.need(),
+        start_timeout_s=cfg.cluster.actor_start_timeout_s,
+        unit_timeout_s=cfg.cluster.unit_timeout_s,
+        describe=spawn.describe,
+        **options,
+    )
 
 
 def run_generation(
@@ -193,23 +347,16 @@ def run_generation(
     cfg: RunConfig,
     summary: RunSummary,
     sink: Sink | None,
-    jobs: JobTracker | None = None,
+    workers: Workers = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
-    """`run_units` on `cluster.generators` generator actors per model."""
-    from orchestrator import actors
-
+    """`run_units` on generator pools."""
     return run_units(
         stage,
         units,
-        spawner=lambda model: GeneratorSpawner(model, cfg, actors),
-        call=lambda actor, u: actor.generate.remote(u.task, str(u.path), u.config_hash),
-        n_actors=cfg.cluster.generators,
-        retries=cfg.scoring.retries,
-        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
+        lambda model, progress, **kw: generator_pool(model, cfg, workers.generator, progress, **kw),
         checksum=cfg.verify_checksums,
         summary=summary,
         sink=sink,
-        jobs=jobs,
     )
 
 
@@ -219,76 +366,50 @@ def run_scoring(
     cfg: RunConfig,
     summary: RunSummary,
     sink: Sink | None,
-    jobs: JobTracker | None = None,
+    workers: Workers = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
-    """`run_units` on `cluster.scorers` scorer actors per model, each loading it once."""
-    from orchestrator import actors
-
+    """`run_units` on scorer pools."""
     return run_units(
         stage,
         units,
-        spawner=lambda model: ScorerSpawner(model, cfg, actors),
-        call=lambda actor, u: actor.score.remote(u.task, str(u.path), u.config_hash),
-        n_actors=cfg.cluster.scorers,
-        retries=cfg.scoring.retries,
-        timeouts=(cfg.cluster.actor_start_timeout_s, cfg.cluster.unit_timeout_s),
+        lambda model, progress, **kw: scorer_pool(model, cfg, workers.scorer, progress, **kw),
         checksum=cfg.verify_checksums,
         summary=summary,
         sink=sink,
-        jobs=jobs,
     )
 
 
 def run_units(
     stage: str,
     units_by_cell: dict[plan.Cell, list[plan.Unit]],
+    make_pool: Callable[..., Pool],
     *,
-    spawner: Callable[[ModelConfig], Any],
-    call: Callable[[Any, plan.Unit], Any],
-    n_actors: int,
-    retries: int,
-    timeouts: tuple[float | None, float | None] = (None, None),
     checksum: bool,
     summary: RunSummary,
     sink: Sink | None,
-    jobs: JobTracker | None = None,
 ) -> dict[str, Any]:
-    """Run a stage's incomplete units, one model at a time (its actors shut down and freed
-    before the next model's start); record failures; return the stage's final progress
-    metrics. `timeouts` = (actor start, unit) deadlines in seconds, None for none."""
-    from orchestrator.actors import dispatch
-
-    todo = {
-        c: [u for u in us if not is_complete(u.path, u.config_hash, checksum=checksum)]
-        for c, us in units_by_cell.items()
-    }
+    """Run a stage's incomplete units, all known up front, on one executor with a pool per
+    model (`make_pool(model, progress, priority=..., on_outcome=...)`, served in model
+    order); record failures; return the stage's final progress metrics."""
+    todo = incomplete(units_by_cell, checksum)
     total = sum(map(len, units_by_cell.values()))
     progress = StageProgress(stage, total, skipped=total - sum(map(len, todo.values())), sink=sink)
-    if jobs is not None:
-        jobs.expect(u for us in todo.values() for u in us)
+    executor = Executor()
     models = {c.model.name: c.model for c in todo}
-    for name, model in models.items():
-        units = [u for c, us in todo.items() if c.model.name == name for u in us]
-        if not units:
-            continue
-        spawn = spawner(model)
-        try:
-            outcomes = dispatch(
-                units,
-                spawn=spawn,
-                call=call,
-                actors=n_actors,
-                retries=retries,
-                progress=progress,
-                start_timeout_s=timeouts[0],
-                unit_timeout_s=timeouts[1],
-                release=spawn.release,
-                describe=spawn.describe,
-                on_done=jobs.done if jobs is not None else None,
+    for i, model in enumerate(models.values()):
+        units = [u for c, us in todo.items() if c.model.name == model.name for u in us]
+        if units:
+            pool = executor.add(
+                make_pool(
+                    model,
+                    progress,
+                    priority=(i,),
+                    on_outcome=lambda o: None if o.ok else record_failures(summary, [o]),
+                )
             )
-        finally:
-            spawn.close()
-        record_failures(summary, outcomes)
+            pool.add(units)
+            pool.seal()
+    executor.run()
     return progress.close()
 
 
@@ -298,14 +419,20 @@ class JobTracker:
 
     def __init__(self, units_by_cell: dict[plan.Cell, list[plan.Unit]], sink: JobSink):
         self.sink = sink
-        self.job_of = {
-            u.key: (cell.model.name, u.task.layer, cell.dataset.name)
-            for cell, units in units_by_cell.items()
-            for u in units
-        }
-        self.total = Counter(self.job_of.values())
+        self.job_of: dict[str, tuple[str, int, str]] = {}
+        self.total: Counter[tuple[str, int, str]] = Counter()
         self.left: dict[tuple[str, int, str], set[str]] = defaultdict(set)
         self.tokens: Counter[tuple[str, int, str]] = Counter()
+        self.add(units_by_cell)
+
+    def add(self, units_by_cell: dict[plan.Cell, list[plan.Unit]]) -> None:
+        """More planned units (a cell planned after the others)."""
+        for cell, units in units_by_cell.items():
+            for u in units:
+                job = (cell.model.name, u.task.layer, cell.dataset.name)
+                if u.key not in self.job_of:
+                    self.job_of[u.key] = job
+                    self.total[job] += 1
 
     def expect(self, units: Iterable[plan.Unit]) -> None:
         """The units this session will run (the others are complete already)."""
@@ -385,11 +512,12 @@ class GeneratorSpawner:
     `cluster.use_gpus`: HF takes one GPU; vLLM takes `model.tensor_parallel_size` GPUs, as a
     placement group when > 1 (one per actor, removed by `release` when its actor goes and by
     `close`). Otherwise no GPU is asked for: HF runs on CPU, and so does vLLM's CPU build, with
-    a fixed KV-cache size (`model.engine.cpu_kv_cache_gib`).
+    a fixed KV-cache size (`model.engine.cpu_kv_cache_gib`). `worker` is the class made remote.
     """
 
-    def __init__(self, model: ModelConfig, cfg: RunConfig, actors: Any):
-        self.model, self.cluster, self.actors = absolute_path(model), cfg.cluster, actors
+    def __init__(self, model: ModelConfig, cfg: RunConfig, worker: type = GeneratorWorker):
+        self.model, self.cluster = absolute_path(model), cfg.cluster
+        self.actor_cls = ray.remote(worker)
         self.backend = model.generation_backend or cfg.generation.backend
         self.groups: dict[Any, Any] = {}  # actor -> its placement group
         gpus = self.cluster.use_gpus
@@ -430,12 +558,19 @@ class GeneratorSpawner:
     def bundle(self) -> dict[str, float]:
         return {"GPU": 1, "CPU": self.cluster.cpus_per_actor}
 
+    def need(self) -> dict[str, float]:
+        """What one actor takes from the cluster (its placement group's bundles together)."""
+        if self.options.get("distributed_executor_backend") == "ray":
+            tp = self.model.tensor_parallel_size
+            return {k: v * tp for k, v in self.bundle().items()}
+        return {"CPU": self.resources["num_cpus"], "GPU": self.resources["num_gpus"]}
+
     def __call__(self) -> Any:
         resources, group = dict(self.resources), None
         if self.options.get("distributed_executor_backend") == "ray":
             group, strategy = self.placement()
             resources = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy}
-        actor = self.actors.GeneratorActor.options(max_restarts=0, **resources).remote(
+        actor = self.actor_cls.options(max_restarts=0, **resources).remote(
             self.model,
             self.backend,
             self.options,
@@ -447,7 +582,6 @@ class GeneratorSpawner:
         return actor
 
     def placement(self) -> tuple[Any, Any]:
-        import ray
         from ray.exceptions import GetTimeoutError
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -458,11 +592,11 @@ class GeneratorSpawner:
             ray.get(group.ready(), timeout=self.cluster.actor_start_timeout_s)
         except GetTimeoutError:
             remove_placement_group(group)
-            raise self.actors.ActorStartError(
+            raise ActorStartError(
                 f"{self.describe()} could not be placed within"
                 f" {self.cluster.actor_start_timeout_s:g} s (cluster.actor_start_timeout_s):"
                 f" no node has {len(bundles)} x {self.bundle()} free;"
-                f" the cluster has {self.actors.cluster_resources()}"
+                f" the cluster has {cluster_resources()}"
             ) from None
         return group, PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_capture_child_tasks=True
@@ -491,35 +625,27 @@ def absolute_path(model: ModelConfig) -> ModelConfig:
 class ScorerSpawner:
     """Starts scorer actors for one model; each loads the model once and takes many units."""
 
-    def __init__(self, model: ModelConfig, cfg: RunConfig, actors: Any):
-        import os
-
-        self.model, self.cluster, self.actors = absolute_path(model), cfg.cluster, actors
+    def __init__(self, model: ModelConfig, cfg: RunConfig, worker: type = ScorerWorker):
+        self.model, self.cluster = absolute_path(model), cfg.cluster
+        self.actor_cls = ray.remote(worker)
         device = "cuda" if self.cluster.use_gpus else "cpu"
         self.score_options = {**plan.score_args(cfg.scoring, model), "device": device}
         self.gpus = model.gpus if self.cluster.use_gpus else 0
-        env = (actors.FAULT_KILL_ENV, actors.FAULT_FAIL_ENV)
-        self.faults = {k: os.environ[k] for k in env if os.environ.get(k)}
 
     def __call__(self) -> Any:
         options = {"num_cpus": self.cluster.cpus_per_actor, "num_gpus": self.gpus}
-        return self.actors.ScorerActor.options(max_restarts=0, **options).remote(
+        return self.actor_cls.options(max_restarts=0, **options).remote(
             self.model,
             self.score_options,
             torch_threads=self.cluster.torch_threads,
-            faults=self.faults,
             provenance=driver_provenance(),
         )
 
+    def need(self) -> dict[str, float]:
+        return {"CPU": self.cluster.cpus_per_actor, "GPU": self.gpus}
+
     def describe(self) -> str:
-        need = {"CPU": self.cluster.cpus_per_actor, "GPU": self.gpus}
-        return f"the scorer actor of model {self.model.name}, needing {need},"
-
-    def release(self, actor: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        return f"the scorer actor of model {self.model.name}, needing {self.need()},"
 
 
 def driver_provenance() -> dict[str, Any]:

@@ -37,6 +37,11 @@ class StageProgress:
     def finished(self) -> int:
         return self.skipped + self.computed + self.failed_units
 
+    def add(self, total: int, *, skipped: int = 0) -> None:
+        """More units planned for this stage while it runs, `skipped` of them complete."""
+        self.total += total
+        self.skipped += skipped
+
     def computed_one(self, tokens: int = 0) -> None:
         self.computed += 1
         self.tokens += tokens

@@ -380,7 +380,7 @@ def run_router_units(
     """Run `units` on one RouterWorker actor (skipping complete ones); record failures."""
     import ray
 
-    from orchestrator.actors import dispatch
+    from orchestrator.executor import dispatch
     from orchestrator.progress import StageProgress
 
     done = complete or (lambda u, checksum: is_complete(u.path, u.config_hash, checksum=checksum))
