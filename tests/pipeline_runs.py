@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from orchestrator import config as C
 from orchestrator.__main__ import run
+from orchestrator.actors import DEFAULT_WORKERS, Workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -39,12 +40,15 @@ DONE = re.compile(
 C.register_configs()
 
 
-def run_inprocess(runs_dir: Path, run_id: str, *overrides: str) -> int:
-    """`python -m orchestrator SMALL... runs_dir=... run_id=... overrides...`, in this process."""
+def run_inprocess(
+    runs_dir: Path, run_id: str, *overrides: str, workers: Workers = DEFAULT_WORKERS
+) -> int:
+    """`python -m orchestrator SMALL... runs_dir=... run_id=... overrides...`, in this process,
+    with the actor classes `workers` (tests/fault_workers.py has misbehaving ones)."""
     args = [*SMALL, f"runs_dir={runs_dir}", f"run_id={run_id}", *overrides]
     with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
         dcfg = compose("config", overrides=args)
-    return run(dcfg, overrides=args)
+    return run(dcfg, overrides=args, workers=workers)
 
 
 def cli_command(runs_dir: Path, run_id: str, *overrides: str) -> list[str]:

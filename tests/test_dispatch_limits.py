@@ -1,6 +1,7 @@
-"""Bounded waits on a real local Ray: actors that cannot start, units that hang, and the
-placement group of an actor that dies. Ray is started here with two (declared, not real)
-GPUs so that placement groups of GPU bundles can be made on a CPU machine.
+"""Bounded waits and shared resources on a real local Ray: actors that cannot start, units
+that hang, the placement group of an actor that dies, and pools that hand GPUs to each other.
+Ray is started here with two (declared, not real) GPUs so that GPU actors and placement
+groups of GPU bundles can be made on a CPU machine.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import pytest
 import ray
 from pipeline_runs import run_cli
 
-from orchestrator import actors
 from orchestrator.config import RunConfig
+from orchestrator.errors import ActorStartError
+from orchestrator.executor import Executor, Pool, dispatch
 from orchestrator.pipeline import GeneratorSpawner
 from orchestrator.plan import Unit
 from orchestrator.progress import StageProgress
@@ -59,7 +61,7 @@ def units(tmp_path, *names):
 def test_a_hung_unit_is_timed_out_retried_then_logged(gpu_ray, tmp_path):
     spawn = ray.remote(num_cpus=1)(Worker).remote
     started = time.monotonic()
-    outcomes = actors.dispatch(
+    outcomes = dispatch(
         units(tmp_path, "ok", "hang-once", "hang"),
         spawn=spawn,
         call=lambda a, u: a.run.remote(u.key, u.task),
@@ -78,8 +80,8 @@ def test_a_hung_unit_is_timed_out_retried_then_logged(gpu_ray, tmp_path):
 
 def test_an_unschedulable_actor_fails_the_stage_naming_the_resource(gpu_ray, tmp_path):
     spawn = ray.remote(num_cpus=1, resources={"TPU": 1})(Worker).remote
-    with pytest.raises(actors.ActorStartError, match=r"needing \{'TPU': 1\}.*within 2 s"):
-        actors.dispatch(
+    with pytest.raises(ActorStartError, match=r"needing \{'TPU': 1\}.*within 2 s"):
+        dispatch(
             units(tmp_path, "ok"),
             spawn=spawn,
             call=lambda a, u: a.run.remote(u.key, u.task),
@@ -101,14 +103,9 @@ def test_the_placement_group_of_a_dead_actor_is_freed_at_once(gpu_ray, tmp_path)
         name="m", path=None, dtype="float32", tensor_parallel_size=2, generation_backend=None,
         engine=cfg.model.engine,
     )  # fmt: skip
-    fake = SimpleNamespace(
-        GeneratorActor=ray.remote(Worker),
-        ActorStartError=actors.ActorStartError,
-        cluster_resources=actors.cluster_resources,
-    )
-    spawner = GeneratorSpawner(model, cfg, fake)
+    spawner = GeneratorSpawner(model, cfg, Worker)
     assert spawner.options["distributed_executor_backend"] == "ray"
-    outcomes = actors.dispatch(
+    outcomes = dispatch(
         units(tmp_path, "die-once"),
         spawn=spawner,
         call=lambda a, u: a.run.remote(u.key, u.task),
@@ -131,3 +128,50 @@ def test_driver_exits_2_with_one_error_line_when_no_node_has_a_gpu(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'GPU': 1" in errors[0] and "within 5 s" in errors[0]
     assert not list((tmp_path / "nogpu").rglob("trajectories/**/*.done.json"))
+
+
+class Timed:
+    """Runs a unit: waits until `wait_for` exists (at most 60 s), creates `touch`, returns
+    its start and end times."""
+
+    def run(self, wait_for: str | None, touch: str | None) -> dict:
+        start = time.time()
+        while wait_for and not Path(wait_for).exists() and time.time() - start < 60:
+            time.sleep(0.02)
+        if touch:
+            Path(touch).touch()
+        return {"start": start, "end": time.time()}
+
+
+def test_a_later_pool_takes_a_gpu_as_soon_as_an_earlier_one_frees_it(gpu_ray, tmp_path):
+    """Two GPUs. Pool A (served first) has a slow and a fast unit on two one-GPU actors; pool
+    B needs a GPU too. B must wait while A holds both GPUs, and start as soon as A's fast
+    actor, left with nothing to do, is closed: while A's slow unit (which waits for B's) runs."""
+    actor = ray.remote(num_cpus=0, num_gpus=1)(Timed)
+    results: dict[str, dict] = {}
+
+    def pool(priority: tuple[int], units: dict[str, dict]) -> Pool:
+        p = Pool(
+            actor.remote,
+            lambda a, u: a.run.remote(u.args.get("wait_for"), u.args.get("touch")),
+            actors=2,
+            retries=0,
+            progress=StageProgress("t", len(units)),
+            priority=priority,
+            need={"GPU": 1},
+            on_outcome=lambda o: results.update({o.unit.key: o.result}),
+        )
+        p.add(Unit("t", key, tmp_path / key, "h", args) for key, args in units.items())
+        p.seal()
+        return p
+
+    b_ran = str(tmp_path / "b-ran")
+    executor = Executor()
+    a = executor.add(pool((0,), {"slow": {"wait_for": b_ran}, "fast": {}}))
+    b = executor.add(pool((1,), {"b": {"touch": b_ran}}))
+    executor.run()
+    assert sorted(results) == ["b", "fast", "slow"]
+    assert results["fast"]["end"] <= results["b"]["start"]  # B waited for a free GPU...
+    assert results["b"]["start"] < results["slow"]["end"]  # ...and ran beside A's slow unit
+    assert results["slow"]["end"] - results["slow"]["start"] < 50  # not by the 60 s fallback
+    assert a.closed and b.closed and not a.live and not b.live

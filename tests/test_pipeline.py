@@ -14,6 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import ray
+from fault_workers import self_killing_scorer, timed
 from pipeline_runs import (
     assert_same_tables,
     copy_run,
@@ -23,7 +24,8 @@ from pipeline_runs import (
     stage_counts,
 )
 
-from orchestrator.actors import FAULT_KILL_ENV, ActorStartError, dispatch
+from orchestrator.errors import ActorStartError
+from orchestrator.executor import dispatch
 from orchestrator.plan import Unit
 from orchestrator.progress import StageProgress
 from workers.io import discard, is_complete, read_arrow
@@ -80,15 +82,12 @@ def test_a_rerun_skips_every_complete_unit(reference, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.arrow")} == before
 
 
-def test_a_killed_scorer_actor_is_replaced_and_results_are_identical(
-    reference, tmp_path, monkeypatch, capsys
-):
+def test_a_killed_scorer_actor_is_replaced_and_results_are_identical(reference, tmp_path, capsys):
     marker = tmp_path / "scorer-was-killed"
-    monkeypatch.setenv(FAULT_KILL_ENV, str(marker))
     run_dir = copy_run(reference, tmp_path, "killed")
     for path in (run_dir / "scores/tiny").glob("layer=[23]/demo/*.arrow"):
         discard(path)  # leaves two layers' units to score: each scorer gets a second one
-    assert run_inprocess(tmp_path, "killed") == 0
+    assert run_inprocess(tmp_path, "killed", workers=self_killing_scorer(marker)) == 0
     assert marker.exists()  # a scorer process really died mid-run
     counts = stage_counts(capsys.readouterr().err)["scoring"]
     assert counts["retried"] == 1 and counts["failed"] == 0
@@ -170,3 +169,28 @@ def test_progress_reaches_wandb_offline(reference, tmp_path):
     logs = [p.read_bytes() for p in (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")]
     assert len(logs) == 1 + 3  # the driver run + one per (model, layer, dataset)
     assert sum(b"scoring/done" in log and b"generation/tokens_per_s" in log for log in logs) == 1
+
+
+def test_scoring_of_one_data_set_runs_while_another_still_generates(tmp_path):
+    """Two data sets on one generator: demo's scorers start as soon as its trajectories are
+    sharded, before demo_train's last generation unit is over (which waits, at most 120 s,
+    for some scoring to start). plan.json ends up listing every cell's units."""
+    log = tmp_path / "units.jsonl"
+    workers = timed(log, hold="demo_train")
+    args = ("sweep.datasets=[demo,demo_train]", "scoring.layers=[final]")
+    assert run_inprocess(tmp_path, "overlap", *args, workers=workers) == 0
+    units = [json.loads(line) for line in log.read_text().splitlines()]
+    def of(stage, dataset):
+        return [u for u in units if u["stage"] == stage and u["dataset"] == dataset]
+
+    held, demo_scoring = of("generation", "demo_train"), of("scoring", "demo")
+    assert len(of("generation", "demo")) == len(held) == 2 and demo_scoring
+    assert min(u["start"] for u in demo_scoring) < max(u["end"] for u in held)
+    assert max(u["end"] - u["start"] for u in held) < 100  # released by scoring, not by the clock
+    run_dir = tmp_path / "overlap"
+    planned = json.loads((run_dir / "plan.json").read_text())["scores"]
+    written = sidecars(run_dir, "scores")
+    assert sorted(u["path"].removeprefix("scores/") for u in planned) == sorted(written)
+    assert {k.split("/")[2] for k in written} == {"demo", "demo_train"}
+    by_bin = pl.read_parquet(run_dir / "tables" / "by_bin.parquet")
+    assert set(by_bin["dataset"].to_list()) == {"demo", "demo_train"}

@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+from fault_workers import failing_scorer
 from pipeline_runs import (
     assert_same_tables,
     cli_command,
@@ -24,7 +25,6 @@ from pipeline_runs import (
     stage_counts,
 )
 
-from orchestrator.actors import FAULT_FAIL_ENV
 from workers.io import discard, done_path, is_complete
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -99,12 +99,11 @@ def test_truncated_or_corrupted_files_are_detected_and_redone(reference, tmp_pat
     assert digests(run_dir) == digests(reference)
 
 
-def test_a_failing_unit_is_retried_logged_and_resumed(reference, tmp_path, monkeypatch, capsys):
+def test_a_failing_unit_is_retried_logged_and_resumed(reference, tmp_path, capsys):
     run_dir = copy_run(reference, tmp_path, "f")
     for path in (run_dir / "scores/tiny/layer=2/demo").glob("*.arrow"):
         discard(path)
-    monkeypatch.setenv(FAULT_FAIL_ENV, "layer=2/demo/00001")
-    assert run_inprocess(tmp_path, "f") == 1
+    assert run_inprocess(tmp_path, "f", workers=failing_scorer("layer=2/demo/00001")) == 1
     err = capsys.readouterr().err
     counts = stage_counts(err)["scoring"]
     assert counts["failed"] == 1 and counts["retried"] == 2  # scoring.retries = 2
@@ -116,7 +115,6 @@ def test_a_failing_unit_is_retried_logged_and_resumed(reference, tmp_path, monke
     resume = err.split("resume with:")[1].split("\n")[1].strip()
     assert resume.startswith("python -m orchestrator") and resume.endswith("run_id=f")
 
-    monkeypatch.delenv(FAULT_FAIL_ENV)
     assert run_inprocess(tmp_path, "f") == 0
     counts = stage_counts(capsys.readouterr().err)["scoring"]
     assert (counts["computed"], counts["failed"]) == (1, 0)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from fault_workers import failing_scorer
 from hydra import compose, initialize_config_dir
 from pipeline_runs import ROOT, cli_command, copy_run, run_inprocess, tables
 
 from orchestrator import config as C
 from orchestrator import plan
 from orchestrator.__main__ import resume_command
-from orchestrator.actors import FAULT_FAIL_ENV
 from orchestrator.lock import LOCK_NAME, RunLock, RunLockedError
 from orchestrator.pipeline import prepare_problems, prune
 from workers.io import check_path_name, done_path, read_arrow, write_arrow
@@ -172,11 +172,11 @@ def test_report_leaves_out_and_names_a_corrupted_score_file(reference, tmp_path)
 
 
 def test_report_after_a_failed_unit_under_a_new_seed_mixes_in_no_old_shard(
-    reference, tmp_path, capsys, monkeypatch
+    reference, tmp_path, capsys
 ):
     run_dir = copy_run(reference, tmp_path, "s1")
-    monkeypatch.setenv(FAULT_FAIL_ENV, "layer=2/demo/00001")
-    assert run_inprocess(tmp_path, "s1", "scoring.seed=1", "scoring.retries=0") == 1
+    fail = failing_scorer("layer=2/demo/00001")
+    assert run_inprocess(tmp_path, "s1", "scoring.seed=1", "scoring.retries=0", workers=fail) == 1
     err = capsys.readouterr().err
     assert "1 stale (other settings or not in the plan): tiny/layer=2/demo/00001" in err
     text = (run_dir / "report.md").read_text()
