@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from orchestrator.errors import ActorStartError, last_line
 from orchestrator.plan import Unit
@@ -66,6 +66,8 @@ def describe_error(err: BaseException) -> str:
         return f"{type(cause).__name__}: {last_line(cause)}"
     if isinstance(err, RayActorError):
         return f"actor died: {last_line(err)}"
+    if isinstance(err, RayError):  # e.g. OutOfMemoryError: its first line says what happened
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
     return f"{type(err).__name__}: {last_line(err)}"
 
 
@@ -213,6 +215,10 @@ class Executor:
             ray.get(ref)
         except RayActorError as err:
             raise ActorStartError(f"{pool.describe()} failed to start: {last_line(err)}") from None
+        except RayError as err:  # e.g. the node ran out of memory and killed it while loading
+            raise ActorStartError(
+                f"{pool.describe()} failed to start: {describe_error(err)}"
+            ) from None
         pool.idle.append(actor)
 
     def finished(self, ref: Any) -> None:
@@ -227,6 +233,9 @@ class Executor:
             self.failed(pool, unit, attempt, describe_error(err))
         except RayTaskError as err:
             pool.idle.append(actor)
+            self.failed(pool, unit, attempt, describe_error(err))
+        except RayError as err:  # e.g. OutOfMemoryError: the node killed the worker mid-unit
+            self.drop(pool, actor)
             self.failed(pool, unit, attempt, describe_error(err))
         else:
             pool.progress.computed_one(int(result.get("tokens", 0)))

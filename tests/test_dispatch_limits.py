@@ -175,3 +175,15 @@ def test_a_later_pool_takes_a_gpu_as_soon_as_an_earlier_one_frees_it(gpu_ray, tm
     assert results["b"]["start"] < results["slow"]["end"]  # ...and ran beside A's slow unit
     assert results["slow"]["end"] - results["slow"]["start"] < 50  # not by the 60 s fallback
     assert a.closed and b.closed and not a.live and not b.live
+
+
+def test_a_worker_killed_for_memory_is_described_by_its_first_line():
+    from ray.exceptions import OutOfMemoryError
+
+    from orchestrator.executor import describe_error
+
+    err = OutOfMemoryError("2 worker(s) were killed due to the node running low on memory.\n"
+                           "Top 10 memory users: ...\nSet max_restarts to retry")  # fmt: skip
+    assert describe_error(err) == (
+        "OutOfMemoryError: 2 worker(s) were killed due to the node running low on memory."
+    )
