@@ -34,7 +34,6 @@ from orchestrator.config import (
 from orchestrator.errors import PipelineError
 from orchestrator.estimate import check_memory
 from orchestrator.lock import RunLock, RunLockedError
-from orchestrator.pipeline import prepare_problems, run_stages
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.provenance import check_resume, run_record
 from orchestrator.wandb_run import SECRET_KEY
@@ -96,6 +95,8 @@ def run_locked(
     workers: Workers = DEFAULT_WORKERS,
 ) -> int:
     """Steps 4-9 of `run`, under the run's lease."""
+    from orchestrator.pipeline import prepare_problems, run_stages  # Ray: not for a dry run
+
     try:
         # 4. A resumed run made by other code says so (or refuses: another scorer).
         changed = check_resume(run_dir, resolved["provenance"], cfg.allow_scorer_change)
