@@ -153,7 +153,7 @@ def test_a_later_pool_takes_a_gpu_as_soon_as_an_earlier_one_frees_it(gpu_ray, tm
     def pool(priority: tuple[int], units: dict[str, dict]) -> Pool:
         p = Pool(
             actor.remote,
-            lambda a, u: a.run.remote(u.args.get("wait_for"), u.args.get("touch")),
+            lambda a, u: a.run.remote(u.task.get("wait_for"), u.task.get("touch")),
             actors=2,
             retries=0,
             progress=StageProgress("t", len(units)),
@@ -161,7 +161,7 @@ def test_a_later_pool_takes_a_gpu_as_soon_as_an_earlier_one_frees_it(gpu_ray, tm
             need={"GPU": 1},
             on_outcome=lambda o: results.update({o.unit.key: o.result}),
         )
-        p.add(Unit("t", key, tmp_path / key, "h", args) for key, args in units.items())
+        p.add(Unit("t", key, tmp_path / key, "h", task) for key, task in units.items())
         p.seal()
         return p
 
