@@ -94,6 +94,13 @@ def prepare_datasets(run_dir: Path, datasets: list[Any]) -> dict[str, tuple[int,
                 raise PipelineError(f"dataset {dataset.name}: {last_line(err)}") from err
             if table.num_rows == 0:
                 raise PipelineError(f"dataset {dataset.name} has no problems (limit/options)")
+            # The configured name, not the loader's: two data sets of one loader (demo and
+            # demo_train, a local copy beside the hub's) stay apart in every table downstream.
+            table = table.set_column(
+                table.schema.get_field_index("dataset"),
+                "dataset",
+                pa.array([dataset.name] * table.num_rows, pa.string()),
+            )
             try:
                 write_arrow(table, path, config_hash=want)
             except OSError as err:  # a full disk or quota: write_arrow left nothing complete

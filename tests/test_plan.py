@@ -321,3 +321,22 @@ def test_retrained_weights_of_the_same_size_change_every_unit_hash(tmp_path):
     after = score_units(make(f"model.path={model_dir}"))
     assert sorted(after) == sorted(before) and not set(after.values()) & set(before.values())
     assert not set(before_gen) & {u.config_hash for u in gen_units(make(f"model.path={model_dir}"))}
+
+
+def test_problems_carry_the_configured_data_set_name_not_the_loaders(tmp_path):
+    """Two data sets of one loader (the router update's demo_train beside demo) must not merge
+    into one `dataset` in the tables: the problems file names the configured data set."""
+    from orchestrator.pipeline import prepare_datasets
+    from workers.io import read_arrow
+
+    small = {"n": 3, "difficulty": 1}
+    datasets = [
+        C.DatasetConfig(name="demo", loader="demo", verifier="exact", options=small),
+        C.DatasetConfig(
+            name="demo_train", loader="demo", verifier="exact", options={**small, "split": "train"}
+        ),
+    ]
+    prepare_datasets(tmp_path, datasets)
+    for d in datasets:
+        table = read_arrow(plan.problems_path(tmp_path, d))
+        assert set(table.column("dataset").to_pylist()) == {d.name}
