@@ -313,20 +313,7 @@ def generator_pool(
 ) -> Pool:
     """A pool of up to `cluster.generators` generator actors of `model`."""
     spawn = GeneratorSpawner(model, cfg, worker)
-    return Pool(
-        spawn,
-        generate,
-        cfg.cluster.generators,
-        cfg.scoring.retries,
-        progress,
-        need=spawn.need(),
-        start_timeout_s=cfg.cluster.actor_start_timeout_s,
-        unit_timeout_s=cfg.cluster.unit_timeout_s,
-        release=spawn.release,
-        on_close=spawn.close,
-        describe=spawn.describe,
-        **options,
-    )
+    return _pool(spawn, generate, cfg.cluster.generators, cfg, progress, **options)
 
 
 def scorer_pool(
@@ -334,15 +321,23 @@ def scorer_pool(
 ) -> Pool:
     """A pool of up to `cluster.scorers` scorer actors of `model`, each loading it once."""
     spawn = ScorerSpawner(model, cfg, worker)
+    return _pool(spawn, score, cfg.cluster.scorers, cfg, progress, **options)
+
+
+def _pool(spawn, call, actors: int, cfg: RunConfig, progress: StageProgress, **options) -> Pool:
+    """A Pool of `spawn`'s actors under the run's retries and deadlines; a spawner that holds
+    placement groups frees them (`release`, `close`)."""
     return Pool(
         spawn,
-        score,
-        cfg.cluster.scorers,
+        call,
+        actors,
         cfg.scoring.retries,
         progress,
         need=spawn.need(),
         start_timeout_s=cfg.cluster.actor_start_timeout_s,
         unit_timeout_s=cfg.cluster.unit_timeout_s,
+        release=getattr(spawn, "release", None),
+        on_close=getattr(spawn, "close", None),
         describe=spawn.describe,
         **options,
     )
