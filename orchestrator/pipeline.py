@@ -190,7 +190,7 @@ class CellStages:
                 generator_pool(
                     model,
                     cfg,
-                    workers.generator,
+                    workers,
                     self.gen_progress,
                     priority=(i, 0),
                     on_outcome=self.generated,
@@ -202,7 +202,7 @@ class CellStages:
                 scorer_pool(
                     model,
                     cfg,
-                    workers.scorer,
+                    workers,
                     self.score_progress,
                     priority=(i, 1),
                     on_outcome=self.scored,
@@ -309,18 +309,18 @@ def score(actor: Any, unit: plan.Unit) -> Any:
 
 
 def generator_pool(
-    model: ModelConfig, cfg: RunConfig, worker: type, progress: StageProgress, **options: Any
+    model: ModelConfig, cfg: RunConfig, workers: Workers, progress: StageProgress, **options: Any
 ) -> Pool:
     """A pool of up to `cluster.generators` generator actors of `model`."""
-    spawn = GeneratorSpawner(model, cfg, worker)
+    spawn = GeneratorSpawner(model, cfg, workers.generator)
     return _pool(spawn, generate, cfg.cluster.generators, cfg, progress, **options)
 
 
 def scorer_pool(
-    model: ModelConfig, cfg: RunConfig, worker: type, progress: StageProgress, **options: Any
+    model: ModelConfig, cfg: RunConfig, workers: Workers, progress: StageProgress, **options: Any
 ) -> Pool:
     """A pool of up to `cluster.scorers` scorer actors of `model`, each loading it once."""
-    spawn = ScorerSpawner(model, cfg, worker)
+    spawn = ScorerSpawner(model, cfg, workers.scorer)
     return _pool(spawn, score, cfg.cluster.scorers, cfg, progress, **options)
 
 
@@ -343,57 +343,19 @@ def _pool(spawn, call, actors: int, cfg: RunConfig, progress: StageProgress, **o
     )
 
 
-def run_generation(
-    stage: str,
-    units: dict[plan.Cell, list[plan.Unit]],
-    cfg: RunConfig,
-    summary: RunSummary,
-    sink: Sink | None,
-    workers: Workers = DEFAULT_WORKERS,
-) -> dict[str, Any]:
-    """`run_units` on generator pools."""
-    return run_units(
-        stage,
-        units,
-        lambda model, progress, **kw: generator_pool(model, cfg, workers.generator, progress, **kw),
-        checksum=cfg.verify_checksums,
-        summary=summary,
-        sink=sink,
-    )
-
-
-def run_scoring(
-    stage: str,
-    units: dict[plan.Cell, list[plan.Unit]],
-    cfg: RunConfig,
-    summary: RunSummary,
-    sink: Sink | None,
-    workers: Workers = DEFAULT_WORKERS,
-) -> dict[str, Any]:
-    """`run_units` on scorer pools."""
-    return run_units(
-        stage,
-        units,
-        lambda model, progress, **kw: scorer_pool(model, cfg, workers.scorer, progress, **kw),
-        checksum=cfg.verify_checksums,
-        summary=summary,
-        sink=sink,
-    )
-
-
 def run_units(
     stage: str,
     units_by_cell: dict[plan.Cell, list[plan.Unit]],
+    cfg: RunConfig,
     make_pool: Callable[..., Pool],
-    *,
-    checksum: bool,
     summary: RunSummary,
     sink: Sink | None,
+    workers: Workers = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
     """Run a stage's incomplete units, all known up front, on one executor with a pool per
-    model (`make_pool(model, progress, priority=..., on_outcome=...)`, served in model
-    order); record failures; return the stage's final progress metrics."""
-    todo = incomplete(units_by_cell, checksum)
+    model (`make_pool`: generator_pool or scorer_pool, served in model order); record
+    failures; return the stage's final progress metrics."""
+    todo = incomplete(units_by_cell, cfg.verify_checksums)
     total = sum(map(len, units_by_cell.values()))
     progress = StageProgress(stage, total, skipped=total - sum(map(len, todo.values())), sink=sink)
     executor = Executor()
@@ -404,6 +366,8 @@ def run_units(
             pool = executor.add(
                 make_pool(
                     model,
+                    cfg,
+                    workers,
                     progress,
                     priority=(i,),
                     on_outcome=lambda o: None if o.ok else record_failures(summary, [o]),
@@ -552,7 +516,7 @@ class GeneratorSpawner:
             self.options["distributed_executor_backend"] = "ray"
 
     def describe(self) -> str:
-        need = {"CPU": self.resources["num_cpus"], "GPU": self.resources["num_gpus"]}
+        need: dict[str, Any] = dict(self.need())
         if self.options.get("distributed_executor_backend") == "ray":
             need = {"bundles": f"{self.model.tensor_parallel_size} x {self.bundle()}"}
         return f"the {self.backend} generator actor of model {self.model.name}, needing {need},"

@@ -42,10 +42,11 @@ from orchestrator.pipeline import (
     PipelineError,
     RunSummary,
     Sink,
+    generator_pool,
     prepare_datasets,
     record_failures,
-    run_generation,
-    run_scoring,
+    run_units,
+    scorer_pool,
     write_shards,
 )
 from orchestrator.tasks import GenerationTask, PreferenceTask, TrainTask
@@ -234,7 +235,9 @@ def run_router_update(
         updated = updated_model(run_dir, model)
         # 4. Evaluation: original and updated, same backend and sampling.
         evals = eval_units(cfg, run_dir, model, updated, problems)
-        summary.stages["router_eval"] = run_generation("router_eval", evals, cfg, summary, sink)
+        summary.stages["router_eval"] = run_units(
+            "router_eval", evals, cfg, generator_pool, summary, sink
+        )
         # 5. Rescoring of the training shards with the updated model.
         rescore = {
             plan.Cell(updated, d, {ru.layer: layer}): [
@@ -252,8 +255,8 @@ def run_router_update(
             ]
             for d in datasets(ru.train_datasets, ru.problems_limit)
         }
-        summary.stages["router_rescore"] = run_scoring(
-            "router_rescore", rescore, cfg, summary, sink
+        summary.stages["router_rescore"] = run_units(
+            "router_rescore", rescore, cfg, scorer_pool, summary, sink
         )
         if len(summary.failures) > failures_before:
             continue
@@ -304,8 +307,8 @@ def training_scores(cfg, run_dir, model, layer, problems, summary, sink):
         )
         for c in cells
     }
-    summary.stages["router_data_generation"] = run_generation(
-        "router_data_generation", gen, cfg, summary, sink
+    summary.stages["router_data_generation"] = run_units(
+        "router_data_generation", gen, cfg, generator_pool, summary, sink
     )
     if any(
         not is_complete(u.path, u.config_hash, checksum=False) for us in gen.values() for u in us
@@ -318,8 +321,8 @@ def training_scores(cfg, run_dir, model, layer, problems, summary, sink):
             f"{model.name}: no verified trajectories in {ru.train_datasets} to train the router on"
         )
     units = {c: plan.scoring_units(run_dir, c, cfg.scoring, shards[c]) for c in cells}
-    summary.stages["router_data_scoring"] = run_scoring(
-        "router_data_scoring", units, cfg, summary, sink
+    summary.stages["router_data_scoring"] = run_units(
+        "router_data_scoring", units, cfg, scorer_pool, summary, sink
     )
     if any(
         not is_complete(u.path, u.config_hash, checksum=False) for us in units.values() for u in us
