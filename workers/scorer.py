@@ -55,11 +55,8 @@ def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
     keys/values and one micro-batch free."""
     from workers.models import load_causal_lm
 
-    path = Path(model_path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
     return load_causal_lm(
-        path,
+        model_path,
         dtype=config.torch_dtype,
         device=config.device,
         reserve_bytes=config.memory_budget_mb * 2**20 + SPREAD_RESERVE_BYTES,
@@ -132,15 +129,6 @@ class Scorer:
         refusal = flex_refusal(self.model, config)
         if refusal:
             raise ValueError(refusal)
-        if config.compile and config.device.startswith("cuda") and config.dtype != "bfloat16":
-            # transformers' grouped_mm experts fall back, under torch.compile and below bf16,
-            # to a loop that reads group sizes on the host: a sync that CUDA graph capture
-            # forbids. batched_mm has none (it gathers each pair's expert weights: memory-heavy,
-            # fine for float32, which is for tiny models and exactness checks).
-            for module in self.model.modules():
-                cfg = getattr(module, "config", None)
-                if getattr(cfg, "_experts_implementation", None) == "grouped_mm":
-                    cfg._experts_implementation = "batched_mm"
 
     def resolve_layer(self, spec: int | str) -> int:
         """An MoE layer index from an index or "early" | "middle" | "final"."""
