@@ -111,6 +111,36 @@ def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[st
     return [(p, int(s)) for p, s in counts.select("problem_id", "sample_idx").rows()]
 
 
+def _why_unscored(
+    run_dir: Path, model: str, wanted: list[tuple[str, int]], score_paths: list[Path]
+) -> str:
+    """Why the wanted trajectories have no scored tokens: not generated, or generated and not
+    scored (with its verification result), and which samples of their problems were scored."""
+    runs = _trajectories(run_dir, model, wanted)
+    found = {(r["problem_id"], r["sample_idx"]): r for r in runs.iter_rows(named=True)}
+    parts = []
+    for problem, sample in wanted:
+        row = found.get((problem, sample))
+        if row is None:
+            parts.append(f"{problem}/{sample} is not among the run's generated trajectories")
+            continue
+        verdict = "verified" if row.get("verified") else f"not verified ({row.get('verify_reason')})"
+        parts.append(f"{problem}/{sample} was generated ({verdict}) but not scored")
+        scored = (
+            pl.scan_ipc([str(p) for p in score_paths])
+            .filter(pl.col("problem_id") == problem)
+            .select(pl.col("sample_idx").unique().sort())
+            .collect()["sample_idx"]
+            .to_list()
+        )
+        parts.append(
+            f"scored samples of {problem}: {', '.join(map(str, scored))}"
+            if scored
+            else f"no sample of {problem} was scored"
+        )
+    return ": " + "; ".join(parts) if parts else ""
+
+
 def _trajectories(run_dir: Path, model: str, wanted: list[tuple[str, int]]) -> pl.DataFrame:
     paths = [
         p
@@ -161,7 +191,8 @@ def token_table(
     )
     if scores.is_empty():
         raise FileNotFoundError(
-            f"no scored tokens of {', '.join(f'{p}/{s}' for p, s in trajectories)} at {model} layer {layer}"
+            f"no scored tokens of {', '.join(f'{p}/{s}' for p, s in trajectories)} at {model}"
+            f" layer {layer}{_why_unscored(run_dir, model, trajectories, paths)}"
         )
     runs = _trajectories(run_dir, model, trajectories)
     if runs.is_empty():

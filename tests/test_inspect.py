@@ -163,6 +163,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(run, capsys):
     assert not (root / "inspect").exists()
 
 
+def test_a_trajectory_generated_but_not_scored_is_told_apart_from_a_missing_one(run, capsys):
+    """The demo scores verified samples only: asking for an unverified one names its verdict
+    and the samples of that problem that were scored."""
+    root, _ = run
+    generated = root / "trajectories" / "tiny" / "demo" / "generated"
+    extra = pl.read_ipc(generated / "00000.arrow").filter(pl.col("problem_id") == "p-a")
+    extra = extra.with_columns(
+        sample_idx=pl.lit(1, pl.Int32), verified=pl.lit(False), verify_reason=pl.lit("wrong answer")
+    )
+    write_arrow(extra.to_arrow().cast(TRAJECTORIES_SCHEMA), generated / "00001.arrow",
+                config_hash="t")  # fmt: skip
+    argv = [str(root), "--model", "tiny", "--layer", "3", "--problem", "p-a", "--sample", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "p-a/1 was generated (not verified (wrong answer)) but not scored" in err
+    assert "scored samples of p-a: 0" in err
+    assert main([*argv[:-3], "p-z", "--sample", "0"]) == 2
+    assert "p-z/0 is not among the run's generated trajectories" in capsys.readouterr().err
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
