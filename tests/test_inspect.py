@@ -182,7 +182,7 @@ def test_page_renders_in_headless_chromium(run, tokenizer, tmp_path, capsys):
     # --layer final resolves through the run's config; the top fragile trajectory is p-a.
     assert main([str(root), "--model", "tiny", "--layer", "final", "--top-fragile", "1"]) == 0
     page = Path(capsys.readouterr().out.strip())
-    assert page == root / "inspect" / "tiny-L3-top1-fragile.html"
+    assert page == root / "inspect" / "tiny" / "L3-top1-fragile.html"
     text = page.read_text()
     assert "http://" not in text and "https://" not in text and "<link" not in text
     position = len(prompt_ids) - 1 + 7  # the second fragile token, named in the URL
