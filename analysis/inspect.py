@@ -107,7 +107,7 @@ def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[st
     u_sum = pl.col("std_prob").cast(pl.Float64) + pl.col("alt_probs").list.sum()
     pbar = (u_sum / (pl.col("alt_probs").list.len() + 1)).cast(pl.Float32)
     counts = (
-        pl.scan_ipc([str(p) for p in paths])
+        pl.scan_ipc([str(p) for p in paths], glob=False)
         .group_by("problem_id", "sample_idx")
         .agg((pbar < pl.lit(cfg.fragile, dtype=pl.Float32)).sum().alias("fragile"), pl.len())
         .sort(["fragile", "len", "problem_id", "sample_idx"], descending=[True, True, False, False])
@@ -129,7 +129,7 @@ def _trajectories(run_dir: Path, model: str, wanted: list[tuple[str, int]]) -> p
         wanted, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
     )
     return (
-        pl.scan_ipc([str(p) for p in paths])
+        pl.scan_ipc([str(p) for p in paths], glob=False)
         .join(keys.lazy(), on=["problem_id", "sample_idx"])
         .unique(["problem_id", "sample_idx"], keep="first", maintain_order=True)
         .collect()
@@ -160,7 +160,7 @@ def token_table(
         trajectories, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
     )
     scores = (
-        pl.scan_ipc([str(p) for p in paths])
+        pl.scan_ipc([str(p) for p in paths], glob=False)
         .join(keys.lazy(), on=["problem_id", "sample_idx"])
         .sort("problem_id", "sample_idx", "position")
         .collect()
