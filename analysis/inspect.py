@@ -9,8 +9,11 @@ own tokenizer, pbar and its bin, u(S), the standard route and its router score s
 S, Spearman rho, the best alternatives (route, u, s; best first) and the win flags;
 `write_page(...)` turns it into one self-contained HTML file (inline CSS, JS and data: no
 server, no network) that shows each trajectory's decoded text with every completion token
-shaded by pbar, and on hover or click that token's details. `--layer` takes an index or a
-layer name of the run (early/middle/final). `--top-fragile N` picks the N trajectories with
+shaded by pbar, and on hover or click that token's details. Every string from the run's files
+(ids, answers, names, token text) is shown as text and never runs (see PAGE); the default
+page is `<run>/inspect/<model>/L<layer>-<problem>-s<sample>.html` (or
+`L<layer>-top<N>-fragile.html`), the model and problem id percent-encoded (`encode_name`).
+`--layer` takes an index or a layer name of the run (early/middle/final). `--top-fragile N` picks the N trajectories with
 the most fragile tokens at that layer (ties: more tokens, then problem id). Bad input: one
 `error:` line on stderr, exit 2, no page written.
 
@@ -264,7 +267,7 @@ def wandb_tables(
     return out
 
 
-# The page is three constant parts (STYLE, SCRIPT, PAGE) and four values filled in one pass
+# The page is three constant parts (STYLE, SCRIPT, PAGE) and three values filled in one pass
 # (`fill`): a value is never scanned again, so one that holds "__DATA__" stays text. Data
 # reaches the page only as the JSON of a non-executed <script type="application/json">
 # element (`script_json`: no "<", ">", "&" or non-ASCII character in it, so no string can
@@ -468,20 +471,23 @@ NAME_BYTES = 180
 def encode_name(value: str, keep: str = "_.=") -> str:
     """`value` as a safe file name component (see above); reversible with `decode_name`
     unless it was shortened."""
-    unsafe = re.compile(f"[^A-Za-z0-9{re.escape(keep)}]")
-
-    def pct(m: re.Match) -> str:
-        return "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass"))
-
-    encoded = unsafe.sub(pct, value)
-    if encoded.startswith("."):
-        encoded = "%2E" + encoded[1:]
-    if len(encoded) > NAME_BYTES:
-        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        head = encoded[: NAME_BYTES - 17]
-        head = head[: len(head) - 2] if "%" in head[-2:] else head  # no cut escape
-        encoded = f"{head}~{digest}"
-    return encoded
+    safe = re.compile(f"[A-Za-z0-9{re.escape(keep)}]")
+    parts = [
+        c if safe.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in value
+    ]
+    if parts[:1] == ["."]:
+        parts[0] = "%2E"
+    if sum(map(len, parts)) <= NAME_BYTES:
+        return "".join(parts)
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head, size = [], 0
+    for part in parts:  # whole characters only, so the head still decodes
+        if size + len(part) > NAME_BYTES - len(digest) - 1:
+            break
+        head.append(part)
+        size += len(part)
+    return "".join(head) + "~" + digest
 
 
 def decode_name(name: str) -> str:
@@ -490,7 +496,13 @@ def decode_name(name: str) -> str:
 
 
 def page_path(
-    run_dir: Path, model: str, layer: int, problem: str | None, sample: int = 0, top: int = 0
+    run_dir: Path,
+    model: str,
+    layer: int,
+    *,
+    problem: str | None = None,
+    sample: int = 0,
+    top: int = 0,
 ) -> Path:
     """runs/<id>/inspect/<model>/L<layer>-<problem>-s<sample>.html (or
     L<layer>-top<N>-fragile.html), names encoded by `encode_name`. The resolved path is
@@ -592,7 +604,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         label = layer_labels(run_config).get((args.model, layer), f"L{layer}")
         out = args.out or page_path(
-            args.run_dir, args.model, layer, args.problem, args.sample, args.top_fragile or 0
+            args.run_dir,
+            args.model,
+            layer,
+            problem=args.problem,
+            sample=args.sample,
+            top=args.top_fragile or 0,
         )
         write_page(
             out,
@@ -605,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             cfg=cfg,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # OSError: FileNotFoundError, or the page's write
         # A problem id or file name in the message may hold line breaks or terminal escapes.
         print(f"error: {_CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(err))}", file=sys.stderr)
         return 2
