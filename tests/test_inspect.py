@@ -172,13 +172,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(run, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _chromium(tmp_path: Path, *args: str) -> str:
+def _chromium(tmp_path: Path, *args: str) -> tuple[str, str]:
+    """(what headless Chromium printed, e.g. the DOM after the page's scripts ran; the
+    console's messages, with any uncaught error and any policy refusal)."""
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", *args,
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+        *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    done = subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    console = [ln for ln in done.stderr.decode(errors="replace").splitlines() if "CONSOLE" in ln]
+    return done.stdout.decode("utf-8"), "\n".join(console)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -192,7 +197,8 @@ def test_page_renders_in_headless_chromium(run, tokenizer, tmp_path, capsys):
     text = page.read_text()
     assert "http://" not in text and "https://" not in text and "<link" not in text
     position = len(prompt_ids) - 1 + 7  # the second fragile token, named in the URL
-    dom = _chromium(tmp_path, "--dump-dom", f"{page.as_uri()}#t={position}")
+    dom, console = _chromium(tmp_path, "--dump-dom", f"{page.as_uri()}#t={position}")
+    assert "Uncaught" not in console and "Content Security Policy" not in console
     # The spans are made by the page's script: their presence proves it ran.
     spans = re.findall(r'<span class="tok bin-(\w+)( sel)?"[^>]*data-position="(\d+)"', dom)
     assert len(spans) == scored
@@ -355,19 +361,6 @@ class _PageText(HTMLParser):
             self.sections[-1][part] += data
 
 
-def _chromium_console(tmp_path: Path, url: str) -> tuple[str, str]:
-    """(DOM after the page's scripts ran, the console's messages)."""
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
-        "--dump-dom", url,
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, timeout=120, check=True)
-    console = [ln for ln in done.stderr.decode(errors="replace").splitlines() if "CONSOLE" in ln]
-    return done.stdout.decode("utf-8"), "\n".join(console)
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_hostile_strings_render_as_text_and_never_run(
     hostile_run, hostile_tokenizer, tmp_path, capsys
@@ -378,7 +371,7 @@ def test_hostile_strings_render_as_text_and_never_run(
     assert main(argv) == 0
     page = Path(capsys.readouterr().out.strip())
     assert page.resolve().parent.parent == (root / "inspect").resolve()
-    dom, console = _chromium_console(tmp_path, page.as_uri())
+    dom, console = _chromium(tmp_path, "--dump-dom", page.as_uri())
     # Nothing from data ran, nor tried to (the page's policy would log a refusal).
     assert "XSS" not in console and "Uncaught" not in console
     assert "Content Security Policy" not in console and "Refused" not in console
@@ -394,11 +387,14 @@ def test_hostile_strings_render_as_text_and_never_run(
     shown = {s["h2"]: s for s in seen.sections}
     for (pid, sample), ids in ids_of.items():
         section = shown[f"{pid} / sample {sample}"]
+        i, n = HOSTILE.index(pid), len(HOSTILE)
         text = "".join(decode_pieces(tok, ids))
+        assert text == f"Q {pid} ? A {HOSTILE[(i + 5) % n]}"
         assert section["text"].replace("\u200b", "") == text
         assert section["tokens"] == len(ids) - prompt_len[(pid, sample)]
-        dataset = HOSTILE[(HOSTILE.index(pid) + 3) % len(HOSTILE)]
-        assert section["meta"].startswith(dataset + " · verified: ")
+        assert section["meta"].startswith(HOSTILE[(i + 3) % n] + " · verified: ")
+        answer, gold = (json.dumps(HOSTILE[(i + k) % n], ensure_ascii=False) for k in (1, 2))
+        assert f" · answer {answer} (gold {gold}) · " in section["meta"]
     assert sum(s["tokens"] for s in seen.sections) == sum(
         len(ids) - prompt_len[k] for k, ids in ids_of.items()
     )
