@@ -304,7 +304,8 @@ SCRIPT = """
 "use strict";
 const DATA = JSON.parse(document.getElementById("data").textContent);
 const fmt = (x, d) => (x === null || x === undefined) ? "–" : Number(x).toFixed(d);
-function shade(p) {  // pbar 1 -> white, 0.5 -> amber, 0 -> red
+function shade(p) {  // pbar 1 -> white, 0.5 -> amber, 0 -> red; none (not finite) -> grey
+  if (p === null) return "#ccc";
   const t = Math.max(0, Math.min(1, p));
   const h = 10 + 40 * t, l = 62 + 38 * t * t;
   return "hsl(" + h + ",90%," + Math.min(l, 100) + "%)";
@@ -388,7 +389,7 @@ function render() {
   if (!spans.length) return;
   const want = Number(new URLSearchParams(location.hash.slice(1)).get("t") ?? NaN);
   const pick = spans.find(([t]) => t.position === want)
-    || spans.reduce((a, b) => (b[0].pbar < a[0].pbar ? b : a));
+    || spans.reduce((a, b) => ((b[0].pbar ?? 2) < (a[0].pbar ?? 2) ? b : a));
   show(pick[0], pick[1]);
 }
 render();

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import subprocess
@@ -24,8 +25,10 @@ from analysis.inspect import (
     decode_name,
     decode_pieces,
     encode_name,
+    fill,
     load_tokenizer,
     main,
+    script_json,
     token_table,
     wandb_tables,
 )
@@ -305,6 +308,8 @@ def hostile_run(tmp_path, hostile_tokenizer):
             traj[key].append(value)
         for t in range(len(prompt) - 1, len(ids) - 1):
             u = [0.2, 0.3, 0.1, 0.25] if t % 3 == 0 else [0.97, 0.97, 0.99, 0.96]
+            if t == len(prompt) and i < 2:  # numbers a broken file may hold: no JSON for them
+                u = [math.nan, 0.3, math.inf, 0.25]
             row = dict(
                 problem_id=pid, sample_idx=sample, position=t, target_id=ids[t + 1],
                 std_route=[1, 2], std_prob=u[0], alt_routes=[[3, 4], [5, 6], [7, 8]],
@@ -420,6 +425,15 @@ def test_page_names_stay_in_the_run_and_give_back_the_id(hostile_run, tmp_path, 
     new = [p for p in tmp_path.rglob("*") if p.is_file() and p not in before]
     assert len(new) == len(ids_of) and all(p.is_relative_to(root / "inspect") for p in new)
     assert [p for p, t in before.items() if not p.exists() or p.stat().st_mtime_ns != t] == []
+
+
+def test_page_data_is_inert_json_for_any_string():
+    data = {"s": HOSTILE, "n": [math.nan, math.inf, -math.inf, 0.5], "k": {"<a>": "&"}}
+    blob = script_json(data)
+    assert not set(blob) & set("<>&\u2028\u2029") and blob.isascii()
+    assert json.loads(blob) == {"s": HOSTILE, "n": [None, None, None, 0.5], "k": {"<a>": "&"}}
+    # The template's slots are filled once: a value naming a slot stays text.
+    assert fill("__A__|__B__", {"A": "__B__", "B": "x"}) == "__B__|x"
 
 
 def test_page_names_are_reversible_and_distinct():
