@@ -9,8 +9,11 @@ own tokenizer, pbar and its bin, u(S), the standard route and its router score s
 S, Spearman rho, the best alternatives (route, u, s; best first) and the win flags;
 `write_page(...)` turns it into one self-contained HTML file (inline CSS, JS and data: no
 server, no network) that shows each trajectory's decoded text with every completion token
-shaded by pbar, and on hover or click that token's details. `--layer` takes an index or a
-layer name of the run (early/middle/final). `--top-fragile N` picks the N trajectories with
+shaded by pbar, and on hover or click that token's details. Every string from the run's files
+(ids, answers, names, token text) is shown as text and never runs (see PAGE); the default
+page is `<run>/inspect/<model>/L<layer>-<problem>-s<sample>.html` (or
+`L<layer>-top<N>-fragile.html`), the model and problem id percent-encoded (`encode_name`).
+`--layer` takes an index or a layer name of the run (early/middle/final). `--top-fragile N` picks the N trajectories with
 the most fragile tokens at that layer (ties: more tokens, then problem id). Bad input: one
 `error:` line on stderr, exit 2, no page written.
 
@@ -23,12 +26,18 @@ tokenizer.json alone: no model weights, no transformers.
 from __future__ import annotations
 
 import argparse
+import base64
+import glob
+import hashlib
 import html
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import polars as pl
 
@@ -101,7 +110,7 @@ def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[st
     u_sum = pl.col("std_prob").cast(pl.Float64) + pl.col("alt_probs").list.sum()
     pbar = (u_sum / (pl.col("alt_probs").list.len() + 1)).cast(pl.Float32)
     counts = (
-        pl.scan_ipc([str(p) for p in paths])
+        pl.scan_ipc([str(p) for p in paths], glob=False)
         .group_by("problem_id", "sample_idx")
         .agg((pbar < pl.lit(cfg.fragile, dtype=pl.Float32)).sum().alias("fragile"), pl.len())
         .sort(["fragile", "len", "problem_id", "sample_idx"], descending=[True, True, False, False])
@@ -144,7 +153,7 @@ def _why_unscored(
 def _trajectories(run_dir: Path, model: str, wanted: list[tuple[str, int]]) -> pl.DataFrame:
     paths = [
         p
-        for p in sorted(run_dir.glob(TRAJECTORIES_GLOB.format(model=model)))
+        for p in sorted(run_dir.glob(TRAJECTORIES_GLOB.format(model=glob.escape(model))))
         if read_sidecar(p) is not None
     ]
     if not paths:
@@ -153,7 +162,7 @@ def _trajectories(run_dir: Path, model: str, wanted: list[tuple[str, int]]) -> p
         wanted, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
     )
     return (
-        pl.scan_ipc([str(p) for p in paths])
+        pl.scan_ipc([str(p) for p in paths], glob=False)
         .join(keys.lazy(), on=["problem_id", "sample_idx"])
         .unique(["problem_id", "sample_idx"], keep="first", maintain_order=True)
         .collect()
@@ -184,7 +193,7 @@ def token_table(
         trajectories, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
     )
     scores = (
-        pl.scan_ipc([str(p) for p in paths])
+        pl.scan_ipc([str(p) for p in paths], glob=False)
         .join(keys.lazy(), on=["problem_id", "sample_idx"])
         .sort("problem_id", "sample_idx", "position")
         .collect()
@@ -289,10 +298,17 @@ def wandb_tables(
     return out
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>__TITLE__</title>
-<style>
+# The page is three constant parts (STYLE, SCRIPT, PAGE) and three values filled in one pass
+# (`fill`): a value is never scanned again, so one that holds "__DATA__" stays text. Data
+# reaches the page only as the JSON of a non-executed <script type="application/json">
+# element (`script_json`: no "<", ">", "&" or non-ASCII character in it, so no string can
+# end the element or switch the HTML parser's script states, and U+2028/U+2029 are escaped),
+# which the script reads with JSON.parse and shows with textContent only. Titles are
+# html.escape'd text. The Content-Security-Policy allows only this script and style (by
+# hash), so markup that did slip into the page could neither run nor load anything.
+_GRADIENT = ", ".join(f"hsl({10 + 40 * t},90%,{min(62 + 38 * t * t, 100)}%)" for t in (0, 0.5, 1))
+STYLE = (
+    """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;display:flex;height:100vh}
 #main{flex:1;overflow:auto;padding:16px 24px}
 #side{width:380px;border-left:1px solid #ccc;padding:16px;overflow:auto;background:#fafafa}
@@ -305,33 +321,27 @@ h1{font-size:18px;margin:0 0 4px} h2{font-size:15px;margin:18px 0 4px}
 .tok:hover{outline:1px solid #333}
 .tok.sel{outline:2px solid #1d4ed8}
 .legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#555;margin:6px 0}
-.bar{width:160px;height:10px;background:linear-gradient(90deg,__GRADIENT__)}
+.bar{width:160px;height:10px;background:linear-gradient(90deg,"""
+    + _GRADIENT
+    + """)}
 table{border-collapse:collapse;font-size:12px;width:100%} td,th{padding:2px 4px;text-align:left}
 th{color:#555;font-weight:600} tr.std{background:#e8eefc}
 .num{text-align:right;font-variant-numeric:tabular-nums}
 .tok.bin-fragile{font-weight:700}
 code{background:#eee;padding:0 3px}
-</style></head>
-<body>
-<div id="main">
-<h1>__TITLE__</h1>
-<div class="meta">__SUBTITLE__</div>
-<div class="legend">pbar: <span>0</span><span class="bar"></span><span>1</span>
- &nbsp; grey text: prompt (not scored). Hover or click a token; the panel shows its routes.</div>
-<div id="trajectories"></div>
-</div>
-<div id="side"><div id="detail">Hover or click a token.</div></div>
-<script id="data" type="application/json">__DATA__</script>
-<script>
+"""
+)
+SCRIPT = """
 "use strict";
 const DATA = JSON.parse(document.getElementById("data").textContent);
 const fmt = (x, d) => (x === null || x === undefined) ? "–" : Number(x).toFixed(d);
-function shade(p) {  // pbar 1 -> white, 0.5 -> amber, 0 -> red
+function shade(p) {  // pbar 1 -> white, 0.5 -> amber, 0 -> red; none (not finite) -> grey
+  if (p === null) return "#ccc";
   const t = Math.max(0, Math.min(1, p));
   const h = 10 + 40 * t, l = 62 + 38 * t * t;
   return "hsl(" + h + ",90%," + Math.min(l, 100) + "%)";
 }
-function el(tag, cls, text) {
+function el(tag, cls, text) {  // data goes into textContent only, never into markup
   const e = document.createElement(tag);
   if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text;
@@ -381,9 +391,10 @@ function show(tok, span) {
 }
 function render() {
   const root = document.getElementById("trajectories");
-  for (const tr of DATA.trajectories) {
+  const spans = [];  // the first trajectory's token spans, by position
+  DATA.trajectories.forEach((tr, k) => {
     const sec = el("section", "trajectory");
-    sec.id = "t-" + tr.problem_id + "-" + tr.sample_idx;
+    sec.id = "t-" + k;  // an index: ids from data never become selectors
     sec.appendChild(el("h2", "", tr.problem_id + " / sample " + tr.sample_idx));
     sec.appendChild(el("div", "meta", tr.dataset + " · verified: " + tr.verified
       + " · answer " + JSON.stringify(tr.extracted_answer) + " (gold " + JSON.stringify(tr.gold_answer)
@@ -400,24 +411,148 @@ function render() {
       s.addEventListener("mouseenter", () => show(tok, s));
       s.addEventListener("click", () => show(tok, s));
       text.appendChild(s);
+      if (k === 0) spans.push([tok, s]);
     });
     sec.appendChild(text);
     root.appendChild(sec);
-  }
+  });
   // Start on the token the URL names (#t=<position>), else the lowest pbar of the first.
-  const want = new URLSearchParams(location.hash.slice(1)).get("t");
-  const first = DATA.trajectories[0];
-  if (!first || !first.tokens.length) return;
-  let pick = first.tokens.reduce((a, b) => (b.pbar < a.pbar ? b : a));
-  if (want !== null) pick = first.tokens.find(t => t.position === Number(want)) || pick;
-  const span = document.querySelector("#t-" + CSS.escape(first.problem_id + "-" + first.sample_idx)
-    + " .tok[data-position='" + pick.position + "']");
-  show(pick, span);
+  if (!spans.length) return;
+  const want = Number(new URLSearchParams(location.hash.slice(1)).get("t") ?? NaN);
+  const pick = spans.find(([t]) => t.position === want)
+    || spans.reduce((a, b) => ((b[0].pbar ?? 2) < (a[0].pbar ?? 2) ? b : a));
+  show(pick[0], pick[1]);
 }
 render();
-</script>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+CSP = f"default-src 'none'; script-src {_csp_hash(SCRIPT)}; style-src {_csp_hash(STYLE)}"
+PAGE = (
+    """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content=\""""
+    + CSP
+    + """\">
+<title>__TITLE__</title>
+<style>"""
+    + STYLE
+    + """</style></head>
+<body>
+<div id="main">
+<h1>__TITLE__</h1>
+<div class="meta">__SUBTITLE__</div>
+<div class="legend">pbar: <span>0</span><span class="bar"></span><span>1</span>
+ &nbsp; grey text: prompt (not scored). Hover or click a token; the panel shows its routes.</div>
+<div id="trajectories"></div>
+</div>
+<div id="side"><div id="detail">Hover or click a token.</div></div>
+<script id="data" type="application/json">__DATA__</script>
+<script>"""
+    + SCRIPT
+    + """</script>
 </body></html>
 """
+)
+_SLOT = re.compile(r"__([A-Z]+)__")
+# Every character JSON may leave raw that means something to an HTML parser inside a script
+# element ("<", ">", "&"); ensure_ascii already escapes the rest (U+2028, U+2029, non-ASCII).
+_SCRIPT_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Every __NAME__ slot replaced by values[NAME] in one pass: no value is scanned again."""
+    return _SLOT.sub(lambda m: values[m.group(1)], template)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as None (JSON has no such numbers: JSON.parse would reject the page)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def script_json(data: Any) -> str:
+    """`data` as JSON that is inert inside any HTML script element, whatever its strings."""
+    blob = json.dumps(_finite(data), ensure_ascii=True, allow_nan=False)
+    return blob.translate(_SCRIPT_ESCAPES)
+
+
+def html_text(value: str) -> str:
+    """`value` escaped as HTML text or a quoted attribute (a lone surrogate, e.g. from a file
+    name that is not UTF-8, shown as its \\udcXX escape rather than failing the write)."""
+    return html.escape(value.encode("utf-8", "backslashreplace").decode("utf-8"), quote=True)
+
+
+# A page's file name: each value from data (model name, problem id) percent-encoded as UTF-8
+# except letters, digits, "_", "." and "=" ("-" too in the model's folder; a leading dot is
+# encoded), so it has no separator, no "..", no control character, and unquote gives it back.
+# One longer than NAME_BYTES keeps its start and ends in "~" and a hash of the whole value
+# ("~" never occurs otherwise); NAME_BYTES leaves room for a temporary name beside it.
+NAME_BYTES = 180
+
+
+def encode_name(value: str, keep: str = "_.=") -> str:
+    """`value` as a safe file name component (see above); reversible with `decode_name`
+    unless it was shortened."""
+    safe = re.compile(f"[A-Za-z0-9{re.escape(keep)}]")
+    parts = [
+        c if safe.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in value
+    ]
+    if parts[:1] == ["."]:
+        parts[0] = "%2E"
+    if sum(map(len, parts)) <= NAME_BYTES:
+        return "".join(parts)
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head, size = [], 0
+    for part in parts:  # whole characters only, so the head still decodes
+        if size + len(part) > NAME_BYTES - len(digest) - 1:
+            break
+        head.append(part)
+        size += len(part)
+    return "".join(head) + "~" + digest
+
+
+def decode_name(name: str) -> str:
+    """The value `encode_name` encoded (not for a shortened one: it ends in ~<hash>)."""
+    return unquote(name, errors="surrogatepass")
+
+
+def page_path(
+    run_dir: Path,
+    model: str,
+    layer: int,
+    *,
+    problem: str | None = None,
+    sample: int = 0,
+    top: int = 0,
+) -> Path:
+    """runs/<id>/inspect/<model>/L<layer>-<problem>-s<sample>.html (or
+    L<layer>-top<N>-fragile.html), names encoded by `encode_name`. The resolved path is
+    checked to lie inside the run's inspect/ folder."""
+    which = f"top{top}-fragile" if problem is None else f"{encode_name(problem)}-s{sample}"
+    folder = run_dir / "inspect"
+    path = folder / encode_name(model, keep="_.=-") / f"L{layer}-{which}.html"
+    if not path.resolve().is_relative_to(run_dir.resolve() / "inspect"):
+        raise ValueError(f"page path {path} would leave {folder}")
+    return path
+
+
+def write_file(path: Path, text: str) -> None:
+    """The page's one write: a temporary beside it, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_page(
@@ -452,23 +587,16 @@ def write_page(
             }
         )
     data = {"margin": cfg.win_margin, "trajectories": trajectories}
-    # "</" inside the JSON would end the script element early.
-    blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
-    gradient = ", ".join(
-        f"hsl({10 + 40 * t},90%,{min(62 + 38 * t * t, 100)}%)" for t in (0, 0.5, 1)
-    )
-    page = (
-        PAGE.replace("__GRADIENT__", gradient)
-        .replace("__TITLE__", html.escape(title))
-        .replace("__SUBTITLE__", html.escape(subtitle))
-        .replace("__DATA__", blob)
+    page = fill(
+        PAGE,
+        {"TITLE": html_text(title), "SUBTITLE": html_text(subtitle), "DATA": script_json(data)},
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_file(path, page)
     return path
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -484,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--top-fragile", type=int, metavar="N", help="N most fragile trajectories")
     parser.add_argument("--sample", type=int, default=0, help="sample_idx (with --problem)")
     parser.add_argument("--alternatives", type=int, default=5, help="best alternatives shown")
-    parser.add_argument("--out", type=Path, help="default: <run>/inspect/<model>-L<layer>-....html")
+    parser.add_argument("--out", type=Path, help="default: <run>/inspect/<model>/L<layer>-....html")
     args = parser.parse_args(argv)
     try:
         if not args.run_dir.is_dir():
@@ -496,7 +624,6 @@ def main(argv: list[str] | None = None) -> int:
         layer = resolve_layer_arg(args.layer, args.model, run_config)
         if args.problem is not None:
             wanted = [(args.problem, args.sample)]
-            name = f"{args.problem}-s{args.sample}"
         else:
             paths = _score_paths(args.run_dir, args.model, layer)
             if not paths:
@@ -504,12 +631,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"no complete score shards under {args.run_dir}/scores/{args.model}/layer={layer}"
                 )
             wanted = top_fragile(paths, cfg, args.top_fragile)
-            name = f"top{args.top_fragile}-fragile"
         tokens, runs = token_table(
             args.run_dir, args.model, layer, wanted, cfg=cfg, alternatives=args.alternatives
         )
         label = layer_labels(run_config).get((args.model, layer), f"L{layer}")
-        out = args.out or args.run_dir / "inspect" / f"{args.model}-L{layer}-{name}.html"
+        out = args.out or page_path(
+            args.run_dir,
+            args.model,
+            layer,
+            problem=args.problem,
+            sample=args.sample,
+            top=args.top_fragile or 0,
+        )
         write_page(
             out,
             tokens,
@@ -521,8 +654,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
             cfg=cfg,
         )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # OSError: FileNotFoundError, or the page's write
+        # A problem id or file name in the message may hold line breaks or terminal escapes.
+        print(f"error: {_CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(err))}", file=sys.stderr)
         return 2
     print(out)
     return 0
