@@ -213,7 +213,7 @@ def scoring_rate(
     on = rows[0].gpu
     where = f"{on} {position}"
     if not any(r.layer == position for r in rows):
-        position, where = "early", f"{on} early's rate (no {position} row)"
+        position, where = "early", f"{on} early's rate (no {position} row, errs high)"
     mine = [r for r in rows if r.layer == position]
     by_len = sorted({r.tokens: r.tokens_per_s for r in mine}.items())
     alternatives = mine[0].alternatives
@@ -239,7 +239,7 @@ def scoring_rate(
     seconds = 1 / r_low + k * work * (length - n_low)
     how = (
         f"{where}, extrapolated from {n_low:,} tokens by attention cost"
-        f" (k={k:.3g} s of {on}, from {', '.join(names)})"
+        f" (k={k:.3g} s on {on}, fitted on {', '.join(names)})"
     )
     return Lookup(1 / seconds, how, alternatives, on, "extrapolated")
 
@@ -384,7 +384,9 @@ def describe_gpus(parts: list[Part], gpu: str | None) -> str:
     if not gpu:
         text += " (cluster.gpu_type unset)"
     elif others:
-        text += f" (the table has no cluster.gpu_type={gpu} row for the figures on {', '.join(others)})"
+        text += (
+            f" (the table has no cluster.gpu_type={gpu} row for the figures on {', '.join(others)})"
+        )
     return f"  rates measured: {text}"
 
 

@@ -94,7 +94,7 @@ def test_scoring_rate_falls_back_to_early_and_to_another_gpu_and_says_so():
     assert final.gpu == "H100" and final.kind == "measured"
     middle = E.scoring_rate(rates, "olmoe-1b-7b", "middle", 1000, "A100")
     assert (middle.tokens_per_s, middle.gpu) == (500.0, "H200")
-    assert middle.how == "H200 early's rate (no middle row) at 1,000 tokens"
+    assert middle.how == "H200 early's rate (no middle row, errs high) at 1,000 tokens"
     assert E.scoring_rate(rates, "other", "early", 5000, "H200") is None
 
 
@@ -118,7 +118,7 @@ def test_a_single_measured_length_is_extrapolated_by_the_models_attention_cost()
     assert 110 < got.tokens_per_s < 125  # nearly 5x slower than at 1,024 tokens, not 555/s
     assert (got.gpu, got.kind) == ("H200", "extrapolated")
     assert "extrapolated from 1,024 tokens by attention cost" in got.how
-    assert "from qwen3-30b-a3b" in got.how
+    assert "fitted on qwen3-30b-a3b" in got.how
     # at the measured length: the measurement; nothing measured at two lengths: no estimate
     assert E.scoring_rate([*qwen, oss], "gpt-oss-20b", "early", 1024, "H200").tokens_per_s == 555
     assert E.scoring_rate([oss], "gpt-oss-20b", "early", 32768, "H200") is None
