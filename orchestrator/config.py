@@ -71,6 +71,9 @@ class ModelConfig:
     # For the dry run's memory check (orchestrator/estimate.py); None: not checked.
     params_b: float | None = None  # parameters, billions (weights = params x dtype bytes)
     kv_width: int | None = None  # key + value elements per token per layer, as cached
+    # For the dry run's scoring-time estimate: query heads x (key + value head dim), attention's
+    # multiply-adds per visible key and layer; None: a single measured length is not extrapolated.
+    attn_width: int | None = None
     tensor_parallel_size: int = 1  # GPUs per vLLM generator replica
     gpus: int = 1  # GPUs per scorer replica (cluster.use_gpus only)
     template: str | None = None  # prompt template with {prompt}; None = chat template / raw

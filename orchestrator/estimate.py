@@ -5,17 +5,32 @@ Contract: pure functions of the typed config and workers/assets/rates.csv (no Ra
 GPU (cluster.gpu_memory_gb; a scorer holds its model on one GPU, or spreads it layer by layer
 over its model.gpus GPUs when one does not hold it; a vLLM generator spreads its weights over
 model.tensor_parallel_size GPUs);
-`describe_estimate(cfg)` is the dry run's text: each actor's memory need and the GPU-hours of
-generation and scoring, naming the measured rate each figure uses and how it was interpolated.
-Token counts are the plan's upper bounds (every completion reaches model.max_tokens, every
-trajectory is verified), so the hours are upper bounds too.
+`describe_estimate(cfg, cells, layers_of)` is the dry run's text: each actor's memory need and
+the GPU-hours of generation and scoring; `describe_router_estimate(cfg, train, evals)` those of
+the router update's steps and the run's total. Each line names its rate, the GPU type that rate
+was measured on and how it was carried to the plan's length (LENGTH_RULE). Token counts are
+upper bounds (every completion reaches model.max_tokens, every trajectory is verified); the
+hours are estimates at those counts, not bounds: the rates are measured or extrapolated. A
+figure without a rate is "unknown" and the totals count it as such, never as 0.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from orchestrator.config import ConfigError, ModelConfig, RunConfig, score_args, sweep_models
+from orchestrator.config import (
+    ConfigError,
+    DatasetConfig,
+    ModelConfig,
+    RunConfig,
+    load_option,
+    resolve_layer,
+    router_models,
+    score_args,
+    sweep_models,
+)
+from workers.io import check_path_name
 from workers.rates import RATES_PATH, Rate, read_rates
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -107,6 +122,16 @@ def describe_memory(m: Memory) -> str:
 
 # ----------------------------------------------------------------------------- GPU-hours
 
+LENGTH_RULE = (
+    "scoring seconds per token are linear in trajectory length n (model.max_tokens here): between"
+    " or beyond two measured lengths, the line through the two nearest; from a single measured"
+    " length n0, s(n) = s(n0) + k x model.attn_width x ((J+1) x layers after the scored one +"
+    " all layers) x (n - n0), the attention over every earlier key that the J+1 decoded routes"
+    " and the standard pass add per token of length, with k fitted on the models measured at"
+    " several lengths on that GPU; below the shortest measured length, that length's rate."
+    " Generation: the table's rate, not scaled by length"
+)
+
 
 @dataclass(frozen=True)
 class Lookup:
@@ -115,6 +140,55 @@ class Lookup:
     tokens_per_s: float
     how: str  # e.g. "H200 early, interpolated from 2,048 and 16,384 tokens"
     alternatives: int | None  # J of the measurement
+    gpu: str = ""  # the GPU type the rate was measured on
+    kind: str = "measured"  # measured | interpolated | extrapolated
+
+
+@functools.cache
+def model_shape(name: str) -> ModelConfig | None:
+    """conf/model/<name>.yaml, the model a row of the rates table names; None if there is none
+    (or the name is no file name: the table's text never becomes a path outside conf/)."""
+    try:
+        return load_option("model", check_path_name(name, "model"))
+    except (ConfigError, ValueError):  # no such option, or one that does not compose
+        return None
+
+
+def attention_work(model: ModelConfig, position: str, alternatives: int | None) -> float | None:
+    """Attention multiply-adds per scored token and per token of trajectory length: each of the
+    J+1 routes decodes the layers after the scored one, the standard pass runs every layer once,
+    and each of those attends over every earlier key (the scorer's eager attention masks a
+    sliding window rather than skipping its keys). None without model.attn_width or J."""
+    if model.attn_width is None or alternatives is None:
+        return None
+    try:
+        layer = resolve_layer(model, position)
+    except ConfigError:
+        return None
+    return model.attn_width * (
+        (alternatives + 1) * (model.num_layers - 1 - layer) + model.num_layers
+    )
+
+
+def length_cost(rates: list[Rate], gpu: str) -> tuple[float, list[str]] | None:
+    """k, seconds per attention multiply-add (attention_work) on `gpu`: the mean, over each
+    (model, position) measured at two or more lengths there, of its slope of seconds per token
+    in length divided by its attention work; and the names of those models. None if no row
+    of `gpu` is measured at two lengths (of a model with model.attn_width)."""
+    groups: dict[tuple[str, str, int | None], dict[int, float]] = {}
+    for r in rates:
+        if r.stage == "scoring" and r.gpu == gpu and r.tokens:
+            groups.setdefault((r.model, r.layer, r.alternatives), {})[r.tokens] = 1 / r.tokens_per_s
+    ks, names = [], []
+    for (model, layer, alternatives), seconds in groups.items():
+        shape = model_shape(model)
+        work = shape and attention_work(shape, layer, alternatives)
+        if len(seconds) < 2 or not work:
+            continue
+        (n0, s0), (n1, s1) = min(seconds.items()), max(seconds.items())
+        ks.append((s1 - s0) / (n1 - n0) / work)
+        names.append(model)
+    return (sum(ks) / len(ks), list(dict.fromkeys(names))) if ks else None
 
 
 def scoring_rate(
@@ -123,10 +197,11 @@ def scoring_rate(
     """tokens/s of one scorer of `model` at `position` for trajectories of `length` tokens.
 
     Prefers rows of `gpu`, then of any GPU; of `position`, then "early" (the slowest position:
-    every later layer is decoded per route, so the estimate errs high). The seconds per token
-    grow linearly with length (each decode step attends over every earlier key), so between
-    two measured lengths the time per token is interpolated linearly, beyond them extrapolated
-    from the two nearest; a single measured length is used as is.
+    every later layer is decoded per route, so the estimate errs high). Seconds per token are
+    linear in length (LENGTH_RULE): interpolated or extrapolated through the two nearest
+    measured lengths; from a single measured length, extrapolated with the attention cost of
+    the model's shape (conf/model/<model>.yaml), `length_cost`'s k. None when the table has no
+    row of the model, or only one length and no shape or k to extrapolate it with.
     """
     rows = [r for r in rates if r.stage == "scoring" and r.model == model and r.tokens]
     if gpu and any(r.gpu == gpu for r in rows):
@@ -135,41 +210,203 @@ def scoring_rate(
         rows = [r for r in rows if r.gpu == rows[0].gpu]
     if not rows:
         return None
-    where = f"{rows[0].gpu} {position}"
+    on = rows[0].gpu
+    where = f"{on} {position}"
     if not any(r.layer == position for r in rows):
-        position, where = "early", f"{rows[0].gpu} early's rate (no {position} row)"
-    by_len = sorted({r.tokens: r.tokens_per_s for r in rows if r.layer == position}.items())
-    if not by_len:
+        position, where = "early", f"{on} early's rate (no {position} row, errs high)"
+    mine = [r for r in rows if r.layer == position]
+    by_len = sorted({r.tokens: r.tokens_per_s for r in mine}.items())
+    alternatives = mine[0].alternatives
+    n_low, r_low = by_len[0]
+    if length <= n_low:
+        below = "" if length == n_low else ", the shortest measured (not scaled down)"
+        return Lookup(r_low, f"{where} at {n_low:,} tokens{below}", alternatives, on)
+    if len(by_len) >= 2:
+        # the two nearest measured lengths (the highest two beyond them)
+        pairs = list(zip(by_len, by_len[1:], strict=False))
+        (n0, r0), (n1, r1) = next((p for p in pairs if p[0][0] <= length <= p[1][0]), pairs[-1])
+        s0, s1 = 1 / r0, 1 / r1
+        seconds = max(s0 + (s1 - s0) * (length - n0) / (n1 - n0), min(s0, s1))
+        kind = "interpolated" if length <= n1 else "extrapolated"
+        how = f"{where}, {kind} from {n0:,} and {n1:,} tokens"
+        return Lookup(1 / seconds, how, alternatives, on, kind)
+    shape = model_shape(model)
+    work = shape and attention_work(shape, position, alternatives)
+    cost = length_cost(rates, on)
+    if not work or cost is None:
         return None
-    if len(by_len) == 1:
-        n, rate = by_len[0]
-        return Lookup(
-            rate, f"{where} at {n:,} tokens, the one length measured", rows[0].alternatives
-        )
-    # the two nearest measured lengths (the lowest two or highest two when outside)
-    pairs = list(zip(by_len, by_len[1:], strict=False))
-    (n0, r0), (n1, r1) = next(
-        (p for p in pairs if p[0][0] <= length <= p[1][0]),
-        pairs[0] if length < by_len[0][0] else pairs[-1],
+    k, names = cost
+    seconds = 1 / r_low + k * work * (length - n_low)
+    how = (
+        f"{where}, extrapolated from {n_low:,} tokens by attention cost"
+        f" (k={k:.3g} s on {on}, fitted on {', '.join(names)})"
     )
-    s0, s1 = 1 / r0, 1 / r1
-    seconds = s0 + (s1 - s0) * (length - n0) / (n1 - n0)
-    verb = "interpolated" if n0 <= length <= n1 else "extrapolated"
-    floor = min(s0, s1)  # never faster than the fastest measurement when extrapolating down
-    how = f"{where}, {verb} from {n0:,} and {n1:,} tokens"
-    return Lookup(1 / max(seconds, floor), how, rows[0].alternatives)
+    return Lookup(1 / seconds, how, alternatives, on, "extrapolated")
 
 
 def generation_rate(rates: list[Rate], model: str, gpu: str | None) -> tuple[Rate, str] | None:
     """A generator replica's tokens/s: the model's own row, else the table's "*" row."""
     rows = [r for r in rates if r.stage == "generation" and r.model in (model, "*")]
     rows.sort(key=lambda r: (r.model != model, r.gpu != gpu))
-    return (rows[0], f"{rows[0].gpu}, {rows[0].model} row") if rows else None
+    if not rows:
+        return None
+    whose = "any model's (*) row" if rows[0].model == "*" else "its own row"
+    return rows[0], f"{rows[0].gpu}, {whose}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One line of the GPU-hours: `hours` None is unknown (no rate), unless the part is small."""
+
+    group: str  # the total's term it adds to, e.g. generation | scoring
+    model: str
+    stage: str
+    tokens: int
+    hours: float | None
+    rate: float | None = None  # tokens/s per replica
+    gpus: int = 1
+    gpu: str = ""  # the GPU type the rate was measured on
+    how: str = ""
+    source: str = ""
+    small: bool = False
+
+    @property
+    def tenths(self) -> int:
+        """The hours as printed, in tenths: totals add these, so they add up as printed."""
+        return 0 if self.hours is None else round(self.hours * 10)
+
+
+def generation_part(
+    rates: list[Rate], model: ModelConfig, tokens: int, gpu: str | None, group: str, stage: str
+) -> Part:
+    found = generation_rate(rates, model.name, gpu)
+    if found is None:
+        return Part(group, model.name, stage, tokens, None, how="no generation rate in the table")
+    rate, how = found
+    tp = model.tensor_parallel_size
+    hours = tokens / rate.tokens_per_s / 3600 * tp
+    src = f"generation rate: {rate.source}"
+    return Part(group, model.name, stage, tokens, hours, rate.tokens_per_s, tp, rate.gpu, how, src)
+
+
+def scoring_part(
+    rates: list[Rate],
+    cfg: RunConfig,
+    model: ModelConfig,
+    position: str,
+    tokens: int,
+    group: str,
+    stage: str,
+    *,
+    standard_pass: bool = False,
+) -> Part:
+    """Scoring `tokens` at `position`; with `standard_pass`, one plain forward pass over them,
+    taken as 1/(J+1) of the first layer's scoring time (which decodes J+1 routes through
+    nearly every layer: bench_score measured eager scoring there at 0.92-0.94 x (J+1) standard
+    passes)."""
+    gpu = cfg.cluster.gpu_type
+    lk = scoring_rate(
+        rates, model.name, "early" if standard_pass else position, model.max_tokens, gpu
+    )
+    if lk is None or (standard_pass and lk.alternatives is None):
+        rows = [r for r in rates if r.stage == "scoring" and r.model == model.name and r.tokens]
+        why = (
+            "no scoring rate of this model in the table"
+            if not rows
+            else "one length measured, and no model.attn_width or no model measured at several"
+            " lengths on its GPU to extrapolate it with"
+        )
+        return Part(group, model.name, stage, tokens, None, how=why)
+    gpus = model.gpus if cfg.cluster.use_gpus else 1
+    rate, how, J = lk.tokens_per_s, lk.how, cfg.scoring.alternatives
+    if standard_pass:
+        rate *= lk.alternatives + 1
+        how = f"1/(J+1) of first-layer scoring: {how}"
+    elif lk.alternatives and lk.alternatives != J:
+        # the work per token is the J + 1 routes decoded through the later layers
+        rate *= (lk.alternatives + 1) / (J + 1)
+        how += f"; scaled from J={lk.alternatives} to J={J}"
+    hours = tokens / rate / 3600 * gpus
+    return Part(group, model.name, stage, tokens, hours, rate, gpus, lk.gpu, how)
+
+
+def render_parts(parts: list[Part]) -> list[str]:
+    lines = []
+    for p in parts:
+        head = f"  {p.model:<16} {p.stage:<22}"
+        if p.small:
+            lines.append(f"{head} {'small':>9}    {p.how}")
+        elif p.hours is None:
+            lines.append(f"{head} {'unknown':>9}    {p.tokens:>13,} tokens: {p.how}")
+        elif p.rate is None:  # made by other units
+            lines.append(f"{head} {p.tenths / 10:9,.1f} h  {p.tokens:>13,} tokens: {p.how}")
+        else:
+            lines.append(
+                f"{head} {p.tenths / 10:9,.1f} h  {p.tokens:>13,} tokens at {p.rate:6,.0f}/s"
+                f" x {p.gpus} {p.gpu} GPU ({p.how})"
+            )
+    return lines
+
+
+def unknown(parts: list[Part]) -> list[Part]:
+    return [p for p in parts if p.hours is None and not p.small]
+
+
+def describe_total(terms: dict[str, int], missing: list[Part]) -> str:
+    """ "a X h + b Y h = Z GPU-hours", every figure a sum of printed tenths; plus the unknown
+    parts, named, which no figure includes."""
+    text = " + ".join(f"{name} {t / 10:,.1f} h" for name, t in terms.items())
+    text += f" = {sum(terms.values()) / 10:,.1f} GPU-hours"
+    if missing:
+        names = ", ".join(f"{p.model} {p.stage}" for p in missing)
+        text += f" + {len(missing)} unknown part(s): {names}"
+    return text
+
+
+def group_tenths(parts: list[Part]) -> dict[str, int]:
+    """{group: printed tenths}, in order; a group of small parts only is left out."""
+    out: dict[str, int] = {}
+    for p in parts:
+        if not p.small:
+            out[p.group] = out.get(p.group, 0) + p.tenths
+    return out
+
+
+def describe_gpus(parts: list[Part], gpu: str | None) -> str:
+    """Which GPU type the rates of each term were measured on, flagging another than the
+    cluster's: hours of one GPU type's rates do not carry over to another."""
+    on: dict[str, list[str]] = {}
+    for p in parts:
+        if p.gpu and p.gpu not in on.setdefault(p.group, []):
+            on[p.group].append(p.gpu)
+    text = "; ".join(f"{g} on {', '.join(gs)}" for g, gs in on.items() if gs)
+    others = sorted({p.gpu for p in parts if p.gpu and p.gpu != gpu})
+    if not gpu:
+        text += " (cluster.gpu_type unset)"
+    elif others:
+        text += (
+            f" (the table has no cluster.gpu_type={gpu} row for the figures on {', '.join(others)})"
+        )
+    return f"  rates measured: {text}"
+
+
+def main_parts(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str, int]]) -> list[Part]:
+    """Generation and scoring of the main stages. `cells` are plan.CellEstimate values."""
+    rates = read_rates()
+    parts = []
+    for model in sweep_models(cfg):
+        tokens = sum(c.max_completion_tokens for c in cells if c.cell.model.name == model.name)
+        gpu = cfg.cluster.gpu_type
+        parts.append(generation_part(rates, model, tokens, gpu, "generation", "generation"))
+        for position in layers_of[model.name]:
+            parts.append(
+                scoring_part(rates, cfg, model, position, tokens, "scoring", f"scoring {position}")
+            )
+    return parts
 
 
 def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str, int]]) -> str:
     """The dry run's memory and GPU-hours section. `cells` are plan.CellEstimate values."""
-    rates = read_rates()
     gpu = cfg.cluster.gpu_type
     per_gpu = cfg.cluster.gpu_memory_gb
     lines = ["", "memory per actor (GB)"]
@@ -193,51 +430,111 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
     if not per_gpu:
         lines.append("  (cluster.gpu_memory_gb not set: set it to check the plan against the GPUs)")
 
+    parts = main_parts(cfg, cells, layers_of)
     lines += [
         "",
-        f"GPU-hours, upper bounds: tokens / (tokens/s per replica) x GPUs per replica. Rates from"
-        f" {RATES_PATH.relative_to(RATES_PATH.parents[2])}, rows of cluster.gpu_type="
-        f"{gpu or 'unset'} where the table has them, else of the GPU named; scoring time per"
-        " token taken as linear in trajectory length (model.max_tokens here)",
+        "GPU-hours, estimates: tokens / (tokens/s per replica) x GPUs per replica, on the GPU type"
+        " each line names. Tokens are upper bounds (every completion reaches model.max_tokens,"
+        " every trajectory verified); the rates are measured or extrapolated, so the hours are"
+        " estimates at those token counts, not bounds.",
+        f"Rates from {RATES_PATH.relative_to(RATES_PATH.parents[2])}, rows of cluster.gpu_type="
+        f"{gpu or 'unset'} where the table has them, else of the GPU named; a layer position"
+        f" without rows takes early's, the slowest (errs high). Length: {LENGTH_RULE}.",
+        *render_parts(parts),
+        f"  total: {describe_total(group_tenths(parts), unknown(parts))}",
+        describe_gpus(parts, gpu),
     ]
-    gen_total = score_total = 0.0
-    notes: list[str] = []
-    for model in sweep_models(cfg):
-        mine = [c for c in cells if c.cell.model.name == model.name]
-        tokens = sum(c.max_completion_tokens for c in mine)
-        found = generation_rate(rates, model.name, gpu)
-        if found is None:
-            lines.append(f"  {model.name:<16} generation: no rate in the table")
-        else:
-            rate, how = found
-            hours = tokens / rate.tokens_per_s / 3600 * model.tensor_parallel_size
-            gen_total += hours
-            lines.append(
-                f"  {model.name:<16} generation    {hours:8,.1f} h  {tokens:>12,} tokens at"
-                f" {rate.tokens_per_s:6,.0f}/s x {model.tensor_parallel_size} GPU ({how})"
+    lines += [f"  {s}" for s in dict.fromkeys(p.source for p in parts if p.source)]
+    return "\n".join(lines)
+
+
+def dataset_problems(d: DatasetConfig) -> int:
+    return min(d.limit or d.size, d.size)
+
+
+def router_parts(
+    cfg: RunConfig, cells: list, train: list[DatasetConfig], evals: list[DatasetConfig]
+) -> list[Part]:
+    """The router update's steps per model: its training data (generation and scoring at the
+    update's layer, 0 h where the main stages make the same units), preferences (one standard
+    pass per training trajectory), training (small), the evaluation completions (2 variants x
+    problems x eval_samples, each at max_tokens) and the rescoring of the training data."""
+    ru = cfg.router_update
+    rates = read_rates()
+    gpu = cfg.cluster.gpu_type
+    n_eval = sum(dataset_problems(d) for d in evals)
+    parts = []
+    for model in router_models(cfg):
+        layer = resolve_layer(model, ru.layer)
+        all_tokens = 0
+        for d in train:
+            n = dataset_problems(d)
+            tokens = n * cfg.generation.samples_per_problem * model.max_tokens
+            all_tokens += tokens
+            same = [
+                c
+                for c in cells
+                if (c.cell.model.name, c.cell.dataset.name, c.problems) == (model.name, d.name, n)
+            ]
+            if same:
+                how = f"the main stages' own {d.name} units, counted above"
+                parts.append(Part("data", model.name, f"{d.name} generation", tokens, 0.0, how=how))
+            else:
+                parts.append(
+                    generation_part(rates, model, tokens, gpu, "data", f"{d.name} generation")
+                )
+            stage = f"{d.name} scoring {ru.layer}"
+            if same and layer in same[0].cell.layers.values():
+                how = f"the main stages' own {d.name} units at layer {layer}, counted above"
+                parts.append(Part("data", model.name, stage, tokens, 0.0, how=how))
+            else:
+                parts.append(scoring_part(rates, cfg, model, ru.layer, tokens, "data", stage))
+        parts.append(
+            scoring_part(
+                rates,
+                cfg,
+                model,
+                ru.layer,
+                all_tokens,
+                "preferences",
+                "preferences",
+                standard_pass=True,
             )
-            if rate.source not in notes:
-                notes.append(rate.source)
-        for position in layers_of[model.name]:
-            lk = scoring_rate(rates, model.name, position, model.max_tokens, gpu)
-            if lk is None:
-                lines.append(f"  {model.name:<16} scoring {position}: no rate in the table")
-                continue
-            gpus = model.gpus if cfg.cluster.use_gpus else 1
-            rate, how, J = lk.tokens_per_s, lk.how, cfg.scoring.alternatives
-            if lk.alternatives and lk.alternatives != J:
-                # the work per token is the J + 1 routes decoded through the later layers
-                rate *= (lk.alternatives + 1) / (J + 1)
-                how += f"; scaled from J={lk.alternatives} to J={J}"
-            hours = tokens / rate / 3600 * gpus
-            score_total += hours
-            lines.append(
-                f"  {model.name:<16} scoring {position:<6}{hours:8,.1f} h  {tokens:>12,} tokens at"
-                f" {rate:6,.0f}/s x {gpus} GPU ({how})"
+        )
+        how = f"full-batch Adam on layer {layer}'s router, {ru.steps} steps: not counted"
+        parts.append(Part("training", model.name, "training", 0, None, how=how, small=True))
+        tokens = 2 * n_eval * ru.eval_samples * model.max_tokens
+        parts.append(generation_part(rates, model, tokens, gpu, "evaluation", "eval generation"))
+        parts.append(
+            scoring_part(
+                rates, cfg, model, ru.layer, all_tokens, "rescoring", f"rescoring {ru.layer}"
             )
-    lines.append(
-        f"  total: generation {gen_total:,.1f} h + scoring {score_total:,.1f} h"
-        f" = {gen_total + score_total:,.1f} GPU-hours"
-    )
-    lines += [f"  generation rate: {s}" for s in notes]
+        )
+    return parts
+
+
+def describe_router_estimate(
+    cfg: RunConfig, train: list[DatasetConfig], evals: list[DatasetConfig]
+) -> str:
+    """The router update's GPU-hours, then the run's: the main stages' and the update's."""
+    from orchestrator import plan
+
+    cells = plan.estimate(cfg)
+    parts = router_parts(cfg, cells, train, evals)
+    main = main_parts(cfg, cells, plan.scored_positions(cells))
+    lines = [
+        "",
+        "router update GPU-hours, estimates by the rules above (tokens: upper bounds, every"
+        " completion at model.max_tokens, every training trajectory verified)",
+        *render_parts(parts),
+        f"  total: {describe_total(group_tenths(parts), unknown(parts))}"
+        + (" (training: small, not counted)" if any(p.small for p in parts) else ""),
+        describe_gpus(parts, cfg.cluster.gpu_type),
+    ]
+    lines += [f"  {s}" for s in dict.fromkeys(p.source for p in parts if p.source)]
+    terms = {
+        "main stages": sum(p.tenths for p in main),
+        "router update": sum(p.tenths for p in parts),
+    }
+    lines.append(f"run total: {describe_total(terms, unknown(main) + unknown(parts))}")
     return "\n".join(lines)

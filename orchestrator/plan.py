@@ -363,11 +363,16 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
         )
     from orchestrator.estimate import describe_estimate
 
-    positions = {}
-    for c in cells:  # one spec per distinct layer index: units are per index
+    lines.append(describe_estimate(cfg, cells, scored_positions(cells)))
+    return "\n".join(lines)
+
+
+def scored_positions(cells: list[CellEstimate]) -> dict[str, dict[str, int]]:
+    """{model: {spec: index}}, one spec per distinct layer index: units are per index."""
+    positions: dict[str, dict[str, int]] = {}
+    for c in cells:
         seen = positions.setdefault(c.cell.model.name, {})
         for spec, index in c.cell.layers.items():
             if index not in seen.values():
                 seen[spec] = index
-    lines.append(describe_estimate(cfg, cells, positions))
-    return "\n".join(lines)
+    return positions

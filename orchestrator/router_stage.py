@@ -415,7 +415,8 @@ def run_router_units(
 
 
 def describe_router_plan(cfg: RunConfig) -> str:
-    """The router update's plan: models and their layer, data, units, samples."""
+    """The router update's plan: models and their layer, data, units, samples, then its
+    GPU-hours and the run's (orchestrator/estimate.py)."""
     ru = cfg.router_update
     train = datasets(ru.train_datasets, ru.problems_limit)
     evals = datasets(ru.eval_datasets, ru.problems_limit)
@@ -448,4 +449,7 @@ def describe_router_plan(cfg: RunConfig) -> str:
             f"{model.name:<16} {layer:>5}  mlp.{tensor} ({model.num_experts} experts)"
             f"  {gen} + <=scoring, 1, 1, {ev}, <=scoring"
         )
+    from orchestrator.estimate import describe_router_estimate
+
+    lines.append(describe_router_estimate(cfg, train, evals))
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -83,15 +85,167 @@ def test_scoring_rate_interpolates_time_per_token_linearly_in_length():
 
 
 def test_scoring_rate_falls_back_to_early_and_to_another_gpu_and_says_so():
-    rates = [rate("m", "early", 1000, 500.0), rate("m", "final", 1000, 900.0, gpu="H100")]
-    final = E.scoring_rate(rates, "m", "final", 5000, "H100")
-    assert final.tokens_per_s == 900.0 and final.how.startswith("H100 final at 1,000 tokens")
-    middle = E.scoring_rate(rates, "m", "middle", 5000, "A100")
-    assert middle.tokens_per_s == 500.0
-    assert (
-        middle.how == "H200 early's rate (no middle row) at 1,000 tokens, the one length measured"
-    )
+    rates = [
+        rate("olmoe-1b-7b", "early", 1000, 500.0),
+        rate("olmoe-1b-7b", "final", 1000, 900.0, gpu="H100"),
+    ]
+    final = E.scoring_rate(rates, "olmoe-1b-7b", "final", 1000, "H100")
+    assert final.tokens_per_s == 900.0 and final.how == "H100 final at 1,000 tokens"
+    assert final.gpu == "H100" and final.kind == "measured"
+    middle = E.scoring_rate(rates, "olmoe-1b-7b", "middle", 1000, "A100")
+    assert (middle.tokens_per_s, middle.gpu) == (500.0, "H200")
+    assert middle.how == "H200 early's rate (no middle row, errs high) at 1,000 tokens"
     assert E.scoring_rate(rates, "other", "early", 5000, "H200") is None
+
+
+def attention_work(attn_width: int, layers: int, after: int, J: int = 32) -> int:
+    """The rule by hand: attn_width x ((J+1) x layers after the scored one + all layers)."""
+    return attn_width * ((J + 1) * after + layers)
+
+
+def test_a_single_measured_length_is_extrapolated_by_the_models_attention_cost():
+    qwen = [
+        rate("qwen3-30b-a3b", "early", 1024, 459.0),
+        rate("qwen3-30b-a3b", "early", 4096, 285.0),
+    ]
+    oss = rate("gpt-oss-20b", "early", 1024, 555.0)
+    # k: Qwen3's measured slope over its attention work (32 heads x (128 + 128), 47 layers
+    # after layer 0, 48 in all); GPT-OSS: 64 heads x (64 + 64), 23 after layer 0, 24 in all
+    k = (1 / 285 - 1 / 459) / (4096 - 1024) / attention_work(8192, 48, 47)
+    expected = 1 / (1 / 555 + k * attention_work(8192, 24, 23) * (32768 - 1024))
+    got = E.scoring_rate([*qwen, oss], "gpt-oss-20b", "early", 32768, "H200")
+    assert got.tokens_per_s == pytest.approx(expected)
+    assert 110 < got.tokens_per_s < 125  # nearly 5x slower than at 1,024 tokens, not 555/s
+    assert (got.gpu, got.kind) == ("H200", "extrapolated")
+    assert "extrapolated from 1,024 tokens by attention cost" in got.how
+    assert "fitted on qwen3-30b-a3b" in got.how
+    # at the measured length: the measurement; nothing measured at two lengths: no estimate
+    assert E.scoring_rate([*qwen, oss], "gpt-oss-20b", "early", 1024, "H200").tokens_per_s == 555
+    assert E.scoring_rate([oss], "gpt-oss-20b", "early", 32768, "H200") is None
+    # a model without attn_width (the mini test models) is not extrapolated either
+    mini = rate("mini-olmoe", "early", 1024, 555.0)
+    assert E.scoring_rate([*qwen, mini], "mini-olmoe", "early", 4096, "H200") is None
+    # k is per GPU: H200's slope says nothing of an H100
+    h100 = rate("gpt-oss-20b", "early", 1024, 555.0, gpu="H100")
+    assert E.scoring_rate([*qwen, h100], "gpt-oss-20b", "early", 32768, "H100") is None
+
+
+@pytest.mark.parametrize(
+    ("fit_on", "predict", "short", "long"),
+    [("olmoe-1b-7b", "qwen3-30b-a3b", 1024, 4096), ("qwen3-30b-a3b", "olmoe-1b-7b", 2048, 16384)],
+)
+def test_the_attention_cost_rule_predicts_the_measured_lengths_it_was_not_fitted_on(
+    fit_on, predict, short, long
+):
+    """The table's two models measured at several lengths: k fitted on one carries the other
+    from its shorter measurement to its longer one within 20%."""
+    table = [r for r in read_rates() if r.stage == "scoring" and r.layer == "early"]
+    table = [r for r in table if r.gpu == "H200" and r.model in (fit_on, predict)]
+    measured = next(r.tokens_per_s for r in table if (r.model, r.tokens) == (predict, long))
+    kept = [r for r in table if r.model == fit_on or r.tokens == short]
+    got = E.scoring_rate(kept, predict, "early", long, "H200")
+    assert f"extrapolated from {short:,} tokens by attention cost" in got.how
+    assert got.tokens_per_s == pytest.approx(measured, rel=0.2)
+
+
+def test_attn_width_of_each_model_is_its_published_shape():
+    """heads x (d_k + d_v) of the config.json values bench_score measures the rates on."""
+    from workers.bench_score import arch_config
+
+    for name in ("olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite", "tiny"):
+        hf = arch_config(name)
+        d_k = getattr(hf, "qk_head_dim", None) or getattr(hf, "head_dim", None)
+        d_k = d_k or hf.hidden_size // hf.num_attention_heads  # as bench_score.decode_flops
+        d_v = getattr(hf, "v_head_dim", None) or d_k
+        assert C.load_option("model", name).attn_width == hf.num_attention_heads * (d_k + d_v)
+
+
+def printed_hours(text: str) -> tuple[dict[str, list[float]], dict[str, float], float]:
+    """The main GPU-hours section as printed: each line's hours by its term (generation,
+    scoring), each term of the `total:` line, and the total."""
+    parts: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        m = re.match(r"  \S+ +(generation|scoring) .*? ([\d,]+\.\d) h  ", line)
+        if m:
+            parts.setdefault(m[1], []).append(float(m[2].replace(",", "")))
+    total = next(line for line in text.splitlines() if line.startswith("  total: "))
+    terms = {k: float(v.replace(",", "")) for k, v in re.findall(r"(\w+) ([\d,]+\.\d) h", total)}
+    whole = float(re.search(r"= ([\d,]+\.\d) GPU-hours", total)[1].replace(",", ""))
+    return parts, terms, whole
+
+
+def test_the_printed_parts_add_up_to_the_printed_totals():
+    cfg = make("sweep=paper", "cluster=address", "cluster.gpu_type=H200")
+    parts, terms, whole = printed_hours(plan.describe_plan(cfg, "r", plan.Path("/tmp/r")))
+    assert len(parts["generation"]) == 4 and len(parts["scoring"]) == 12
+    for term, hours in parts.items():
+        assert round(sum(hours), 1) == terms[term]
+    assert round(sum(terms.values()), 1) == whole
+    # 0.04 + 0.14 + 0.04 h print as 0.0 + 0.1 + 0.0 and add up to 0.1, not 0.22 rounded
+    small = [E.Part("g", "m", "s", 1, h) for h in (0.04, 0.14, 0.04)]
+    assert E.describe_total(E.group_tenths(small), []) == "g 0.1 h = 0.1 GPU-hours"
+
+
+def test_every_line_names_its_gpu_and_says_what_it_is():
+    cfg = make("sweep=paper", "cluster=address", "cluster.gpu_type=H200")
+    text = plan.describe_plan(cfg, "r", plan.Path("/tmp/r"))
+    assert "GPU-hours, upper bounds" not in text and "GPU-hours, estimates" in text
+    assert "Tokens are upper bounds" in text and E.LENGTH_RULE in text
+    lines = [x for x in text.splitlines() if " h  " in x and "tokens at" in x]
+    assert len(lines) == 16
+    assert all(" x 1 H100 GPU (" in x or " x 1 H200 GPU (" in x for x in lines)
+    gen = [x for x in lines if " generation " in x]
+    assert all(" x 1 H100 GPU (H100, any model's (*) row)" in x for x in gen)
+    assert "rates measured: generation on H100; scoring on H200 (the table has no" in text
+    # GPT-OSS-20B and DeepSeek-V2-Lite, measured at 1,024 tokens only, scale to their lengths
+    for name, measured in (("gpt-oss-20b     ", "555"), ("deepseek-v2-lite", "971")):
+        line = next(x for x in lines if x.startswith(f"  {name} scoring early"))
+        assert "extrapolated from 1,024 tokens by attention cost" in line
+        assert f"at    {measured}/s" not in line
+
+
+def test_a_model_without_a_rate_is_unknown_and_the_total_says_so():
+    text = plan.describe_plan(make("dry_run=true"), "r", plan.Path("/tmp/r"))
+    line = next(x for x in text.splitlines() if x.startswith("  tiny             scoring early"))
+    assert "unknown" in line and "no scoring rate of this model in the table" in line
+    assert (
+        "  total: generation 0.0 h + scoring 0.0 h = 0.0 GPU-hours + 3 unknown part(s):"
+        " tiny scoring early, tiny scoring middle, tiny scoring final"
+    ) in text
+
+
+def test_the_router_update_has_an_estimate_per_step_and_the_run_a_total():
+    from orchestrator.router_stage import describe_router_plan
+
+    text = describe_router_plan(make("router_update=paper", "dry_run=true"))
+    lines = text.splitlines()
+    oss = [x for x in lines if x.startswith("  gpt-oss-20b")]
+    assert [x[19:41].strip() for x in oss] == [
+        "math500 generation",
+        "math500 scoring final",
+        "preferences",
+        "training",
+        "eval generation",
+        "rescoring final",
+    ]
+    eval_tokens = 2 * 90 * 16 * 32768  # variants x problems x eval_samples x max_tokens
+    assert f"{eval_tokens / 2352 / 3600:9,.1f} h  {eval_tokens:>13,} tokens at  2,352/s" in oss[4]
+    assert "small    full-batch Adam on layer 23's router, 500 steps: not counted" in oss[3]
+    train_tokens = 500 * 2 * 32768  # math500 x generation.samples_per_problem x max_tokens
+    assert f"{train_tokens:>13,} tokens at" in oss[5] and " H200 GPU (" in oss[5]
+    hours = [float(x.split(" h  ")[0].split()[-1].replace(",", "")) for x in lines if " h  " in x]
+    total = next(x for x in lines if x.startswith("  total: "))
+    printed = float(total.split(" = ")[1].split()[0].replace(",", ""))
+    assert round(sum(hours), 1) == printed and total.endswith("(training: small, not counted)")
+    assert lines[-1] == (
+        f"run total: main stages 0.0 h + router update {printed:,.1f} h = {printed:,.1f} GPU-hours"
+        " + 3 unknown part(s): tiny scoring early, tiny scoring middle, tiny scoring final"
+    )
+    # with the paper sweep, the training data are its own MATH-500 units at the final layer
+    both = describe_router_plan(make("sweep=paper", "router_update=paper", "dry_run=true"))
+    assert both.count("0.0 h    131,072,000 tokens: the main stages' own math500 units") == 4
+    main = printed_hours(plan.describe_plan(make("sweep=paper"), "r", plan.Path("/tmp/r")))[2]
+    assert f"run total: main stages {main:,.1f} h + router update" in both
 
 
 def test_the_estimate_adds_up_per_stage_and_in_total():
@@ -108,8 +262,8 @@ def test_the_estimate_adds_up_per_stage_and_in_total():
     gen_h = tokens / 2352 / 3600
     s0, s1 = 1 / 1448, 1 / 512  # OLMoE early at 2,048 and 16,384 tokens
     score_h = tokens * (s0 + (s1 - s0) * (3072 - 2048) / (16384 - 2048)) / 3600
-    assert f"generation {gen_h:,.1f} h + scoring {score_h:,.1f} h" in text
-    assert f"= {gen_h + score_h:,.1f} GPU-hours" in text
+    # 0.087 + 0.160 h print as 0.1 + 0.2, and the total is their sum, 0.3 (not 0.247 rounded)
+    assert f"generation {gen_h:,.1f} h + scoring {score_h:,.1f} h = 0.3 GPU-hours" in text
     assert "H200 early, interpolated from 2,048 and 16,384 tokens" in text
     assert "generation rate: GPUStack performance lab" in text
     assert "olmoe-1b-7b      scorer   17.6 = weights 13.8" in text and "fits 1 x 80" in text
