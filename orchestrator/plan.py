@@ -78,9 +78,28 @@ def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
     if cfg.run_id:
         return cfg.run_id
     decide = ("model", "dataset", "generation", "scoring", "sweep", "models", "datasets")
-    keep = {k: resolved[k] for k in decide if k in resolved}
+    keep = without_unhashed({k: resolved[k] for k in decide if k in resolved})
     prefix = cfg.sweep.name if cfg.sweep.models or cfg.sweep.datasets else cfg.model.name
     return f"{prefix}-{config_hash(keep)[:8]}"
+
+
+# Keys that do not decide results and were added after runs were hashed without them: dropped
+# from the run id's hash (anywhere in the tree) when they hold the value that keeps the old
+# behaviour (ANY: always), so that adding them does not move the id of an existing run.
+ANY = object()
+UNHASHED: dict[str, Any] = {"attn_width": ANY}
+
+
+def without_unhashed(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {
+            k: without_unhashed(v)
+            for k, v in tree.items()
+            if k not in UNHASHED or (UNHASHED[k] is not ANY and v != UNHASHED[k])
+        }
+    if isinstance(tree, list):
+        return [without_unhashed(v) for v in tree]
+    return tree
 
 
 def plan_cells(cfg: RunConfig) -> list[Cell]:

@@ -115,6 +115,17 @@ def test_run_id_is_derived_from_what_decides_results():
     assert plan.derive_run_id(*compose_both("run_id=mine")) == "mine"
 
 
+@pytest.mark.parametrize(
+    "overrides, run_id", [((), "tiny-b2168886"), (("sweep=paper",), "paper-0e9e1a3a")]
+)
+def test_derived_run_ids_stay_those_of_runs_already_made(overrides, run_id, tmp_path):
+    """A run started without run_id= resumes by its derived id: a new setting that keeps the old
+    behaviour at its default (or only feeds the dry run's estimate) must not move it."""
+    done = cli(*overrides, "dry_run=true", f"runs_dir={tmp_path}/runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"run {run_id} -> ")
+
+
 def gen_units(cfg: C.RunConfig, n: int = 40) -> list[plan.Unit]:
     return plan.generation_units(
         Path("/r"), cfg.model, cfg.dataset, cfg.generation, num_problems=n, problems_sha256="abc"
