@@ -9,8 +9,10 @@ its last unit is written; `log_results(report)` adds to each job's run its per-b
 metrics ("fragile/gain_pp", "confident/win_rate", "ambiguous/alignment", ...), its rows of
 the aggregate table and the figures, and logs the full tables and figures on the driver;
 `log_tokens(tables)` adds the token inspector's tables (text and routes of the most fragile
-trajectories) to the driver run; `finish(exit_code)` closes it. Every run's W&B id is derived
-from (run id, model, layer, dataset) by `wandb_id` and opened with resume="allow", so a
+trajectories) to the driver run; `log_step(name=, key=, job_type=, ...)` logs one step of a
+stage (the router update's) in its own run; `finish(exit_code)` closes it. Every run's W&B id is
+derived by `wandb_id` from the run id and (model, layer, dataset) for a job, `key` for a step
+(e.g. (model, "router", "train")), and opened with resume="allow", so a
 restarted driver continues the same runs instead of opening new ones. Job runs carry the
 scoring slice and the run's provenance (git commit, versions) as config. Needs wandb >=
 0.19.10 (reinit="create_new").
@@ -332,6 +334,7 @@ class WandbSession:
         self,
         *,
         name: str,
+        key: tuple[Any, ...],
         job_type: str,
         config: dict[str, Any],
         summary: dict[str, Any],
@@ -339,10 +342,16 @@ class WandbSession:
         figures: dict[str, Any] | None = None,
     ) -> None:
         """One run for one step of a stage (e.g. job_type="router_train"), grouped with the
-        run: summary values, Polars frames as tables, image files as figures."""
+        run: summary values, Polars frames as tables, image files as figures. Its W&B id is
+        `wandb_id(run id, *key)`, e.g. key=(model, "router", "train")."""
         if self._run is None:
             return
-        run = self._init(name=name, job_type=job_type, config=scrub_secrets(config))
+        run = self._init(
+            name=name,
+            job_type=job_type,
+            config=scrub_secrets(config),
+            run_key=wandb_id(self.run_id, *key),
+        )
         if run is None:
             return
         try:

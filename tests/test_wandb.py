@@ -353,3 +353,101 @@ def test_a_full_disk_under_wandb_is_one_warning_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("WARNING orchestrator.wandb_run: W&B"), lines
     assert "File too large" in lines[0]
     assert proc.stdout.strip() == "restored True"
+
+
+def log_router_steps(session, run_dir: Path, *, run_id: str = "ru", model: str = "tiny") -> dict:
+    """The router update's W&B logging (router_report.log_wandb), on hand-built results of one
+    model: 2 problems x 2 samples per variant, a 3-step training log, a mechanism table."""
+    import pyarrow as pa
+
+    from analysis.passk import count_correct, paired_diff, passk_table, plot_passk
+    from orchestrator.config import ModelConfig, RouterUpdateConfig
+    from orchestrator.router_report import log_wandb
+    from workers.io import write_arrow
+    from workers.router_update import TRAIN_LOG_SCHEMA
+
+    ru = RouterUpdateConfig(name="demo", train_datasets=["demo_train"], eval_datasets=["demo"])
+    prefs = pl.DataFrame({"kind": ["prefer", "anchor", "anchor"], "position": [1, 2, 3]})
+    train_path = run_dir / "router_update" / model / "train.arrow"
+    log = [(i, 1.0 - i / 10, 0.5, 0.5 - i / 10, i / 3) for i in range(3)]
+    rows = [dict(zip(TRAIN_LOG_SCHEMA.names, row, strict=True)) for row in log]
+    write_arrow(pa.Table.from_pylist(rows, schema=TRAIN_LOG_SCHEMA), train_path, config_hash="h")
+    train_summary = {"steps": 3, "final_loss": 0.8, "pref_accuracy": 2 / 3}
+    counts = count_correct(
+        pl.DataFrame(
+            {
+                "variant": ["original"] * 4 + ["updated"] * 4,
+                "dataset": ["demo"] * 8,
+                "problem_id": ["p0", "p0", "p1", "p1"] * 2,
+                "verified": [True, False, False, False, True, True, False, True],
+            }
+        )
+    )
+    table = passk_table(counts, draws=50)
+    diff = paired_diff(counts, "original", "updated", draws=50)
+    figure = plot_passk(table, run_dir / "router_update" / model / "figures" / "passk.png")
+    mech = pl.DataFrame(
+        {
+            "split": ["train", "held-out"],
+            "group": ["flagged", "confident"],
+            "route_changed": [0.5, 0.0],
+        }
+    )
+    model_cfg = ModelConfig(name=model)
+    log_wandb(
+        session, run_id, model_cfg, ru, prefs, train_path, train_summary, table, diff, mech, figure
+    )
+    return {"table": table, "train_summary": train_summary, "log": log}
+
+
+def test_router_update_steps_are_logged_offline(wandb_env):
+    from orchestrator.wandb_run import wandb_id
+
+    run_dir = wandb_env / "runs" / "ru"
+    cfg = WandbConfig(mode="offline", progress_interval_s=3600)
+    session = WandbSession(cfg, run_id="ru", run_dir=run_dir, config={"a": 1})
+    logged = log_router_steps(session, run_dir)
+    session.finish(exit_code=0)
+
+    runs = runs_by_id(run_dir)
+    steps = ("preferences", "train", "eval-original", "eval-updated", "rescore")
+    by_name = {}
+    for step in steps:
+        ((run, records),) = runs[wandb_id("ru", "tiny", "router", step)]
+        assert run.display_name == f"ru/tiny/router/{step}" and run.run_group == "ru"
+        by_name[step] = (run, records)
+    assert len(runs) == len(steps) + 1  # and the driver
+    job_types = {step: run.job_type for step, (run, _) in by_name.items()}
+    assert job_types == {
+        "preferences": "router_preferences",
+        "train": "router_train",
+        "eval-original": "router_eval",
+        "eval-updated": "router_eval",
+        "rescore": "router_rescore",
+    }
+    prefs = summary_of(by_name["preferences"][1])
+    assert prefs["prefer_tokens"] == 1 and prefs["anchor_tokens"] == 2
+    train = summary_of(by_name["train"][1])
+    assert train["final_loss"] == 0.8 and train["steps"] == 3
+    (entry,) = [h for h in history_of(by_name["train"][1]) if "train_log/_type" in h]
+    files = runs_dir_of(run_dir, wandb_id("ru", "tiny", "router", "train"))
+    train_log = json.loads((files / entry["train_log/path"]).read_text())
+    assert [row[0] for row in train_log["data"]] == [0, 1, 2]
+    table = logged["table"]
+    for variant in ("original", "updated"):
+        summary = summary_of(by_name[f"eval-{variant}"][1])
+        expected = table.filter(variant=variant)
+        for k, value in expected.select("k", "pass_at_k").rows():
+            assert summary[f"demo/pass@{k}"] == pytest.approx(value)
+        assert summary["passk/_type"] == "table-file" and summary["passk/nrows"] == 2
+        assert summary["passk_diff/_type"] == "table-file"
+        assert summary["figures/passk/_type"] == "image-file"
+    rescore = summary_of(by_name["rescore"][1])
+    assert rescore["train/flagged/route_changed"] == 0.5
+    assert rescore["held-out/confident/route_changed"] == 0.0
+
+
+def runs_dir_of(run_dir: Path, run_key: str) -> Path:
+    """The files/ folder of the one offline run with W&B id `run_key`."""
+    (path,) = (run_dir / "wandb").glob(f"offline-run-*/run-{run_key}.wandb")
+    return path.parent / "files"
