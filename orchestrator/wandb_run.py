@@ -13,7 +13,9 @@ trajectories) to the driver run; `log_step(name=, key=, job_type=, ...)` logs on
 stage (the router update's) in its own run; `finish(exit_code)` closes it. Every run's W&B id is
 derived by `wandb_id` from the run id and (model, layer, dataset) for a job, `key` for a step
 (e.g. (model, "router", "train")), and opened with resume="allow", so a
-restarted driver continues the same runs instead of opening new ones. Job runs carry the
+restarted driver continues the same runs instead of opening new ones. Offline, where wandb does
+not resume, the newest earlier log of the id is copied into the new run and the earlier
+folders are deleted by `finish` (orchestrator/wandb_offline.py). Job runs carry the
 scoring slice and the run's provenance (git commit, versions) as config. Needs wandb >=
 0.19.10 (reinit="create_new").
 
@@ -35,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from orchestrator.wandb_offline import carry_over, remove_runs, run_logs
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,7 @@ class WandbSession:
         self._pending: dict[str, Any] | None = None
         self._step = 0
         self._log_warned = False  # a wandb log file failed to write (reported once)
+        self._superseded: list[Path] = []  # offline logs carried into this session's runs
         mode = getattr(cfg, "mode", None)
         if mode == "disabled":
             return
@@ -158,7 +163,9 @@ class WandbSession:
         if self._wandb is None or self._broken:
             return None
         wandb = self._wandb
+        wandb_dir = self.run_dir / "wandb"
         try:
+            earlier = run_logs(wandb_dir, run_key) if self.cfg.mode == "offline" else []
             self.run_dir.mkdir(parents=True, exist_ok=True)
             settings = wandb.Settings(
                 silent=True,
@@ -193,6 +200,16 @@ class WandbSession:
             return None
         for handler in logging.getLogger("wandb").handlers:
             handler.handleError = self._log_failed  # type: ignore[method-assign]
+        if earlier:  # offline, and an earlier session (or this one) logged this id already
+            try:
+                carry_over(wandb, run, earlier[-1])
+                self._superseded += earlier
+            except Exception as err:  # a damaged log: it stays, beside the new one
+                message = " ".join(str(err).split())[:300]
+                log.warning(
+                    "W&B: could not carry %s over into the new run of %s, keeping both: %s: %s",
+                    earlier[-1].parent.name, name, type(err).__name__, message,
+                )  # fmt: skip
         return run
 
     def _log_failed(self, record: logging.LogRecord) -> None:
@@ -382,6 +399,8 @@ class WandbSession:
             # run.finish() can return before wandb-core has flushed the run's .wandb file;
             # teardown waits for it (and ends W&B's service process; a later init restarts it).
             self._wandb.teardown(exit_code=int(exit_code))
+            if not self._log_warned:  # this session's logs are complete: the older ones go
+                remove_runs(self._superseded)
         except Exception as err:
             if not self._log_warned:  # a full disk was already reported, once
                 _warn("finish", err)
