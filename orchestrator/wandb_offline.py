@@ -13,7 +13,8 @@ Contract: `read_records(path)` -> the wandb.proto Records of a .wandb file (a cr
 unfinished last record is left out); `run_logs(wandb_dir, run_key)` -> the logs of one id,
 oldest first; `history(records)` / `summary(records)` -> the rows / the final summary as plain
 values (media as their `{"_type": ..., "path": ...}` dicts); `carry_over(wandb, run, log)`
-logs one earlier log into `run`; `remove_runs(logs)` deletes their folders.
+logs one earlier log into `run` (`wait_s=`: a log this process closed just now, read once its
+exit record is on disk); `remove_runs(logs)` deletes their folders.
 
 The .wandb file is LevelDB log framing: a 7-byte file header (":W&B", magic 0xBEE1 as uint16,
 version byte), then 32 KiB blocks of records, each with a 7-byte header crc32(type byte + data)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -130,9 +132,24 @@ def _revive(wandb: Any, files: Path, value: Any) -> Any:
     return value
 
 
-def carry_over(wandb: Any, run: Any, log: Path) -> None:
-    """Log the run recorded in `log` (an earlier session's) into the open `run`."""
-    records = read_records(log)
+def finished_records(log: Path, wait_s: float) -> list[Any]:
+    """The records of a log this process is still closing: wandb-core writes a log's last
+    block when it closes the file, which can be after `run.finish()` returns. Polls until the
+    exit record is there (everything before it is then on disk), TimeoutError after wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = read_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{log.parent.name} was not closed within {wait_s:g} s")
+        time.sleep(0.1)
+
+
+def carry_over(wandb: Any, run: Any, log: Path, *, wait_s: float | None = None) -> None:
+    """Log the run recorded in `log` into the open `run`. `wait_s`: the log is this process's
+    own, closed just now; wait at most that long for its end to be on disk."""
+    records = read_records(log) if wait_s is None else finished_records(log, wait_s)
     files = log.parent / "files"
     rows = history(records)
     for row in rows:

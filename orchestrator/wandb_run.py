@@ -131,6 +131,7 @@ class WandbSession:
         self._step = 0
         self._log_warned = False  # a wandb log file failed to write (reported once)
         self._superseded: list[Path] = []  # offline logs carried into this session's runs
+        self._mine: set[Path] = set()  # the offline run folders this session wrote
         mode = getattr(cfg, "mode", None)
         if mode == "disabled":
             return
@@ -159,13 +160,15 @@ class WandbSession:
         return self._run is not None
 
     def _init(self, *, name: str, job_type: str, config: dict[str, Any], run_key: str) -> Any:
-        """One wandb run, or None (and W&B off) on any failure."""
+        """One wandb run, or None (and W&B off) on any failure. Offline, it starts with what
+        the newest earlier log of `run_key` holds (wandb_offline.carry_over)."""
         if self._wandb is None or self._broken:
             return None
         wandb = self._wandb
-        wandb_dir = self.run_dir / "wandb"
         try:
-            earlier = run_logs(wandb_dir, run_key) if self.cfg.mode == "offline" else []
+            earlier = (
+                run_logs(self.run_dir / "wandb", run_key) if self.cfg.mode == "offline" else []
+            )
             self.run_dir.mkdir(parents=True, exist_ok=True)
             settings = wandb.Settings(
                 silent=True,
@@ -200,9 +203,12 @@ class WandbSession:
             return None
         for handler in logging.getLogger("wandb").handlers:
             handler.handleError = self._log_failed  # type: ignore[method-assign]
+        if self.cfg.mode == "offline":
+            self._mine.add(Path(run.dir).parent)  # run.dir: the run folder's files/
         if earlier:  # offline, and an earlier session (or this one) logged this id already
+            own = earlier[-1].parent in self._mine  # e.g. a job's run: log_job, then log_results
             try:
-                carry_over(wandb, run, earlier[-1])
+                carry_over(wandb, run, earlier[-1], wait_s=self.cfg.init_timeout_s if own else None)
                 self._superseded += earlier
             except Exception as err:  # a damaged log: it stays, beside the new one
                 message = " ".join(str(err).split())[:300]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -226,13 +227,15 @@ def test_restarted_drivers_continue_each_run_in_one_offline_folder(wandb_env):
     report = build_report(run_dir)
     config = {"scoring": {"alternatives": 32}, "provenance": {"git_commit": "c0ffee"}}
     cfg = WandbConfig(mode="offline", progress_interval_s=0)
-    # 1st driver: the job is logged as its last unit is written, then the driver dies
+    # 1st driver: the job is logged as its last unit is written, then with the report (its
+    # run again, right after the first one closed), then the driver fails
     first = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
     first.log_progress({"scoring/done": 1})
     first.log_job("tiny", 2, "demo", {"units": 3, "tokens_this_session": 120})
+    first.log_results(report)
     first.finish(exit_code=1)
     between = time.time()
-    # 2nd driver, same run: nothing left to score, the report is logged to the same runs
+    # 2nd driver, same run: nothing left to score, the report is logged again to the same runs
     second = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
     second.log_progress({"scoring/done": 2})
     second.log_results(report)
@@ -257,9 +260,11 @@ def test_restarted_drivers_continue_each_run_in_one_offline_folder(wandb_env):
     assert summary["job/units"] == 3 and summary["job/tokens_this_session"] == 120
     row = report.tables["by_bin"].filter(dataset="demo", bin="fragile").row(0, named=True)
     assert summary["fragile/gain_pp"] == pytest.approx(row["gain_pp"])
-    (entry,) = [h for h in history_of(records) if "by_bin/_type" in h]
-    table = json.loads((runs_dir_of(run_dir, job) / entry["by_bin/path"]).read_text())
-    assert len(table["data"]) == 4
+    entries = [h for h in history_of(records) if "by_bin/_type" in h]
+    assert len(entries) == 2  # one per report
+    for entry in entries:
+        table = json.loads((runs_dir_of(run_dir, job) / entry["by_bin/path"]).read_text())
+        assert len(table["data"]) == 4
 
     ((driver_run, records),) = runs[driver]
     assert driver_run.display_name == "r1-driver"
@@ -271,12 +276,15 @@ def test_restarted_drivers_continue_each_run_in_one_offline_folder(wandb_env):
     summary = summary_of(records)
     assert summary["tiny/L2/fragile/gain_pp"] == pytest.approx(row["gain_pp"])
     assert summary["report"] == str(report.path)
-    (entry,) = [h for h in history if "tables/by_bin/_type" in h]
-    table = json.loads((runs_dir_of(run_dir, driver) / entry["tables/by_bin/path"]).read_text())
-    assert table["columns"] == report.tables["by_bin"].columns
-    assert len(table["data"]) == report.tables["by_bin"].height
-    (entry,) = [h for h in history if "figures/headline/_type" in h]
-    assert (runs_dir_of(run_dir, driver) / entry["figures/headline/path"]).stat().st_size > 0
+    entries = [h for h in history if "tables/by_bin/_type" in h]
+    assert len(entries) == 2
+    for entry in entries:
+        path = runs_dir_of(run_dir, driver) / entry["tables/by_bin/path"]
+        table = json.loads(path.read_text())
+        assert table["columns"] == report.tables["by_bin"].columns
+        assert len(table["data"]) == report.tables["by_bin"].height
+    for entry in [h for h in history if "figures/headline/_type" in h]:
+        assert (runs_dir_of(run_dir, driver) / entry["figures/headline/path"]).stat().st_size > 0
 
 
 def test_a_damaged_earlier_log_is_kept_beside_the_new_run(wandb_env, caplog):
@@ -341,8 +349,6 @@ print("restored", logging.raiseExceptions == raise_before)
 def test_a_full_disk_under_wandb_is_one_warning_line(tmp_path):
     # RLIMIT_FSIZE fails writes like ENOSPC (EFBIG; Python ignores SIGXFSZ), in wandb's
     # service process too; stderr goes to a pipe, which the limit does not touch.
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path / "run")],
@@ -483,6 +489,11 @@ def test_a_resumed_pipeline_run_keeps_one_offline_run_per_id(reference, wandb_en
     assert all(len(sessions) == 1 for sessions in logs.values())  # one log per id
     folders = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(folders) == len(first) == 4 and not set(folders) & set(first)
+    dry_run = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", str(run_dir / "wandb")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Would sync 4 run(s)" in dry_run.stdout + dry_run.stderr  # works offline
     ((_, records),) = logs[wandb_id("wb", "tiny", 2, "demo")]
     summary = summary_of(records)
     assert summary["job/units"] == 3 and summary["job/tokens_this_session"] > 0  # run 1
