@@ -2,8 +2,8 @@
 
 wandb cannot resume a run offline: every `wandb.init(id=X, mode="offline")` writes a new folder
 `<run_dir>/wandb/offline-run-<time>-X/` with its own transaction log `run-X.wandb`, and
-`wandb sync` uploads several logs of one id one after the other without resuming, so the last
-one uploaded replaces the history and summary of the earlier ones. So a session that opens run
+`wandb sync` uploads several logs of one id one after the other without resuming, so the later
+ones overwrite the history and summary of the earlier ones. So a session that opens run
 X offline first copies the newest earlier log of X into its new run (`carry_over`: the history
 rows in order with their timestamps, the summary keys that are not history keys, tables and
 images re-created from the earlier folder's files), and once its run is closed the earlier
@@ -119,13 +119,21 @@ def summary(records: list[Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k not in (*INTERNAL, "_timestamp")}
 
 
+def _media_file(files: Path, value: dict[str, Any]) -> Path:
+    """The file a logged media value points at, which must lie inside the run's files/."""
+    path = (files / str(value.get("path"))).resolve()
+    if not path.is_relative_to(files.resolve()):
+        raise ValueError(f"a W&B media path outside its run folder: {value.get('path')!r}")
+    return path
+
+
 def _revive(wandb: Any, files: Path, value: Any) -> Any:
     """A logged value as wandb takes it: tables and images re-created from their files."""
     kind = value.get("_type") if isinstance(value, dict) else None
     if kind == "image-file":
-        return wandb.Image(str(files / value["path"]))
+        return wandb.Image(str(_media_file(files, value)))
     if kind == "table-file":
-        table = json.loads((files / value["path"]).read_text())
+        table = json.loads(_media_file(files, value).read_text())
         return wandb.Table(columns=table["columns"], data=table["data"])
     if kind is not None:  # a media type this project never logs
         raise ValueError(f"cannot carry over a W&B value of type {kind!r}")

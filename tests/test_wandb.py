@@ -362,6 +362,44 @@ def test_a_full_disk_under_wandb_is_one_warning_line(tmp_path):
     assert proc.stdout.strip() == "restored True"
 
 
+def write_wandb_log(path: Path, records: list) -> None:
+    """A .wandb file of these records (each in one FULL chunk; small records only)."""
+    import struct
+    import zlib
+
+    data = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0))
+    for record in records:
+        body = record.SerializeToString()
+        data += struct.pack("<IHB", zlib.crc32(body, zlib.crc32(bytes([1]))), len(body), 1) + body
+    assert len(data) < 32 * 1024
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(data))
+
+
+def test_an_earlier_log_pointing_outside_its_folder_is_not_followed(wandb_env, caplog):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from orchestrator.wandb_run import wandb_id
+
+    secret = wandb_env / "secret.table.json"
+    secret.write_text(json.dumps({"columns": ["s"], "data": [["secret-7d1c"]]}))
+    run_dir = wandb_env / "runs" / "r1"
+    key = wandb_id("r1", "driver")
+    crafted = run_dir / "wandb" / f"offline-run-20000101_000000-{key}" / f"run-{key}.wandb"
+    row = pb.Record()
+    for part, value in (("_type", "table-file"), ("path", "../../../../../secret.table.json")):
+        row.history.item.add(nested_key=["t", part], value_json=json.dumps(value))
+    write_wandb_log(crafted, [pb.Record(run=pb.RunRecord(run_id=key)), row])
+    with caplog.at_level(logging.WARNING):
+        session = WandbSession(WandbConfig(), run_id="r1", run_dir=run_dir, config={})
+        session.finish(0)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "orchestrator.wandb_run"]
+    assert "outside its run folder" in message
+    assert crafted.exists()
+    for f in (run_dir / "wandb").rglob("*"):
+        assert not f.is_file() or b"secret-7d1c" not in f.read_bytes(), f
+
+
 def log_router_steps(session, run_dir: Path, *, run_id: str = "ru", model: str = "tiny") -> dict:
     """The router update's W&B logging (router_report.log_wandb), on hand-built results of one
     model: 2 problems x 2 samples per variant, a 3-step training log, a mechanism table."""
