@@ -136,6 +136,7 @@ def log_wandb(
     cfg = {"run_id": run_id, "model": model.name, "router_update": vars(ru)}
     session.log_step(
         name=f"{name}/preferences",
+        key=(model.name, "router", "preferences"),
         job_type="router_preferences",
         config=cfg,
         summary={
@@ -145,6 +146,7 @@ def log_wandb(
     )
     session.log_step(
         name=f"{name}/train",
+        key=(model.name, "router", "train"),
         job_type="router_train",
         config=cfg,
         summary=train_summary,
@@ -154,16 +156,18 @@ def log_wandb(
         rows = table.filter(pl.col("variant") == variant)
         session.log_step(
             name=f"{name}/eval-{variant}",
+            key=(model.name, "router", f"eval-{variant}"),
             job_type="router_eval",
             config={**cfg, "variant": variant},
             summary={
                 f"{d}/pass@{k}": v for d, k, v in rows.select("dataset", "k", "pass_at_k").rows()
             },
             tables={"passk": rows, "passk_diff": diff},
-            figures={"passk": figure},
+            figures={"figures/passk": figure},  # "passk" is the table
         )
     session.log_step(
         name=f"{name}/rescore",
+        key=(model.name, "router", "rescore"),
         job_type="router_rescore",
         config=cfg,
         summary={

@@ -9,9 +9,13 @@ its last unit is written; `log_results(report)` adds to each job's run its per-b
 metrics ("fragile/gain_pp", "confident/win_rate", "ambiguous/alignment", ...), its rows of
 the aggregate table and the figures, and logs the full tables and figures on the driver;
 `log_tokens(tables)` adds the token inspector's tables (text and routes of the most fragile
-trajectories) to the driver run; `finish(exit_code)` closes it. Every run's W&B id is derived
-from (run id, model, layer, dataset) by `wandb_id` and opened with resume="allow", so a
-restarted driver continues the same runs instead of opening new ones. Job runs carry the
+trajectories) to the driver run; `log_step(name=, key=, job_type=, ...)` logs one step of a
+stage (the router update's) in its own run; `finish(exit_code)` closes it. Every run's W&B id is
+derived by `wandb_id` from the run id and (model, layer, dataset) for a job, `key` for a step
+(e.g. (model, "router", "train")), and opened with resume="allow", so a
+restarted driver continues the same runs instead of opening new ones. Offline, where wandb does
+not resume, the newest earlier log of the id is copied into the new run and the earlier
+folders are deleted by `finish` (orchestrator/wandb_offline.py). Job runs carry the
 scoring slice and the run's provenance (git commit, versions) as config. Needs wandb >=
 0.19.10 (reinit="create_new").
 
@@ -33,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from orchestrator.wandb_offline import carry_over, remove_runs, run_logs
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +130,8 @@ class WandbSession:
         self._pending: dict[str, Any] | None = None
         self._step = 0
         self._log_warned = False  # a wandb log file failed to write (reported once)
+        self._superseded: list[Path] = []  # offline logs carried into this session's runs
+        self._mine: set[Path] = set()  # the offline run folders this session wrote
         mode = getattr(cfg, "mode", None)
         if mode == "disabled":
             return
@@ -152,11 +160,15 @@ class WandbSession:
         return self._run is not None
 
     def _init(self, *, name: str, job_type: str, config: dict[str, Any], run_key: str) -> Any:
-        """One wandb run, or None (and W&B off) on any failure."""
+        """One wandb run, or None (and W&B off) on any failure. Offline, it starts with what
+        the newest earlier log of `run_key` holds (wandb_offline.carry_over)."""
         if self._wandb is None or self._broken:
             return None
         wandb = self._wandb
         try:
+            earlier = (
+                run_logs(self.run_dir / "wandb", run_key) if self.cfg.mode == "offline" else []
+            )
             self.run_dir.mkdir(parents=True, exist_ok=True)
             settings = wandb.Settings(
                 silent=True,
@@ -191,6 +203,19 @@ class WandbSession:
             return None
         for handler in logging.getLogger("wandb").handlers:
             handler.handleError = self._log_failed  # type: ignore[method-assign]
+        if self.cfg.mode == "offline":
+            self._mine.add(Path(run.dir).parent)  # run.dir: the run folder's files/
+        if earlier:  # offline, and an earlier session (or this one) logged this id already
+            own = earlier[-1].parent in self._mine  # e.g. a job's run: log_job, then log_results
+            try:
+                carry_over(wandb, run, earlier[-1], wait_s=self.cfg.init_timeout_s if own else None)
+                self._superseded += earlier
+            except Exception as err:  # a damaged log: it stays, beside the new one
+                message = " ".join(str(err).split())[:300]
+                log.warning(
+                    "W&B: could not carry %s over into the new run of %s, keeping both: %s: %s",
+                    earlier[-1].parent.name, name, type(err).__name__, message,
+                )  # fmt: skip
         return run
 
     def _log_failed(self, record: logging.LogRecord) -> None:
@@ -332,6 +357,7 @@ class WandbSession:
         self,
         *,
         name: str,
+        key: tuple[Any, ...],
         job_type: str,
         config: dict[str, Any],
         summary: dict[str, Any],
@@ -339,10 +365,16 @@ class WandbSession:
         figures: dict[str, Any] | None = None,
     ) -> None:
         """One run for one step of a stage (e.g. job_type="router_train"), grouped with the
-        run: summary values, Polars frames as tables, image files as figures."""
+        run: summary values, Polars frames as tables, image files as figures. Its W&B id is
+        `wandb_id(run id, *key)`, e.g. key=(model, "router", "train")."""
         if self._run is None:
             return
-        run = self._init(name=name, job_type=job_type, config=scrub_secrets(config))
+        run = self._init(
+            name=name,
+            job_type=job_type,
+            config=scrub_secrets(config),
+            run_key=wandb_id(self.run_id, *key),
+        )
         if run is None:
             return
         try:
@@ -373,6 +405,8 @@ class WandbSession:
             # run.finish() can return before wandb-core has flushed the run's .wandb file;
             # teardown waits for it (and ends W&B's service process; a later init restarts it).
             self._wandb.teardown(exit_code=int(exit_code))
+            if not self._log_warned:  # this session's logs are complete: the older ones go
+                remove_runs(self._superseded)
         except Exception as err:
             if not self._log_warned:  # a full disk was already reported, once
                 _warn("finish", err)

@@ -1,21 +1,13 @@
-"""W&B: an offline run read back from its .wandb file, and misconfiguration that never raises.
-
-The .wandb file is W&B's transaction log in LevelDB log framing: a 7-byte file header
-(":W&B", magic 0xBEE1 as uint16, version byte), then 32 KiB blocks of records, each with a
-7-byte header crc32(type byte + data) (uint32 LE), length (uint16 LE), type (uint8: FULL=1,
-FIRST=2, MIDDLE=3, LAST=4); fewer than 7 bytes left in a block are zero padding. Each record
-is a serialised wandb.proto.wandb_internal_pb2.Record. (wandb 0.31 writes it from its Go
-core and ships no Python reader, so the small one below is ours.)
-"""
+"""W&B: offline runs read back from their .wandb files (orchestrator.wandb_offline's reader),
+one run per id across driver restarts, and misconfiguration that never raises."""
 
 from __future__ import annotations
 
 import json
 import logging
-import struct
+import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import polars as pl
@@ -23,47 +15,8 @@ import pytest
 
 from analysis.bench import write_sample_run
 from analysis.report import build_report
+from orchestrator.wandb_offline import read_records as read_wandb_records
 from orchestrator.wandb_run import WandbConfig, WandbSession, scrub_secrets
-
-BLOCK = 32 * 1024
-HEADER = 7
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def read_wandb_records(path: Path) -> list:
-    """Every Record in a .wandb file (checks the file header and each record's checksum)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0)
-    records, parts, pos = [], [], HEADER
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER:  # block trailer
-            pos += left
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        if (crc, length, kind) == (0, 0, 0):  # zero padding up to the block end
-            pos += left
-            continue
-        chunk = data[pos + HEADER : pos + HEADER + length]
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad checksum at {pos}"
-        pos += HEADER + length
-        if kind == FULL:
-            parts = [chunk]
-        elif kind == FIRST:
-            parts = [chunk]
-            continue
-        elif kind == MIDDLE:
-            parts.append(chunk)
-            continue
-        elif kind == LAST:
-            parts.append(chunk)
-        record = pb.Record()
-        record.ParseFromString(b"".join(parts))
-        records.append(record)
-    return records
 
 
 def path_of(runs: dict, name: str) -> Path:
@@ -266,34 +219,90 @@ def runs_by_id(run_dir: Path) -> dict[str, list]:
     return out
 
 
-def test_a_restarted_driver_continues_the_same_runs(wandb_env):
+def test_restarted_drivers_continue_each_run_in_one_offline_folder(wandb_env):
     from orchestrator.wandb_run import wandb_id
 
     run_dir = wandb_env / "runs" / "r1"
     write_sample_run(run_dir, models=("tiny",), layers=(2,), datasets=("demo",), rows=400, shards=1)
+    report = build_report(run_dir)
     config = {"scoring": {"alternatives": 32}, "provenance": {"git_commit": "c0ffee"}}
-    cfg = WandbConfig(mode="offline", progress_interval_s=3600)
-    # 1st driver: the job is logged as its last unit is written, then the driver dies
+    cfg = WandbConfig(mode="offline", progress_interval_s=0)
+    # 1st driver: the job is logged as its last unit is written, then with the report (its
+    # run again, right after the first one closed), then the driver fails
     first = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
+    first.log_progress({"scoring/done": 1})
     first.log_job("tiny", 2, "demo", {"units": 3, "tokens_this_session": 120})
+    first.log_results(report)
     first.finish(exit_code=1)
-    # 2nd driver, same run: nothing left to score, the report is logged to the same runs
+    between = time.time()
+    # 2nd driver, same run: nothing left to score, the report is logged again to the same runs
     second = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
-    second.log_results(build_report(run_dir))
+    second.log_progress({"scoring/done": 2})
+    second.log_results(report)
     second.finish(exit_code=0)
+    # 3rd driver: only progress; the tables, figures and summaries come along from the 2nd
+    third = WandbSession(cfg, run_id="r1", run_dir=run_dir, config=config)
+    third.log_progress({"scoring/done": 3})
+    third.finish(exit_code=0)
 
     runs = runs_by_id(run_dir)
     driver, job = wandb_id("r1", "driver"), wandb_id("r1", "tiny", 2, "demo")
     assert set(runs) == {driver, job}
-    assert len(runs[driver]) == 2 and len(runs[job]) == 2  # one per session, one id each
+    assert len(runs[driver]) == 1 and len(runs[job]) == 1  # one log per id: what sync uploads
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
     assert "/" not in job and len(job) <= 64
-    job_runs = [run for run, _ in runs[job]]
-    assert {r.display_name for r in job_runs} == {"r1/tiny/L2/demo"}
-    job_config = {i.key: json.loads(i.value_json) for i in job_runs[0].config.update}
+
+    ((job_run, records),) = runs[job]
+    assert job_run.display_name == "r1/tiny/L2/demo"
+    job_config = {i.key: json.loads(i.value_json) for i in job_run.config.update}
     assert job_config["provenance"] == {"git_commit": "c0ffee"}
-    first_summary, second_summary = (summary_of(records) for _, records in runs[job])
-    assert first_summary["job/units"] == 3 and "fragile/gain_pp" not in first_summary
-    assert "fragile/gain_pp" in second_summary
+    summary = summary_of(records)
+    assert summary["job/units"] == 3 and summary["job/tokens_this_session"] == 120
+    row = report.tables["by_bin"].filter(dataset="demo", bin="fragile").row(0, named=True)
+    assert summary["fragile/gain_pp"] == pytest.approx(row["gain_pp"])
+    entries = [h for h in history_of(records) if "by_bin/_type" in h]
+    assert len(entries) == 2  # one per report
+    for entry in entries:
+        table = json.loads((runs_dir_of(run_dir, job) / entry["by_bin/path"]).read_text())
+        assert len(table["data"]) == 4
+
+    ((driver_run, records),) = runs[driver]
+    assert driver_run.display_name == "r1-driver"
+    history = history_of(records)
+    progress = [h for h in history if "scoring/done" in h]
+    assert [h["scoring/done"] for h in progress] == [1, 2, 3]
+    times = [h["_timestamp"] for h in progress]
+    assert times[0] < between < times[1] < times[2]  # the time each session logged it
+    summary = summary_of(records)
+    assert summary["tiny/L2/fragile/gain_pp"] == pytest.approx(row["gain_pp"])
+    assert summary["report"] == str(report.path)
+    entries = [h for h in history if "tables/by_bin/_type" in h]
+    assert len(entries) == 2
+    for entry in entries:
+        path = runs_dir_of(run_dir, driver) / entry["tables/by_bin/path"]
+        table = json.loads(path.read_text())
+        assert table["columns"] == report.tables["by_bin"].columns
+        assert len(table["data"]) == report.tables["by_bin"].height
+    for entry in [h for h in history if "figures/headline/_type" in h]:
+        assert (runs_dir_of(run_dir, driver) / entry["figures/headline/path"]).stat().st_size > 0
+
+
+def test_a_damaged_earlier_log_is_kept_beside_the_new_run(wandb_env, caplog):
+    from orchestrator.wandb_run import wandb_id
+
+    run_dir = wandb_env / "runs" / "r1"
+    key = wandb_id("r1", "driver")
+    damaged = run_dir / "wandb" / f"offline-run-20000101_000000-{key}" / f"run-{key}.wandb"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a W&B log")
+    with caplog.at_level(logging.WARNING):
+        session = WandbSession(WandbConfig(), run_id="r1", run_dir=run_dir, config={})
+        session.log_progress({"a": 1})
+        session.finish(0)
+    assert damaged.exists()
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*/run-{key}.wandb"))) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "orchestrator.wandb_run"]
+    assert "could not carry" in message and "not a W&B transaction log" in message
 
 
 def test_jobs_are_reported_when_their_last_expected_unit_is_written(tmp_path):
@@ -340,8 +349,6 @@ print("restored", logging.raiseExceptions == raise_before)
 def test_a_full_disk_under_wandb_is_one_warning_line(tmp_path):
     # RLIMIT_FSIZE fails writes like ENOSPC (EFBIG; Python ignores SIGXFSZ), in wandb's
     # service process too; stderr goes to a pipe, which the limit does not touch.
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path / "run")],
@@ -353,3 +360,183 @@ def test_a_full_disk_under_wandb_is_one_warning_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("WARNING orchestrator.wandb_run: W&B"), lines
     assert "File too large" in lines[0]
     assert proc.stdout.strip() == "restored True"
+
+
+def write_wandb_log(path: Path, records: list) -> None:
+    """A .wandb file of these records (each in one FULL chunk; small records only)."""
+    import struct
+    import zlib
+
+    data = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0))
+    for record in records:
+        body = record.SerializeToString()
+        data += struct.pack("<IHB", zlib.crc32(body, zlib.crc32(bytes([1]))), len(body), 1) + body
+    assert len(data) < 32 * 1024
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(data))
+
+
+def test_an_earlier_log_pointing_outside_its_folder_is_not_followed(wandb_env, caplog):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from orchestrator.wandb_run import wandb_id
+
+    secret = wandb_env / "secret.table.json"
+    secret.write_text(json.dumps({"columns": ["s"], "data": [["secret-7d1c"]]}))
+    run_dir = wandb_env / "runs" / "r1"
+    key = wandb_id("r1", "driver")
+    crafted = run_dir / "wandb" / f"offline-run-20000101_000000-{key}" / f"run-{key}.wandb"
+    row = pb.Record()
+    for part, value in (("_type", "table-file"), ("path", "../../../../../secret.table.json")):
+        row.history.item.add(nested_key=["t", part], value_json=json.dumps(value))
+    write_wandb_log(crafted, [pb.Record(run=pb.RunRecord(run_id=key)), row])
+    with caplog.at_level(logging.WARNING):
+        session = WandbSession(WandbConfig(), run_id="r1", run_dir=run_dir, config={})
+        session.finish(0)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "orchestrator.wandb_run"]
+    assert "outside its run folder" in message
+    assert crafted.exists()
+    for f in (run_dir / "wandb").rglob("*"):
+        assert not f.is_file() or b"secret-7d1c" not in f.read_bytes(), f
+
+
+def log_router_steps(session, run_dir: Path, *, run_id: str = "ru", model: str = "tiny") -> dict:
+    """The router update's W&B logging (router_report.log_wandb), on hand-built results of one
+    model: 2 problems x 2 samples per variant, a 3-step training log, a mechanism table."""
+    import pyarrow as pa
+
+    from analysis.passk import count_correct, paired_diff, passk_table, plot_passk
+    from orchestrator.config import ModelConfig, RouterUpdateConfig
+    from orchestrator.router_report import log_wandb
+    from workers.io import write_arrow
+    from workers.router_update import TRAIN_LOG_SCHEMA
+
+    ru = RouterUpdateConfig(name="demo", train_datasets=["demo_train"], eval_datasets=["demo"])
+    prefs = pl.DataFrame({"kind": ["prefer", "anchor", "anchor"], "position": [1, 2, 3]})
+    train_path = run_dir / "router_update" / model / "train.arrow"
+    log = [(i, 1.0 - i / 10, 0.5, 0.5 - i / 10, i / 3) for i in range(3)]
+    rows = [dict(zip(TRAIN_LOG_SCHEMA.names, row, strict=True)) for row in log]
+    write_arrow(pa.Table.from_pylist(rows, schema=TRAIN_LOG_SCHEMA), train_path, config_hash="h")
+    train_summary = {"steps": 3, "final_loss": 0.8, "pref_accuracy": 2 / 3}
+    counts = count_correct(
+        pl.DataFrame(
+            {
+                "variant": ["original"] * 4 + ["updated"] * 4,
+                "dataset": ["demo"] * 8,
+                "problem_id": ["p0", "p0", "p1", "p1"] * 2,
+                "verified": [True, False, False, False, True, True, False, True],
+            }
+        )
+    )
+    table = passk_table(counts, draws=50)
+    diff = paired_diff(counts, "original", "updated", draws=50)
+    figure = plot_passk(table, run_dir / "router_update" / model / "figures" / "passk.png")
+    mech = pl.DataFrame(
+        {
+            "split": ["train", "held-out"],
+            "group": ["flagged", "confident"],
+            "route_changed": [0.5, 0.0],
+        }
+    )
+    model_cfg = ModelConfig(name=model)
+    log_wandb(
+        session, run_id, model_cfg, ru, prefs, train_path, train_summary, table, diff, mech, figure
+    )
+    return {"table": table, "train_summary": train_summary, "log": log}
+
+
+def test_router_update_steps_are_logged_offline(wandb_env):
+    from orchestrator.wandb_run import wandb_id
+
+    run_dir = wandb_env / "runs" / "ru"
+    cfg = WandbConfig(mode="offline", progress_interval_s=3600)
+    for _ in range(2):  # a rerun logs every step again, into the same runs
+        session = WandbSession(cfg, run_id="ru", run_dir=run_dir, config={"a": 1})
+        logged = log_router_steps(session, run_dir)
+        session.finish(exit_code=0)
+
+    runs = runs_by_id(run_dir)
+    steps = ("preferences", "train", "eval-original", "eval-updated", "rescore")
+    by_name = {}
+    for step in steps:
+        ((run, records),) = runs[wandb_id("ru", "tiny", "router", step)]
+        assert run.display_name == f"ru/tiny/router/{step}" and run.run_group == "ru"
+        by_name[step] = (run, records)
+    assert len(runs) == len(steps) + 1  # and the driver
+    job_types = {step: run.job_type for step, (run, _) in by_name.items()}
+    assert job_types == {
+        "preferences": "router_preferences",
+        "train": "router_train",
+        "eval-original": "router_eval",
+        "eval-updated": "router_eval",
+        "rescore": "router_rescore",
+    }
+    prefs = summary_of(by_name["preferences"][1])
+    assert prefs["prefer_tokens"] == 1 and prefs["anchor_tokens"] == 2
+    train = summary_of(by_name["train"][1])
+    assert train["final_loss"] == 0.8 and train["steps"] == 3
+    entries = [h for h in history_of(by_name["train"][1]) if "train_log/_type" in h]
+    assert len(entries) == 2  # one per session
+    entry = entries[-1]
+    files = runs_dir_of(run_dir, wandb_id("ru", "tiny", "router", "train"))
+    train_log = json.loads((files / entry["train_log/path"]).read_text())
+    assert [row[0] for row in train_log["data"]] == [0, 1, 2]
+    table = logged["table"]
+    for variant in ("original", "updated"):
+        summary = summary_of(by_name[f"eval-{variant}"][1])
+        expected = table.filter(variant=variant)
+        for k, value in expected.select("k", "pass_at_k").rows():
+            assert summary[f"demo/pass@{k}"] == pytest.approx(value)
+        assert summary["passk/_type"] == "table-file" and summary["passk/nrows"] == 2
+        assert summary["passk_diff/_type"] == "table-file"
+        assert summary["figures/passk/_type"] == "image-file"
+    rescore = summary_of(by_name["rescore"][1])
+    assert rescore["train/flagged/route_changed"] == 0.5
+    assert rescore["held-out/confident/route_changed"] == 0.0
+
+
+def runs_dir_of(run_dir: Path, run_key: str) -> Path:
+    """The files/ folder of the one offline run with W&B id `run_key`."""
+    (path,) = (run_dir / "wandb").glob(f"offline-run-*/run-{run_key}.wandb")
+    return path.parent / "files"
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_resumed_pipeline_run_keeps_one_offline_run_per_id(reference, wandb_env, capsys):
+    """`python -m orchestrator` twice (in-process): the first scores one lost shard, the
+    second skips everything; every W&B id still has one offline log, with both sessions in it."""
+    from pipeline_runs import copy_run, run_inprocess, stage_counts
+
+    from orchestrator.wandb_run import wandb_id
+
+    runs = wandb_env / "runs"
+    run_dir = copy_run(reference, runs, "wb", "problems", "trajectories", "scores")
+    lost = run_dir / "scores" / "tiny" / "layer=2" / "demo" / "00001"
+    for suffix in (".arrow", ".done.json"):
+        lost.with_suffix(suffix).unlink()
+    assert run_inprocess(runs, "wb", "wandb=offline") == 0
+    assert stage_counts(capsys.readouterr().err)["scoring"]["computed"] == 1
+    first = sorted((run_dir / "wandb").glob("offline-run-*"))
+    between = time.time()
+    assert run_inprocess(runs, "wb", "wandb=offline") == 0
+    assert stage_counts(capsys.readouterr().err)["scoring"]["computed"] == 0
+
+    logs = runs_by_id(run_dir)
+    jobs = {wandb_id("wb", "tiny", layer, "demo") for layer in (0, 2, 3)}
+    assert set(logs) == {wandb_id("wb", "driver"), *jobs}
+    assert all(len(sessions) == 1 for sessions in logs.values())  # one log per id
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == len(first) == 4 and not set(folders) & set(first)
+    dry_run = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", str(run_dir / "wandb")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Would sync 4 run(s)" in dry_run.stdout + dry_run.stderr  # works offline
+    ((_, records),) = logs[wandb_id("wb", "tiny", 2, "demo")]
+    summary = summary_of(records)
+    assert summary["job/units"] == 3 and summary["job/tokens_this_session"] > 0  # run 1
+    assert "fragile/gain_pp" in summary  # the report, logged by both runs
+    assert len([h for h in history_of(records) if "by_bin/_type" in h]) == 2
+    ((_, records),) = logs[wandb_id("wb", "driver")]
+    times = [h["_timestamp"] for h in history_of(records) if "scoring/done" in h]
+    assert min(times) < between < max(times)  # progress of both runs
