@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from analysis.kernel import KERNEL_FIELDS, route_metrics
 from analysis.metrics import AnalysisConfig, find_shards
 from analysis.report import load_run_config
 from analysis.runinfo import layer_labels, model_entries
+from workers.atomic import atomic_write
 from workers.io import read_sidecar
 
 TRAJECTORIES_GLOB = "trajectories/{model}/*/generated/*.arrow"
@@ -433,10 +433,7 @@ def write_page(
         .replace("__DATA__", blob)
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, page)
     return path
 
 

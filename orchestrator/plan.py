@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -41,6 +40,7 @@ from orchestrator.config import (
     sweep_models,
 )
 from orchestrator.tasks import GenerationTask, ScoringTask
+from workers.atomic import atomic_write
 from workers.generation import SamplingParams
 from workers.io import config_hash, file_sha256
 from workers.score_config import SPEED_SETTINGS
@@ -279,10 +279,8 @@ def write_plan(
             for u in score_units
         ]
     path = run_dir / "plan.json"
-    tmp = path.with_name(".plan.json.tmp")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps({"scores": scores, "unscored": unscored or []}, indent=1))
-    os.replace(tmp, path)
+    plan = json.dumps({"scores": scores, "unscored": unscored or []}, indent=1)
+    atomic_write(path, plan, root=run_dir)
 
 
 # ----------------------------------------------------------------------------- the dry run
