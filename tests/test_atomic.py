@@ -153,3 +153,45 @@ def test_write_arrow_through_planted_links_at_data_and_sidecar(outside):
     assert victim.read_text() == "precious\n"
     assert not path.is_symlink() and not io.done_path(path).is_symlink()
     assert io.is_complete(path, "h") and io.read_arrow(path).num_rows == 3
+
+
+def test_a_checkpoint_replaces_a_planted_folder_link_and_an_older_checkpoint(outside):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from workers.router_update import write_checkpoint
+
+    run, victim = outside
+    src = run.parent / "model"
+    src.mkdir()
+    save_file({"gate": torch.zeros(2, 3), "other": torch.ones(4)}, src / "model.safetensors")
+    (src / "config.json").write_text("{}")
+    (victim.parent / "model.safetensors").write_text("precious\n")
+    root = run / "router_update" / "tiny"
+    root.mkdir(parents=True)
+    (root / "checkpoint").symlink_to(victim.parent, target_is_directory=True)
+    for readme in ("# first\n", "# second\n"):  # the second replaces a real older checkpoint
+        dst = write_checkpoint(src, root / "checkpoint", {"gate": torch.ones(2, 3)}, readme)
+        assert not dst.is_symlink() and (dst / "README.md").read_text() == readme
+        assert torch.equal(load_file(dst / "model.safetensors")["gate"], torch.ones(2, 3))
+        assert (dst / "config.json").read_text() == "{}"
+        assert stat.S_IMODE(dst.stat().st_mode) == stat.S_IMODE(root.stat().st_mode)
+        assert [p.name for p in root.iterdir()] == ["checkpoint"]  # no temporary, no old copy
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["model.safetensors", "victim"]
+    assert (victim.parent / "model.safetensors").read_text() == "precious\n"
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_router_pages_replace_links_without_reading_their_targets(outside):
+    from orchestrator.config import RouterUpdateConfig
+    from orchestrator.router_report import LINK, link_from_report, write_markdown
+
+    run, victim = outside
+    (run / "router_update.md").symlink_to(victim)
+    (run / "report.md").symlink_to(victim)
+    write_markdown(run, ["## tiny"], RouterUpdateConfig())
+    link_from_report(None, run)
+    assert victim.read_text() == "precious\n"
+    assert "## tiny" in (run / "router_update.md").read_text()
+    assert (run / "report.md").read_text() == f"# Report\n\n{LINK}\n"  # not the victim's text
+    assert not (run / "report.md").is_symlink() and temps(run) == []
