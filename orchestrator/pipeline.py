@@ -301,12 +301,12 @@ def incomplete(
 
 def generate(actor: Any, unit: plan.Unit) -> Any:
     """The one call that runs a generation unit on a generator actor."""
-    return actor.generate.remote(unit.task, str(unit.path), unit.config_hash)
+    return actor.generate.remote(unit.task, str(unit.path), unit.config_hash, root=unit.root)
 
 
 def score(actor: Any, unit: plan.Unit) -> Any:
     """The one call that runs a scoring unit on a scorer actor."""
-    return actor.score.remote(unit.task, str(unit.path), unit.config_hash)
+    return actor.score.remote(unit.task, str(unit.path), unit.config_hash, root=unit.root)
 
 
 def generator_pool(

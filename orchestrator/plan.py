@@ -58,6 +58,7 @@ class Unit(Generic[TaskT]):
     path: Path
     config_hash: str
     task: TaskT
+    root: Path | None = None  # the run folder: no folder under it is written through a link
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a dict key for the run's stages
@@ -174,6 +175,7 @@ def generation_units(
                 stage="generation",
                 key=f"{model.name}/{dataset.name}/{k:05d}",
                 path=base / f"{k:05d}.arrow",
+                root=run_dir,
                 config_hash=config_hash({**common, "rows": list(rows)}),
                 task=GenerationTask(
                     problems_path=problems_path(run_dir, dataset),
@@ -247,6 +249,7 @@ def scoring_units(
                     stage="scoring",
                     key=f"{model.name}/layer={layer}/{dataset.name}/{path.stem}",
                     path=out / path.name,
+                    root=run_dir,
                     config_hash=config_hash(
                         {
                             "model": identity,

@@ -104,6 +104,13 @@ def read_nofollow(path: str | Path) -> bytes | None:
         return f.read()
 
 
+def ensure_folder(folder: str | Path, *, root: str | Path | None = None) -> Path:
+    """`folder`, created when missing, checked as a write into it would be (for writers that
+    build a folder of files, e.g. a checkpoint, before renaming it into place)."""
+    with _folder(Path(folder) / "_", root, create=True):
+        return Path(folder)
+
+
 def remove(path: str | Path, *, root: str | Path | None = None) -> None:
     """Delete `path` if it exists (a link is deleted itself), through the same checked folders
     as a write: a planted folder link never makes it delete a file outside `root`."""
