@@ -441,7 +441,10 @@ def write_shards(
     for k in range(math.ceil(table.num_rows / size)):
         path = out_dir / f"{k:05d}.arrow"
         if not is_complete(path, want):
-            write_arrow(table.slice(k * size, size), path, config_hash=want, root=run_dir)
+            try:
+                write_arrow(table.slice(k * size, size), path, config_hash=want, root=run_dir)
+            except OSError as err:  # a full disk, or a folder replaced by a link
+                raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
         shards.append((path, read_sidecar(path)["sha256"]))
     prune(run_dir, [out_dir], [p for p, _ in shards])
     return shards, table.num_rows, total

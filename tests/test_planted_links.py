@@ -5,6 +5,7 @@ file and change nothing outside the run folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -91,3 +92,36 @@ def test_links_planted_at_every_name_of_a_run_are_replaced_never_followed(refere
     assert tables(run_dir)["by_bin"].equals(by_bin)
     leftovers = [p for p in run_dir.rglob("*.tmp") if not p.is_symlink()]
     assert leftovers == []
+
+
+def test_a_folder_link_inside_the_run_folder_fails_the_unit_and_writes_nothing_outside(
+    tmp_path, capsys
+):
+    # The actors' writes check the folders under the run folder as the driver's do: the
+    # generation units, whose folder is a link to elsewhere, fail rather than write there.
+    outside, runs = tmp_path / "outside", tmp_path / "runs"
+    (outside / "tiny" / "demo" / "generated").mkdir(parents=True)
+    (runs / "linked").mkdir(parents=True)
+    (runs / "linked" / "trajectories").symlink_to(outside, target_is_directory=True)
+    assert run_inprocess(runs, "linked", "dataset.options.n=2", "scoring.retries=0") == 1
+    [failure] = [
+        json.loads(line) for line in (runs / "linked/failures.jsonl").read_text().splitlines()
+    ]
+    assert failure["stage"] == "generation" and "symbolic link" in failure["error"]
+    assert str(runs / "linked" / "trajectories") in failure["error"]
+    assert [p.relative_to(outside).as_posix() for p in outside.rglob("*")] == [
+        "tiny",
+        "tiny/demo",
+        "tiny/demo/generated",
+    ]
+    # On the driver, before Ray: one error line naming the link, exit 2.
+    (runs / "early").mkdir()
+    (runs / "early" / "problems").symlink_to(outside, target_is_directory=True)
+    capsys.readouterr()
+    assert run_inprocess(runs, "early") == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: cannot write {runs / 'early/problems/demo.arrow'}: ")
+    assert line.endswith(
+        f"{runs / 'early/problems'} is a symbolic link or not a folder; refusing to write through it"
+    )
+    assert sorted(p.name for p in outside.iterdir()) == ["tiny"]

@@ -159,10 +159,11 @@ def _folder(path: Path, root: str | Path | None, *, create: bool) -> Iterator[An
             except OSError as err:
                 if err.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
+                where = parent.joinpath(*parts[: i + 1])
                 raise OSError(
                     errno.ELOOP,
-                    "a symbolic link or a file where a folder belongs; refusing to write through it",
-                    str(parent.joinpath(*parts[: i + 1])),
+                    f"{where} is a symbolic link or not a folder; refusing to write through it",
+                    str(where),
                 ) from None
             os.close(fd)
             fd = child
