@@ -141,6 +141,10 @@ def test_append_replaces_a_link_without_reading_its_target(outside):
     assert victim.read_text() == "precious\n"
     (run / "report.md").symlink_to(victim)
     assert read_nofollow(run / "report.md") is None and read_nofollow(run / "none") is None
+    os.mkfifo(run / "rates.csv")  # would block a plain read for ever
+    assert read_nofollow(run / "rates.csv") is None
+    atomic_append(run / "rates.csv", "a,b\n", root=run)
+    assert (run / "rates.csv").read_text() == "a,b\n"
 
 
 def test_write_arrow_through_planted_links_at_data_and_sidecar(outside):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -73,35 +74,16 @@ def atomic_append(path: str | Path, data: bytes | str, *, root: str | Path | Non
     (failures.jsonl). A link at `path` counts as no old content: it is replaced, not read."""
     path = Path(path)
     with _folder(path, root, create=True) as folder:
-        try:
-            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
-        except (FileNotFoundError, NotADirectoryError):
-            old = b""
-        except OSError as err:
-            if err.errno != errno.ELOOP:
-                raise
-            old = b""
-        else:
-            with os.fdopen(fd, "rb") as f:
-                old = f.read()
+        old = _read_regular(path.name, folder) or b""
     return atomic_write(
         path, old + (data.encode("utf-8") if isinstance(data, str) else data), root=root
     )
 
 
 def read_nofollow(path: str | Path) -> bytes | None:
-    """The content of `path`, or None when it is missing or a link (whose target is not ours
-    to read into a run folder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
+    """The content of `path`, or None when it is missing, a link (whose target is not ours to
+    read into a run folder) or not a regular file (a planted FIFO would block the reader)."""
+    return _read_regular(str(path), None)
 
 
 def ensure_folder(folder: str | Path, *, root: str | Path | None = None) -> Path:
@@ -171,6 +153,19 @@ def _folder(path: Path, root: str | Path | None, *, create: bool) -> Iterator[An
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _read_regular(name: str, folder: int | None) -> bytes | None:
+    """The bytes of regular file `name` (relative to `folder`), never through a link."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=folder)
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _create_temp(folder: int, name: str) -> tuple[int, str]:
