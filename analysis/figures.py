@@ -23,6 +23,7 @@ import polars as pl
 
 from analysis.metrics import BINS
 from analysis.tables import pooled_rows
+from workers.atomic import atomic_file
 
 BIN_COLORS = {
     "confident": "#2a9d8f",
@@ -97,9 +98,10 @@ def _errors(rows: list[dict | None], mean: str) -> list[list[float]] | None:
     return [below, above] if any_ci else None
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+def _save(fig, path: Path, root: Path | None) -> Path:
+    """`path` written through workers.atomic (`root`: the run folder)."""
+    with atomic_file(path, root=root) as f:
+        fig.savefig(f, format=path.suffix.lstrip("."), dpi=110)
     return path
 
 
@@ -110,7 +112,7 @@ def _legend_top(fig, handles, labels, ncols: int) -> None:
     )  # fmt: skip
 
 
-def plot_headline(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
+def plot_headline(by_bin: pl.DataFrame, path: Path, labels: dict, root: Path | None = None) -> Path:
     pooled = pooled_rows(by_bin)
     fig, axes, panels = _model_layer_grid(pooled)
     for ax, model, layer, c in panels:
@@ -144,7 +146,7 @@ def plot_headline(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
         "Standard route vs best of J alternatives, per pbar bin\n(95% bootstrap intervals)",
         fontsize=FONT + 2, x=0.02, ha="left", y=0.99, va="top",
     )  # fmt: skip
-    return _save(fig, path)
+    return _save(fig, path, root)
 
 
 def bucket_edges(gain_hist: pl.DataFrame):
@@ -171,7 +173,9 @@ def bucket_shares(h: pl.DataFrame, buckets: int):
     return share
 
 
-def plot_gain_hist(gain_hist: pl.DataFrame, path: Path, labels: dict) -> Path:
+def plot_gain_hist(
+    gain_hist: pl.DataFrame, path: Path, labels: dict, root: Path | None = None
+) -> Path:
     from matplotlib.ticker import FixedLocator, NullLocator
 
     pooled = gain_hist.group_by("model", "layer", "bin", "gain_bucket").agg(pl.col("tokens").sum())
@@ -205,10 +209,12 @@ def plot_gain_hist(gain_hist: pl.DataFrame, path: Path, labels: dict) -> Path:
     fig.suptitle(
         "Per-token gain of the best alternative route", fontsize=FONT + 2, x=0.02, ha="left"
     )
-    return _save(fig, path)
+    return _save(fig, path, root)
 
 
-def plot_alignment(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
+def plot_alignment(
+    by_bin: pl.DataFrame, path: Path, labels: dict, root: Path | None = None
+) -> Path:
     pooled = pooled_rows(by_bin)
     models, layers = _panels(pooled)
     fig, axes = _figure(1, len(models), width=5.0, top=1.0)
@@ -237,10 +243,10 @@ def plot_alignment(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
         "Router alignment: does the router's score\nrank routes by their utility?",
         fontsize=FONT + 2, x=0.02, ha="left", y=0.99, va="top",
     )  # fmt: skip
-    return _save(fig, path)
+    return _save(fig, path, root)
 
 
-def plot_win_rate(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
+def plot_win_rate(by_bin: pl.DataFrame, path: Path, labels: dict, root: Path | None = None) -> Path:
     pooled = pooled_rows(by_bin)
     models, layers = _panels(pooled)
     scored = sorted({layer for v in layers.values() for layer in v})
@@ -277,20 +283,23 @@ def plot_win_rate(by_bin: pl.DataFrame, path: Path, labels: dict) -> Path:
         "Win rate of the best alternative by layer (95% bootstrap intervals)",
         fontsize=FONT + 2, x=0.02, ha="left", y=0.99, va="top",
     )  # fmt: skip
-    return _save(fig, path)
+    return _save(fig, path, root)
 
 
 def plot_all(
     tables: dict[str, pl.DataFrame],
     out_dir: str | Path,
     labels: dict[tuple[str, int], str] | None = None,
+    *,
+    root: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Every figure of the report, as PNGs under out_dir."""
+    """Every figure of the report, as PNGs under out_dir (inside the run folder `root`)."""
     out_dir = Path(out_dir)
     labels = labels or {}
+    root = Path(root) if root is not None else None
     return {
-        "headline": plot_headline(tables["by_bin"], out_dir / "headline.png", labels),
-        "gain_hist": plot_gain_hist(tables["gain_hist"], out_dir / "gain_hist.png", labels),
-        "alignment": plot_alignment(tables["by_bin"], out_dir / "alignment.png", labels),
-        "win_rate": plot_win_rate(tables["by_bin"], out_dir / "win_rate.png", labels),
+        "headline": plot_headline(tables["by_bin"], out_dir / "headline.png", labels, root),
+        "gain_hist": plot_gain_hist(tables["gain_hist"], out_dir / "gain_hist.png", labels, root),
+        "alignment": plot_alignment(tables["by_bin"], out_dir / "alignment.png", labels, root),
+        "win_rate": plot_win_rate(tables["by_bin"], out_dir / "win_rate.png", labels, root),
     }

@@ -32,7 +32,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -45,6 +44,7 @@ from analysis.kernel import KERNEL_FIELDS, route_metrics
 from analysis.metrics import AnalysisConfig, find_shards
 from analysis.report import load_run_config
 from analysis.runinfo import layer_labels, model_entries
+from workers.atomic import atomic_write
 from workers.io import read_sidecar
 
 TRAJECTORIES_GLOB = "trajectories/{model}/*/generated/*.arrow"
@@ -548,11 +548,9 @@ def page_path(
 
 
 def write_file(path: Path, text: str) -> None:
-    """The page's one write: a temporary beside it, then a rename."""
+    """The page's one write: whole or not at all, never through a link (workers.atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def write_page(

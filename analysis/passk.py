@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from workers.atomic import atomic_file
+
 COUNT_COLUMNS = ("variant", "dataset", "problem_id", "n", "c")
 ALL = "all"
 
@@ -147,8 +149,9 @@ def paired_diff(
     )
 
 
-def plot_passk(table: pl.DataFrame, path: str | Path) -> Path:
-    """pass@K against K (log2 axis) per dataset panel, one curve per variant, 95% bands."""
+def plot_passk(table: pl.DataFrame, path: str | Path, *, root: str | Path | None = None) -> Path:
+    """pass@K against K (log2 axis) per dataset panel, one curve per variant, 95% bands;
+    written through workers.atomic (`root`: the run folder)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,7 +173,7 @@ def plot_passk(table: pl.DataFrame, path: str | Path) -> Path:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, root=root) as f:
+        fig.savefig(f, format=path.suffix.lstrip("."), dpi=120)
     plt.close(fig)
     return path

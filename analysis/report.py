@@ -32,6 +32,7 @@ from analysis.inputs import ScoreInputs, select_score_files
 from analysis.metrics import BINS, CLUSTERS, SCORES_GLOB, AnalysisConfig, collect_stats
 from analysis.runinfo import generation_summary, layer_labels
 from analysis.tables import pooled_rows, summarise, write_tables
+from workers.atomic import atomic_write
 
 
 @dataclass
@@ -63,11 +64,11 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
     tables = summarise(collect_stats(shards, cfg), cfg)
     seconds = time.perf_counter() - started
     tables["generation"] = generation_summary(run_dir)
-    write_tables(tables, run_dir / "tables")
+    write_tables(tables, run_dir / "tables", root=run_dir)
     # 3. Figures and the markdown report that embeds them.
     run_config = load_run_config(run_dir)
     labels = layer_labels(run_config)
-    figures = plot_all(tables, run_dir / "figures", labels)
+    figures = plot_all(tables, run_dir / "figures", labels, root=run_dir)
     text = render_markdown(
         tables,
         figures,
@@ -80,9 +81,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         labels=labels,
     )
     path = run_dir / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text, root=run_dir)
     return Report(tables=tables, figures=figures, path=path)
 
 

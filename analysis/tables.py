@@ -27,6 +27,7 @@ import polars as pl
 
 from analysis.intervals import bootstrap_intervals
 from analysis.metrics import BINS, FIXED_POINT, GROUP_KEYS, AnalysisConfig
+from workers.atomic import atomic_file
 
 BIN_ORDER = (*BINS, "all")
 SUMS = (
@@ -162,13 +163,17 @@ def pooled_rows(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_tables(tables: dict[str, pl.DataFrame], out_dir: str | Path) -> dict[str, Path]:
-    """Write every table as Parquet and CSV; returns {name: parquet path}."""
+def write_tables(
+    tables: dict[str, pl.DataFrame], out_dir: str | Path, *, root: str | Path | None = None
+) -> dict[str, Path]:
+    """Write every table as Parquet and CSV through workers.atomic (`root`: the run folder);
+    returns {name: parquet path}."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, frame in tables.items():
-        frame.write_parquet(out_dir / f"{name}.parquet")
-        frame.write_csv(out_dir / f"{name}.csv")
+        with atomic_file(out_dir / f"{name}.parquet", root=root) as f:
+            frame.write_parquet(f)
+        with atomic_file(out_dir / f"{name}.csv", root=root) as f:
+            frame.write_csv(f)
         paths[name] = out_dir / f"{name}.parquet"
     return paths

@@ -37,6 +37,7 @@ from orchestrator.lock import RunLock, RunLockedError
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.provenance import check_resume, run_record
 from orchestrator.wandb_run import SECRET_KEY
+from workers.atomic import atomic_write
 
 register_configs()
 
@@ -188,9 +189,8 @@ def hydra_overrides() -> list[str]:
 def save_config(run_dir: Path, resolved: dict[str, Any]) -> None:
     """The resolved config, secrets scrubbed, as runs/<id>/config.yaml (replaced each run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(resolved))))
-    os.replace(tmp, run_dir / "config.yaml")
+    config = OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(resolved)))
+    atomic_write(run_dir / "config.yaml", config, root=run_dir)
 
 
 def resume_command(overrides: list[str] | None, run_id: str) -> str:

@@ -89,7 +89,9 @@ class GeneratorWorker:
         if close is not None:
             close()
 
-    def generate(self, task: GenerationTask, out_path: str, config_hash: str) -> dict[str, Any]:
+    def generate(
+        self, task: GenerationTask, out_path: str, config_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
         from workers.generate import generate_trajectories
         from workers.io import read_arrow, write_arrow
 
@@ -113,6 +115,7 @@ class GeneratorWorker:
             config_hash=config_hash,
             started=started,
             extra={"provenance": self.provenance, "backend": self.backend_name},
+            root=root,
         )
         lengths = table.column("input_ids").to_pylist()
         prompt_lens = table.column("prompt_len").to_pylist()
@@ -142,7 +145,9 @@ class ScorerWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, task: ScoringTask, out_path: str, config_hash: str) -> dict[str, Any]:
+    def score(
+        self, task: ScoringTask, out_path: str, config_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
         from workers.scorer import score_file
 
         sidecar = score_file(
@@ -152,6 +157,7 @@ class ScorerWorker:
             out_path,
             config_hash=config_hash,
             extra={"provenance": self.provenance},
+            root=root,
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 

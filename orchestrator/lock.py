@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from workers.atomic import atomic_write
+
 LOCK_NAME = ".driver.lock"
 TTL_S = 120.0  # a lease without a heartbeat for this long is dead (covers clock skew too)
 HEARTBEAT_S = 15.0
@@ -161,9 +163,7 @@ class RunLock:
                 )
                 _thread.interrupt_main()
                 return
-            tmp = self.path.with_name(f".{LOCK_NAME}.{self.token}.tmp")
-            tmp.write_text(json.dumps({**self.info, "heartbeat": time.time()}))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps({**self.info, "heartbeat": time.time()}))
 
 
 def pid_alive(pid: Any) -> bool:

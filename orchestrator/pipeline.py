@@ -34,6 +34,7 @@ from orchestrator.config import ModelConfig, RunConfig
 from orchestrator.errors import ActorStartError, PipelineError, last_line
 from orchestrator.executor import Executor, Outcome, Pool, cluster_resources
 from orchestrator.progress import StageProgress
+from workers.atomic import atomic_append
 from workers.io import (
     IncompleteFileError,
     discard,
@@ -102,7 +103,7 @@ def prepare_datasets(run_dir: Path, datasets: list[Any]) -> dict[str, tuple[int,
                 pa.array([dataset.name] * table.num_rows, pa.string()),
             )
             try:
-                write_arrow(table, path, config_hash=want)
+                write_arrow(table, path, config_hash=want, root=run_dir)
             except OSError as err:  # a full disk or quota: write_arrow left nothing complete
                 raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
         sidecar = read_sidecar(path)
@@ -300,12 +301,12 @@ def incomplete(
 
 def generate(actor: Any, unit: plan.Unit) -> Any:
     """The one call that runs a generation unit on a generator actor."""
-    return actor.generate.remote(unit.task, str(unit.path), unit.config_hash)
+    return actor.generate.remote(unit.task, str(unit.path), unit.config_hash, root=unit.root)
 
 
 def score(actor: Any, unit: plan.Unit) -> Any:
     """The one call that runs a scoring unit on a scorer actor."""
-    return actor.score.remote(unit.task, str(unit.path), unit.config_hash)
+    return actor.score.remote(unit.task, str(unit.path), unit.config_hash, root=unit.root)
 
 
 def generator_pool(
@@ -440,7 +441,10 @@ def write_shards(
     for k in range(math.ceil(table.num_rows / size)):
         path = out_dir / f"{k:05d}.arrow"
         if not is_complete(path, want):
-            write_arrow(table.slice(k * size, size), path, config_hash=want)
+            try:
+                write_arrow(table.slice(k * size, size), path, config_hash=want, root=run_dir)
+            except OSError as err:  # a full disk, or a folder replaced by a link
+                raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
         shards.append((path, read_sidecar(path)["sha256"]))
     prune(run_dir, [out_dir], [p for p, _ in shards])
     return shards, table.num_rows, total
@@ -629,16 +633,18 @@ def record_failures(summary: RunSummary, outcomes: list[Any]) -> None:
     failed = [o for o in outcomes if not o.ok]
     if not failed:
         return
-    with open(summary.run_dir / "failures.jsonl", "a", encoding="utf-8") as f:
-        for o in failed:
-            entry = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "stage": o.unit.stage,
-                "unit": o.unit.key,
-                "path": str(o.unit.path),
-                "config_hash": o.unit.config_hash,
-                "attempts": o.attempts,
-                "error": o.error,
-            }
-            f.write(json.dumps(entry) + "\n")
-            summary.failures.append(entry)
+    lines = []
+    for o in failed:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stage": o.unit.stage,
+            "unit": o.unit.key,
+            "path": str(o.unit.path),
+            "config_hash": o.unit.config_hash,
+            "attempts": o.attempts,
+            "error": o.error,
+        }
+        lines.append(json.dumps(entry) + "\n")
+        summary.failures.append(entry)
+    path = summary.run_dir / "failures.jsonl"
+    atomic_append(path, "".join(lines), root=summary.run_dir)

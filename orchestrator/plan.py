@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -41,6 +40,7 @@ from orchestrator.config import (
     sweep_models,
 )
 from orchestrator.tasks import GenerationTask, ScoringTask
+from workers.atomic import atomic_write
 from workers.generation import SamplingParams
 from workers.io import config_hash, file_sha256
 from workers.score_config import SPEED_SETTINGS
@@ -58,6 +58,7 @@ class Unit(Generic[TaskT]):
     path: Path
     config_hash: str
     task: TaskT
+    root: Path | None = None  # the run folder: no folder under it is written through a link
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a dict key for the run's stages
@@ -193,6 +194,7 @@ def generation_units(
                 stage="generation",
                 key=f"{model.name}/{dataset.name}/{k:05d}",
                 path=base / f"{k:05d}.arrow",
+                root=run_dir,
                 config_hash=config_hash({**common, "rows": list(rows)}),
                 task=GenerationTask(
                     problems_path=problems_path(run_dir, dataset),
@@ -266,6 +268,7 @@ def scoring_units(
                     stage="scoring",
                     key=f"{model.name}/layer={layer}/{dataset.name}/{path.stem}",
                     path=out / path.name,
+                    root=run_dir,
                     config_hash=config_hash(
                         {
                             "model": identity,
@@ -298,10 +301,8 @@ def write_plan(
             for u in score_units
         ]
     path = run_dir / "plan.json"
-    tmp = path.with_name(".plan.json.tmp")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps({"scores": scores, "unscored": unscored or []}, indent=1))
-    os.replace(tmp, path)
+    plan = json.dumps({"scores": scores, "unscored": unscored or []}, indent=1)
+    atomic_write(path, plan, root=run_dir)
 
 
 # ----------------------------------------------------------------------------- the dry run

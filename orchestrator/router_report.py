@@ -11,13 +11,13 @@ pointing at it (report.md is regenerated every run, so the link is re-added each
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from orchestrator.config import ModelConfig, RouterUpdateConfig
+from workers.atomic import atomic_file, atomic_write, read_nofollow
 from workers.io import read_arrow, read_sidecar
 
 LINK = "Router update (final MoE layer, pass@K before/after): [router_update.md](router_update.md)"
@@ -54,7 +54,6 @@ def analyse_model(
     from workers.router_update import is_holdout
 
     root = run_dir / "router_update" / model.name
-    (root / "tables").mkdir(parents=True, exist_ok=True)
     # pass@K of both variants, and the paired difference.
     frames = []
     for variant, paths in eval_paths.items():
@@ -64,7 +63,7 @@ def analyse_model(
     counts = count_correct(pl.concat(frames))
     table = passk_table(counts, draws=ru.bootstrap_draws, seed=ru.seed)
     diff = paired_diff(counts, "original", "updated", draws=ru.bootstrap_draws, seed=ru.seed)
-    figure = plot_passk(table, root / "figures" / "passk.png")
+    figure = plot_passk(table, root / "figures" / "passk.png", root=run_dir)
     # The mechanism check.
     prefs = pl.from_arrow(read_arrow(pref_path).drop("x"))
     tokens = token_changes(
@@ -76,7 +75,8 @@ def analyse_model(
     )
     mech = mechanism_table(tokens)
     for name, frame in (("passk", table), ("passk_diff", diff), ("mechanism", mech)):
-        frame.write_csv(root / "tables" / f"{name}.csv")
+        with atomic_file(root / "tables" / f"{name}.csv", root=run_dir) as f:
+            frame.write_csv(f)
     train = read_sidecar(train_path) or {}
     train_summary = train.get("summary", {})
     log_wandb(
@@ -203,19 +203,16 @@ def write_markdown(run_dir: Path, sections: list[str], ru: RouterUpdateConfig) -
         ]
     )
     path = run_dir / "router_update.md"
-    tmp = path.with_name(".router_update.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text, root=run_dir)
     return path
 
 
 def link_from_report(report: Path | None, run_dir: Path) -> Path:
     """Append the link to router_update.md to report.md (creating a stub if there is none)."""
     path = report or run_dir / "report.md"
-    text = path.read_text() if path.exists() else "# Report\n"
+    old = read_nofollow(path)  # a planted link is replaced, its target never copied in
+    text = old.decode("utf-8", "replace") if old is not None else "# Report\n"
     if LINK not in text:
         text = text.rstrip("\n") + "\n\n" + LINK + "\n"
-        tmp = path.with_name(".report.md.link.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text, root=run_dir)
     return path

@@ -102,7 +102,9 @@ class RouterWorker:
         self.model = load_model(self.path, ScoreConfig(dtype=model.dtype, device=device))
         self.adapter = adapter_for(self.model)
 
-    def preferences(self, task: PreferenceTask, out_path: str, unit_hash: str) -> dict[str, Any]:
+    def preferences(
+        self, task: PreferenceTask, out_path: str, unit_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
         import pyarrow as pa
 
         from workers.router_update import add_router_inputs, select_tokens
@@ -114,10 +116,14 @@ class RouterWorker:
         table = add_router_inputs(self.model, self.adapter, tokens, trajectories, task.layer)
         kinds = table.column("kind").to_pylist()
         counts = {"prefer": kinds.count("prefer"), "anchor": kinds.count("anchor")}
-        write_arrow(table, out_path, config_hash=unit_hash, started=started, extra=counts)
+        write_arrow(
+            table, out_path, config_hash=unit_hash, started=started, extra=counts, root=root
+        )
         return {"rows": table.num_rows, "tokens": scores.num_rows, **counts}
 
-    def train(self, task: TrainTask, out_path: str, unit_hash: str) -> dict[str, Any]:
+    def train(
+        self, task: TrainTask, out_path: str, unit_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
         from workers.router_update import (
             describe_update,
             router_parameters,
@@ -138,10 +144,10 @@ class RouterWorker:
         readme = describe_update(
             source=task.source, layer=layer, names=list(tensors), summary=summary, cfg=cfg
         )
-        write_checkpoint(self.path, task.checkpoint, tensors, readme)
+        write_checkpoint(self.path, task.checkpoint, tensors, readme, root=root)
         fingerprint = plan.local_fingerprint(str(task.checkpoint.resolve()))
         extra = {"summary": summary, "checkpoint_fingerprint": fingerprint}
-        write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra)
+        write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra, root=root)
         return {"rows": log.num_rows, "tokens": summary["prefer_tokens"], **summary}
 
 
@@ -188,6 +194,7 @@ def run_router_update(
             stage="router_preferences",
             key=f"{model.name}/preferences",
             path=root / "preferences.arrow",
+            root=run_dir,
             config_hash=config_hash(
                 {
                     "model": plan.model_identity(model),
@@ -211,6 +218,7 @@ def run_router_update(
             stage="router_train",
             key=f"{model.name}/train",
             path=root / "train_log.arrow",
+            root=run_dir,
             config_hash=config_hash(
                 {
                     "model": plan.model_identity(model),
@@ -402,7 +410,9 @@ def run_router_units(
             spawn=lambda: actor_cls.options(**options).remote(
                 model, device, torch_threads=cfg.cluster.torch_threads
             ),
-            call=lambda actor, u: getattr(actor, method).remote(u.task, str(u.path), u.config_hash),
+            call=lambda actor, u: getattr(actor, method).remote(
+                u.task, str(u.path), u.config_hash, root=u.root
+            ),
             actors=1,
             retries=cfg.scoring.retries,
             progress=progress,

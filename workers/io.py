@@ -2,24 +2,24 @@
 
 Contract (docs/design.md, "Completeness"): a data file `<dir>/<name>.arrow` is complete only when
 its sidecar `<dir>/<name>.done.json` exists and agrees with it (row count, sha256, config hash).
-Both are written under a temporary name and renamed, the data file first, so a crash at any
-point leaves either the old complete pair, or a data file without a sidecar, which readers
-treat as missing. Nothing partial is ever read.
+Both are written through workers.atomic (a fresh temporary, renamed over the name), the data
+file first, so a crash at any point leaves either the old complete pair, or a data file without
+a sidecar, which readers treat as missing. Nothing partial is ever read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from workers.atomic import atomic_file, atomic_write, remove
 
 SIDECAR_SUFFIX = ".done.json"
 # Every name that becomes one path component (run id, model and dataset names): it starts
@@ -57,23 +57,15 @@ def config_hash(obj: Any) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        return _stream_sha256(f)
+
+
+def _stream_sha256(f: Any) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_arrow(
@@ -83,26 +75,22 @@ def write_arrow(
     config_hash: str,
     started: float | None = None,
     extra: dict[str, Any] | None = None,
+    root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write `table` to `path` atomically, then its sidecar; return the sidecar's contents.
 
-    `started` (a `time.time()` value) lets the sidecar record how long the unit took.
+    `started` (a `time.time()` value) lets the sidecar record how long the unit took. Both
+    files go through workers.atomic (`root`: the run folder, whose subfolders must not be links).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # An old sidecar must never vouch for a file that is being replaced.
-    done_path(path).unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink:
-            with pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        sha = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    remove(done_path(path), root=root)
+    with atomic_file(path, "wb", root=root) as f:
+        with pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+        f.flush()
+        f.seek(0)
+        sha = _stream_sha256(f)  # the bytes written, read back
     sidecar = {
         "rows": table.num_rows,
         "sha256": sha,
@@ -112,7 +100,7 @@ def write_arrow(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
-    _write_bytes_atomic(done_path(path), json.dumps(sidecar, indent=1).encode())
+    atomic_write(done_path(path), json.dumps(sidecar, indent=1), root=root)
     return sidecar
 
 

@@ -13,8 +13,11 @@ orchestrator's dry run reads it to estimate GPU-hours. Plain csv: no pandas for 
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from workers.atomic import atomic_write, read_nofollow
 
 RATES_PATH = Path(__file__).resolve().parent / "assets" / "rates.csv"
 
@@ -67,11 +70,12 @@ def read_rates(path: str | Path = RATES_PATH) -> list[Rate]:
 
 
 def append_rate(rate: Rate, path: str | Path = RATES_PATH) -> None:
-    """Add one row at the end (the header is written when the file is new)."""
-    path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: "" if v is None else v for k, v in asdict(rate).items()})
+    """Add one row at the end (the header is written when the file is new), through
+    workers.atomic: the table is rewritten whole, never half."""
+    old = read_nofollow(path) or b""  # a link counts as no table: it is replaced, not read
+    row = io.StringIO()
+    writer = csv.DictWriter(row, fieldnames=COLUMNS, lineterminator="\n")
+    if not old:
+        writer.writeheader()
+    writer.writerow({k: "" if v is None else v for k, v in asdict(rate).items()})
+    atomic_write(path, old + row.getvalue().encode("utf-8"))

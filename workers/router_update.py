@@ -27,9 +27,12 @@ Nothing here knows about Ray, configs or run directories.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import stat
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 from workers.adapters import MoeAdapter
+from workers.atomic import atomic_file, atomic_write, ensure_folder
 
 # One row per selected token. kind: "prefer" (fragile, winner R* beats loser S by > margin) or
 # "anchor" (confident; winner = loser = S). x: the router input at the token (float32).
@@ -348,18 +352,26 @@ def _share(mask: torch.Tensor) -> float:
 
 
 def write_checkpoint(
-    src: str | Path, dst: str | Path, tensors: dict[str, torch.Tensor], readme: str
+    src: str | Path,
+    dst: str | Path,
+    tensors: dict[str, torch.Tensor],
+    readme: str,
+    *,
+    root: str | Path | None = None,
 ) -> Path:
     """Copy the model directory `src` to `dst`, replacing exactly the named safetensors tensors
     (same shape required; cast to the stored dtype), plus a README.md. Atomic: built in a
-    temporary sibling directory, then renamed over `dst`. Returns `dst`."""
+    private temporary sibling folder (created exclusively, each file through workers.atomic),
+    then renamed to `dst`; whatever was at `dst` (an older checkpoint, or a link, which is not
+    followed) is moved aside first and removed after; `root` is the run folder, as for
+    workers.atomic. Returns `dst`."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
+    ensure_folder(dst.parent, root=root)
+    inside = root if root is not None else dst.parent  # what each file's folders are checked under
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
     try:
         found: set[str] = set()
         for path in sorted(src.iterdir()):
@@ -381,19 +393,29 @@ def write_checkpoint(
                                 f"{key}: new shape {tuple(new.shape)} != stored {tuple(old.shape)}"
                             )
                         stored[key] = new.to(old.dtype).contiguous()
-                    save_file(stored, str(target), metadata=metadata)
+                    # To bytes, not to a path a library would reopen by name; this holds
+                    # the file twice in host memory (a hub shard is at most a few GB).
+                    atomic_write(target, save(stored, metadata=metadata), root=inside)
                     found.update(hits)
                     continue
-            shutil.copy2(path, target)  # follows symlinks (Hugging Face cache snapshots)
+            # Reads follow symlinks (Hugging Face cache snapshots); the copy is a regular file.
+            with open(path, "rb") as f, atomic_file(target, root=inside) as out:
+                shutil.copyfileobj(f, out, 1 << 24)
         missing = sorted(set(tensors) - found)
         if missing:
             raise ValueError(f"tensors not found in {src}/*.safetensors: {missing}")
-        (tmp / "README.md").write_text(readme)
-        if dst.exists():
-            shutil.rmtree(dst)
+        atomic_write(tmp / "README.md", readme, root=inside)
+        tmp.chmod(stat.S_IMODE(dst.parent.stat().st_mode))  # mkdtemp's 0o700 -> as its folder
+        old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.old")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(dst, old)  # a link is moved itself, never followed
         os.replace(tmp, dst)
+        if old.is_symlink() or old.is_file():
+            old.unlink()
+        elif old.is_dir():
+            shutil.rmtree(old)
     finally:
-        if tmp.exists():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp)
     return dst
 

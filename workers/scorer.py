@@ -372,12 +372,13 @@ def score_file(
     require_complete: bool = False,
     progress: Callable[[int], Any] | None = None,
     extra: dict[str, Any] | None = None,
+    root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
 
     The input is read with workers.io.read_arrow (its sidecar is required only with
     `require_complete`); nothing is written unless scoring succeeds. `extra` is added to
-    the sidecar.
+    the sidecar; `root` is the run folder (workers.io.write_arrow).
     """
     from workers.io import read_arrow, write_arrow
 
@@ -399,7 +400,9 @@ def score_file(
         "score_config": asdict(scorer.config),
         **(extra or {}),
     }
-    return write_arrow(scores, out_path, config_hash=config_hash, started=started, extra=extra)
+    return write_arrow(
+        scores, out_path, config_hash=config_hash, started=started, extra=extra, root=root
+    )
 
 
 def _lists(values: np.ndarray) -> pa.Array:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from workers import demo_task
+from workers.atomic import atomic_write
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos, unk
 WORDS = ["solve", "for", "in", "..", "x", "*", "+", "-", "=", ";", "try", ":", "answer"]
@@ -281,7 +282,7 @@ def save_model_dir(out: Path, model, tokenizer) -> None:
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["num_experts"] = config["num_local_experts"]
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out)
     # Name the class every transformers version knows (v5 writes its new backend's name), and
     # write the special tokens map that older loaders (and vLLM's) read.
@@ -289,11 +290,11 @@ def save_model_dir(out: Path, model, tokenizer) -> None:
     tok_cfg = json.loads(tok_cfg_path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg["add_bos_token"] = False
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    atomic_write(tok_cfg_path, json.dumps(tok_cfg, indent=2) + "\n")
     specials = {
         k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
     }
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    atomic_write(out / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
 
 
 def write_model_card(out: Path, cfg: TrainConfig, facts: dict, measured: list[dict]) -> None:
@@ -311,7 +312,8 @@ def write_model_card(out: Path, cfg: TrainConfig, facts: dict, measured: list[di
         for r in measured
     )
     shape = {k: config[k] for k in asdict(TinyModelConfig())}
-    (out / "README.md").write_text(
+    atomic_write(
+        out / "README.md",
         f"""# tiny-moe: a tiny Qwen3-MoE for the demo task
 
 Bundled so that the whole pipeline runs offline on a laptop. It is the real transformers
@@ -380,7 +382,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("workers/assets/tiny-moe")
 model = AutoModelForCausalLM.from_pretrained("workers/assets/tiny-moe", use_safetensors=True)
 ```
-"""
+""",
     )
 
 
