@@ -8,12 +8,16 @@ A score file is used only when
 
 - the plan lists it, and its sidecar's `config_hash` equals the planned one (not "stale":
   left by another seed, layer set or shard size), and
-- its sha256 equals the sidecar's (not "corrupt"). The report reads every byte of its input
-  anyway, so the check costs one more sequential read of files the page cache then holds.
+- it verifies against its sidecar (workers.io.verify: a well-formed sidecar naming this file,
+  its row count, its sha256), else it is "corrupt", named with what is wrong. The report reads
+  every byte of its input anyway, so the check costs one more sequential read of files the
+  page cache then holds.
 
 Planned units without such a file are "missing". A run dir without plan.json (made by hand,
-or by a version that did not write one) uses every score file with a sidecar whose checksum
-verifies, and says so. `"scores": null` means the driver has not planned scoring yet (it
+or by a version that did not write one) uses every score file with a sidecar that verifies,
+and says so. `select_generated_files(run_dir)` does the same for the generated trajectory
+files the report summarises (there is no plan for them: every one whose sidecar verifies;
+the others are named as corrupt). `"scores": null` means the driver has not planned scoring yet (it
 stopped before the trajectories were complete): nothing can be said to belong to the run,
 which is an error. Plain file reads: no Ray, no model, no Polars.
 """
@@ -24,10 +28,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.io import file_sha256, read_sidecar
+from workers.io import CorruptFile, IncompleteFileError, StaleFile, read_sidecar, verify
 
 PLAN_FILE = "plan.json"
 SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
+GENERATED_GLOB = "trajectories/*/*/generated/*.arrow"
 
 
 @dataclass
@@ -36,7 +41,7 @@ class ScoreInputs:
     planned: int | None  # units in plan.json; None without one
     missing: list[str] = field(default_factory=list)  # planned, no complete file
     stale: list[str] = field(default_factory=list)  # a sidecar of other settings, or unplanned
-    corrupt: list[str] = field(default_factory=list)  # checksum differs from the sidecar's
+    corrupt: list[str] = field(default_factory=list)  # "<unit or file> (<what is wrong>)"
     unscored: list[str] = field(default_factory=list)  # cells the driver could not score
 
     @property
@@ -53,7 +58,7 @@ class ScoreInputs:
         for what, items in (
             ("missing", self.missing),
             ("stale (other settings or not in the plan)", self.stale),
-            ("corrupt (checksum differs)", self.corrupt),
+            ("corrupt or tampered (not as their sidecar says)", self.corrupt),
             ("not scored", self.unscored),
         ):
             if items:
@@ -75,15 +80,31 @@ def read_plan(run_dir: Path) -> dict | None:
         raise ValueError(f"{path} is not readable JSON ({err}); rerun the driver") from None
     if not isinstance(plan, dict) or "scores" not in plan:
         raise ValueError(f"{path} is not a plan (no 'scores' key); rerun the driver")
+    units, unscored = plan["scores"], plan.setdefault("unscored", [])
+    fields = ("unit", "path", "config_hash")
+    if not (
+        (units is None or isinstance(units, list))
+        and all(
+            isinstance(u, dict) and all(isinstance(u.get(k), str) for k in fields)
+            for u in units or []
+        )
+        and isinstance(unscored, list)
+        and all(isinstance(w, str) for w in unscored)
+    ):
+        raise ValueError(f"{path} is not a plan (malformed entries); rerun the driver")
     return plan
 
 
-def select_score_files(run_dir: str | Path) -> ScoreInputs:
+def select_score_files(run_dir: str | Path, under: str | None = None) -> ScoreInputs:
     """The score files of `run_dir` that belong to its current plan, and what is wrong with
-    the rest (see the module docstring). Raises ValueError for an unreadable or unfinished plan."""
+    the rest (see the module docstring); with `under` (e.g. "scores/tiny/layer=3/"), only
+    those whose path relative to the run starts with it. Raises ValueError for an unreadable
+    or unfinished plan."""
     run_dir = Path(run_dir)
     plan = read_plan(run_dir)
     present = {p.relative_to(run_dir).as_posix(): p for p in sorted(run_dir.glob(SCORES_GLOB))}
+    if under is not None:
+        present = {rel: p for rel, p in present.items() if rel.startswith(under)}
     if plan is None:
         inputs = ScoreInputs(files=[], planned=None)
         for rel, path in present.items():
@@ -94,10 +115,10 @@ def select_score_files(run_dir: str | Path) -> ScoreInputs:
             f"{run_dir.name}: the driver has not planned its scoring yet (it stopped before the "
             "trajectories were complete); rerun it to finish the run"
         )
-    inputs = ScoreInputs(
-        files=[], planned=len(plan["scores"]), unscored=list(plan.get("unscored", []))
-    )
     planned = {u["path"]: u for u in plan["scores"]}
+    if under is not None:
+        planned = {rel: u for rel, u in planned.items() if rel.startswith(under)}
+    inputs = ScoreInputs(files=[], planned=len(planned), unscored=list(plan["unscored"]))
     for rel, unit in planned.items():
         if rel not in present:
             inputs.missing.append(unit["unit"])
@@ -110,12 +131,33 @@ def select_score_files(run_dir: str | Path) -> ScoreInputs:
 
 
 def _check(path: Path, name: str, want: str | None, inputs: ScoreInputs) -> None:
-    sidecar = read_sidecar(path)
-    if sidecar is None:
-        inputs.missing.append(name)
-    elif want is not None and sidecar["config_hash"] != want:
+    try:
+        verify(path, want)
+    except StaleFile:
         inputs.stale.append(name)
-    elif file_sha256(path) != sidecar["sha256"]:
-        inputs.corrupt.append(name)
+    except CorruptFile as err:
+        inputs.corrupt.append(f"{name} ({err.reason})")
+    except IncompleteFileError:
+        inputs.missing.append(name)
     else:
         inputs.files.append(path)
+
+
+def select_generated_files(
+    run_dir: str | Path, pattern: str = GENERATED_GLOB
+) -> tuple[list[Path], list[str]]:
+    """(generated trajectory files matching `pattern` that verify, sorted; one
+    "<file> (<what is wrong>)" per file whose sidecar exists but does not verify). Files
+    without a sidecar are in progress or foreign: neither read nor named."""
+    run_dir = Path(run_dir)
+    files, corrupt = [], []
+    for path in sorted(run_dir.glob(pattern)):
+        try:
+            verify(path)
+        except CorruptFile as err:
+            corrupt.append(f"{path.relative_to(run_dir).as_posix()} ({err.reason})")
+        except IncompleteFileError:
+            continue
+        else:
+            files.append(path)
+    return files, corrupt

@@ -32,11 +32,11 @@ from typing import Any
 
 import polars as pl
 
+from analysis.inputs import select_generated_files, select_score_files
 from analysis.kernel import KERNEL_FIELDS, route_metrics
 from analysis.metrics import AnalysisConfig, find_shards
 from analysis.report import load_run_config
 from analysis.runinfo import layer_labels, model_entries
-from workers.io import read_sidecar
 
 TRAJECTORIES_GLOB = "trajectories/{model}/*/generated/*.arrow"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "workers" / "assets" / "tiny-moe"
@@ -91,9 +91,17 @@ def decode_pieces(tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
+def _warn(lines: list[str]) -> None:
+    """Files left out because they do not verify, one line each (the report names them too)."""
+    for line in lines:
+        print(f"warning: left out, not as its sidecar says: {line}", file=sys.stderr)
+
+
 def _score_paths(run_dir: Path, model: str, layer: int) -> list[Path]:
-    prefix = run_dir / "scores" / model / f"layer={layer}"
-    return [p for p in find_shards(run_dir) if p.is_relative_to(prefix)]
+    """The run's current score files of (model, layer) that verify (analysis.inputs)."""
+    inputs = select_score_files(run_dir, under=f"scores/{model}/layer={layer}/")
+    _warn(inputs.corrupt)
+    return inputs.files
 
 
 def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[str, int]]:
@@ -112,11 +120,8 @@ def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[st
 
 
 def _trajectories(run_dir: Path, model: str, wanted: list[tuple[str, int]]) -> pl.DataFrame:
-    paths = [
-        p
-        for p in sorted(run_dir.glob(TRAJECTORIES_GLOB.format(model=model)))
-        if read_sidecar(p) is not None
-    ]
+    paths, corrupt = select_generated_files(run_dir, TRAJECTORIES_GLOB.format(model=model))
+    _warn(corrupt)
     if not paths:
         return pl.DataFrame()
     keys = pl.DataFrame(

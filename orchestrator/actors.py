@@ -151,6 +151,7 @@ class ScorerWorker:
             task.layer,
             out_path,
             config_hash=config_hash,
+            require_complete=True,  # the shard the driver planned, verified
             extra={"provenance": self.provenance},
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
