@@ -170,7 +170,9 @@ def run_router_update(
 ) -> Path | None:
     ru = cfg.router_update
     problems = prepare_datasets(
-        run_dir, datasets([*ru.train_datasets, *ru.eval_datasets], ru.problems_limit)
+        run_dir,
+        datasets([*ru.train_datasets, *ru.eval_datasets], ru.problems_limit),
+        checksum=cfg.verify_checksums,
     )
     sections = []
     for model in router_models(cfg):
