@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.io import CorruptFile, IncompleteFileError, StaleFile, read_sidecar, verify
+from workers.io import CorruptFile, IncompleteFileError, StaleFile, done_path, verify
 
 PLAN_FILE = "plan.json"
 SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
@@ -124,8 +124,8 @@ def select_score_files(run_dir: str | Path, under: str | None = None) -> ScoreIn
             inputs.missing.append(unit["unit"])
         else:
             _check(present[rel], unit["unit"], unit["config_hash"], inputs)
-    inputs.stale += [
-        rel for rel, path in present.items() if rel not in planned and read_sidecar(path)
+    inputs.stale += [  # ours, or made to look so: named, never read
+        rel for rel, path in present.items() if rel not in planned and done_path(path).exists()
     ]
     return inputs
 

@@ -460,3 +460,18 @@ def test_the_inspector_names_a_tampered_trajectory_file_instead_of_failing(
         assert result.stderr.strip().splitlines()[-1].startswith("error:")
     else:
         assert list((run_dir / "inspect").glob("*.html"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"scores": [1, 2]}', '{"scores": [{"unit": "u", "path": 3, "config_hash": "h"}]}',
+     '{"scores": {}}', '{"scores": [], "unscored": "x"}', '{"scores": [null]}'],
+)  # fmt: skip
+def test_a_malformed_plan_is_one_error_line_of_the_report(reference, tmp_path, capsys, body):
+    from analysis.report import main
+
+    run_dir = copy_run(reference, tmp_path, "plan")
+    (run_dir / "plan.json").write_text(body)
+    assert main([str(run_dir), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "plan.json" in err[0]
