@@ -15,11 +15,11 @@ A score file is used only when
 
 Planned units without such a file are "missing". A run dir without plan.json (made by hand,
 or by a version that did not write one) uses every score file with a sidecar that verifies,
-and says so. `select_generated_files(run_dir)` does the same for the generated trajectory
-files the report summarises (there is no plan for them: every one whose sidecar verifies;
-the others are named as corrupt). `"scores": null` means the driver has not planned scoring yet (it
-stopped before the trajectories were complete): nothing can be said to belong to the run,
-which is an error. Plain file reads: no Ray, no model, no Polars.
+and says so. `"scores": null` means the driver has not planned scoring yet (it stopped before
+the trajectories were complete): nothing can be said to belong to the run, which is an error.
+`select_generated_files(run_dir)` selects the generated trajectory files the report
+summarises the same way (there is no plan for them: every one that verifies; the others are
+named as corrupt). Plain file reads: no Ray, no model, no Polars.
 """
 
 from __future__ import annotations
@@ -43,11 +43,18 @@ class ScoreInputs:
     stale: list[str] = field(default_factory=list)  # a sidecar of other settings, or unplanned
     corrupt: list[str] = field(default_factory=list)  # "<unit or file> (<what is wrong>)"
     unscored: list[str] = field(default_factory=list)  # cells the driver could not score
+    # generated trajectory files left out of the generation summary: "<file> (<what is wrong>)"
+    corrupt_trajectories: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return self.planned is not None and not (
-            self.missing or self.stale or self.corrupt or self.unscored
+        return self.planned is not None and not self.partial
+
+    @property
+    def partial(self) -> bool:
+        """Some input of the run is left out: the results cover only part of it."""
+        return bool(
+            self.missing or self.stale or self.corrupt or self.unscored or self.corrupt_trajectories
         )
 
     def problems(self, limit: int = 10) -> list[str]:
@@ -60,6 +67,7 @@ class ScoreInputs:
             ("stale (other settings or not in the plan)", self.stale),
             ("corrupt or tampered (not as their sidecar says)", self.corrupt),
             ("not scored", self.unscored),
+            ("trajectory files corrupt or tampered", self.corrupt_trajectories),
         ):
             if items:
                 shown = ", ".join(items[:limit]) + (

@@ -51,8 +51,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
     # 1. The score files of the run's current plan, intact (analysis.inputs); the rest is
     # named on stderr and in report.md, never silently left out.
     inputs = select_score_files(run_dir)
-    generated, corrupt = select_generated_files(run_dir)
-    inputs.corrupt += corrupt
+    generated, inputs.corrupt_trajectories = select_generated_files(run_dir)
     shards = inputs.files
     if not shards:
         raise FileNotFoundError(
@@ -274,7 +273,7 @@ def render_markdown(
     notes = inputs.problems(limit=50)
     if notes:
         lines += ["## Inputs", ""]
-        if inputs.missing or inputs.stale or inputs.corrupt or inputs.unscored:
+        if inputs.partial:
             lines += ["**Incomplete: these results cover only part of the run.**", ""]
         lines += [f"- {line}" for line in notes] + [""]
     lines += [

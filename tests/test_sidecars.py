@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +18,6 @@ import pyarrow as pa
 import pytest
 from hydra import compose, initialize_config_dir
 from pipeline_runs import (
-    ROOT,
     SMALL,
     assert_same_tables,
     copy_run,
@@ -151,7 +148,7 @@ TAMPERINGS = {
     "config_hash null": _edit(config_hash=None),
     "backend a list": _edit(backend=["hf"]),
     "provenance a string": _edit(provenance="x"),
-    "sidecar names another file": _edit(file="00009.arrow"),
+    "sidecar names another file": _edit(file="09999.arrow"),
     "sidecar copied from another file": _copy_donor_sidecar,
     "sidecar a link to another file's": _link_donor_sidecar,
     "data file a link to another file": _link_donor_data,
@@ -174,7 +171,7 @@ def donor_for(run_dir: Path, tmp_path: Path, rel: str) -> Path:
     }
     kind = next(k for k, v in KINDS.items() if v == rel)
     src = run_dir / donors[kind]
-    dst = tmp_path / f"donor-{kind}" / "00009.arrow"
+    dst = tmp_path / f"donor-{kind}" / "09999.arrow"
     write_arrow(read_arrow(src), dst, config_hash=_sidecar(src)["config_hash"])
     return dst
 
@@ -378,86 +375,73 @@ def score_unit(rel: str) -> str:
 
 @pytest.mark.parametrize("group", list(REPORT_GROUPS))
 def test_the_report_names_each_tampered_file_in_one_line_and_leaves_it_out(
-    reference, tmp_path, group
+    reference, tmp_path, capsys, group
 ):
+    from analysis.report import main
+
     run_dir = copy_run(reference, tmp_path / "runs", "rep")
     donor_scores = donor_for(run_dir, tmp_path, KINDS["scores"])
     donor_gen = donor_for(run_dir, tmp_path, KINDS["generated"])
     scores = sorted(
         p.relative_to(run_dir).as_posix() for p in (run_dir / "scores").rglob("*.arrow")
     )
-    generated = sorted(
-        p.relative_to(run_dir).as_posix()
-        for p in (run_dir / "trajectories").rglob("generated/*.arrow")
-    )
+    # More generated files (copies of one, complete) so each tampering gets one of its own.
+    gen_dir = run_dir / "trajectories/tiny/demo/generated"
+    for k in range(2, 10):
+        write_arrow(
+            read_arrow(gen_dir / "00001.arrow"), gen_dir / f"{k:05d}.arrow", config_hash="x"
+        )
+    generated = sorted(p.relative_to(run_dir).as_posix() for p in gen_dir.glob("*.arrow"))
     chosen = REPORT_GROUPS[group]
-    tampered_scores = dict(zip(scores[1:], chosen, strict=False))  # the first score file stays good
-    tampered_gen = dict(
-        zip(generated[1:], chosen, strict=False)
-    )  # so does the first generated file
+    tampered_scores = dict(zip(scores[1:], chosen, strict=False))  # the first stays good
+    tampered_gen = dict(zip(generated[2:], chosen, strict=False))  # the first two stay good
     for rel, t in tampered_scores.items():
         TAMPERINGS[t](run_dir / rel, donor_scores)
     for rel, t in tampered_gen.items():
         TAMPERINGS[t](run_dir / rel, donor_gen)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "analysis.report", str(run_dir), "--bootstrap", "0"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
+    assert main([str(run_dir), "--bootstrap", "0"]) == 0
+    err = capsys.readouterr().err
     text = (run_dir / "report.md").read_text()
     for rel in tampered_scores:
         unit = re.escape(score_unit(rel)) + "(?![0-9])"
-        assert len(re.findall(unit, result.stderr)) == 1, unit
+        [line] = [line for line in err.splitlines() if re.search(unit, line)]
+        assert len(re.findall(unit, line)) == 1 and line.startswith("warning:"), unit
         assert re.search(unit, text)
     for rel, t in tampered_gen.items():
-        if t in {"config_hash edited"}:  # no plan for generated files: content verified
+        if t in STALE:  # no plan for generated files: the content verified, so it is used
             continue
-        lines = [line for line in result.stderr.splitlines() if rel in line]
-        assert len(lines) == 1 and lines[0].startswith("warning:"), (rel, t)
+        [line] = [line for line in err.splitlines() if rel in line]
+        assert line.count(rel) == 1 and line.startswith("warning:"), (rel, t)
         assert rel in text
     # Left out: the tables count only the files that verify.
     good_scores = [rel for rel in scores if rel not in tampered_scores]
-    good_gen = [
-        rel
-        for rel in generated
-        if rel not in tampered_gen or tampered_gen[rel] == "config_hash edited"
-    ]
+    good_gen = [rel for rel in generated if tampered_gen.get(rel, "config_hash edited") in STALE]
     out = tables(run_dir)
     assert out["counts"]["tokens"].sum() == sum(
         read_arrow(reference / r).num_rows for r in good_scores
     )
-    assert out["generation"]["samples"].sum() == sum(
-        read_arrow(reference / r).num_rows for r in good_gen
-    )
+    one = read_arrow(reference / generated[1]).num_rows  # each copy has 00001's rows
+    expected = read_arrow(reference / generated[0]).num_rows + one * (len(good_gen) - 1)
+    assert out["generation"]["samples"].sum() == expected
 
 
 @pytest.mark.parametrize("tampering", ["truncated", "rewritten with another valid table", "rows+1"])
 def test_the_inspector_names_a_tampered_trajectory_file_instead_of_failing(
-    reference, tmp_path, tampering
+    reference, tmp_path, capsys, tampering
 ):
+    from analysis.inspect import main
+
     run_dir = copy_run(reference, tmp_path / "runs", "ins")
     rel = "trajectories/tiny/demo/generated/00000.arrow"
     donor = donor_for(run_dir, tmp_path, KINDS["generated"])
     TAMPERINGS[tampering](run_dir / rel, donor)
-    result = subprocess.run(
-        [sys.executable, "-m", "analysis.inspect", str(run_dir), "--model", "tiny",
-         "--layer", "0", "--top-fragile", "2"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )  # fmt: skip
-    assert "Traceback" not in result.stderr
-    named = [line for line in result.stderr.splitlines() if rel in line]
+    code = main([str(run_dir), "--model", "tiny", "--layer", "0", "--top-fragile", "2"])
+    err = capsys.readouterr().err
+    named = [line for line in err.splitlines() if rel in line]
     assert len(named) == 1 and named[0].startswith("warning:")
-    if result.returncode != 0:  # the fragile trajectories were all in the tampered file
-        assert result.returncode == 2
-        assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    if code != 0:  # the fragile trajectories were all in the tampered file
+        assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
     else:
         assert list((run_dir / "inspect").glob("*.html"))
 

@@ -147,8 +147,11 @@ class IncompleteFileError(RuntimeError):
     the file (`path`), then what is wrong with it (`reason`)."""
 
     def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{shown(path)}: {reason}")
+        super().__init__(path, reason)  # args rebuild it when pickled (e.g. out of an actor)
         self.path, self.reason = Path(path), reason
+
+    def __str__(self) -> str:
+        return f"{shown(self.path)}: {self.reason}"
 
 
 class StaleFile(IncompleteFileError):
