@@ -330,6 +330,7 @@ def test_a_run_redoes_exactly_the_tampered_units_and_deletes_nothing_good(
     assert "removed" not in err  # no stale file: nothing was deleted
     assert digests(run_dir, "trajectories") == digests(reference, "trajectories")
     assert digests(run_dir) == digests(reference)
+    assert sorted(tree(run_dir)) == sorted(tree(reference))  # nothing lost, nothing left over
     for rel in tree(reference):
         if rel.endswith(".arrow"):
             assert file_sha256(run_dir / rel) == file_sha256(reference / rel), rel
