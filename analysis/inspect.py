@@ -144,13 +144,15 @@ def token_table(
     cfg: AnalysisConfig | None = None,
     alternatives: int = 5,
     tokenizer: Any = None,
+    paths: list[Path] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(tokens, trajectories): one row per scored token of `trajectories` at (model, layer),
-    and one row per trajectory with its decoded pieces. Raises FileNotFoundError when the run
+    and one row per trajectory with its decoded pieces. `paths`: the (model, layer) score
+    files, when the caller has verified them already. Raises FileNotFoundError when the run
     has no such scores or trajectories."""
     cfg = cfg or AnalysisConfig()
     run_dir = Path(run_dir)
-    paths = _score_paths(run_dir, model, layer)
+    paths = _score_paths(run_dir, model, layer) if paths is None else paths
     if not paths:
         raise FileNotFoundError(
             f"no complete score shards under {run_dir}/scores/{model}/layer={layer}"
@@ -251,14 +253,18 @@ def wandb_tables(
     cfg = cfg or AnalysisConfig()
     run_dir = Path(run_dir)
     run_config = load_run_config(run_dir)
-    jobs = sorted({(p.parts[-4], int(p.parts[-3].split("=")[1])) for p in find_shards(run_dir)})
+    jobs: dict[tuple[str, int], list[Path]] = {}
+    for p in find_shards(run_dir):  # verified once here, then passed on
+        jobs.setdefault((p.parts[-4], int(p.parts[-3].split("=")[1])), []).append(p)
     tokenizers: dict[str, Any] = {}
     out = {}
-    for model, layer in jobs:
+    for (model, layer), paths in sorted(jobs.items()):
         if model not in tokenizers:
             tokenizers[model] = load_tokenizer(model, run_config)
-        wanted = top_fragile(_score_paths(run_dir, model, layer), cfg, per_layer)
-        tokens, _ = token_table(run_dir, model, layer, wanted, cfg=cfg, tokenizer=tokenizers[model])
+        wanted = top_fragile(paths, cfg, per_layer)
+        tokens, _ = token_table(
+            run_dir, model, layer, wanted, cfg=cfg, tokenizer=tokenizers[model], paths=paths
+        )
         out[f"{model}/L{layer}"] = flat_tokens(tokens)
     return out
 
@@ -468,11 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         run_config = load_run_config(args.run_dir)
         cfg = AnalysisConfig(**((run_config or {}).get("analysis") or {}))
         layer = resolve_layer_arg(args.layer, args.model, run_config)
+        paths = _score_paths(args.run_dir, args.model, layer)
         if args.problem is not None:
             wanted = [(args.problem, args.sample)]
             name = f"{args.problem}-s{args.sample}"
         else:
-            paths = _score_paths(args.run_dir, args.model, layer)
             if not paths:
                 raise FileNotFoundError(
                     f"no complete score shards under {args.run_dir}/scores/{args.model}/layer={layer}"
@@ -480,7 +486,13 @@ def main(argv: list[str] | None = None) -> int:
             wanted = top_fragile(paths, cfg, args.top_fragile)
             name = f"top{args.top_fragile}-fragile"
         tokens, runs = token_table(
-            args.run_dir, args.model, layer, wanted, cfg=cfg, alternatives=args.alternatives
+            args.run_dir,
+            args.model,
+            layer,
+            wanted,
+            cfg=cfg,
+            alternatives=args.alternatives,
+            paths=paths,
         )
         label = layer_labels(run_config).get((args.model, layer), f"L{layer}")
         out = args.out or args.run_dir / "inspect" / f"{args.model}-L{layer}-{name}.html"

@@ -435,12 +435,14 @@ def test_the_inspector_names_a_tampered_trajectory_file_instead_of_failing(
 
     run_dir = copy_run(reference, tmp_path / "runs", "ins")
     rel = "trajectories/tiny/demo/generated/00000.arrow"
-    donor = donor_for(run_dir, tmp_path, KINDS["generated"])
-    TAMPERINGS[tampering](run_dir / rel, donor)
+    score = "scores/tiny/layer=0/demo/00002.arrow"
+    TAMPERINGS[tampering](run_dir / rel, donor_for(run_dir, tmp_path, KINDS["generated"]))
+    TAMPERINGS[tampering](run_dir / score, donor_for(run_dir, tmp_path, KINDS["scores"]))
     code = main([str(run_dir), "--model", "tiny", "--layer", "0", "--top-fragile", "2"])
     err = capsys.readouterr().err
-    named = [line for line in err.splitlines() if rel in line]
-    assert len(named) == 1 and named[0].startswith("warning:")
+    for name in (rel, score_unit(score)):
+        named = [line for line in err.splitlines() if name in line]
+        assert len(named) == 1 and named[0].startswith("warning:"), name
     if code != 0:  # the fragile trajectories were all in the tampered file
         assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
     else:
