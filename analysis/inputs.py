@@ -8,14 +8,18 @@ A score file is used only when
 
 - the plan lists it, and its sidecar's `config_hash` equals the planned one (not "stale":
   left by another seed, layer set or shard size), and
-- its sha256 equals the sidecar's (not "corrupt"). The report reads every byte of its input
-  anyway, so the check costs one more sequential read of files the page cache then holds.
+- it verifies against its sidecar (workers.io.verify: a well-formed sidecar naming this file,
+  its row count, its sha256), else it is "corrupt", named with what is wrong. The report reads
+  every byte of its input anyway, so the check costs one more sequential read of files the
+  page cache then holds.
 
 Planned units without such a file are "missing". A run dir without plan.json (made by hand,
-or by a version that did not write one) uses every score file with a sidecar whose checksum
-verifies, and says so. `"scores": null` means the driver has not planned scoring yet (it
-stopped before the trajectories were complete): nothing can be said to belong to the run,
-which is an error. Plain file reads: no Ray, no model, no Polars.
+or by a version that did not write one) uses every score file with a sidecar that verifies,
+and says so. `"scores": null` means the driver has not planned scoring yet (it stopped before
+the trajectories were complete): nothing can be said to belong to the run, which is an error.
+`select_generated_files(run_dir)` selects the generated trajectory files the report
+summarises the same way (there is no plan for them: every one that verifies; the others are
+named as corrupt). Plain file reads: no Ray, no model, no Polars.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.io import file_sha256, read_sidecar
+from workers.io import CorruptFile, IncompleteFileError, StaleFile, done_path, verify
 
 PLAN_FILE = "plan.json"
 SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
+GENERATED_GLOB = "trajectories/*/*/generated/*.arrow"
 
 
 @dataclass
@@ -36,13 +41,20 @@ class ScoreInputs:
     planned: int | None  # units in plan.json; None without one
     missing: list[str] = field(default_factory=list)  # planned, no complete file
     stale: list[str] = field(default_factory=list)  # a sidecar of other settings, or unplanned
-    corrupt: list[str] = field(default_factory=list)  # checksum differs from the sidecar's
+    corrupt: list[str] = field(default_factory=list)  # "<unit or file> (<what is wrong>)"
     unscored: list[str] = field(default_factory=list)  # cells the driver could not score
+    # generated trajectory files left out of the generation summary: "<file> (<what is wrong>)"
+    corrupt_trajectories: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return self.planned is not None and not (
-            self.missing or self.stale or self.corrupt or self.unscored
+        return self.planned is not None and not self.partial
+
+    @property
+    def partial(self) -> bool:
+        """Some input of the run is left out: the results cover only part of it."""
+        return bool(
+            self.missing or self.stale or self.corrupt or self.unscored or self.corrupt_trajectories
         )
 
     def problems(self, limit: int = 10) -> list[str]:
@@ -53,8 +65,9 @@ class ScoreInputs:
         for what, items in (
             ("missing", self.missing),
             ("stale (other settings or not in the plan)", self.stale),
-            ("corrupt (checksum differs)", self.corrupt),
+            ("corrupt or tampered (not as their sidecar says)", self.corrupt),
             ("not scored", self.unscored),
+            ("trajectory files corrupt or tampered", self.corrupt_trajectories),
         ):
             if items:
                 shown = ", ".join(items[:limit]) + (
@@ -75,15 +88,31 @@ def read_plan(run_dir: Path) -> dict | None:
         raise ValueError(f"{path} is not readable JSON ({err}); rerun the driver") from None
     if not isinstance(plan, dict) or "scores" not in plan:
         raise ValueError(f"{path} is not a plan (no 'scores' key); rerun the driver")
+    units, unscored = plan["scores"], plan.setdefault("unscored", [])
+    fields = ("unit", "path", "config_hash")
+    if not (
+        (units is None or isinstance(units, list))
+        and all(
+            isinstance(u, dict) and all(isinstance(u.get(k), str) for k in fields)
+            for u in units or []
+        )
+        and isinstance(unscored, list)
+        and all(isinstance(w, str) for w in unscored)
+    ):
+        raise ValueError(f"{path} is not a plan (malformed entries); rerun the driver")
     return plan
 
 
-def select_score_files(run_dir: str | Path) -> ScoreInputs:
+def select_score_files(run_dir: str | Path, under: str | None = None) -> ScoreInputs:
     """The score files of `run_dir` that belong to its current plan, and what is wrong with
-    the rest (see the module docstring). Raises ValueError for an unreadable or unfinished plan."""
+    the rest (see the module docstring); with `under` (e.g. "scores/tiny/layer=3/"), only
+    those whose path relative to the run starts with it. Raises ValueError for an unreadable
+    or unfinished plan."""
     run_dir = Path(run_dir)
     plan = read_plan(run_dir)
     present = {p.relative_to(run_dir).as_posix(): p for p in sorted(run_dir.glob(SCORES_GLOB))}
+    if under is not None:
+        present = {rel: p for rel, p in present.items() if rel.startswith(under)}
     if plan is None:
         inputs = ScoreInputs(files=[], planned=None)
         for rel, path in present.items():
@@ -94,28 +123,49 @@ def select_score_files(run_dir: str | Path) -> ScoreInputs:
             f"{run_dir.name}: the driver has not planned its scoring yet (it stopped before the "
             "trajectories were complete); rerun it to finish the run"
         )
-    inputs = ScoreInputs(
-        files=[], planned=len(plan["scores"]), unscored=list(plan.get("unscored", []))
-    )
     planned = {u["path"]: u for u in plan["scores"]}
+    if under is not None:
+        planned = {rel: u for rel, u in planned.items() if rel.startswith(under)}
+    inputs = ScoreInputs(files=[], planned=len(planned), unscored=list(plan["unscored"]))
     for rel, unit in planned.items():
         if rel not in present:
             inputs.missing.append(unit["unit"])
         else:
             _check(present[rel], unit["unit"], unit["config_hash"], inputs)
-    inputs.stale += [
-        rel for rel, path in present.items() if rel not in planned and read_sidecar(path)
+    inputs.stale += [  # ours, or made to look so: named, never read
+        rel for rel, path in present.items() if rel not in planned and done_path(path).exists()
     ]
     return inputs
 
 
 def _check(path: Path, name: str, want: str | None, inputs: ScoreInputs) -> None:
-    sidecar = read_sidecar(path)
-    if sidecar is None:
-        inputs.missing.append(name)
-    elif want is not None and sidecar["config_hash"] != want:
+    try:
+        verify(path, want)
+    except StaleFile:
         inputs.stale.append(name)
-    elif file_sha256(path) != sidecar["sha256"]:
-        inputs.corrupt.append(name)
+    except CorruptFile as err:
+        inputs.corrupt.append(f"{name} ({err.reason})")
+    except IncompleteFileError:
+        inputs.missing.append(name)
     else:
         inputs.files.append(path)
+
+
+def select_generated_files(
+    run_dir: str | Path, pattern: str = GENERATED_GLOB
+) -> tuple[list[Path], list[str]]:
+    """(generated trajectory files matching `pattern` that verify, sorted; one
+    "<file> (<what is wrong>)" per file whose sidecar exists but does not verify). Files
+    without a sidecar are in progress or foreign: neither read nor named."""
+    run_dir = Path(run_dir)
+    files, corrupt = [], []
+    for path in sorted(run_dir.glob(pattern)):
+        try:
+            verify(path)
+        except CorruptFile as err:
+            corrupt.append(f"{path.relative_to(run_dir).as_posix()} ({err.reason})")
+        except IncompleteFileError:
+            continue
+        else:
+            files.append(path)
+    return files, corrupt

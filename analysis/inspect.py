@@ -40,12 +40,12 @@ from urllib.parse import unquote
 
 import polars as pl
 
+from analysis.inputs import select_generated_files, select_score_files
 from analysis.kernel import KERNEL_FIELDS, route_metrics
 from analysis.metrics import AnalysisConfig, find_shards
 from analysis.report import load_run_config
 from analysis.runinfo import layer_labels, model_entries
 from workers.atomic import atomic_write
-from workers.io import read_sidecar
 
 TRAJECTORIES_GLOB = "trajectories/{model}/*/generated/*.arrow"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "workers" / "assets" / "tiny-moe"
@@ -100,9 +100,17 @@ def decode_pieces(tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
+def _warn(lines: list[str]) -> None:
+    """Files left out because they do not verify, one line each (the report names them too)."""
+    for line in lines:
+        print(f"warning: left out, not as its sidecar says: {line}", file=sys.stderr)
+
+
 def _score_paths(run_dir: Path, model: str, layer: int) -> list[Path]:
-    prefix = run_dir / "scores" / model / f"layer={layer}"
-    return [p for p in find_shards(run_dir) if p.is_relative_to(prefix)]
+    """The run's current score files of (model, layer) that verify (analysis.inputs)."""
+    inputs = select_score_files(run_dir, under=f"scores/{model}/layer={layer}/")
+    _warn(inputs.corrupt)
+    return inputs.files
 
 
 def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[str, int]]:
@@ -136,7 +144,7 @@ def _why_unscored(
         verdict = "verified" if row.get("verified") else f"not verified ({row.get('verify_reason')})"
         parts.append(f"{problem}/{sample} was generated ({verdict}) but not scored")
         scored = (
-            pl.scan_ipc([str(p) for p in score_paths])
+            pl.scan_ipc([str(p) for p in score_paths], glob=False)
             .filter(pl.col("problem_id") == problem)
             .select(pl.col("sample_idx").unique().sort())
             .collect()["sample_idx"]
@@ -151,11 +159,10 @@ def _why_unscored(
 
 
 def _trajectories(run_dir: Path, model: str, wanted: list[tuple[str, int]]) -> pl.DataFrame:
-    paths = [
-        p
-        for p in sorted(run_dir.glob(TRAJECTORIES_GLOB.format(model=glob.escape(model))))
-        if read_sidecar(p) is not None
-    ]
+    paths, corrupt = select_generated_files(
+        run_dir, TRAJECTORIES_GLOB.format(model=glob.escape(model))
+    )
+    _warn(corrupt)
     if not paths:
         return pl.DataFrame()
     keys = pl.DataFrame(
@@ -178,13 +185,15 @@ def token_table(
     cfg: AnalysisConfig | None = None,
     alternatives: int = 5,
     tokenizer: Any = None,
+    paths: list[Path] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(tokens, trajectories): one row per scored token of `trajectories` at (model, layer),
-    and one row per trajectory with its decoded pieces. Raises FileNotFoundError when the run
+    and one row per trajectory with its decoded pieces. `paths`: the (model, layer) score
+    files, when the caller has verified them already. Raises FileNotFoundError when the run
     has no such scores or trajectories."""
     cfg = cfg or AnalysisConfig()
     run_dir = Path(run_dir)
-    paths = _score_paths(run_dir, model, layer)
+    paths = _score_paths(run_dir, model, layer) if paths is None else paths
     if not paths:
         raise FileNotFoundError(
             f"no complete score shards under {run_dir}/scores/{model}/layer={layer}"
@@ -286,14 +295,18 @@ def wandb_tables(
     cfg = cfg or AnalysisConfig()
     run_dir = Path(run_dir)
     run_config = load_run_config(run_dir)
-    jobs = sorted({(p.parts[-4], int(p.parts[-3].split("=")[1])) for p in find_shards(run_dir)})
+    jobs: dict[tuple[str, int], list[Path]] = {}
+    for p in find_shards(run_dir):  # verified once here, then passed on
+        jobs.setdefault((p.parts[-4], int(p.parts[-3].split("=")[1])), []).append(p)
     tokenizers: dict[str, Any] = {}
     out = {}
-    for model, layer in jobs:
+    for (model, layer), paths in sorted(jobs.items()):
         if model not in tokenizers:
             tokenizers[model] = load_tokenizer(model, run_config)
-        wanted = top_fragile(_score_paths(run_dir, model, layer), cfg, per_layer)
-        tokens, _ = token_table(run_dir, model, layer, wanted, cfg=cfg, tokenizer=tokenizers[model])
+        wanted = top_fragile(paths, cfg, per_layer)
+        tokens, _ = token_table(
+            run_dir, model, layer, wanted, cfg=cfg, tokenizer=tokenizers[model], paths=paths
+        )
         out[f"{model}/L{layer}"] = flat_tokens(tokens)
     return out
 
@@ -620,17 +633,23 @@ def main(argv: list[str] | None = None) -> int:
         run_config = load_run_config(args.run_dir)
         cfg = AnalysisConfig(**((run_config or {}).get("analysis") or {}))
         layer = resolve_layer_arg(args.layer, args.model, run_config)
+        paths = _score_paths(args.run_dir, args.model, layer)
         if args.problem is not None:
             wanted = [(args.problem, args.sample)]
         else:
-            paths = _score_paths(args.run_dir, args.model, layer)
             if not paths:
                 raise FileNotFoundError(
                     f"no complete score shards under {args.run_dir}/scores/{args.model}/layer={layer}"
                 )
             wanted = top_fragile(paths, cfg, args.top_fragile)
         tokens, runs = token_table(
-            args.run_dir, args.model, layer, wanted, cfg=cfg, alternatives=args.alternatives
+            args.run_dir,
+            args.model,
+            layer,
+            wanted,
+            cfg=cfg,
+            alternatives=args.alternatives,
+            paths=paths,
         )
         label = layer_labels(run_config).get((args.model, layer), f"L{layer}")
         out = args.out or page_path(

@@ -1,7 +1,8 @@
 """Per-token metrics and per-bin sufficient statistics over score shards (docs/method.md).
 
-Contract: `find_shards(run_dir)` lists the complete score shards of a run (a data file counts
-only when its `<name>.done.json` sidecar exists; a file without one is never opened);
+Contract: `find_shards(run_dir)` lists the complete score shards of a run (those of its current
+plan that verify against their `<name>.done.json` sidecar, analysis.inputs; no other file is
+opened);
 `scan_scores(paths)` is one lazy scan over them; `token_metrics(lf, cfg)` adds the per-token
 columns; `aggregate(lf, cfg)` reduces everything to one small frame of sums per
 (model, layer, dataset, bin, cluster, gain bucket), from which `tables.py` derives every mean
@@ -39,8 +40,7 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.inputs import SCORES_GLOB
-from workers.io import read_sidecar
+from analysis.inputs import select_score_files
 
 BINS = ("confident", "ambiguous", "fragile")  # display order: high pbar to low
 GROUP_KEYS = ("model", "layer", "dataset")
@@ -100,13 +100,12 @@ class AnalysisConfig:
 
 
 def find_shards(run_dir: str | Path) -> list[Path]:
-    """Complete score shards of a run, sorted: data files whose sidecar exists and parses.
+    """Complete score shards of a run, sorted: those of its current plan (all, without a
+    plan.json) whose sidecar verifies, checksum included (analysis.inputs.select_score_files).
 
-    A file without one (in progress, crashed, foreign) is never opened (docs/design.md). The
-    checksum is not recomputed here: that would read every byte of every shard once more,
-    and the writer only renames a sidecar into place after the data file is complete.
-    """
-    return [p for p in sorted(Path(run_dir).glob(SCORES_GLOB)) if read_sidecar(p) is not None]
+    A file without one (in progress, crashed, foreign, tampered) is never opened
+    (docs/design.md)."""
+    return select_score_files(run_dir).files
 
 
 def scan_scores(paths: Sequence[str | Path]) -> pl.LazyFrame:

@@ -7,8 +7,9 @@
 passes its `analysis` config group.)
 
 Contract: `build_report(run_dir, config=None)` reads the score files of the run's current
-plan whose checksums verify (analysis.inputs; missing, stale or corrupt units are named on
-stderr and in report.md), writes `tables/<name>.{parquet,csv}`,
+plan that verify against their sidecars (analysis.inputs; missing, stale or corrupt units,
+and generated trajectory files that do not verify, are named on stderr and in report.md, one
+line per kind), writes `tables/<name>.{parquet,csv}`,
 `figures/<name>.png` and `report.md`, and returns a `Report`. No Ray, no model, no GPU. It
 raises FileNotFoundError when the run dir or its complete shards are missing; the CLI turns
 that (and bad thresholds) into one line on stderr and exit code 2. Rerunning replaces the
@@ -28,8 +29,8 @@ from typing import Any
 import polars as pl
 
 from analysis.figures import layer_label, plot_all
-from analysis.inputs import ScoreInputs, select_score_files
-from analysis.metrics import BINS, CLUSTERS, SCORES_GLOB, AnalysisConfig, collect_stats
+from analysis.inputs import SCORES_GLOB, ScoreInputs, select_generated_files, select_score_files
+from analysis.metrics import BINS, CLUSTERS, AnalysisConfig, collect_stats
 from analysis.runinfo import generation_summary, layer_labels
 from analysis.tables import pooled_rows, summarise, write_tables
 from workers.atomic import atomic_write
@@ -51,6 +52,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
     # 1. The score files of the run's current plan, intact (analysis.inputs); the rest is
     # named on stderr and in report.md, never silently left out.
     inputs = select_score_files(run_dir)
+    generated, inputs.corrupt_trajectories = select_generated_files(run_dir)
     shards = inputs.files
     if not shards:
         raise FileNotFoundError(
@@ -63,7 +65,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
     started = time.perf_counter()
     tables = summarise(collect_stats(shards, cfg), cfg)
     seconds = time.perf_counter() - started
-    tables["generation"] = generation_summary(run_dir)
+    tables["generation"] = generation_summary(run_dir, generated)
     write_tables(tables, run_dir / "tables", root=run_dir)
     # 3. Figures and the markdown report that embeds them.
     run_config = load_run_config(run_dir)
@@ -270,7 +272,7 @@ def render_markdown(
     notes = inputs.problems(limit=50)
     if notes:
         lines += ["## Inputs", ""]
-        if inputs.missing or inputs.stale or inputs.corrupt or inputs.unscored:
+        if inputs.partial:
             lines += ["**Incomplete: these results cover only part of the run.**", ""]
         lines += [f"- {line}" for line in notes] + [""]
     lines += [

@@ -6,8 +6,9 @@ Contract:
   scorer's own rule (workers.layers). A model's shape comes from conf/model/<name>.yaml when
   the run's config.yaml does not hold it (sweep models); a model that cannot be resolved gets
   no label (figures then say "L<index>").
-- `generation_summary(run_dir)` -> one row per (model, dataset) over the complete generated
-  trajectory files (`trajectories/<model>/<dataset>/generated/*.arrow` with their sidecar):
+- `generation_summary(run_dir, paths=None)` -> one row per (model, dataset) over the generated
+  trajectory files `paths` (default: every `trajectories/<model>/<dataset>/generated/*.arrow`
+  that verifies against its sidecar, analysis.inputs.select_generated_files):
   samples, verified, verified_share, mean and max completion length in tokens, and the finish
   reasons as "stop: 90, length: 6", and the generation backend(s) the files' sidecars record
   ("hf", "vllm"; "unrecorded" for files written before sidecars named it). Empty (with its columns) when nothing was generated.
@@ -20,11 +21,11 @@ from typing import Any
 
 import polars as pl
 
+from analysis.inputs import select_generated_files
 from workers.io import read_sidecar
 from workers.layers import LAYER_NAMES, resolve_layer
 
 CONF_MODELS = Path(__file__).resolve().parent.parent / "conf" / "model"
-GENERATED_GLOB = "trajectories/*/*/generated/*.arrow"
 GENERATION_COLUMNS = {
     "model": pl.String,
     "dataset": pl.String,
@@ -79,8 +80,10 @@ def layer_labels(run_config: dict[str, Any] | None) -> dict[tuple[str, int], str
     return labels
 
 
-def generation_summary(run_dir: str | Path) -> pl.DataFrame:
-    sidecars = {p: read_sidecar(p) for p in sorted(Path(run_dir).glob(GENERATED_GLOB))}
+def generation_summary(run_dir: str | Path, paths: list[Path] | None = None) -> pl.DataFrame:
+    if paths is None:
+        paths = select_generated_files(run_dir)[0]
+    sidecars = {p: read_sidecar(p) for p in paths}
     paths = [p for p, sidecar in sidecars.items() if sidecar is not None]
     if not paths:
         return pl.DataFrame(schema=GENERATION_COLUMNS)

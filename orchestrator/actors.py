@@ -156,6 +156,7 @@ class ScorerWorker:
             task.layer,
             out_path,
             config_hash=config_hash,
+            require_complete=True,  # the shard the driver planned, verified
             extra={"provenance": self.provenance},
             root=root,
         )

@@ -514,14 +514,16 @@ def router_parts(
 
 
 def describe_router_estimate(
-    cfg: RunConfig, train: list[DatasetConfig], evals: list[DatasetConfig]
+    cfg: RunConfig,
+    train: list[DatasetConfig],
+    evals: list[DatasetConfig],
+    cells: list,
+    layers_of: dict[str, dict[str, int]],
 ) -> str:
-    """The router update's GPU-hours, then the run's: the main stages' and the update's."""
-    from orchestrator import plan
-
-    cells = plan.estimate(cfg)
+    """The router update's GPU-hours, then the run's: the main stages' and the update's.
+    `cells` and `layers_of` are the main plan's (plan.estimate, plan.scored_positions)."""
     parts = router_parts(cfg, cells, train, evals)
-    main = main_parts(cfg, cells, plan.scored_positions(cells))
+    main = main_parts(cfg, cells, layers_of)
     lines = [
         "",
         "router update GPU-hours, estimates by the rules above (tokens: upper bounds, every"

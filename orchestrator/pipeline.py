@@ -4,9 +4,10 @@ Contract: `prepare_problems` (driver, no Ray) writes problems/<dataset>.arrow; `
 (Ray initialised) runs generation -> shards -> scoring for every (model, dataset) cell of the
 plan and returns a `RunSummary`. Stages talk only through files in the run dir
 (orchestrator/plan.py has the layout); a unit is skipped when `workers.io.is_complete` says
-its file matches its config hash (checksum included, so truncated or corrupted files are
-redone). Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are
-skipped. All stages share one executor (orchestrator/executor.py), one pool of actors per
+its file verifies against its sidecar (workers.io.verify: name, rows, config hash and, unless
+`verify_checksums=false`, sha256), so truncated, corrupted or tampered files are redone; a
+count or checksum the plan builds on is taken from a sidecar only once it has verified.
+Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are skipped. All stages share one executor (orchestrator/executor.py), one pool of actors per
 (stage, model): a cell's shards are written and its scoring units queued as soon as its last
 generation unit lands, so a model's scorers run while its other data sets, or later models,
 still generate; an actor is started when the cluster has room for it and closed as soon as
@@ -36,11 +37,12 @@ from orchestrator.executor import Executor, Outcome, Pool, cluster_resources
 from orchestrator.progress import StageProgress
 from workers.atomic import atomic_append
 from workers.io import (
+    CorruptFile,
     IncompleteFileError,
     discard,
     is_complete,
-    read_arrow,
-    read_sidecar,
+    read_verified,
+    verify,
     write_arrow,
 )
 
@@ -72,17 +74,26 @@ def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]
     Returns {dataset name: (number of problems, sha256 of the file)}.
     """
     datasets = {c.dataset.name: c.dataset for c in plan.plan_cells(cfg)}
-    return prepare_datasets(run_dir, list(datasets.values()))
+    return prepare_datasets(run_dir, list(datasets.values()), checksum=cfg.verify_checksums)
 
 
-def prepare_datasets(run_dir: Path, datasets: list[Any]) -> dict[str, tuple[int, str]]:
-    """problems/<name>.arrow of each dataset (skipped when complete); {name: (rows, sha256)}."""
+def prepare_datasets(
+    run_dir: Path, datasets: list[Any], *, checksum: bool = True
+) -> dict[str, tuple[int, str]]:
+    """problems/<name>.arrow of each dataset (skipped when complete); {name: (rows, sha256)}.
+
+    Rows and sha256 come from a sidecar that verified against its file: the number of
+    generation units, and so which generated files are stale, is planned from them."""
     from workers.datasets import load_problems
 
     out = {}
     for dataset in datasets:
         path, want = plan.problems_path(run_dir, dataset), plan.problems_hash(dataset)
-        if not is_complete(path, want):
+        try:
+            sidecar = verify(path, want, checksum=checksum)
+        except IncompleteFileError:
+            sidecar = None
+        if sidecar is None:
             try:
                 table = load_problems(
                     dataset.loader,
@@ -103,10 +114,9 @@ def prepare_datasets(run_dir: Path, datasets: list[Any]) -> dict[str, tuple[int,
                 pa.array([dataset.name] * table.num_rows, pa.string()),
             )
             try:
-                write_arrow(table, path, config_hash=want, root=run_dir)
+                sidecar = write_arrow(table, path, config_hash=want, root=run_dir)
             except OSError as err:  # a full disk or quota: write_arrow left nothing complete
                 raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
-        sidecar = read_sidecar(path)
         out[dataset.name] = (sidecar["rows"], sidecar["sha256"])
     return out
 
@@ -427,25 +437,30 @@ def write_shards(
     files and the config; shards already complete with the same hash are left untouched.
     Returns ([(path, sha256)], trajectories kept, trajectories generated).
     """
-    try:
-        table = pa.concat_tables([read_arrow(u.path) for u in generated])
+    try:  # checksummed whatever verify_checksums says: the bytes are in memory anyway
+        read = [read_verified(u.path, u.config_hash) for u in generated]
     except IncompleteFileError as err:  # only when verify_checksums=false let it through
         raise PipelineError(f"{err}; rerun with verify_checksums=true to redo it") from None
+    table = pa.concat_tables([t for t, _ in read])
     total = table.num_rows
     if cfg.scoring.verified_only:
         table = table.filter(table.column("verified"))
     size = cfg.scoring.trajectories_per_shard
-    want = plan.shards_hash(cfg.scoring, [read_sidecar(u.path)["sha256"] for u in generated])
+    want = plan.shards_hash(cfg.scoring, [sidecar["sha256"] for _, sidecar in read])
     out_dir = plan.shard_dir(run_dir, cell.model, cell.dataset)
     shards = []
     for k in range(math.ceil(table.num_rows / size)):
         path = out_dir / f"{k:05d}.arrow"
-        if not is_complete(path, want):
+        try:
+            sidecar = verify(path, want, checksum=cfg.verify_checksums)
+        except IncompleteFileError:
             try:
-                write_arrow(table.slice(k * size, size), path, config_hash=want, root=run_dir)
+                sidecar = write_arrow(
+                    table.slice(k * size, size), path, config_hash=want, root=run_dir
+                )
             except OSError as err:  # a full disk, or a folder replaced by a link
                 raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
-        shards.append((path, read_sidecar(path)["sha256"]))
+        shards.append((path, sidecar["sha256"]))
     prune(run_dir, [out_dir], [p for p, _ in shards])
     return shards, table.num_rows, total
 
@@ -454,22 +469,34 @@ def prune(run_dir: Path, dirs: list[Path], keep: list[plan.Unit] | list[Path]) -
     """Discard data files in `dirs` that the plan does not write (left by an older config,
     e.g. a larger shard count), so that no reader counts them. Returns how many.
 
-    Only files this project wrote are removed: inside `run_dir` and with a sidecar of ours
-    (workers.io.read_sidecar). Anything else found there is left alone, whatever its name.
+    Only files this project wrote are removed: inside `run_dir` and with a sidecar that
+    verifies against its file, checksum included (workers.io.verify), so no field that was
+    not checked decides a deletion. Anything else found there is left alone, whatever its
+    name, and named on stderr.
     """
     root = run_dir.resolve()
     wanted = {getattr(k, "path", k) for k in keep}
-    stale = [
+    stale, kept = [], []
+    for p in (
         p
         for d in dirs
         if d.is_dir() and d.resolve().is_relative_to(root)
         for p in sorted(d.glob("*.arrow"))
-        if p not in wanted and p.resolve().is_relative_to(root) and read_sidecar(p) is not None
-    ]
+        if p not in wanted and p.resolve().is_relative_to(root)
+    ):
+        try:
+            verify(p)
+            stale.append(p)
+        except CorruptFile as err:
+            kept.append(str(err))
+        except IncompleteFileError:
+            pass
     for path in stale:
         discard(path)
     if stale:
         print(f"[plan] removed {len(stale)} stale files under {dirs[0].parent}", file=sys.stderr)
+    for line in kept:
+        print(f"warning: [plan] left in place, not verified: {line}", file=sys.stderr)
     return len(stale)
 
 

@@ -7,13 +7,13 @@ Contract: every output path follows the run layout of docs/design.md,
     trajectories/<model>/<dataset>/shards/<k>.arrow        the trajectories to score, shard k
     scores/<model>/layer=<L>/<dataset>/<k>.arrow
 
-and a unit is complete when its file has a sidecar whose config hash equals the unit's
-(`workers.io.is_complete`). A unit's hash covers only what changes its output: its own config
-slice and its inputs *by content* (the sha256 recorded in their sidecars), so when a config
-changes under the same run id exactly the affected units, and everything downstream of a
-changed file, are redone. Functions here are pure (no Ray, no model): the dry run prints
-`describe_plan` and the pipeline builds its units with the `*_units` functions; `write_plan`
-records the scoring units in runs/<id>/plan.json for the report (analysis/inputs.py).
+and a unit is complete when its file verifies against a sidecar whose config hash equals the
+unit's (`workers.io.is_complete`). A unit's hash covers only what changes its output: its own
+config slice and its inputs *by content* (the sha256 recorded in their verified sidecars), so
+when a config changes under the same run id exactly the affected units, and everything
+downstream of a changed file, are redone. Functions here are pure (no Ray, no model): the
+dry run prints `describe_plan` and the pipeline builds its units with the `*_units` functions;
+`write_plan` records the scoring units in runs/<id>/plan.json for the report (analysis/inputs.py).
 """
 
 from __future__ import annotations

@@ -176,7 +176,9 @@ def run_router_update(
 ) -> Path | None:
     ru = cfg.router_update
     problems = prepare_datasets(
-        run_dir, datasets([*ru.train_datasets, *ru.eval_datasets], ru.problems_limit)
+        run_dir,
+        datasets([*ru.train_datasets, *ru.eval_datasets], ru.problems_limit),
+        checksum=cfg.verify_checksums,
     )
     sections = []
     for model in router_models(cfg):
@@ -461,5 +463,8 @@ def describe_router_plan(cfg: RunConfig) -> str:
         )
     from orchestrator.estimate import describe_router_estimate
 
-    lines.append(describe_router_estimate(cfg, train, evals))
+    cells = plan.estimate(cfg)
+    lines.append(
+        describe_router_estimate(cfg, train, evals, cells, plan.scored_positions(cells))
+    )
     return "\n".join(lines)

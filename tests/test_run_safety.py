@@ -162,7 +162,9 @@ def test_report_leaves_out_and_names_a_corrupted_score_file(reference, tmp_path)
     result = report_cli(run_dir)
     assert result.returncode == 0, result.stderr
     unit = "tiny/layer=" + victim.parent.parent.name.split("=")[1] + "/demo/" + victim.stem
-    assert f"1 corrupt (checksum differs): {unit}" in result.stderr
+    assert f"1 corrupt or tampered (not as their sidecar says): {unit} (sha256 differs" in (
+        result.stderr
+    )
     text = (run_dir / "report.md").read_text()
     assert "**Incomplete" in text and unit in text
     ref_counts = tables(reference)["counts"]
