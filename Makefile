@@ -42,8 +42,12 @@ test-vllm: vllm-cpu
 demo: setup
 	$(BIN)/python -m orchestrator $(ARGS)
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them: the
+# suite waits on Ray and vLLM start-ups as much as it computes.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
