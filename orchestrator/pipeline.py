@@ -518,7 +518,8 @@ class JobTracker:
 def write_shards(
     run_dir: Path, cell: plan.Cell, cfg: RunConfig, generated: list[plan.Unit]
 ) -> tuple[list[tuple[Path, str]], int, int]:
-    """Split a cell's trajectories to score into shards of `trajectories_per_shard` rows.
+    """Split a cell's trajectories to score (the verified ones, or with verified_only=false
+    every sample that has tokens) into shards of `trajectories_per_shard` rows.
 
     Rows keep generation order (problem, then sample), so the split depends only on the
     files and the config; shards already complete with the same hash are left untouched.
