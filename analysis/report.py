@@ -185,7 +185,7 @@ def _generation_table(generation: pl.DataFrame) -> list[str]:
     if generation.is_empty():
         return ["(no complete generated trajectories in this run directory)"]
     header = ["model", "dataset", "backend", "samples", "verified", "mean length", "max length"]
-    header.append("finish reasons")
+    header += ["finish reasons", "skipped rows"]
     rows = [
         [
             r["model"],
@@ -196,10 +196,11 @@ def _generation_table(generation: pl.DataFrame) -> list[str]:
             _fmt(r["mean_tokens"], ",.1f"),
             _fmt(r["max_tokens"], ","),
             r["finish_reasons"],
+            _fmt(r["skipped_rows"], ","),
         ]
         for r in generation.iter_rows(named=True)
     ]
-    return _table(header, rows, align="lllrrrrl")
+    return _table(header, rows, align="lllrrrrlr")
 
 
 def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:

@@ -11,7 +11,10 @@ Contract:
   that verifies against its sidecar, analysis.inputs.select_generated_files):
   samples, verified, verified_share, mean and max completion length in tokens, and the finish
   reasons as "stop: 90, length: 6", and the generation backend(s) the files' sidecars record
-  ("hf", "vllm"; "unrecorded" for files written before sidecars named it). Empty (with its columns) when nothing was generated.
+  ("hf", "vllm"; "unrecorded" for files written before sidecars named it), and the data set's
+  rows skipped at load as unpromptable (`dataset.skip_bad_rows`: the problems file's sidecar
+  lists them; a prompt too long for a model shows as finish reason "prompt_too_long" instead).
+  Empty (with its columns) when nothing was generated.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ GENERATION_COLUMNS = {
     "max_tokens": pl.Int64,
     "finish_reasons": pl.String,
     "backend": pl.String,
+    "skipped_rows": pl.Int64,
 }
 
 
@@ -134,10 +138,23 @@ def generation_summary(run_dir: str | Path, paths: list[Path] | None = None) -> 
         pl.col("completion_tokens").mean().alias("mean_tokens"),
         pl.col("completion_tokens").max().cast(pl.Int64).alias("max_tokens"),
     )
+    datasets = sorted(set(summary["dataset"]))
+    skipped = pl.DataFrame(
+        {"dataset": datasets, "skipped_rows": [skipped_rows(run_dir, d) for d in datasets]},
+        schema={"dataset": pl.String, "skipped_rows": pl.Int64},
+    )
     return (
         summary.join(reasons, on=["model", "dataset"])
         .join(backends, on=["model", "dataset"], how="left")
+        .join(skipped, on="dataset", how="left")
         .select(list(GENERATION_COLUMNS))
         .cast(GENERATION_COLUMNS)
         .sort("model", "dataset")
     )
+
+
+def skipped_rows(run_dir: str | Path, dataset: str) -> int:
+    """How many rows of `dataset` were skipped at load (its problems sidecar's list)."""
+    sidecar = read_sidecar(Path(run_dir) / "problems" / f"{dataset}.arrow") or {}
+    listed = sidecar.get("skipped_rows")
+    return len(listed) if isinstance(listed, list) else 0

@@ -100,6 +100,9 @@ class DatasetConfig:
     verifier: str = "math"  # one of VERIFIERS
     instruction: str = ""  # appended to the question by workers.prompts.render_prompt
     options: dict[str, Any] = field(default_factory=dict)  # extra loader keyword arguments
+    # Rows that cannot be prompted (empty question; prompt too long for a model): false = the
+    # run stops before Ray naming the row; true = skipped and counted in the report.
+    skip_bad_rows: bool = False
 
 
 @dataclass

@@ -152,6 +152,8 @@ def problems_hash(dataset: DatasetConfig) -> str:
     (an edited file redoes the problems and everything downstream; the path alone does not
     count, so moving the file changes nothing)."""
     keep = {k: getattr(dataset, k) for k in ("loader", "limit", "seed", "options")}
+    if dataset.skip_bad_rows:  # only then can the file lack rows of the source
+        keep["skip_bad_rows"] = True
     if dataset.path is not None:
         source = Path(dataset.path).resolve()
         stat = source.stat()

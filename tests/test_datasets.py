@@ -201,3 +201,31 @@ def test_unreachable_hub_says_to_pass_a_local_path():
     )
     assert "HuggingFaceH4/aime_2024" in out.stdout
     assert "dataset.path=" in out.stdout
+
+
+BLANKS = ["", " ", "\n\t  ", "\u3000\u2003", "\r\n"]
+
+
+@pytest.mark.parametrize("blank", BLANKS)
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.parquet", "rows.json"])
+def test_a_blank_question_is_refused_naming_the_row(tmp_path, name, blank):
+    records = [MATH_ROW, {**MATH_ROW, "problem": blank, "unique_id": "u/blank"}]
+    path = _write_records(tmp_path / name, records)
+    with pytest.raises(ValueError, match=r"row 2 \(problem 'math500-u/blank'\) has an empty q"):
+        load_problems("math500", path=path)
+
+
+def test_blank_questions_are_skipped_and_listed_when_asked(tmp_path):
+    records = [{**MATH_ROW, "unique_id": f"u/{i}"} for i in range(6)]
+    for i, blank in zip((1, 4), BLANKS[1:], strict=False):
+        records[i] = {**records[i], "problem": blank}
+    path = _write_records(tmp_path / "rows.jsonl", records)
+    skipped = []
+    table = load_problems("math500", path=path, skipped=skipped)
+    assert table.column("problem_id").to_pylist() == [f"math500-u/{i}" for i in (0, 2, 3, 5)]
+    assert skipped == [
+        {"row": 2, "problem_id": "math500-u/1", "reason": "empty_prompt"},
+        {"row": 5, "problem_id": "math500-u/4", "reason": "empty_prompt"},
+    ]
+    # `limit` counts source rows: the blank second row is among the first two.
+    assert load_problems("math500", path=path, limit=2, skipped=[]).num_rows == 1

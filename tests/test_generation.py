@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -304,6 +306,82 @@ def test_generate_trajectories_keeps_all_samples_with_verdicts():
     assert [r["extracted_answer"] for r in rows] == ["\\frac{1}{2}", "1/3", None, "4"]
     assert rows[0]["input_ids"] == [1, 2, 3, 4, 5] and rows[0]["prompt_len"] == 2
     assert {r["dataset"] for r in rows} == {"math500"} and {r["seed"] for r in rows} == {11}
+
+
+# --- rows that cannot be prompted, completions that cannot be verified quickly ---------------
+
+
+NEAR_FULL = " ".join(["1"] * 250)  # 250 of the tiny model's 256 positions: 6 tokens of room
+UNPROMPTABLE = {
+    "empty": ("", "empty_prompt"),
+    "blank": (" \n\t", "empty_prompt"),
+    "huge": ("1 " * 500_000, "prompt_too_long"),  # 1 MB: 500k tokens
+    "just over": (" ".join(["1"] * 256), "prompt_too_long"),  # no room for one token
+}
+
+
+def test_rows_that_cannot_be_prompted_are_unverified_samples_and_the_rest_generate(backend):
+    rows = [
+        ("p0", PROMPTS[0][1], "3"),
+        *((pid, text, "3") for pid, (text, _) in UNPROMPTABLE.items()),
+        ("near", NEAR_FULL, "3"),
+    ]
+    params = SamplingParams(n=2, max_tokens=12, seed=3)
+    table = generate_trajectories(
+        backend,
+        _problems(rows),
+        params,
+        model_name="tiny",
+        verifier="exact",
+        tokenizer=backend.tokenizer,
+        template="{prompt}{instruction}",
+        use_chat_template=False,
+        instruction="",
+    )
+    out = table.to_pylist()
+    assert [(r["problem_id"], r["sample_idx"]) for r in out] == [
+        (pid, k) for pid, _, _ in rows for k in range(2)
+    ]
+    by_id = {pid: [r for r in out if r["problem_id"] == pid] for pid, _, _ in rows}
+    for pid, (_, reason) in UNPROMPTABLE.items():
+        for r in by_id[pid]:
+            assert not r["verified"] and r["verify_reason"] == r["finish_reason"] == reason
+            assert r["input_ids"] == [] and r["prompt_len"] == 0 and r["completion_text"] == ""
+    # The good rows are what they would be alone; the near-full one is clipped to its room.
+    alone = backend.generate([PROMPTS[0]], params)
+    assert [r["input_ids"] for r in by_id["p0"]] == [c.prompt_ids + c.completion_ids for c in alone]
+    clipped = backend.generate([("near", NEAR_FULL)], replace(params, max_tokens=6))
+    assert [r["input_ids"] for r in by_id["near"]] == [
+        c.prompt_ids + c.completion_ids for c in clipped
+    ]
+    assert all(len(r["input_ids"]) <= 256 and r["prompt_len"] == 250 for r in by_id["near"])
+
+
+def test_a_backend_refuses_a_prompt_that_leaves_no_room(backend):
+    with pytest.raises(ValueError, match="no room to generate within the model's 256"):
+        backend.generate([("x", UNPROMPTABLE["just over"][0])], SamplingParams(max_tokens=4))
+
+
+def test_verification_in_the_generator_keeps_its_deadline_on_looping_completions():
+    looping = "\\boxed{" * 30_000 + "\\boxed{" + "{" * 50_000 + "x" * 50_000  # ~360k chars
+    solved = "\\fbox{" * 28_000 + "\\boxed{4}"
+    problems = _problems([("q1", "What is 2+2?", "4")], "math500")
+    backend = CannedBackend({"q1": [looping, solved, looping]})
+    start = time.monotonic()
+    table = generate_trajectories(
+        backend,
+        problems,
+        SamplingParams(n=3, seed=1),
+        model_name="m",
+        verifier="math",
+        tokenizer=build_tokenizer(),
+        verify_timeout_s=1.0,
+    )
+    assert time.monotonic() - start < 3 * 1.0 + 15  # three deadlines, the checker's start
+    reasons = table.column("verify_reason").to_pylist()
+    assert reasons[0] in ("timeout", "no_answer") and reasons[2] in ("timeout", "no_answer")
+    assert reasons[1] in ("timeout", "match")
+    assert table.column("verified").to_pylist()[1] == (reasons[1] == "match")
 
 
 def test_bundled_tiny_model_solves_demo_problems():

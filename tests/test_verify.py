@@ -1,5 +1,7 @@
 """Answer verification: extraction, math equivalence, timeouts, threads, never an exception."""
 
+import random
+import re
 import threading
 import time
 
@@ -126,3 +128,94 @@ def test_exact_uses_the_demo_extractor():
 def test_unknown_kind_is_a_config_error():
     with pytest.raises(ValueError, match="valid kinds: exact, math, choice"):
         verify("regex", "x", "y")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear extraction, one deadline
+
+
+def reference_boxed(text: str) -> str | None:
+    """The plain definition, quadratic: from each box opener, count braces to its close."""
+    found = None
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth = 1
+        for i in range(match.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found = text[match.end() : i].strip()
+                break
+    return found
+
+
+PIECES = ["\\boxed{", "{", "}", "x", "\\fbox{", " ", "\\boxed {", "\\boxed", "\\fbox"]
+
+
+def test_extract_boxed_agrees_with_the_reference_on_random_strings():
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choices(PIECES, k=rng.randint(0, 40)))
+        assert extract_boxed(text) == reference_boxed(text), text
+
+
+# 200k characters of what a looping reasoning model writes, or worse.
+N = 200_000
+ADVERSARIAL = {
+    "unclosed boxes": "\\boxed{" * (N // 7),
+    "50k boxes": "\\boxed{" * 50_000,
+    "deep nesting": "\\boxed{" + "{" * (N // 2) + "7",
+    "open brace run, then an answer": "{" * N + "\\boxed{42}",
+    "nested closed boxes": "\\boxed{" * (N // 8) + "}" * (N // 8),
+    "spaces after answer": "answer" + " " * N + "is",
+    "spaces after a box command": "\\boxed" + " " * N,
+    "deep text wrappers": "\\boxed{" + "\\text{" * (N // 6) + "A" + "}" * (N // 6 + 1),
+}
+BOXED_ANSWERS = {"open brace run, then an answer": "42"}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_extraction_is_linear_on_adversarial_completions(name):
+    text = ADVERSARIAL[name]
+    start = time.monotonic()
+    extract_boxed(text)
+    extract_choice(text)
+    # The quadratic scan took 21 s on 35k characters of unclosed boxes; this is ~0.1 s.
+    assert time.monotonic() - start < 3
+
+
+HUGE_SUM = "\\boxed{" + "+".join(["1"] * 60_000) + "}"  # 120k characters sympy must read
+
+
+@pytest.mark.parametrize("kind", ["math", "choice", "exact"])
+@pytest.mark.parametrize(
+    ("name", "text", "gold", "answer"),
+    [
+        *((name, text, "42", BOXED_ANSWERS.get(name)) for name, text in ADVERSARIAL.items()),
+        ("right answer after 200k", "\\boxed{" * (N // 7) + "\\boxed{42}", "42", "42"),
+        ("huge expression", HUGE_SUM, "60000", HUGE_SUM[7:-1]),
+    ],
+)
+def test_verification_of_adversarial_completions_ends_within_its_deadline(
+    kind, name, text, gold, answer
+):
+    verify("math", "\\boxed{1}", "1")  # a started, warm checker: the deadline is the check's
+    deadline = 2.0
+    start = time.monotonic()
+    verdict = verify(kind, text, gold, timeout_s=deadline)
+    elapsed = time.monotonic() - start
+    assert elapsed < deadline + 1.0, (kind, name, elapsed, verdict.reason)
+    if verdict.reason != "timeout":
+        if kind == "math" and answer is not None:  # the right answer, or a clean timeout
+            assert verdict == Verdict(True, answer, "match")
+        else:
+            assert not verdict.verified
+            assert verdict.reason in ("no_answer", "parse_error", "mismatch"), verdict
+    # Whatever happened, the next check works.
+    assert verify("math", "\\boxed{3}", "3").verified
+
+
+def test_a_check_out_of_time_is_a_timeout_verdict():
+    verify("exact", "answer 1", "1")
+    start = time.monotonic()
+    assert verify("exact", "answer 1", "1", timeout_s=0.0) == Verdict(False, None, "timeout")
+    assert time.monotonic() - start < 1
+    assert verify("exact", "answer 1", "1").verified

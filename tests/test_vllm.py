@@ -116,6 +116,7 @@ def test_vllm_accuracy_lies_in_the_hf_backends_interval():
             tokenizer=backend.tokenizer, template="{prompt}", use_chat_template=False,
         )  # fmt: skip
         if name == "vllm":
+            check_context_limits(backend, params)
             backend.close()
         verified = table.column("verified").to_pylist()
         accuracy[name] = (sum(verified), len(verified))
@@ -123,6 +124,31 @@ def test_vllm_accuracy_lies_in_the_hf_backends_interval():
     low, high = wilson(h_ok, n_h)
     print(f"accuracy: vLLM {v_ok / n_v:.4f}, HF {h_ok / n_h:.4f} (95% {low:.4f}-{high:.4f})")
     assert n_v == n_h == 256 and low <= v_ok / n_v <= high
+
+
+def check_context_limits(backend, params) -> None:
+    """The engine's max_model_len bounds every sequence: a prompt of 250 of the 256 positions
+    gets 6 new tokens at most, one of 256 is recorded unprompted, the unit goes on."""
+    import pyarrow as pa
+
+    from workers.generate import generate_trajectories
+    from workers.schemas import PROBLEMS_SCHEMA
+
+    assert backend.max_length == 256
+    rows = [("near", " ".join(["what"] * 250)), ("over", " ".join(["what"] * 256))]
+    problems = pa.Table.from_pylist(
+        [dict(problem_id=p, dataset="demo", prompt=q, gold_answer="1", metadata="{}")
+         for p, q in rows], schema=PROBLEMS_SCHEMA,
+    )  # fmt: skip
+    table = generate_trajectories(
+        backend, problems, params, model_name="tiny", verifier="exact",
+        tokenizer=backend.tokenizer, template="{prompt}", use_chat_template=False,
+    ).to_pylist()  # fmt: skip
+    near = [r for r in table if r["problem_id"] == "near"]
+    assert near and all(r["prompt_len"] == 250 and len(r["input_ids"]) <= 256 for r in near)
+    assert any(r["finish_reason"] == "length" and len(r["input_ids"]) == 256 for r in near)
+    over = [r for r in table if r["problem_id"] == "over"]
+    assert [r["verify_reason"] for r in over] == ["prompt_too_long"] * params.n
 
 
 def test_mini_sweep_of_four_families_survives_a_driver_kill(tmp_path):

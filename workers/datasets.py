@@ -1,8 +1,11 @@
 """Benchmark problems as one Arrow table per data set.
 
-Contract: `load_problems(name, *, path=None, limit=None, seed=0, **options) -> pa.Table` in
-`PROBLEMS_SCHEMA` (problem_id, dataset, prompt, gold_answer, metadata JSON). `prompt` is the
-question only; the instruction and chat template are added by `workers.prompts`.
+Contract: `load_problems(name, *, path=None, limit=None, seed=0, skipped=None, **options) ->
+pa.Table` in `PROBLEMS_SCHEMA` (problem_id, dataset, prompt, gold_answer, metadata JSON).
+`prompt` is the question only; the instruction and chat template are added by
+`workers.prompts`. A row whose question is empty or only whitespace cannot be prompted: a
+ValueError naming it (source, row number, problem id), or, when a `skipped` list is given,
+left out and recorded there as {"row", "problem_id", "reason": "empty_prompt"}.
 
 Sources: the Hugging Face dataset named in SPECS (read with the `datasets` library), or a local
 file in the same column layout when `path` is given (.parquet, .jsonl, .json, or .csv for
@@ -103,9 +106,13 @@ def load_problems(
     path: str | Path | None = None,
     limit: int | None = None,
     seed: int = 0,
+    skipped: list[dict[str, Any]] | None = None,
     **options: Any,
 ) -> pa.Table:
     """The problems of data set `name` (see SPECS), at most `limit` of them.
+
+    `limit` counts source rows: the first `limit` rows are read, and those that cannot be
+    prompted are refused (ValueError) or, with a `skipped` list, left out and appended there.
 
     Options: "demo" takes `n`, `difficulty` and `split` (workers.demo_task.make_problems); hub data
     sets take `split` to read another split. `seed` only matters for demo problems and for
@@ -123,6 +130,7 @@ def load_problems(
         rows = [_CONVERTERS[name](record, seed) for record in records]
     if limit is not None:
         rows = rows[:limit]
+    rows = _drop_unpromptable(rows, skipped, where=str(path or spec.hf_id or name))
     ids = [row["problem_id"] for row in rows]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{name}: duplicate problem ids in the source")
@@ -157,6 +165,25 @@ def check_records(records: list[Any], spec: DatasetSpec, name: str, *, where: st
                     f"{where}: row {i} column {column!r} is {value!r} ({type(value).__name__}),"
                     f" not {wanted}"
                 )
+
+
+def _drop_unpromptable(
+    rows: list[dict[str, Any]], skipped: list[dict[str, Any]] | None, *, where: str
+) -> list[dict[str, Any]]:
+    """`rows` without those whose question is blank; ValueError on the first unless `skipped`
+    collects them. Row numbers count from 1 in source order, as check_records' do."""
+    kept = []
+    for i, row in enumerate(rows, 1):
+        if row["prompt"].strip():
+            kept.append(row)
+        elif skipped is None:
+            raise ValueError(
+                f"{where}: row {i} (problem {row['problem_id']!r}) has an empty question;"
+                " fix or drop it, or set dataset.skip_bad_rows=true to skip such rows"
+            )
+        else:
+            skipped.append({"row": i, "problem_id": row["problem_id"], "reason": "empty_prompt"})
+    return kept
 
 
 def _check_options(name: str, options: dict[str, Any], valid: set[str]) -> None:

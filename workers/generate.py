@@ -5,16 +5,25 @@ instruction="", template=None, use_chat_template=True) -> pa.Table` in TRAJECTOR
 with ALL samples, verified or not (callers filter on `verified`). `problems` is a
 PROBLEMS_SCHEMA table; `verifier` is a workers.verify kind ("exact", "math", "choice");
 `input_ids` = prompt ids + completion ids and `prompt_len` is where the completion starts.
+
+A row that cannot be prompted never fails its unit: an empty question ("empty_prompt"), a
+prompt the model's context cannot hold with one new token ("prompt_too_long": prompt tokens + 1
+> the backend's `max_length`), or a template that fails on it ("prompt_error: <error>") gives
+its `params.n` samples unverified, with that reason as `verify_reason` and `finish_reason`,
+no tokens and no text; the other rows are generated as usual. (The driver rejects such rows
+before Ray starts where it can, orchestrator.pipeline.check_prompt_lengths.)
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
-from workers.generation import GenerationBackend, SamplingParams
+from workers.generation import Completion, GenerationBackend, SamplingParams, encode_prompt
 from workers.prompts import render_prompt
 from workers.schemas import TRAJECTORIES_SCHEMA
-from workers.verify import verify_many
+from workers.verify import Verdict, verify_many
 
 
 def generate_trajectories(
@@ -35,27 +44,37 @@ def generate_trajectories(
     by_id = {row["problem_id"]: row for row in rows}
     if len(by_id) != len(rows):
         raise ValueError("problems table has duplicate problem_id values")
-    prompts = [
-        (
-            row["problem_id"],
-            render_prompt(
-                tokenizer,
-                row["prompt"],
-                instruction=instruction,
-                template=template,
-                use_chat_template=use_chat_template,
-            ),
+    prompts, unprompted = [], {}
+    for row in rows:
+        checked = prompt_problem(
+            tokenizer,
+            row["prompt"],
+            getattr(backend, "max_length", None),
+            instruction=instruction,
+            template=template,
+            use_chat_template=use_chat_template,
         )
-        for row in rows
-    ]
-    completions = backend.generate(prompts, params)
+        if isinstance(checked, str):  # the reason it cannot be prompted
+            unprompted[row["problem_id"]] = checked
+        else:
+            prompts.append((row["problem_id"], checked[0]))
+    completions = backend.generate(prompts, params) if prompts else []
     verdicts = verify_many(
         verifier,
         [(c.text, by_id[c.problem_id]["gold_answer"]) for c in completions],
         timeout_s=verify_timeout_s,
     )
+    for problem_id, reason in unprompted.items():
+        for k in range(params.n):
+            completions.append(Completion(problem_id, k, [], [], "", reason))
+            verdicts.append(Verdict(False, None, reason))
+    order = {row["problem_id"]: i for i, row in enumerate(rows)}
+    ranked = sorted(
+        zip(completions, verdicts, strict=True),
+        key=lambda cv: (order[cv[0].problem_id], cv[0].sample_idx),
+    )
     records = []
-    for completion, verdict in zip(completions, verdicts, strict=True):
+    for completion, verdict in ranked:
         problem = by_id[completion.problem_id]
         records.append(
             {
@@ -76,3 +95,24 @@ def generate_trajectories(
             }
         )
     return pa.Table.from_pylist(records, schema=TRAJECTORIES_SCHEMA)
+
+
+def prompt_problem(
+    tokenizer,
+    question: str,
+    max_length: int | None,
+    **prompt: Any,
+) -> str | tuple[str, list[int]]:
+    """Why `question` cannot be prompted (a reason), or (rendered prompt, its token ids).
+
+    `prompt` holds render_prompt's keywords (instruction, template, use_chat_template)."""
+    if not question.strip():
+        return "empty_prompt"
+    try:
+        text = render_prompt(tokenizer, question, **prompt)
+        ids = encode_prompt(tokenizer, text)
+    except Exception as exc:  # a template or tokenizer failing on this row only
+        return f"prompt_error: {type(exc).__name__}"
+    if max_length is not None and len(ids) + 1 > max_length:
+        return "prompt_too_long"
+    return text, ids

@@ -2,8 +2,9 @@
 
 Contract: `verify(kind, text, gold, *, timeout_s=5.0) -> Verdict(verified, extracted, reason)`
 and its batch form `verify_many(kind, [(text, gold), ...], timeout_s=...)`. Whatever the text
-(garbage, no answer, an answer sympy chokes on), the result is a Verdict, never an exception;
-only an unknown `kind` (a config error) or a verifier process that cannot start raises.
+(garbage, no answer, an answer sympy chokes on, a looping 200k-character completion), the
+result is a Verdict within `timeout_s` of the call for each pair, never an exception; only an
+unknown `kind` (a config error) or a verifier process that cannot start raises.
 
 Kinds:
 - "exact": the demo task. `workers.demo_task.extract_answer` reads the answer; string equality.
@@ -16,13 +17,18 @@ Kinds:
 Reasons: "match", "mismatch", "no_answer", "parse_error" (the answer is not a math expression /
 not a letter), "timeout", "error: ..." (the checker failed on this input).
 
-Why a subprocess: math-verify's own timeouts use SIGALRM, which only works on the main thread
-of the main interpreter (Ray actors and thread pools are neither), and a hung sympy call cannot
-be interrupted inside the caller. So math checks run in one small reusable child process per
-caller process (started on first use, ~1 s: importing sympy), with math-verify's timeouts
-turned off; the caller waits on a pipe with its own deadline and kills and replaces the child
-when an answer takes too long. A check costs the pipe round trip (~0.1 ms) plus math-verify's
-own time (a few ms); a timeout costs one child restart.
+One deadline for all of it: extraction and comparison of every kind run in one small reusable
+child process per caller process, and the caller waits on a pipe with the deadline, killing and
+replacing the child when a check takes too long. So a pathological completion costs at most
+`timeout_s` wherever verification runs (a generator actor, a thread, the driver). Why a process
+and not a thread: math-verify's own timeouts use SIGALRM, which only works on the main thread
+of the main interpreter (Ray actors and thread pools are neither), and neither a hung sympy
+call nor a slow regex can be interrupted inside the caller. The extractors are linear in the
+text anyway (one scan over the braces; regexes without nested quantifiers), so the deadline is
+a guard, not the common path. The child starts on first use (~0.3 s) and imports
+math-verify/sympy (~1 s) before its first math check, with math-verify's timeouts turned off;
+a check costs the pipe round trip (~0.1 ms) plus its own time (a few ms for math); a timeout
+costs one child restart.
 """
 
 from __future__ import annotations
@@ -36,13 +42,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("exact", "math", "choice")
 _CHOICES = "ABCD"
-# Time allowed for the checker process to import math-verify/sympy and answer a warm-up check.
+# Time allowed for the checker process to start, and to import math-verify/sympy and answer a
+# warm-up check before its first math check: not counted against any check's deadline.
 _STARTUP_TIMEOUT_S = 120.0
 
 
@@ -63,49 +70,55 @@ def verify_many(
 ) -> list[Verdict]:
     """Check many (text, gold) pairs; one Verdict per pair, in order.
 
-    `timeout_s` bounds each math check separately (a slow one fails alone).
+    `timeout_s` bounds each check separately, extraction included (a slow one fails alone,
+    as "timeout", with the extracted answer when extraction had finished).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown verifier kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    if kind == "exact":
-        return [_verify_exact(text, gold) for text, gold in items]
-    if kind == "choice":
-        return [_verify_choice(text, gold) for text, gold in items]
-    return [_verify_math(text, gold, timeout_s) for text, gold in items]
+    return [_CHECKER.check(kind, str(text or ""), str(gold), timeout_s) for text, gold in items]
 
 
 # ---------------------------------------------------------------------------------------------
-# Extraction
+# Extraction: linear in the length of the text
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A box opener, or any other brace: the only tokens the brace scan looks at.
+_BRACES = re.compile(r"\\(?:boxed|fbox)\s*\{|[{}]")
 
 
 def extract_boxed(text: str) -> str | None:
     """The content of the last complete `\\boxed{...}` (or `\\fbox{...}`) in `text`, stripped.
 
     Braces nest (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`); a box left open (a completion cut
-    off mid-answer) does not count. None when there is no complete box.
+    off mid-answer) does not count. "Last" is by where the box opens: in
+    `\\boxed{a \\boxed{b}}` it is `b`. None when there is no complete box.
+
+    One left-to-right pass over the braces with a stack of the open ones (each remembers where
+    its content starts if it opens a box): a `}` closes the innermost open brace, which is the
+    brace a depth count started at that box would close; a `}` with nothing open is ignored.
     """
-    found = None
-    for match in _BOXED.finditer(text or ""):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            char = text[i]
-            if char == "{":
-                depth += 1
-            elif char == "}":
-                depth -= 1
-                if depth == 0:
-                    found = text[start:i].strip()
-                    break
-    return found
+    text = text or ""
+    open_at: list[int] = []  # content start of each open brace; -1 for a plain brace
+    best_start, found = -1, None
+    for match in _BRACES.finditer(text):
+        if match.group() == "}":
+            if open_at:
+                start = open_at.pop()
+                if start > best_start:
+                    best_start, found = start, text[start : match.start()]
+        else:
+            open_at.append(match.end() if match.group() != "{" else -1)
+    return None if found is None else found.strip()
 
 
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textrm)\s*\{([^{}]*)\}")
+_MAX_WRAPPERS = 8  # nesting levels of \text{...} unwrapped: each level is one pass over the box
 _LETTER = re.compile(r"^[\(\[]?\s*([A-Da-d])\s*(?:[\)\]\.:]|\s|$)")
+# "answer", optionally "is", then optional ":", "**" and "(" with any spaces between, then the
+# letter. Each optional piece starts with its own character, so a failed match backtracks
+# linearly (a chain of `\s*`s around optional pieces backtracks as the product of the spaces).
 _ANSWER_IS = re.compile(
-    r"(?i:answer)(?:\s+(?i:is))?\s*[:：]?\s*\**\s*[\(\[]?\s*([A-D])(?![A-Za-z0-9])"
+    r"(?i:answer)(?:\s+(?i:is))?\s*(?:[:：]\s*)?(?:\*+\s*)?(?:[\(\[]\s*)?([A-D])(?![A-Za-z0-9])"
 )
 
 
@@ -114,7 +127,10 @@ def extract_choice(text: str) -> tuple[str | None, str | None]:
     boxed = extract_boxed(text)
     if boxed is not None:
         cleaned = boxed
-        while (unwrapped := _LATEX_WRAPPER.sub(r"\1", cleaned)) != cleaned:
+        for _ in range(_MAX_WRAPPERS):
+            unwrapped = _LATEX_WRAPPER.sub(r"\1", cleaned)
+            if unwrapped == cleaned:
+                break
             cleaned = unwrapped
         match = _LETTER.match(cleaned.strip().strip("$").strip())
         if match:
@@ -126,44 +142,55 @@ def extract_choice(text: str) -> tuple[str | None, str | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kinds
+# Kinds: run in the checker process. `found(extracted)` reports the answer as soon as it is
+# read, so a comparison that runs out of time still says what was extracted.
 
 
-def _verify_exact(text: str, gold: str) -> Verdict:
+def _check(kind: str, text: str, gold: str, found: Callable[[str | None], None]) -> Verdict:
+    if kind == "exact":
+        return _verify_exact(text, gold, found)
+    if kind == "choice":
+        return _verify_choice(text, gold, found)
+    return _verify_math(text, gold, found)
+
+
+def _verify_exact(text: str, gold: str, found: Callable[[str | None], None]) -> Verdict:
     from workers.demo_task import extract_answer
 
     try:
-        extracted = extract_answer(text or "")
+        extracted = extract_answer(text)
     except Exception as exc:  # a checker bug on odd input must not stop a whole shard
         return Verdict(False, None, f"error: {type(exc).__name__}")
+    found(extracted)
     if extracted is None:
         return Verdict(False, None, "no_answer")
-    ok = extracted.strip() == str(gold).strip()
+    ok = extracted.strip() == gold.strip()
     return Verdict(ok, extracted, "match" if ok else "mismatch")
 
 
-def _verify_choice(text: str, gold: str) -> Verdict:
+def _verify_choice(text: str, gold: str, found: Callable[[str | None], None]) -> Verdict:
     letter, raw = extract_choice(text)
+    found(letter or raw)
     if letter is None:
         return Verdict(False, raw, "parse_error" if raw else "no_answer")
-    ok = letter == str(gold).strip().upper()
+    ok = letter == gold.strip().upper()
     return Verdict(ok, letter, "match" if ok else "mismatch")
 
 
-def _verify_math(text: str, gold: str, timeout_s: float) -> Verdict:
+def _verify_math(text: str, gold: str, found: Callable[[str | None], None]) -> Verdict:
     answer = extract_boxed(text)
+    found(answer)
     if not answer:
         return Verdict(False, answer, "no_answer")
-    verified, reason = _CHECKER.check(str(gold), answer, timeout_s)
+    try:
+        verified, reason = _check_math(gold, answer)
+    except Exception as exc:
+        verified, reason = False, f"error: {type(exc).__name__}"
     return Verdict(verified, answer, reason)
 
 
-# ---------------------------------------------------------------------------------------------
-# The math checker process
-
-
 def _check_math(gold: str, answer: str) -> tuple[bool, str]:
-    """Runs in the checker process: math-verify with its SIGALRM timeouts off."""
+    """math-verify with its SIGALRM timeouts off (the caller's deadline bounds it)."""
     from math_verify import parse
     from math_verify import verify as math_verify
 
@@ -179,28 +206,45 @@ def _check_math(gold: str, answer: str) -> tuple[bool, str]:
     return False, "mismatch"
 
 
+# ---------------------------------------------------------------------------------------------
+# The checker process
+
+
 def _serve() -> None:
-    """Checker process main loop: one JSON request per stdin line, one JSON reply per line."""
+    """Checker process main loop: one JSON request per stdin line. A check gets two reply
+    lines, {"extracted": ...} once the answer is read, then the verdict; {"warm": true} (import
+    math-verify and check once) gets {"ready": true}."""
     import logging
 
     # math-verify warns once that its timeouts are off: the parent enforces them.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
-    _check_math("\\frac{1}{2}", "0.5")  # warm the LaTeX parser before the first deadline
-    out.write(b'{"ready": true}\n')
-    out.flush()
-    for line in sys.stdin.buffer:
-        request = json.loads(line)
-        try:
-            verified, reason = _check_math(request["gold"], request["answer"])
-        except Exception as exc:
-            verified, reason = False, f"error: {type(exc).__name__}"
-        out.write(json.dumps({"verified": verified, "reason": reason}).encode() + b"\n")
+
+    def reply(message: dict) -> None:
+        out.write(json.dumps(message).encode() + b"\n")
         out.flush()
 
+    reply({"ready": True})
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        if request.get("warm"):
+            _check_math("\\frac{1}{2}", "0.5")  # warm the LaTeX parser before a deadline
+            reply({"ready": True})
+            continue
+        try:
+            verdict = _check(
+                request["kind"],
+                request["text"],
+                request["gold"],
+                lambda extracted: reply({"extracted": extracted}),
+            )
+        except Exception as exc:
+            verdict = Verdict(False, None, f"error: {type(exc).__name__}")
+        reply({"verdict": [verdict.verified, verdict.extracted, verdict.reason]})
 
-class _MathChecker:
+
+class _Checker:
     """One lazily started checker process per caller process, shared by its threads."""
 
     def __init__(self) -> None:
@@ -208,50 +252,82 @@ class _MathChecker:
         self._proc: subprocess.Popen | None = None
         self._owner = os.getpid()
         self._buffer = b""
+        self._math_ready = False
 
-    def check(self, gold: str, answer: str, timeout_s: float) -> tuple[bool, str]:
+    def check(self, kind: str, text: str, gold: str, timeout_s: float) -> Verdict:
         with self._lock:
-            self._ensure_started()
-            request = json.dumps({"gold": gold, "answer": answer}).encode() + b"\n"
+            self._ensure_started(warm_math=kind == "math")
+            deadline = time.monotonic() + timeout_s
+            request = json.dumps({"kind": kind, "text": text, "gold": gold}).encode() + b"\n"
+            extracted = None
             try:
-                self._proc.stdin.write(request)
-                self._proc.stdin.flush()
-                reply = self._read_line(timeout_s)
-            except (BrokenPipeError, EOFError, OSError):
+                if not self._write(request, deadline):
+                    self._stop()
+                    return Verdict(False, None, "timeout")
+                while True:
+                    reply = self._read_line(deadline)
+                    if reply is None:  # deadline passed: the child may be stuck forever
+                        self._stop()
+                        return Verdict(False, extracted, "timeout")
+                    message = json.loads(reply)
+                    if "verdict" in message:
+                        verified, extracted, reason = message["verdict"]
+                        return Verdict(bool(verified), extracted, str(reason))
+                    extracted = message.get("extracted")
+            except (BrokenPipeError, EOFError, OSError, ValueError):
                 self._stop()
-                return False, "error: checker process died"
-            if reply is None:  # deadline passed: the child may be stuck in sympy forever
-                self._stop()
-                return False, "timeout"
-            message = json.loads(reply)
-            return bool(message["verified"]), str(message["reason"])
+                return Verdict(False, extracted, "error: checker process died")
 
-    def _ensure_started(self) -> None:
+    def _ensure_started(self, *, warm_math: bool) -> None:
         if self._owner != os.getpid():  # forked: the child belongs to the parent process
             self._proc, self._owner, self._buffer = None, os.getpid(), b""
-        if self._proc is not None and self._proc.poll() is None:
-            return
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        if warm_math and not self._math_ready:
+            self._handshake(b'{"warm": true}\n')
+            self._math_ready = True
+
+    def _start(self) -> None:
         root = str(Path(__file__).resolve().parents[1])
         code = (
             f"import sys; sys.path.insert(0, {root!r}); from workers.verify import _serve; _serve()"
         )
-        self._buffer = b""
+        self._buffer, self._math_ready = b"", False
         self._proc = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
         )
+        os.set_blocking(self._proc.stdin.fileno(), False)  # writes wait in select, with a deadline
+        self._handshake(None)
+
+    def _handshake(self, request: bytes | None) -> None:
+        """Send `request` (if any) and wait for {"ready": true}, within the startup time."""
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         try:
-            ready = self._read_line(_STARTUP_TIMEOUT_S)
-        except EOFError:
+            sent = request is None or self._write(request, deadline)
+            ready = self._read_line(deadline) if sent else None
+        except (EOFError, OSError):
             ready = None
         if ready is None or not json.loads(ready).get("ready"):
             self._stop()
-            raise RuntimeError(
-                "the math verifier process did not start (is math-verify installed?)"
-            )
+            raise RuntimeError("the verifier process did not start (is math-verify installed?)")
 
-    def _read_line(self, timeout_s: float) -> bytes | None:
-        """One reply line, or None if none arrived within `timeout_s`; EOFError if the child died."""
-        deadline = time.monotonic() + timeout_s
+    def _write(self, data: bytes, deadline: float) -> bool:
+        """Write all of `data` to the child before `deadline`; False if the time ran out."""
+        fd, view = self._proc.stdin.fileno(), memoryview(data)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            _, writable, _ = select.select([], [fd], [], remaining)
+            if writable:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    continue
+        return True
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """One reply line, or None if none arrived by `deadline`; EOFError if the child died."""
         fd = self._proc.stdout.fileno()
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
@@ -260,7 +336,7 @@ class _MathChecker:
             readable, _, _ = select.select([fd], [], [], remaining)
             if not readable:
                 return None
-            chunk = os.read(fd, 1 << 16)
+            chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise EOFError("checker process closed its output")
             self._buffer += chunk
@@ -268,7 +344,7 @@ class _MathChecker:
         return line
 
     def _stop(self) -> None:
-        proc, self._proc, self._buffer = self._proc, None, b""
+        proc, self._proc, self._buffer, self._math_ready = self._proc, None, b"", False
         if proc is None or self._owner != os.getpid():
             return
         proc.kill()
@@ -284,5 +360,5 @@ class _MathChecker:
             self._stop()
 
 
-_CHECKER = _MathChecker()
+_CHECKER = _Checker()
 atexit.register(_CHECKER.close)

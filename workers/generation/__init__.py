@@ -9,6 +9,12 @@ Both backends tokenize the prompt text the same way (`encode_prompt`) so `prompt
 depend on the backend, and derive their randomness from (seed, problem_id, sample_idx) with
 sha256 (`sample_seed`), never from Python's salted `hash()`.
 
+Neither backend runs past the model's context: `max_length` is the most tokens a sequence may
+hold (HF: the config's `max_position_embeddings`; vLLM: the engine's `max_model_len`), and each
+prompt's `max_tokens` is clipped to `max_length - prompt length` (`completion_budget`; such a
+completion ends with finish_reason "length"). A prompt that leaves no room for one token is a
+ValueError; `workers.generate` records such rows as unprompted samples before calling a backend.
+
 Importing this package is cheap: torch/transformers load with the HF backend, vllm only inside
 the vLLM backend's constructor.
 """
@@ -65,6 +71,7 @@ class Completion:
 
 class GenerationBackend(Protocol):
     tokenizer: Any
+    max_length: int | None  # tokens a sequence may hold (prompt + completion); None = unknown
 
     def generate(
         self, prompts: Sequence[tuple[str, str]], params: SamplingParams
@@ -88,6 +95,24 @@ def sample_seed(seed: int, problem_id: str, sample_idx: int | None = None) -> in
     """A 63-bit seed from (seed, problem_id[, sample_idx]), the same on every machine and run."""
     key = f"{seed}\x00{problem_id}" + ("" if sample_idx is None else f"\x00{sample_idx}")
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+def completion_budget(prompt_len: int, max_tokens: int, max_length: int | None) -> int:
+    """New tokens a prompt of `prompt_len` tokens may get: `max_tokens`, clipped so that prompt
+    and completion fit `max_length`. Below 1 when the prompt leaves no room."""
+    return max_tokens if max_length is None else min(max_tokens, max_length - prompt_len)
+
+
+def check_budgets(prompt_lens: Sequence[int], max_tokens: int, max_length: int | None) -> list[int]:
+    """`completion_budget` of each prompt; ValueError naming the first that has no room."""
+    budgets = [completion_budget(n, max_tokens, max_length) for n in prompt_lens]
+    for i, budget in enumerate(budgets):
+        if budget < 1:
+            raise ValueError(
+                f"prompt {i} has {prompt_lens[i]} tokens: no room to generate within the"
+                f" model's {max_length}"
+            )
+    return budgets
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

@@ -8,7 +8,10 @@ masks every other token to -inf; `generate(do_sample=False)` then picks exactly 
 own sampling uses one global RNG over the whole batch, which would tie samples together.)
 
 Prompts are left-padded (position ids follow the attention mask); a completion ends at the
-first EOS ("stop", EOS included in `completion_ids`) or after `max_tokens` ("length").
+first EOS ("stop", EOS included in `completion_ids`) or after its budget ("length"):
+`max_tokens`, clipped to the model's `max_position_embeddings` minus the prompt. A batch runs
+for its longest budget and each row is cut at its own, which is the completion it would get
+alone (its tokens come from its own generator).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from transformers import (
     LogitsProcessorList,
 )
 
-from workers.generation import DTYPES, Completion, SamplingParams, encode_prompt, sample_seed
+from workers.generation import (
+    DTYPES,
+    Completion,
+    SamplingParams,
+    check_budgets,
+    encode_prompt,
+    sample_seed,
+)
 from workers.models import load_causal_lm
 
 _DTYPES = {**{name: getattr(torch, name) for name in DTYPES}, "auto": "auto"}
@@ -99,6 +109,7 @@ class HFBackend:
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = load_causal_lm(model_path, dtype=_DTYPES[dtype], device=str(self.device))
+        self.max_length = getattr(self.model.config, "max_position_embeddings", None)
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
         if not self.eos_ids:
             raise ValueError(
@@ -117,28 +128,31 @@ class HFBackend:
     ) -> list[Completion]:
         """`params.n` completions per (problem_id, prompt text), in prompt then sample order."""
         encoded = [encode_prompt(self.tokenizer, text) for _, text in prompts]
+        budgets = check_budgets([len(ids) for ids in encoded], params.max_tokens, self.max_length)
         rows = [(p, k) for p in range(len(prompts)) for k in range(params.n)]
         # Longest first: rows of similar length share a batch and waste less padding.
         order = sorted(range(len(rows)), key=lambda r: -len(encoded[rows[r][0]]))
         results: list[Completion | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            batch = [(prompts[rows[r][0]][0], rows[r][1], encoded[rows[r][0]]) for r in chunk]
+            batch = [
+                (prompts[p][0], k, encoded[p], budgets[p]) for p, k in (rows[r] for r in chunk)
+            ]
             for r, completion in zip(chunk, self._generate_batch(batch, params), strict=True):
                 results[r] = completion
         return results
 
     def _generate_batch(
-        self, batch: list[tuple[str, int, list[int]]], params: SamplingParams
+        self, batch: list[tuple[str, int, list[int], int]], params: SamplingParams
     ) -> list[Completion]:
-        width = max(len(ids) for _, _, ids in batch)
+        width = max(len(ids) for _, _, ids, _ in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (_, _, ids) in enumerate(batch):
+        for i, (_, _, ids, _) in enumerate(batch):
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention_mask[i, width - len(ids) :] = 1
         sampler = _RowSampler(
-            [sample_seed(params.seed, pid, k) for pid, k, _ in batch],
+            [sample_seed(params.seed, pid, k) for pid, k, _, _ in batch],
             params.temperature,
             params.top_p,
             params.top_k,
@@ -148,19 +162,20 @@ class HFBackend:
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
-                max_new_tokens=params.max_tokens,
+                max_new_tokens=max(budget for _, _, _, budget in batch),
                 do_sample=False,
                 logits_processor=LogitsProcessorList([sampler]),
             )
         new_tokens = out[:, width:].tolist()  # one device-to-host copy per batch
         eos = set(self.eos_ids)
         completions = []
-        for (pid, k, ids), tokens in zip(batch, new_tokens, strict=True):
+        for (pid, k, ids, budget), tokens in zip(batch, new_tokens, strict=True):
+            tokens = tokens[:budget]
             stop = next((i for i, t in enumerate(tokens) if t in eos), None)
             if stop is not None:
                 tokens, reason = tokens[: stop + 1], "stop"
             else:
-                tokens, reason = tokens[: params.max_tokens], "length"
+                reason = "length"
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             completions.append(Completion(pid, k, list(ids), tokens, text, reason))
         return completions

@@ -4,7 +4,8 @@ vllm is imported inside the constructor only, so nothing else in the project nee
 go to vLLM as token ids (`encode_prompt`, the same rule as the HF backend), never as text, so
 vLLM does not add a second BOS to a chat-templated prompt. Each prompt is one request with
 `n` samples and its own seed derived from (seed, problem_id): results do not depend on how
-vLLM batches requests. Sampling uses exactly the parameters given (temperature, top_p, top_k,
+vLLM batches requests; each request's `max_tokens` is clipped to the engine's `max_model_len`
+minus its prompt (`check_budgets`). Sampling uses exactly the parameters given (temperature, top_p, top_k,
 min_p); the checkpoint's generation_config defaults only apply when none are given, and we
 always give them.
 
@@ -24,7 +25,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from workers.generation import Completion, SamplingParams, encode_prompt, sample_seed
+from workers.generation import (
+    Completion,
+    SamplingParams,
+    check_budgets,
+    encode_prompt,
+    sample_seed,
+)
 
 
 class VLLMBackend:
@@ -69,15 +76,16 @@ class VLLMBackend:
             **engine_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_length = self.llm.model_config.max_model_len
 
     def generate(
         self, prompts: Sequence[tuple[str, str]], params: SamplingParams
     ) -> list[Completion]:
         """`params.n` completions per (problem_id, prompt text), in prompt then sample order."""
         vllm = self._vllm
-        requests = [
-            {"prompt_token_ids": encode_prompt(self.tokenizer, text)} for _, text in prompts
-        ]
+        encoded = [encode_prompt(self.tokenizer, text) for _, text in prompts]
+        budgets = check_budgets([len(ids) for ids in encoded], params.max_tokens, self.max_length)
+        requests = [{"prompt_token_ids": ids} for ids in encoded]
         sampling = [
             vllm.SamplingParams(
                 n=params.n,
@@ -86,10 +94,10 @@ class VLLMBackend:
                 top_p=params.top_p,
                 top_k=params.top_k,
                 min_p=params.min_p,
-                max_tokens=params.max_tokens,
+                max_tokens=budget,
                 logprobs=0,  # the sampled token's own log-probability, no alternatives
             )
-            for problem_id, _ in prompts
+            for (problem_id, _), budget in zip(prompts, budgets, strict=True)
         ]
         # LLM.generate returns one RequestOutput per prompt, in input order.
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
