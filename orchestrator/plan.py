@@ -88,7 +88,7 @@ def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
 # from the run id's hash (anywhere in the tree) when they hold the value that keeps the old
 # behaviour (ANY: always), so that adding them does not move the id of an existing run.
 ANY = object()
-UNHASHED: dict[str, Any] = {"attn_width": ANY}
+UNHASHED: dict[str, Any] = {"attn_width": ANY, "skip_bad_rows": False}
 
 
 def without_unhashed(tree: Any) -> Any:
