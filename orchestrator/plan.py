@@ -370,4 +370,7 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
             if index not in seen.values():
                 seen[spec] = index
     lines.append(describe_estimate(cfg, cells, positions))
-    return "\n".join(lines)
+    from orchestrator.schedule import describe_schedule
+
+    schedule = describe_schedule(cfg, cells, run_dir)  # empty without cluster.num_gpus
+    return "\n".join(lines + ([schedule] if schedule else []))
