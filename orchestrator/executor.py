@@ -12,7 +12,9 @@ dies (process killed, node lost) or whose unit runs past `unit_timeout_s` is kil
 and the unit counted as a failed attempt; a unit out of attempts becomes a failed `Outcome`
 while the others go on. Per actor: it gets units once started (`__ray_ready__` answered); one
 whose __init__ raises, or that does not start within `start_timeout_s` (the cluster lacks what
-it asks for, or a load hangs), stops the run with `ActorStartError`: every unit would fail.
+it asks for, or a load hangs), stops the run with `ActorStartError`: every unit would fail. One
+that dies while starting without raising (its node lost) is replaced, up to `retries` times
+in a row.
 
 Which pool gets the cluster: orchestrator/policy.py decides (a pure function, the one the
 dry run's schedule simulation runs too): the model with the most remaining estimated work
@@ -103,6 +105,7 @@ class Pool:
     starting: int = field(default=0, init=False)  # actors not yet ready
     running: int = field(default=0, init=False)  # units being run
     closing: int = field(default=0, init=False)  # actors asked to close, not yet killed
+    lost_starts: int = field(default=0, init=False)  # actors lost while starting, in a row
 
     def add(self, units: Iterable[Unit]) -> None:
         if self.sealed:
@@ -227,11 +230,18 @@ class Executor:
         try:
             ray.get(ref)
         except RayActorError as err:
+            if not err.actor_init_failed and pool.lost_starts <= pool.retries:
+                # Its process or node went while it loaded (__init__ did not raise): another
+                # actor takes its place, as for a unit's actor that dies.
+                pool.lost_starts += 1
+                self.drop(pool, actor)
+                return
             raise ActorStartError(f"{pool.describe()} failed to start: {last_line(err)}") from None
         except RayError as err:  # e.g. the node ran out of memory and killed it while loading
             raise ActorStartError(
                 f"{pool.describe()} failed to start: {describe_error(err)}"
             ) from None
+        pool.lost_starts = 0
         pool.idle.append(actor)
 
     def finished(self, ref: Any) -> None:

@@ -12,19 +12,26 @@ The rule. Pools are served in `order`: the group (a model: its generators and it
 the most remaining estimated work first, so the dominant model's scorers take the cluster early
 and the sweep's tail is short; within a group by priority (generators before scorers, whose
 work comes from them); ties in the given priority order. A pool starts an actor when it has
-more queued units than idle and starting actors, fewer live actors than its cap (None: no cap,
-it grows to what the cluster has free) and the cluster has the actor's `need` free. A pool that
-cannot start one holds back the pools after it: no overtaking, so an actor that needs many GPUs
-is not starved by smaller ones. While no actor is alive the first pool with work starts one
-regardless (an actor no node can hold then fails the run by its start deadline, not by
-waiting forever). An idle actor whose pool has nothing queued is closed when its pool is sealed
-or when another pool waited for resources at the last decision.
+more queued units than idle and starting actors, the cluster has the actor's `need` free, and
+it has fewer live actors than its cap, or, without a cap, its queued work shared among one more
+actor is at least a model load (MODEL_LOAD_S) each: it grows to what the cluster has free
+without paying more loads than its units are worth. A pool that cannot start one holds back
+the pools after it: no overtaking, so an actor that needs many GPUs is not starved by smaller
+ones. While no actor is alive the first pool with work starts one regardless (an actor no node
+can hold then fails the run by its start deadline, not by waiting forever). An idle actor whose
+pool has nothing queued is closed when its pool is sealed or when another pool waited for
+resources at the last decision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+# One actor start: placement, the weights read from shared storage into GPU memory, an engine's
+# warm-up (vLLM profiles memory and captures its graphs). A few minutes for the paper models; in
+# the units of `PoolState.unit_cost`.
+MODEL_LOAD_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,15 @@ class PoolState:
         """Remaining estimated actor-seconds: units queued, running and still to come."""
         return self.unit_cost * (self.queued + self.running + self.expected)
 
-    def wants(self, extra: int = 0) -> bool:
-        """One more actor (after `extra` started in this decision) would find a unit waiting."""
-        room = self.cap is None or self.live - self.closing + extra < self.cap
-        return self.queued > self.idle + self.starting + extra and room
+    def wants(self, extra: int = 0, load_s: float = MODEL_LOAD_S) -> bool:
+        """One more actor (after `extra` started in this decision) would find a unit waiting,
+        and, without a cap, the queued work shared among one more actor pays for its load."""
+        if self.queued <= self.idle + self.starting + extra:
+            return False
+        actors = self.live - self.closing + extra
+        if self.cap is not None:
+            return actors < self.cap
+        return actors == 0 or self.unit_cost * self.queued >= load_s * (actors + 1)
 
 
 @dataclass

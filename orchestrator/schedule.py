@@ -24,12 +24,8 @@ from pathlib import Path
 
 from orchestrator.config import ModelConfig, RunConfig, actor_cap
 from orchestrator.estimate import generation_rate, scoring_rate
-from orchestrator.policy import PoolState, decide, free_resources
+from orchestrator.policy import MODEL_LOAD_S, PoolState, decide, free_resources
 from workers.rates import read_rates
-
-# One actor start: placement, the weights read from shared storage into GPU memory, an engine's
-# warm-up (vLLM profiles memory and captures its graphs). A few minutes for the paper models.
-MODEL_LOAD_S = 300.0
 
 
 @dataclass(frozen=True)
