@@ -225,11 +225,12 @@ def test_the_measured_schedule_agrees_with_the_simulation_and_survives_a_lost_no
     # The same sweep again, a node lost while Qwen3's scorers run: its units are retried
     # elsewhere and every output is the same file.
     [worker_node] = [n for n in cluster.worker_nodes][:1]
-    lost, _, again = sweep(
+    _, lost_units, again = sweep(
         cfg,
         "lost-node",
         load_s,
         during=(sim_makespan / 3, lambda: cluster.remove_node(worker_node)),
     )
     assert again == outputs
+    assert any(u["node"] == worker_node.node_id for u in lost_units)  # it had done work
     assert len(ray.nodes()) > NODES - 1 and sum(n["Alive"] for n in ray.nodes()) == NODES - 1
