@@ -19,9 +19,9 @@ in a row.
 Which pool gets the cluster: orchestrator/policy.py decides (a pure function, the one the
 dry run's schedule simulation runs too): the model with the most remaining estimated work
 first (`unit_cost` x units queued, running and `expected`), its generators before its
-scorers; a pool grows up to `actors` actors (None: as many as the cluster has room for) while
-it has more queued units than idle and starting actors and the cluster has the actor's `need`
-free: `ray.available_resources()`, capped by the cluster's total less what our own live actors
+scorers; a pool grows up to `actors` actors (None: as many as the cluster has room for and its
+queued work pays a model load for) while it has more queued units than idle and starting
+actors and the cluster has the actor's `need` free: `ray.available_resources()`, capped by the cluster's total less what our own live actors
 need (Ray counts a new actor's resources only once it is placed) and the GPUs by `max_gpus`. A
 pool that cannot start one holds back the pools after it: no overtaking, so an actor that needs
 many GPUs is not starved by smaller ones. While no actor of ours is alive, the first pool with
