@@ -34,6 +34,7 @@ from orchestrator.config import ModelConfig, RunConfig, actor_cap
 from orchestrator.errors import ActorStartError, PipelineError, last_line
 from orchestrator.executor import Executor, Outcome, Pool, cluster_resources
 from orchestrator.progress import StageProgress
+from orchestrator.schedule import unit_costs
 from workers.io import (
     IncompleteFileError,
     discard,
@@ -187,9 +188,8 @@ class CellStages:
         self.scorers: dict[str, Pool] = {}
         models = {c.model.name: c.model for c in gen_units}
         for i, model in enumerate(models.values()):
-            gen_cost, score_cost = unit_costs(
-                cfg, model, next(c for c in gen_units if c.model.name == model.name)
-            )
+            cell = next(c for c in gen_units if c.model.name == model.name)
+            gen_cost, score_cost = unit_costs(cfg, model, cell.layers)
             pool = self.executor.add(
                 generator_pool(
                     model,
@@ -355,18 +355,6 @@ def _pool(
         describe=spawn.describe,
         **options,
     )
-
-
-def unit_costs(cfg: RunConfig, model: ModelConfig, cell: plan.Cell) -> tuple[float, float]:
-    """Estimated seconds of one generation unit and of one scoring unit (the mean over the
-    cell's layers) of `model`, from the rates table: they order the pools by remaining work."""
-    from orchestrator.schedule import unit_seconds
-
-    positions = {index: spec for spec, index in reversed(cell.layers.items())}.values()
-    gen_s, score_s = unit_seconds(cfg, model, positions)
-    gen = cfg.generation.problems_per_shard * cfg.generation.samples_per_problem
-    score = cfg.scoring.trajectories_per_shard * sum(score_s.values()) / len(score_s)
-    return gen * model.max_tokens * gen_s, score * model.max_tokens
 
 
 def expected_scoring_units(cell: plan.Cell, units: list[plan.Unit], cfg: RunConfig) -> int:

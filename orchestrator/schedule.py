@@ -47,6 +47,9 @@ class ModelWork:
     generator_cap: int | None
     scorer_cap: int | None
     cells: list[Cell]
+    # the executor's estimate of one unit (unit_costs), which orders the pools; None: the mean
+    generation_cost: float | None = None
+    scoring_cost: float | None = None
 
 
 @dataclass(eq=False)
@@ -126,8 +129,10 @@ def simulate(
     for i, m in enumerate(models):
         gen = [s for c in m.cells for s in c.generation]
         score = [s for c in m.cells for s in c.scoring]
-        g = SimPool(f"{m.name} generation", (i, 0), m.generator_gpus, m.generator_cap, mean(gen))
-        s = SimPool(f"{m.name} scoring", (i, 1), m.scorer_gpus, m.scorer_cap, mean(score))
+        gen_cost = mean(gen) if m.generation_cost is None else m.generation_cost
+        score_cost = mean(score) if m.scoring_cost is None else m.scoring_cost
+        g = SimPool(f"{m.name} generation", (i, 0), m.generator_gpus, m.generator_cap, gen_cost)
+        s = SimPool(f"{m.name} scoring", (i, 1), m.scorer_gpus, m.scorer_cap, score_cost)
         s.expected = len(score)
         for cell in m.cells:
             scorer_of[len(cells)] = s
@@ -248,6 +253,16 @@ def unit_seconds(
     return gen, score
 
 
+def unit_costs(cfg: RunConfig, model: ModelConfig, layers: dict[str, int]) -> tuple[float, float]:
+    """The executor's estimate of one generation unit and of one scoring unit (the mean over
+    `layers`, spec -> index) of `model`, in seconds on one actor: they order the pools."""
+    positions = {index: spec for spec, index in reversed(layers.items())}.values()
+    gen_s, score_s = unit_seconds(cfg, model, positions)
+    gen = cfg.generation.problems_per_shard * cfg.generation.samples_per_problem * gen_s
+    score = cfg.scoring.trajectories_per_shard * sum(score_s.values()) / len(score_s)
+    return gen * model.max_tokens, score * model.max_tokens
+
+
 def sweep_work(cfg: RunConfig, cells: list, rates: list | None = None) -> list[ModelWork]:
     """The plan's cells (plan.CellEstimate) as units with durations, per model in plan order."""
     rates = read_rates() if rates is None else rates
@@ -269,6 +284,7 @@ def sweep_work(cfg: RunConfig, cells: list, rates: list | None = None) -> list[M
         scoring = [t * tokens * score_s[p] for p in positions.values() for t in shards]
         if model.name not in out:
             gen_gpus, score_gpus = model_gpus(model, cfg)
+            gen_cost, score_cost = unit_costs(cfg, model, c.cell.layers)
             out[model.name] = ModelWork(
                 model.name,
                 gen_gpus,
@@ -276,6 +292,8 @@ def sweep_work(cfg: RunConfig, cells: list, rates: list | None = None) -> list[M
                 actor_cap(cfg.cluster.generators),
                 actor_cap(cfg.cluster.scorers),
                 [],
+                gen_cost,
+                score_cost,
             )
         out[model.name].cells.append(Cell(model.name, generation, scoring))
     return list(out.values())

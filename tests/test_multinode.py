@@ -206,6 +206,7 @@ def test_the_measured_schedule_agrees_with_the_simulation_and_survives_a_lost_no
             m.name, m.generator_gpus, m.scorer_gpus, m.generator_cap, m.scorer_cap,
             [Cell(c.model, [s + extra / SCALE for s in c.generation],
                   [s + extra / SCALE for s in c.scoring]) for c in m.cells],
+            m.generation_cost, m.scoring_cost,
         )
         for m in sweep_work(cfg, plan.estimate(cfg))
     ]  # fmt: skip
