@@ -96,15 +96,20 @@ def decide(
     start: list[int] = []
     alive = any(p.live for p in pools)
     left: dict[str, float] | None = None
+    taken: dict[str, float] = {}  # by the starts decided before `left` was asked for
     for i in order(pools):
         pool, extra = pools[i], 0
         while pool.wants(extra):
             need = {k: v for k, v in pool.need.items() if v > 0}
             if alive and need:
-                left = dict(free()) if left is None else left
+                if left is None:
+                    left = {k: v - taken.get(k, 0.0) for k, v in free().items()}
                 if any(left.get(k, 0.0) < v for k, v in need.items()):
                     return Decision(close, start, waiting=True)
-                for k, v in need.items():
+            for k, v in need.items():
+                if left is None:
+                    taken[k] = taken.get(k, 0.0) + v
+                else:
                     left[k] = left.get(k, 0.0) - v
             start.append(i)
             alive, extra = True, extra + 1

@@ -70,6 +70,10 @@ def test_idle_actors_close_when_sealed_or_when_another_pool_waits():
 def test_with_no_actor_alive_the_first_pool_starts_one_regardless():
     huge = PoolState((0, 0), queued=3, need={"GPU": 8})
     assert decide([huge], gpus(2)).start == [0]
+    # and the GPUs it takes count against the next start of the same decision
+    pool = PoolState((0, 0), queued=3, need={"GPU": 1}, unit_cost=1000)
+    assert decide([pool], gpus(1)).start == [0]
+    assert decide([pool], gpus(2)).start == [0, 0]
 
 
 def test_max_gpus_caps_what_the_run_may_hold():
