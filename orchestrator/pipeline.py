@@ -31,10 +31,11 @@ import ray
 
 from orchestrator import plan
 from orchestrator.actors import DEFAULT_WORKERS, GeneratorWorker, ScorerWorker, Workers
-from orchestrator.config import ModelConfig, RunConfig, model_path
+from orchestrator.config import ModelConfig, RunConfig, actor_cap, model_path
 from orchestrator.errors import ActorStartError, PipelineError, last_line
 from orchestrator.executor import Executor, Outcome, Pool, cluster_resources
 from orchestrator.progress import StageProgress
+from orchestrator.schedule import unit_costs
 from workers.atomic import atomic_append
 from workers.io import (
     CorruptFile,
@@ -261,8 +262,9 @@ def run_stages(
 class CellStages:
     """Generation -> shards -> scoring per (model, dataset) cell, on one executor.
 
-    Pools, in the executor's order: for each model (in the plan's order) its generators, then
-    its scorers. When a cell's last generation unit is settled, its trajectories to score
+    Pools: for each model (in the plan's order) its generators, then its scorers, each with an
+    estimated unit time from the rates table and the scorers with the units their cells will
+    bring, so the executor serves the model with the most remaining work first. When a cell's last generation unit is settled, its trajectories to score
     (verified ones by default) are split into shards and its scoring units are planned,
     pruned of stale files, recorded in plan.json (rewritten whole, so a report takes only
     planned files) and queued; a model's scorer pool is sealed once all its cells are.
@@ -294,10 +296,12 @@ class CellStages:
         self.score_units: dict[plan.Cell, list[plan.Unit]] = {}
         self.empty: list[plan.Cell] = []  # generated, nothing kept: planned when generation ends
         self.kept = 0
-        self.executor = Executor()
+        self.executor = Executor(max_gpus=cfg.cluster.max_gpus)
         self.scorers: dict[str, Pool] = {}
         models = {c.model.name: c.model for c in gen_units}
         for i, model in enumerate(models.values()):
+            cell = next(c for c in gen_units if c.model.name == model.name)
+            gen_cost, score_cost = unit_costs(cfg, model, cell.layers)
             pool = self.executor.add(
                 generator_pool(
                     model,
@@ -306,6 +310,7 @@ class CellStages:
                     self.gen_progress,
                     priority=(i, 0),
                     on_outcome=self.generated,
+                    unit_cost=gen_cost,
                 )
             )
             pool.add(u for c, us in todo.items() if c.model.name == model.name for u in us)
@@ -318,7 +323,13 @@ class CellStages:
                     self.score_progress,
                     priority=(i, 1),
                     on_outcome=self.scored,
+                    unit_cost=score_cost,
                 )
+            )
+            self.scorers[model.name].expected = sum(  # upper bound: every trajectory verified
+                expected_scoring_units(c, us, cfg)
+                for c, us in gen_units.items()
+                if c.model.name == model.name
             )
 
     def run(self) -> None:
@@ -423,20 +434,23 @@ def score(actor: Any, unit: plan.Unit) -> Any:
 def generator_pool(
     model: ModelConfig, cfg: RunConfig, workers: Workers, progress: StageProgress, **options: Any
 ) -> Pool:
-    """A pool of up to `cluster.generators` generator actors of `model`."""
+    """A pool of up to `cluster.generators` generator actors of `model` (auto: no cap)."""
     spawn = GeneratorSpawner(model, cfg, workers.generator)
-    return _pool(spawn, generate, cfg.cluster.generators, cfg, progress, **options)
+    return _pool(spawn, generate, actor_cap(cfg.cluster.generators), cfg, progress, **options)
 
 
 def scorer_pool(
     model: ModelConfig, cfg: RunConfig, workers: Workers, progress: StageProgress, **options: Any
 ) -> Pool:
-    """A pool of up to `cluster.scorers` scorer actors of `model`, each loading it once."""
+    """A pool of up to `cluster.scorers` scorer actors of `model` (auto: no cap), each loading
+    it once."""
     spawn = ScorerSpawner(model, cfg, workers.scorer)
-    return _pool(spawn, score, cfg.cluster.scorers, cfg, progress, **options)
+    return _pool(spawn, score, actor_cap(cfg.cluster.scorers), cfg, progress, **options)
 
 
-def _pool(spawn, call, actors: int, cfg: RunConfig, progress: StageProgress, **options) -> Pool:
+def _pool(
+    spawn, call, actors: int | None, cfg: RunConfig, progress: StageProgress, **options
+) -> Pool:
     """A Pool of `spawn`'s actors under the run's retries and deadlines; a spawner that holds
     placement groups frees them (`release`, `close`)."""
     return Pool(
@@ -453,6 +467,14 @@ def _pool(spawn, call, actors: int, cfg: RunConfig, progress: StageProgress, **o
         describe=spawn.describe,
         **options,
     )
+
+
+def expected_scoring_units(cell: plan.Cell, units: list[plan.Unit], cfg: RunConfig) -> int:
+    """The scoring units a cell brings when every trajectory it generates is kept."""
+    problems = sum(u.task.rows[1] - u.task.rows[0] for u in units)
+    trajectories = problems * cfg.generation.samples_per_problem
+    shards = math.ceil(trajectories / cfg.scoring.trajectories_per_shard)
+    return len(set(cell.layers.values())) * shards
 
 
 def run_units(

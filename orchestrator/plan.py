@@ -386,7 +386,10 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
     from orchestrator.estimate import describe_estimate
 
     lines.append(describe_estimate(cfg, cells, scored_positions(cells)))
-    return "\n".join(lines)
+    from orchestrator.schedule import describe_schedule
+
+    schedule = describe_schedule(cfg, cells, run_dir)  # empty without cluster.num_gpus
+    return "\n".join(lines + ([schedule] if schedule else []))
 
 
 def scored_positions(cells: list[CellEstimate]) -> dict[str, dict[str, int]]:

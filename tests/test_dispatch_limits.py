@@ -177,6 +177,41 @@ def test_a_later_pool_takes_a_gpu_as_soon_as_an_earlier_one_frees_it(gpu_ray, tm
     assert a.closed and b.closed and not a.live and not b.live
 
 
+class Sleeper:
+    def run(self, seconds: float) -> dict:
+        start = time.time()
+        time.sleep(seconds)
+        return {"start": start, "end": time.time()}
+
+
+@pytest.mark.parametrize("max_gpus", [None, 1])
+def test_an_uncapped_pool_grows_to_the_free_gpus_under_max_gpus(gpu_ray, tmp_path, max_gpus):
+    """Two GPUs, two queued units each worth a model load: without a budget the pool starts
+    two actors at once; `max_gpus=1` holds the run to one, which runs the units in turn."""
+    results: list[dict] = []
+    spawned: list[object] = []
+    actor = ray.remote(num_cpus=0, num_gpus=1)(Sleeper)
+    pool = Pool(
+        lambda: spawned.append(actor.remote()) or spawned[-1],
+        lambda a, u: a.run.remote(u.task),
+        actors=None,
+        retries=0,
+        progress=StageProgress("t", 2),
+        need={"GPU": 1},
+        unit_cost=1000.0,  # estimated seconds: each unit pays for its own actor's load
+        on_outcome=lambda o: results.append(o.result),
+    )
+    pool.add(Unit("t", k, tmp_path / k, "h", 0.5) for k in ("a", "b"))
+    pool.seal()
+    executor = Executor(max_gpus=max_gpus)
+    executor.add(pool)
+    executor.run()
+    assert len(spawned) == (2 if max_gpus is None else 1) and len(results) == 2
+    if max_gpus == 1:
+        first, second = sorted(results, key=lambda r: r["start"])
+        assert first["end"] <= second["start"]
+
+
 def test_a_worker_killed_for_memory_is_described_by_its_first_line():
     from ray.exceptions import OutOfMemoryError
 
