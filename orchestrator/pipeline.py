@@ -675,3 +675,38 @@ def record_failures(summary: RunSummary, outcomes: list[Any]) -> None:
         summary.failures.append(entry)
     path = summary.run_dir / "failures.jsonl"
     atomic_append(path, "".join(lines), root=summary.run_dir)
+
+
+def record_fixed(run_dir: Path) -> list[dict[str, Any]]:
+    """Append `{"fixed": true, ...}` to failures.jsonl for each unit failed there that is
+    complete now (a later attempt redid it), so the file tells what is still missing; return
+    the records. A failure is open until a fixed record with its unit follows it."""
+    path = run_dir / "failures.jsonl"
+    if path.is_symlink() or not path.is_file():  # never read through a planted link
+        return []
+    still_open: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            unit = str(entry["unit"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if entry.get("fixed") is True:
+            still_open.pop(unit, None)
+        else:
+            still_open[unit] = entry
+    fixed = [
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stage": e.get("stage"),
+            "unit": unit,
+            "path": e.get("path"),
+            "fixed": True,
+        }
+        for unit, e in still_open.items()
+        if isinstance(e.get("path"), str)
+        and is_complete(e["path"], e.get("config_hash"), checksum=False)
+    ]
+    if fixed:
+        atomic_append(path, "".join(json.dumps(r) + "\n" for r in fixed), root=run_dir)
+    return fixed
