@@ -2,7 +2,9 @@
 
 Reads as its steps: compose the typed config, validate it, plan (or print the plan and stop:
 `dry_run=true`), take the run's lease (orchestrator/lock.py), load the problems, start Ray, run
-the stages, build the report, log to W&B, exit 0 when every unit is complete. Running the same
+the stages, build the report, run the router update (if set; after the report, so its failure
+does not cost the report), log to W&B, stop the local Ray (also on SIGTERM), exit 0 when
+every unit is complete. Running the same
 command again resumes the run: complete units are skipped. Exit codes: 0 complete, 1 some units
 failed (the resume command is printed, secrets masked), 2 bad config or input, or another
 driver holds the run (one line on stderr, nothing marked complete).
@@ -127,11 +129,10 @@ def run_locked(
     resume = resume_command(overrides, run_id)
     # 6. Ray: a local instance started here (the leftovers of one a killed driver of this
     # run started are cleared first), or an existing cluster.
-    previous_sigterm = interrupt_on_sigterm()
-    started_ray = False
+    started_ray = init_ray(cfg.cluster, run_dir, verbose=cfg.verbose)
+    previous_sigterm = interrupt_on_sigterm()  # after ray.init, which installs its own
     code = 1
     try:
-        started_ray = init_ray(cfg.cluster, run_dir, verbose=cfg.verbose)
         session = open_wandb(cfg, run_id, run_dir, resolved)
     except BaseException:
         if started_ray:

@@ -7,7 +7,8 @@ plan and returns a `RunSummary`. Stages talk only through files in the run dir
 its file verifies against its sidecar (workers.io.verify: name, rows, config hash and, unless
 `verify_checksums=false`, sha256), so truncated, corrupted or tampered files are redone; a
 count or checksum the plan builds on is taken from a sidecar only once it has verified.
-Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are skipped. All stages share one executor (orchestrator/executor.py), one pool of actors per
+Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are skipped;
+`record_fixed` marks there the failures a later run completed. All stages share one executor (orchestrator/executor.py), one pool of actors per
 (stage, model): a cell's shards are written and its scoring units queued as soon as its last
 generation unit lands, so a model's scorers run while its other data sets, or later models,
 still generate; an actor is started when the cluster has room for it and closed as soon as
