@@ -369,15 +369,16 @@ def interrupt_on_sigterm() -> Any:
 
 
 def record_local_ray(run_dir: Path) -> None:
-    """The node id of the local Ray just started, in runs/<id>/.local_ray.json: its node
-    processes all carry it (RAY_NODE_ID), so a later driver can find what a SIGKILLed one
-    left behind (Ray's dashboard and runtime-env agents outlive their raylet)."""
+    """The session folder of the local Ray just started, in runs/<id>/.local_ray.json: every
+    process of that Ray keeps files open in it (its logs), so a later driver can find what a
+    SIGKILLed one left behind (Ray's dashboard and runtime-env agents outlive their raylet)."""
     import json
     import socket
 
     import ray
 
-    record = {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    node = ray._private.worker._global_node  # Ray has no public call for the session folder
+    record = {"host": socket.gethostname(), "session_dir": node.get_session_dir_path()}
     tmp = run_dir / f".{LOCAL_RAY_RECORD}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, run_dir / LOCAL_RAY_RECORD)
@@ -391,10 +392,27 @@ def stop_local_ray(run_dir: Path) -> None:
     clear_local_ray(run_dir)
 
 
+def local_ray_processes(session_dir: str) -> list[int]:
+    """This user's processes with a file open in `session_dir` (a Ray session's folder,
+    unique per node start: session_<date>_<time>_<pid>). Not this process."""
+    inside = session_dir.rstrip("/") + "/"
+    found = []
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        pid = int(fds.parent.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd).startswith(inside) for fd in fds.iterdir()):
+                found.append(pid)
+        except OSError:  # gone, or another user's
+            pass
+    return found
+
+
 def clear_local_ray(run_dir: Path) -> int:
-    """Kill this user's processes of the local Ray recorded in the run folder (a driver that
-    was SIGKILLed never stopped it); the caller holds the run's lease, so that driver is gone.
-    Returns how many were killed."""
+    """Kill what is left of the local Ray recorded in the run folder (a driver that was
+    SIGKILLed never stopped it); the caller holds the run's lease, so that driver is gone.
+    Returns how many processes were killed."""
     import json
     import signal
     import socket
@@ -402,19 +420,17 @@ def clear_local_ray(run_dir: Path) -> int:
     path = run_dir / LOCAL_RAY_RECORD
     try:
         record = json.loads(path.read_text())
-        node_id = str(record["node_id"])
-        if record.get("host") != socket.gethostname():
+        session_dir = str(record["session_dir"])
+        if record.get("host") != socket.gethostname() or "/session_" not in session_dir:
             return 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0
     killed = 0
-    marker = f"RAY_NODE_ID={node_id}".encode()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:  # readable only for this user's processes
-            if marker in environ.read_bytes().split(b"\0"):
-                os.kill(int(environ.parent.name), signal.SIGKILL)
-                killed += 1
-        except (OSError, ValueError):
+    for pid in local_ray_processes(session_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
             pass
     path.unlink(missing_ok=True)
     return killed

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from pipeline_runs import ROOT, SMALL
 
 from orchestrator import config as C
-from orchestrator.__main__ import LOCAL_RAY_RECORD, run
+from orchestrator.__main__ import LOCAL_RAY_RECORD, local_ray_processes, run
 from orchestrator.lock import LOCK_NAME, RunLock
 
 C.register_configs()
@@ -332,30 +332,28 @@ def test_ray_is_quiet_unless_verbose_and_worker_output_still_shows(tmp_path):
     assert all(text in out[True] for text in ray_lines), out[True]
 
 
-def processes_of(node_id: str) -> list[int]:
-    """This user's processes of the Ray node `node_id` (they carry RAY_NODE_ID)."""
-    marker = f"RAY_NODE_ID={node_id}".encode()
+def processes_of(session_dir: str) -> list[int]:
+    """The live processes of the Ray session `session_dir` (they hold its log files open)."""
     pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    for pid in local_ray_processes(session_dir):
         try:
-            if marker in environ.read_bytes().split(b"\0"):
-                if not (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    pids.append(int(environ.parent.name))
-        except (OSError, ValueError):
+            if (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(pid)
+        except OSError:
             pass
     return pids
 
 
-def all_nodes():
-    out = {}
-    for e in Path("/proc").glob("[0-9]*/environ"):
+def agents(session_dir: str) -> list[int]:
+    """Ray's dashboard and runtime-env agents of the session (they name themselves ray::...)."""
+    found = []
+    for pid in processes_of(session_dir):
         try:
-            for x in e.read_bytes().split(b"\0"):
-                if x.startswith(b"RAY_NODE_ID="):
-                    out.setdefault(x[12:20].decode(), []).append(e.parent.name)
+            if (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(b"ray::"):
+                found.append(pid)
         except OSError:
             pass
-    return out
+    return found
 
 
 def wait_for(predicate, timeout_s: float = 120.0) -> None:
@@ -371,26 +369,32 @@ def test_the_local_ray_stops_with_its_driver_or_is_cleared_at_the_next_start(tmp
     of the run clears them before it starts its own. (Each driver is stopped while it
     generates: a new run has seconds of work.)"""
     record = tmp_path / "rk" / LOCAL_RAY_RECORD
-    args = [*SMALL, f"runs_dir={tmp_path}", "run_id=rk"]
-    # Not PYTEST_CURRENT_TEST: Ray's test mode starts its node differently from a user's run.
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-    env["PYTHONPATH"] = str(ROOT)
+    # Enough problems that no driver finishes before it is stopped.
+    args = [*SMALL, f"runs_dir={tmp_path}", "run_id=rk", "dataset.options.n=512"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     seen: list[str] = []
 
+    def recorded() -> str | None:
+        try:
+            return json.loads(record.read_text())["session_dir"]
+        except (OSError, ValueError):
+            return None
+
     def start() -> tuple[subprocess.Popen, str]:
-        record.unlink(missing_ok=True)
         driver = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", *args], cwd=tmp_path, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        wait_for(lambda: record.exists() or driver.poll() is not None, timeout_s=300)
+        new = lambda: recorded() not in (None, *seen)  # noqa: E731
+        wait_for(lambda: new() or driver.poll() is not None, timeout_s=300)
         assert driver.poll() is None, driver.stderr.read()[-3000:]
-        node_id = json.loads(record.read_text())["node_id"]
-        seen.append(node_id)
-        # Ray's agents (the raylet's children) start soon after; a loaded machine is slow.
-        wait_for(lambda: processes_of(node_id) or driver.poll() is not None, timeout_s=300)
-        assert driver.poll() is None, (node_id, all_nodes(), driver.stderr.read()[-3000:])
-        return driver, node_id
+        session = recorded()
+        seen.append(session)
+        # Ray's agents (the raylet's children) start after ray.init returns, when the raylet
+        # gets to them: seconds, or a minute on a loaded machine.
+        wait_for(lambda: agents(session) or driver.poll() is not None, timeout_s=300)
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        return driver, session
 
     try:
         driver, node = start()
@@ -403,7 +407,7 @@ def test_the_local_ray_stops_with_its_driver_or_is_cleared_at_the_next_start(tmp
         driver.kill()
         driver.wait()
         time.sleep(2)
-        assert processes_of(node), "nothing of Ray outlived a SIGKILLed driver"
+        assert agents(node), "nothing of Ray outlived a SIGKILLed driver"
         left = set(processes_of(node))
 
         driver, _ = start()  # its record is written once the old node's processes are gone
@@ -411,8 +415,8 @@ def test_the_local_ray_stops_with_its_driver_or_is_cleared_at_the_next_start(tmp
         driver.send_signal(signal.SIGTERM)
         assert driver.wait(timeout=120) == 130
     finally:
-        for node_id in seen:
-            for pid in processes_of(node_id):
+        for session in seen:
+            for pid in processes_of(session):
                 os.kill(pid, signal.SIGKILL)
 
 
