@@ -168,7 +168,10 @@ def run_locked(
     finally:
         # 9. failures.jsonl says which earlier failures are complete now; close W&B and the
         # Ray this driver started.
-        record_fixed(run_dir)
+        try:
+            record_fixed(run_dir)
+        except OSError as err:  # e.g. a full disk: the failures stay listed as open
+            print(f"warning: failures.jsonl not updated: {err}", file=sys.stderr)
         session.finish(exit_code=code)
         if started_ray:
             stop_local_ray(run_dir)
