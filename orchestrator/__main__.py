@@ -382,9 +382,7 @@ def record_local_ray(run_dir: Path) -> None:
 
     node = ray._private.worker._global_node  # Ray has no public call for the session folder
     record = {"host": socket.gethostname(), "session_dir": node.get_session_dir_path()}
-    tmp = run_dir / f".{LOCAL_RAY_RECORD}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, run_dir / LOCAL_RAY_RECORD)
+    atomic_write(run_dir / LOCAL_RAY_RECORD, json.dumps(record), root=run_dir)
 
 
 def stop_local_ray(run_dir: Path) -> None:
