@@ -2,7 +2,9 @@
 
 Reads as its steps: compose the typed config, validate it, plan (or print the plan and stop:
 `dry_run=true`), take the run's lease (orchestrator/lock.py), load the problems, start Ray, run
-the stages, build the report, log to W&B, exit 0 when every unit is complete. Running the same
+the stages, build the report, run the router update (if set; after the report, so its failure
+does not cost the report), log to W&B, stop the local Ray (also on SIGTERM), exit 0 when
+every unit is complete. Running the same
 command again resumes the run: complete units are skipped. Exit codes: 0 complete, 1 some units
 failed (the resume command is printed, secrets masked), 2 bad config or input, or another
 driver holds the run (one line on stderr, nothing marked complete).
@@ -26,6 +28,7 @@ from orchestrator.config import (
     CONF_DIR,
     ConfigError,
     config_tree,
+    override_key_error,
     register_configs,
     scrub_secrets,
     to_run_config,
@@ -33,7 +36,7 @@ from orchestrator.config import (
 )
 from orchestrator.errors import PipelineError
 from orchestrator.estimate import check_memory
-from orchestrator.lock import RunLock, RunLockedError
+from orchestrator.lock import LeaseWriteError, RunLock, RunLockedError
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.provenance import check_resume, run_record
 from orchestrator.wandb_run import SECRET_KEY
@@ -74,10 +77,17 @@ def run(
         check_memory(cfg)
         if cfg.dry_run:
             return 0
+        check_cluster_address(cfg.cluster.address)
         # 3. One driver per run: the run folder's lease, held until this driver exits.
         lock = RunLock(run_dir)
         lock.acquire()
-    except (ConfigError, PipelineError, FileNotFoundError, RunLockedError) as err:
+    except (
+        ConfigError,
+        PipelineError,
+        FileNotFoundError,
+        RunLockedError,
+        LeaseWriteError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
@@ -96,7 +106,11 @@ def run_locked(
     workers: Workers = DEFAULT_WORKERS,
 ) -> int:
     """Steps 4-9 of `run`, under the run's lease."""
-    from orchestrator.pipeline import prepare_problems, run_stages  # Ray: not for a dry run
+    from orchestrator.pipeline import (  # Ray: not for a dry run
+        prepare_problems,
+        record_fixed,
+        run_stages,
+    )
 
     try:
         # 4. A resumed run made by other code says so (or refuses: another scorer).
@@ -113,10 +127,18 @@ def run_locked(
         print(f"error: {err}", file=sys.stderr)
         return 2
     resume = resume_command(overrides, run_id)
-    # 6. Ray: a local instance started here, or an existing cluster.
-    started_ray = init_ray(cfg.cluster)
-    session = open_wandb(cfg, run_id, run_dir, resolved)
+    # 6. Ray: a local instance started here (the leftovers of one a killed driver of this
+    # run started are cleared first), or an existing cluster.
+    started_ray = init_ray(cfg.cluster, run_dir, verbose=cfg.verbose)
+    previous_sigterm = interrupt_on_sigterm()  # after ray.init, which installs its own
     code = 1
+    try:
+        session = open_wandb(cfg, run_id, run_dir, resolved)
+    except BaseException:
+        if started_ray:
+            stop_local_ray(run_dir)
+        restore_sigterm(previous_sigterm)
+        raise
     try:
         # 7. The stages, then 8. the report.
         summary = run_stages(
@@ -128,8 +150,9 @@ def run_locked(
             job_sink=session.log_job,
             workers=workers,
         )
-        router_md = run_router_update(cfg, run_dir, summary, run_id, session)
+        # The main report first: a router update that fails must not cost it.
         summary.report_path = build_report(run_dir, session, cfg.analysis)
+        router_md = run_router_update(cfg, run_dir, summary, run_id, session)
         if router_md is not None:
             from orchestrator.router_report import link_from_report
 
@@ -143,23 +166,56 @@ def run_locked(
         print(f"interrupted; resume with:\n  {resume}", file=sys.stderr)
         code = 130
     finally:
-        # 9. Close W&B and the Ray this driver started.
+        # 9. failures.jsonl says which earlier failures are complete now; close W&B and the
+        # Ray this driver started.
+        try:
+            record_fixed(run_dir)
+        except OSError as err:  # e.g. a full disk: the failures stay listed as open
+            print(f"warning: failures.jsonl not updated: {err}", file=sys.stderr)
         session.finish(exit_code=code)
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            stop_local_ray(run_dir)
+        restore_sigterm(previous_sigterm)
     return code
+
+
+def restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_command_line(argv: list[str]) -> str | None:
     """Hydra's own errors for these overrides (unknown key or option, bad type) as one line,
     or None. Hydra would print them over several lines and exit 1; the run's contract is one
-    `error:` line and exit 2. Hydra's flags (--help, -m, --cfg, ...) are left to Hydra."""
-    if any(arg.startswith("-") for arg in argv):
+    `error:` line and exit 2. A secret-looking value is refused before Hydra sees it: Hydra
+    writes the command line to disk (a multirun's multirun.yaml). An unknown key names the
+    valid ones, also beside Hydra's flags (--help, -m, --cfg, ...), which are left to Hydra."""
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    for arg in overrides:
+        if secret_override(arg):
+            key = arg.split("=", 1)[0].lstrip("+~")
+            return (
+                f"{key} is a secret: give it through the environment, not the command line,"
+                " which Hydra writes to disk (W&B reads WANDB_API_KEY, the Hugging Face hub"
+                " HF_TOKEN)"
+            )
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            [override] = parser.parse_overrides([arg])
+        except (HydraException, ValueError):
+            continue  # Hydra's own message, below (or, beside a flag, Hydra's own exit)
+        problem = override_key_error(override.key_or_group)
+        if problem:
+            return problem
+    if len(overrides) < len(argv):
         return None
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
@@ -233,15 +289,57 @@ def mask_secret_arguments(argv: list[str]) -> None:
         sys.stderr = MaskedStream(sys.stderr, secrets)
 
 
-def init_ray(cluster: Any) -> bool:
-    """Start a local Ray (returns True) or join `cluster.address`; reuse one already up."""
+CONNECT_TIMEOUT_S = 15.0  # an unreachable cluster.address fails after this, not never
+LOCAL_RAY_RECORD = ".local_ray.json"  # the node of the local Ray this run's driver started
+
+
+def check_cluster_address(address: str | None) -> None:
+    """Raise ConfigError unless `cluster.address` answers within CONNECT_TIMEOUT_S: Ray itself
+    would wait for an unreachable head without end. None (a local Ray) is not checked."""
+    import socket
+
+    if address is None:
+        return
+    if address == "auto":  # Ray's own lookup: RAY_ADDRESS, then the cluster `ray start` left
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            address = canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError) as err:
+            raise ConfigError(f"cluster.address=auto: {err}".splitlines()[0]) from None
+        if address is None:
+            raise ConfigError("cluster.address=auto: no running Ray cluster found on this node")
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"cluster.address={address}: give host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else err.strerror or str(err)
+        raise ConfigError(
+            f"cluster.address={address}: cannot connect within {CONNECT_TIMEOUT_S:.0f} s"
+            f" ({reason}); is the head running and the port open?"
+        ) from None
+
+
+def init_ray(cluster: Any, run_dir: Path, *, verbose: bool = False) -> bool:
+    """Start a local Ray (returns True) or join `cluster.address`; reuse one already up.
+
+    Quiet unless `verbose`: Ray's driver logger is set to ERROR while Ray starts (its
+    start-up lines are INFO, its token-authentication notice a WARNING), then to WARNING, so
+    Ray's warnings about the run still show, as does every line an actor prints (our
+    progress, worker tracebacks)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return False
+    quiet = {} if verbose else {"logging_level": logging.ERROR}
     if cluster.address:
-        ray.init(address=cluster.address)
+        ray.init(address=cluster.address, **quiet)
     else:
+        clear_local_ray(run_dir)
         # address="local": always a new instance of our own, even on a node where `ray start`
         # ran (a bare ray.init() would join that cluster and refuse num_cpus).
         ray.init(
@@ -249,8 +347,94 @@ def init_ray(cluster: Any) -> bool:
             num_cpus=cluster.num_cpus or os.cpu_count(),
             num_gpus=cluster.num_gpus,
             include_dashboard=False,
+            **quiet,
         )
+        record_local_ray(run_dir)
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.WARNING)
     return True
+
+
+def interrupt_on_sigterm() -> Any:
+    """Make SIGTERM (a scheduler's stop, `kill`) end the driver as Ctrl-C does, so its
+    `finally` stops the local Ray instead of leaving Ray's processes behind. Returns the
+    previous handler (None off the main thread, where signals cannot be handled)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def record_local_ray(run_dir: Path) -> None:
+    """The session folder of the local Ray just started, in runs/<id>/.local_ray.json: every
+    process of that Ray keeps files open in it (its logs), so a later driver can find what a
+    SIGKILLed one left behind (Ray's dashboard and runtime-env agents outlive their raylet)."""
+    import json
+    import socket
+
+    import ray
+
+    node = ray._private.worker._global_node  # Ray has no public call for the session folder
+    record = {"host": socket.gethostname(), "session_dir": node.get_session_dir_path()}
+    atomic_write(run_dir / LOCAL_RAY_RECORD, json.dumps(record), root=run_dir)
+
+
+def stop_local_ray(run_dir: Path) -> None:
+    """Shut down the local Ray this driver started, then kill whatever of it outlived that."""
+    import ray
+
+    ray.shutdown()
+    clear_local_ray(run_dir)
+
+
+def local_ray_processes(session_dir: str) -> list[int]:
+    """This user's processes with a file open in `session_dir` (a Ray session's folder,
+    unique per node start: session_<date>_<time>_<pid>). Not this process."""
+    inside = session_dir.rstrip("/") + "/"
+    found = []
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        pid = int(fds.parent.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd).startswith(inside) for fd in fds.iterdir()):
+                found.append(pid)
+        except OSError:  # gone, or another user's
+            pass
+    return found
+
+
+def clear_local_ray(run_dir: Path) -> int:
+    """Kill what is left of the local Ray recorded in the run folder (a driver that was
+    SIGKILLed never stopped it); the caller holds the run's lease, so that driver is gone.
+    Returns how many processes were killed."""
+    import json
+    import signal
+    import socket
+
+    path = run_dir / LOCAL_RAY_RECORD
+    try:
+        record = json.loads(path.read_text())
+        session_dir = str(record["session_dir"])
+        if record.get("host") != socket.gethostname() or "/session_" not in session_dir:
+            return 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    killed = 0
+    for pid in local_ray_processes(session_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    path.unlink(missing_ok=True)
+    return killed
 
 
 def open_wandb(cfg: Any, run_id: str, run_dir: Path, resolved: dict[str, Any]) -> Any:

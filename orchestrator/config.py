@@ -187,8 +187,9 @@ class SweepConfig:
     """A grid of models x layers x datasets; empty lists mean the single `model`/`dataset`."""
 
     name: str = "none"
-    models: list[str] = field(default_factory=list)  # conf/model/<name>.yaml
-    datasets: list[str] = field(default_factory=list)  # conf/dataset/<name>.yaml
+    # Entry names, conf/model/<name>.yaml; a model file elsewhere only as "file:<path>".
+    models: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)  # conf/dataset/<name>.yaml, or file:
     layers: list[str] = field(default_factory=list)  # overrides scoring.layers when non-empty
     # Per-entry settings, {model-or-dataset name: {key: value}}, applied after the command
     # line's `model.*` / `dataset.*` overrides (which reach every entry), e.g.
@@ -259,6 +260,9 @@ class RunConfig:
     # Resume a run although the scoring code changed since its shards were scored (they are
     # kept, and mixed with new ones); without it such a resume is refused.
     allow_scorer_change: bool = False
+    # Show Ray's own start-up and token-authentication lines (hidden by default: they are
+    # not about the run). Our progress, warnings, errors and worker tracebacks always show.
+    verbose: bool = False
     # The models and datasets the run covers, filled by `to_run_config`, never set by hand: the
     # sweep's entries (or the single `model` / `dataset`) with every override applied.
     models: list[ModelConfig] = field(default_factory=list)
@@ -337,6 +341,27 @@ def reject_unknown_keys(node: Any, schema: type, prefix: str = "") -> None:
             reject_unknown_keys(child, hints[key], f"{prefix}{key}.")
 
 
+def override_key_error(key: str) -> str | None:
+    """ "unknown key <key>; valid: ..." for a command-line key the schema lacks, else None.
+    Hydra's own message for `scoring.foo=1` names neither the key's path nor the valid keys;
+    keys below a free-form field (`dataset.options.*`, `sweep.overrides.*`) and Hydra's own
+    (`hydra.*`, `hydra/...`) are not checked here."""
+    import dataclasses
+
+    if "/" in key or key == "hydra" or key.startswith("hydra."):
+        return None
+    schema: Any = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(schema)
+        if part not in hints:
+            return f"unknown key {'.'.join(parts[: i + 1])}; valid: {', '.join(hints)}"
+        schema = hints[part]
+        if not dataclasses.is_dataclass(schema):
+            return None
+    return None
+
+
 def entry_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, list[tuple[str, Any]]]:
     """The command line's `model.<key>=...` and `dataset.<key>=...` as (key, value) pairs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -349,14 +374,34 @@ def entry_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, list[tu
     return out
 
 
+FILE_PREFIX = "file:"  # a sweep entry read from a YAML file outside conf/<group>/
+
+
 def build_entry(
     group: str, name: str, changes: list[tuple[str, Any]], per_entry: dict[str, Any]
 ) -> Any:
-    """A sweep entry: conf/<group>/<name>.yaml, then `changes`, then its per-entry overrides."""
+    """A sweep entry: conf/<group>/<name>.yaml (`name` one of that folder's entry names, never
+    a path), or the YAML file of an explicit `file:<path>`; then `changes`, then its
+    per-entry overrides (keyed by the entry's `name`)."""
+    if name.startswith(FILE_PREFIX):
+        path = Path(name.removeprefix(FILE_PREFIX)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{group} file {path} not found (sweep.{group}s entry {name})")
+        try:
+            base = OmegaConf.load(path)
+        except Exception as err:  # a YAML syntax error, an unreadable file
+            message = " ".join(str(err).splitlines()[0].split()) if str(err) else type(err).__name__
+            raise ConfigError(f"{group} file {path} is not readable YAML: {message}") from None
+        if not isinstance(base, DictConfig):
+            raise ConfigError(f"{group} file {path} is not a YAML mapping")
+        return apply_entry(base, group, changes, per_entry)
+    valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    if name not in valid:
+        raise ConfigError(
+            f"unknown {group} {name!r} in sweep.{group}s; valid: {', '.join(valid)}"
+            f" (or {FILE_PREFIX}<path> for a YAML file elsewhere)"
+        )
     path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ConfigError(f"unknown {group} {name!r} in sweep.{group}s; valid: {', '.join(valid)}")
     return apply_entry(OmegaConf.load(path), group, changes, per_entry, name=name)
 
 
@@ -507,6 +552,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"cluster.max_gpus must be >= 1 or null, got {cl.max_gpus}")
     if cl.gpu_memory_gb is not None and cl.gpu_memory_gb <= 0:
         raise ConfigError(f"cluster.gpu_memory_gb must be > 0 or null, got {cl.gpu_memory_gb}")
+    validate_cluster(cl)
     layers = sweep_layers(cfg)
     if not layers:
         raise ConfigError("scoring.layers is empty; give at least one of early, middle, final")
@@ -522,6 +568,32 @@ def validate(cfg: RunConfig) -> None:
         validate_dataset(dataset)
     if cfg.router_update.enabled:
         validate_router_update(cfg, cfg.router_update)
+
+
+def validate_cluster(cl: ClusterConfig) -> None:
+    """Counts and deadlines Ray or the executor would only trip over once the run started."""
+    checks = {
+        "num_cpus": cl.num_cpus is None or cl.num_cpus >= 1,
+        "num_gpus": cl.num_gpus is None or cl.num_gpus >= 0,
+        "cpus_per_actor": cl.cpus_per_actor > 0,
+        "actor_start_timeout_s": cl.actor_start_timeout_s > 0,
+        "unit_timeout_s": cl.unit_timeout_s is None or cl.unit_timeout_s > 0,
+    }
+    for key, ok in checks.items():
+        if not ok or not is_finite(getattr(cl, key)):
+            raise ConfigError(
+                f"cluster.{key}={getattr(cl, key)!r} is out of range (num_cpus >= 1 or null,"
+                " num_gpus >= 0 or null, cpus_per_actor > 0, actor_start_timeout_s > 0,"
+                " unit_timeout_s > 0 or null)"
+            )
+    if cl.address is not None and not cl.address.strip():
+        raise ConfigError("cluster.address is empty; give null (a local Ray), auto or host:port")
+
+
+def is_finite(value: Any) -> bool:
+    import math
+
+    return value is None or not isinstance(value, float) or math.isfinite(value)
 
 
 def validate_router_update(cfg: RunConfig, ru: RouterUpdateConfig) -> None:
@@ -569,8 +641,18 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a 
 
 
 def check_runs_dir(runs_dir: str) -> None:
-    """Inside `ray job submit`, the driver's working directory is Ray's temporary copy of
+    """`runs_dir` must name a folder (an empty value would silently mean the working
+    directory) that is, or can become, a directory: not a file, nor below one. Inside
+    `ray job submit`, the driver's working directory is Ray's temporary copy of
     --working-dir, deleted when the cluster stops: refuse a runs_dir that would land there."""
+    if not runs_dir.strip():
+        raise ConfigError("runs_dir is empty; give a folder (runs_dir=. for this directory)")
+    path = Path(runs_dir).expanduser().absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"runs_dir={runs_dir}: {folder} is a file, not a folder")
+            break
     if not os.environ.get(RAY_JOB_ENV):
         return
     inside = Path(runs_dir).resolve().is_relative_to(Path.cwd().resolve())
@@ -618,6 +700,7 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
         )
     if model.max_tokens < 1:
         raise ConfigError(f"model {model.name}: max_tokens must be >= 1, got {model.max_tokens}")
+    validate_sampling(model)
     if model.generation_backend not in (None, *BACKENDS):
         raise ConfigError(
             f"model {model.name}: generation_backend={model.generation_backend!r};"
@@ -650,6 +733,47 @@ def validate_model(model: ModelConfig, layers: list[str], scoring: ScoringConfig
                 f"model {model.name}: engine.max_model_len={model.engine.max_model_len} exceeds"
                 f" the model's max_position_embeddings={context}"
             )
+
+
+def validate_sampling(model: ModelConfig) -> None:
+    """Sampling settings every backend accepts, and a template that `str.format` can fill
+    with the two fields workers.prompts.render_prompt gives it."""
+    import math
+    import string
+
+    if not (math.isfinite(model.temperature) and model.temperature >= 0):
+        raise ConfigError(
+            f"model {model.name}: temperature must be >= 0 (0 = greedy), got {model.temperature}"
+        )
+    if not 0 < model.top_p <= 1:
+        raise ConfigError(f"model {model.name}: top_p must be in (0, 1], got {model.top_p}")
+    if model.template is None:
+        return
+    fields = ("prompt", "instruction")
+
+    def names(text: str) -> list[str]:  # the fields, and those nested in format specs
+        found = []
+        for _, name, spec, _ in string.Formatter().parse(text):
+            if name is not None:
+                found += [name, *names(spec or "")]
+        return found
+
+    try:
+        unknown = sorted({n for n in names(model.template) if n not in fields})
+    except ValueError as err:  # a lone { or }
+        raise ConfigError(
+            f"model {model.name}: template is not a format string ({err}); write {{{{ and }}}}"
+            " for literal braces"
+        ) from None
+    if unknown:
+        raise ConfigError(
+            f"model {model.name}: template names unknown placeholders {unknown};"
+            f" valid: {{{fields[0]}}}, {{{fields[1]}}}"
+        )
+    try:
+        model.template.format(prompt="", instruction="")
+    except (ValueError, IndexError, KeyError) as err:  # e.g. a bad format spec
+        raise ConfigError(f"model {model.name}: template cannot be filled: {err}") from None
 
 
 def validate_engine(model: ModelConfig) -> None:

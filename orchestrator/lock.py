@@ -4,13 +4,18 @@ Contract: `RunLock(run_dir).acquire()` creates `runs/<id>/.driver.lock` (JSON: h
 start time, last heartbeat, a random token) or raises `RunLockedError` naming the driver that
 holds it; a daemon thread then rewrites the heartbeat every `heartbeat_s`; `release()`
 removes the file if it is still ours. Only primitives that are atomic on local disks and on
-NFS are used: create-exclusive (`O_CREAT | O_EXCL`) to take the lease, rename to replace or
-break it, so two drivers on two nodes sharing `runs_dir` cannot both hold it.
+NFS are used: the lease is written whole to a temporary of its own, then hard-linked to its
+name (the link fails if the name exists: create-exclusive) to take it; rename replaces or
+breaks it. So two drivers on two nodes sharing `runs_dir` cannot both hold it, and the lease
+is never seen empty or half-written: a full disk or a read-only folder fails `acquire` with
+`LeaseWriteError` and leaves nothing behind.
 
 A driver that crashed does not hold its run forever. Its lease has expired when
 - it was on this host and its pid is gone (known at once), or
 - its heartbeat is older than `ttl_s` (a driver on another node, or a hung one). The
-  heartbeat is the holder's wall clock, so `ttl_s` also absorbs clock skew between nodes.
+  heartbeat is the holder's wall clock, so `ttl_s` also absorbs clock skew between nodes;
+- its heartbeat is impossible: not a finite number, or more than `ttl_s` in the future, or
+  the file is not a JSON object (no lease this module writes looks like that).
 An expired lease is renamed away (one breaker wins the rename) and taken.
 
 If the heartbeat finds that its lease was taken over (it stopped heartbeating for longer
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import math
 import os
 import socket
 import sys
@@ -42,6 +48,10 @@ class RunLockedError(RuntimeError):
     """Another live driver holds the run; the message names it."""
 
 
+class LeaseWriteError(RuntimeError):
+    """The lease could not be written (a read-only folder, a full disk); nothing is left."""
+
+
 class RunLock:
     """The lease of one run folder (see the module docstring)."""
 
@@ -59,23 +69,55 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        """Take the lease or raise RunLockedError; start the heartbeat."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a lost race with another breaker is retried
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder is not None and not self.expired(holder):
-                    raise RunLockedError(self.describe(holder)) from None
-                self._break(holder)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({**self.info, "heartbeat": time.time()}))
-            self._thread = threading.Thread(target=self._beat, name="run-lock", daemon=True)
-            self._thread.start()
-            return
-        raise RunLockedError(f"could not take {self.path}: other drivers keep taking it")
+        """Take the lease or raise RunLockedError (held) or LeaseWriteError; start the heartbeat."""
+        made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            taken = self._take()
+        except OSError as err:
+            for folder in made:  # the folders made here, innermost first, if still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise LeaseWriteError(
+                f"cannot write the run's lease {self.path}: {err.strerror or err}"
+            ) from None
+        if not taken:
+            raise RunLockedError(f"could not take {self.path}: other drivers keep taking it")
+        self._thread = threading.Thread(target=self._beat, name="run-lock", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> bool:
+        """Link a fully written lease to its name; break an expired one (3 tries)."""
+        tmp = self.path.with_name(f".{LOCK_NAME}.{self.token}.tmp")
+        try:
+            self._write(tmp)
+            for _ in range(3):  # a lost race with another breaker is retried
+                try:
+                    os.link(tmp, self.path)
+                    return True
+                except FileExistsError:
+                    holder = self._read()
+                    if holder is not None and not self.expired(holder):
+                        raise RunLockedError(self.describe(holder)) from None
+                    self._break(holder)
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write(self, tmp: Path) -> None:
+        """The lease with a fresh heartbeat into `tmp`, created exclusively, flushed to disk."""
+        data = json.dumps({**self.info, "heartbeat": time.time()}).encode()
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours."""
@@ -103,7 +145,11 @@ class RunLock:
         if holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid")):
             return True
         heartbeat = holder.get("heartbeat")
-        return not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > self.ttl_s
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
+            return True
+        if not math.isfinite(heartbeat):  # NaN or infinity: no clock wrote that
+            return True
+        return abs(time.time() - heartbeat) > self.ttl_s  # too old, or too far ahead
 
     def describe(self, holder: dict[str, Any]) -> str:
         age = time.time() - holder["heartbeat"]
@@ -115,24 +161,13 @@ class RunLock:
         )
 
     def _read(self) -> dict[str, Any] | None:
-        """The lease's contents; None when it is gone, or unreadable for longer than a
-        heartbeat (a creator that died between create and write)."""
+        """The lease's contents; None when it is gone or is not a JSON object: leases are
+        linked into place whole, so an empty or garbled one was never a live driver's."""
         try:
             holder = json.loads(self.path.read_text())
-            if isinstance(holder, dict):
-                return holder
-        except FileNotFoundError:
-            return None
         except (OSError, ValueError):
-            pass
-        try:
-            young = time.time() - self.path.stat().st_mtime < self.heartbeat_s
-        except FileNotFoundError:
             return None
-        # Just created and not yet written: treat as held by an unknown, live driver.
-        return (
-            {"host": "?", "pid": "?", "started": "?", "heartbeat": time.time()} if young else None
-        )
+        return holder if isinstance(holder, dict) else None
 
     def _break(self, seen: dict[str, Any] | None) -> None:
         """Move an expired lease out of the way; if the file renamed is not the one judged
@@ -146,7 +181,7 @@ class RunLock:
             moved = json.loads(grave.read_text())
         except (OSError, ValueError):
             moved = None
-        if seen is not None and isinstance(moved, dict) and moved.get("token") != seen.get("token"):
+        if isinstance(moved, dict) and (seen is None or moved.get("token") != seen.get("token")):
             try:
                 os.link(grave, self.path)  # fails if a third driver has taken it since
             except FileExistsError:
@@ -163,7 +198,10 @@ class RunLock:
                 )
                 _thread.interrupt_main()
                 return
-            atomic_write(self.path, json.dumps({**self.info, "heartbeat": time.time()}))
+            try:  # a full disk: the old heartbeat stays; retried next beat
+                atomic_write(self.path, json.dumps({**self.info, "heartbeat": time.time()}))
+            except OSError as err:
+                print(f"warning: cannot renew the lease {self.path}: {err}", file=sys.stderr)
 
 
 def pid_alive(pid: Any) -> bool:

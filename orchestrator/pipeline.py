@@ -7,7 +7,8 @@ plan and returns a `RunSummary`. Stages talk only through files in the run dir
 its file verifies against its sidecar (workers.io.verify: name, rows, config hash and, unless
 `verify_checksums=false`, sha256), so truncated, corrupted or tampered files are redone; a
 count or checksum the plan builds on is taken from a sidecar only once it has verified.
-Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are skipped. All stages share one executor (orchestrator/executor.py), one pool of actors per
+Failed units go to failures.jsonl and the run goes on; cells whose inputs failed are skipped;
+`record_fixed` marks there the failures a later run completed. All stages share one executor (orchestrator/executor.py), one pool of actors per
 (stage, model): a cell's shards are written and its scoring units queued as soon as its last
 generation unit lands, so a model's scorers run while its other data sets, or later models,
 still generate; an actor is started when the cluster has room for it and closed as soon as
@@ -803,3 +804,38 @@ def record_failures(summary: RunSummary, outcomes: list[Any]) -> None:
         summary.failures.append(entry)
     path = summary.run_dir / "failures.jsonl"
     atomic_append(path, "".join(lines), root=summary.run_dir)
+
+
+def record_fixed(run_dir: Path) -> list[dict[str, Any]]:
+    """Append `{"fixed": true, ...}` to failures.jsonl for each unit failed there that is
+    complete now (a later attempt redid it), so the file tells what is still missing; return
+    the records. A failure is open until a fixed record with its unit follows it."""
+    path = run_dir / "failures.jsonl"
+    if path.is_symlink() or not path.is_file():  # never read through a planted link
+        return []
+    still_open: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            unit = str(entry["unit"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if entry.get("fixed") is True:
+            still_open.pop(unit, None)
+        else:
+            still_open[unit] = entry
+    fixed = [
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stage": e.get("stage"),
+            "unit": unit,
+            "path": e.get("path"),
+            "fixed": True,
+        }
+        for unit, e in still_open.items()
+        if isinstance(e.get("path"), str)
+        and is_complete(e["path"], e.get("config_hash"), checksum=False)
+    ]
+    if fixed:
+        atomic_append(path, "".join(json.dumps(r) + "\n" for r in fixed), root=run_dir)
+    return fixed

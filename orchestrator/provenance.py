@@ -34,7 +34,21 @@ def check_resume(run_dir: Path, record: dict[str, Any], allow_scorer_change: boo
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
-    old = OmegaConf.to_container(OmegaConf.load(path)).get("provenance") or {}
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # a YAML syntax error, an unreadable or garbled file
+        message = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ConfigError(
+            f"{path} of the existing run is not readable YAML ({message}); restore it, or"
+            " move it away to resume without its record"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"{path} of the existing run is not a YAML mapping; restore it or move it away"
+        )
+    old = saved.get("provenance") or {}
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path}: its provenance is not a mapping; restore it or move it away")
     if not old:
         return f"resuming {run_dir.name}: its config.yaml records no code or library versions"
     if old.get("scoring_code") != record["scoring_code"] and not allow_scorer_change:

@@ -118,6 +118,10 @@ def test_a_failing_unit_is_retried_logged_and_resumed(reference, tmp_path, capsy
     assert run_inprocess(tmp_path, "f") == 0
     counts = stage_counts(capsys.readouterr().err)["scoring"]
     assert (counts["computed"], counts["failed"]) == (1, 0)
+    # failures.jsonl keeps the failure and says that this attempt fixed it.
+    lines = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert lines[0] == failure and len(lines) == 2
+    assert lines[1]["fixed"] is True and lines[1]["unit"] == failure["unit"]
     assert digests(run_dir) == digests(reference)
     assert_same_tables(run_dir, reference)
 
