@@ -155,12 +155,15 @@ def test_a_corrupt_config_yaml_in_an_existing_run_is_one_line_naming_it(tmp_path
         json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": math.nan}),
         json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": math.inf}),
         json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": -math.inf}),
-        json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time() + 10 * 86400}),
+        # ten days ahead, filled in when the test runs (a test id must not change between
+        # collections: the test processes each collect the suite and compare)
+        '{"host": "elsewhere", "pid": 1, "heartbeat": TEN_DAYS_AHEAD}',
         json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": True}),
         json.dumps({"host": "elsewhere", "pid": 1}),
     ],
 )
 def test_an_empty_garbled_or_impossible_lease_is_stale(tmp_path, content):
+    content = content.replace("TEN_DAYS_AHEAD", repr(time.time() + 10 * 86400))
     (tmp_path / LOCK_NAME).write_text(content)  # just written: young by its mtime
     lock = RunLock(tmp_path)
     lock.acquire()
