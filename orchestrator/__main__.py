@@ -162,6 +162,9 @@ def run_locked(
     except (ConfigError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
+    except OSError as err:  # a report or router write refused (a folder replaced by a link)
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print(f"interrupted; resume with:\n  {resume}", file=sys.stderr)
         code = 130

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from pipeline_runs import run_inprocess, tables
+from pipeline_runs import copy_run, run_inprocess, tables
 
 from analysis.inspect import main as inspect_main
 from workers.io import is_complete
@@ -125,3 +125,22 @@ def test_a_folder_link_inside_the_run_folder_fails_the_unit_and_writes_nothing_o
         f"{runs / 'early/problems'} is a symbolic link or not a folder; refusing to write through it"
     )
     assert sorted(p.name for p in outside.iterdir()) == ["tiny"]
+
+
+def test_a_link_planted_at_the_tables_folder_ends_the_run_with_one_error_line(
+    reference, tmp_path, capsys
+):
+    """Every unit is complete; the report's folder is a link to elsewhere: its write is refused
+    in one line (exit 2), not a traceback, and nothing is written outside."""
+    import shutil
+
+    outside, runs = tmp_path / "outside", tmp_path / "runs"
+    outside.mkdir()
+    run_dir = copy_run(reference, runs, "tabled")
+    shutil.rmtree(run_dir / "tables")
+    (run_dir / "tables").symlink_to(outside, target_is_directory=True)
+    capsys.readouterr()
+    assert run_inprocess(runs, "tabled") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(run_dir / "tables") in errors[0], errors
+    assert list(outside.iterdir()) == []
