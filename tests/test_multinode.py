@@ -101,7 +101,7 @@ def sleep_workers(cfg: C.RunConfig, log: Path, load_s: float) -> Workers:
         def __init__(self, model, *args, provenance, **kwargs):
             start(self, model, provenance)
 
-        def generate(self, task, out_path, config_hash):
+        def generate(self, task, out_path, config_hash, root=None):
             import pyarrow as pa
 
             from workers.io import read_arrow, write_arrow
@@ -119,7 +119,7 @@ def sleep_workers(cfg: C.RunConfig, log: Path, load_s: float) -> Workers:
                     "verified": [True] * (len(ids) * n),
                 }
             )
-            write_arrow(table, out_path, config_hash=config_hash)
+            write_arrow(table, out_path, config_hash=config_hash, root=root)
             record("generation", start, slept)
             return {"rows": table.num_rows, "tokens": 0}
 
@@ -127,7 +127,7 @@ def sleep_workers(cfg: C.RunConfig, log: Path, load_s: float) -> Workers:
         def __init__(self, model, *args, provenance, **kwargs):
             start(self, model, provenance)
 
-        def score(self, task, out_path, config_hash):
+        def score(self, task, out_path, config_hash, root=None):
             import pyarrow as pa
 
             from workers.io import read_arrow, write_arrow
@@ -137,7 +137,7 @@ def sleep_workers(cfg: C.RunConfig, log: Path, load_s: float) -> Workers:
             slept = shard.num_rows * per_token[self.model, task.layer]
             time.sleep(slept)
             table = shard.append_column("layer", pa.array([task.layer] * shard.num_rows))
-            write_arrow(table, out_path, config_hash=config_hash)
+            write_arrow(table, out_path, config_hash=config_hash, root=root)
             record("scoring", start, slept)
             return {"rows": table.num_rows, "tokens": table.num_rows}
 

@@ -37,7 +37,7 @@ def test_links_planted_at_every_name_of_a_run_are_replaced_never_followed(refere
     # The run below scores the final layer only (a third of the time); the links planted at
     # the other layers' score files must simply stay as they are.
     layer = max(int(p.name.removeprefix("layer=")) for p in (reference / "scores/tiny").iterdir())
-    page = f"inspect/tiny-L{layer}-top1-fragile.html"
+    page = f"inspect/tiny/L{layer}-top1-fragile.html"
     names_of_run = sorted(files(reference)) + [page]
     assert {"config.yaml", "plan.json", "report.md", "tables/by_bin.parquet"} <= set(names_of_run)
     assert any(n.startswith("figures/") for n in names_of_run)

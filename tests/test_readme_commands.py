@@ -11,8 +11,7 @@ describes them:
 - `[--option a|b]`: the option with its first (documented default) value; `[--flag]`: left out.
 
 Only the commands in NOT_HERE are left out, each for the reason it gives: they need a GPU or a
-cluster, are the test suite itself, another test runs them as written, or they take minutes to
-reproduce a figure that another test checks on a smaller sample.
+cluster, are the test suite itself, or retrain the bundled model (9 minutes on a core).
 """
 
 from __future__ import annotations
@@ -42,11 +41,6 @@ NOT_HERE = {
     "python -m workers.train_tiny": "retrains the bundled model (~9 min on one core); its"
     " tokenizer and data are tested in tests/test_demo_task.py, the model it made in"
     " tests/test_tiny_model.py",
-    "python -m workers.demo_eval --problems 1000": "1,000 problems take ~4 min here;"
-    " tests/test_tiny_model.py runs the same evaluation on 100 and checks its figures",
-    "python -m orchestrator sweep=mini": "run as written (in its own runs_dir) by"
-    " tests/test_vllm.py::test_mini_sweep_of_four_families_survives_a_driver_kill, which"
-    " SIGKILLs it mid-scoring and resumes it to the end",
 }
 
 
@@ -173,7 +167,7 @@ def test_readme_command_runs(command, workspace):
             ["bash", "-c", line.replace("make ", "make -n ", 1)],
             cwd=workspace["dir"], env=workspace["env"], capture_output=True, text=True,
         )  # fmt: skip
-        if " pip " in plan.stdout or "venv" in plan.stdout:
+        if re.search(r"pip install|-m venv|install_torch", plan.stdout):
             pytest.skip(f"`{line}` would (re)install .venv here: run it in the repository")
     started = time.monotonic()
     done = subprocess.run(

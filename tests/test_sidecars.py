@@ -446,7 +446,7 @@ def test_the_inspector_names_a_tampered_trajectory_file_instead_of_failing(
     if code != 0:  # the fragile trajectories were all in the tampered file
         assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
     else:
-        assert list((run_dir / "inspect").glob("*.html"))
+        assert list((run_dir / "inspect").rglob("*.html"))
 
 
 @pytest.mark.parametrize(
