@@ -550,12 +550,13 @@ def page_path(
     top: int = 0,
 ) -> Path:
     """runs/<id>/inspect/<model>/L<layer>-<problem>-s<sample>.html (or
-    L<layer>-top<N>-fragile.html), names encoded by `encode_name`. The resolved path is
-    checked to lie inside the run's inspect/ folder."""
+    L<layer>-top<N>-fragile.html), names encoded by `encode_name`. Its folder, resolved, is
+    checked to lie inside the run's inspect/ folder (the page itself may be a link planted at
+    its name: the write replaces that link, it never follows it)."""
     which = f"top{top}-fragile" if problem is None else f"{encode_name(problem)}-s{sample}"
     folder = run_dir / "inspect"
     path = folder / encode_name(model, keep="_.=-") / f"L{layer}-{which}.html"
-    if not path.resolve().is_relative_to(run_dir.resolve() / "inspect"):
+    if not path.parent.resolve().is_relative_to(run_dir.resolve() / "inspect"):
         raise ValueError(f"page path {path} would leave {folder}")
     return path
 

@@ -136,7 +136,9 @@ def workspace(tmp_path_factory) -> dict:
             (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name.decode())
     (dest / ".venv").symlink_to(ROOT / ".venv")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "WANDB_"))}
+    # as a new user's shell would be: no settings of the make or pytest that runs this suite
+    outer = ("PYTEST_", "WANDB_", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(outer)}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PYTHONPATH", None)
     return {"dir": dest, "env": env, "values": {"OUT.arrow": str(dest / "out.arrow")}}
