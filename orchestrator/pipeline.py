@@ -37,7 +37,7 @@ from orchestrator.errors import ActorStartError, PipelineError, last_line
 from orchestrator.executor import Executor, Outcome, Pool, cluster_resources
 from orchestrator.progress import StageProgress
 from orchestrator.schedule import unit_costs
-from workers.atomic import atomic_append
+from workers.atomic import atomic_append, read_nofollow
 from workers.io import (
     CorruptFile,
     IncompleteFileError,
@@ -111,13 +111,16 @@ def prepare_datasets(
     out = {}
     for dataset in datasets:
         path, want = plan.problems_path(run_dir, dataset), plan.problems_hash(dataset)
-        try:
-            sidecar = verify(path, want, checksum=checksum)
+        try:  # a check reads the table, and read_verified hashes the bytes it parses
+            if check is None:
+                sidecar = verify(path, want, checksum=checksum)
+            else:
+                table, sidecar = read_verified(path, want)
         except IncompleteFileError:
             sidecar = None
         if sidecar is not None:
             if check is not None:
-                check(dataset, read_verified(path, want)[0])
+                check(dataset, table)
         else:
             skipped: list[dict[str, Any]] | None = [] if dataset.skip_bad_rows else None
             try:
@@ -177,6 +180,7 @@ def check_prompts(
 
     if dataset.skip_bad_rows:
         return
+    rows = table.select(["problem_id", "prompt"]).to_pylist()
     for model in models:
         directory = Path(model_path(model))
         if not (directory / "config.json").is_file():
@@ -186,7 +190,6 @@ def check_prompts(
             from transformers import AutoTokenizer  # loads torch: only for a local model
 
             tokenizers[str(directory)] = AutoTokenizer.from_pretrained(str(directory))
-        rows = table.select(["problem_id", "prompt"]).to_pylist()
         for i, row in enumerate(rows, 1):
             reason = prompt_problem(
                 tokenizers[str(directory)],
@@ -811,10 +814,11 @@ def record_fixed(run_dir: Path) -> list[dict[str, Any]]:
     complete now (a later attempt redid it), so the file tells what is still missing; return
     the records. A failure is open until a fixed record with its unit follows it."""
     path = run_dir / "failures.jsonl"
-    if path.is_symlink() or not path.is_file():  # never read through a planted link
+    content = read_nofollow(path)  # never through a planted link, nor a FIFO
+    if content is None:
         return []
     still_open: dict[str, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in content.decode("utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
             unit = str(entry["unit"])
