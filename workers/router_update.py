@@ -34,7 +34,6 @@ import shutil
 import stat
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from torch import nn
 
 from workers.adapters import MoeAdapter
 from workers.atomic import atomic_file, atomic_write, ensure_folder
+from workers.update_config import UpdateConfig  # declared without torch, for the driver
 
 # One row per selected token. kind: "prefer" (fragile, winner R* beats loser S by > margin) or
 # "anchor" (confident; winner = loser = S). x: the router input at the token (float32).
@@ -73,22 +73,6 @@ TRAIN_LOG_SCHEMA = pa.schema(
         ("pref_accuracy", pa.float64()),  # share of pairs with s(R*) > s(S) under the new router
     ]
 )
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    """The update's hyperparameters (their defaults and meaning: orchestrator.config)."""
-
-    margin: float
-    fragile: float
-    confident: float
-    beta: float
-    anchor_weight: float
-    steps: int
-    lr: float
-    max_anchor_tokens: int
-    holdout_share: float
-    seed: int
 
 
 # ------------------------------------------------------------------------------ 1. the tokens
