@@ -429,3 +429,37 @@ def test_flex_on_gpus_is_refused_before_ray_for_families_with_windows_or_sinks()
         C.validate(make("model=gpt-oss-20b", *flex_gpu))
     C.validate(make("model=qwen3-30b-a3b", *flex_gpu))
     C.validate(make("model=gpt-oss-20b", "scoring.attention=flex"))  # CPU: the exact reference
+
+
+def test_router_update_hyperparameters_are_declared_once_by_the_worker():
+    """router_update.<key> for each UpdateConfig field is that field (default, help), and the
+    worker's config built from a composed run holds the run's values."""
+    from workers.update_config import UpdateConfig
+
+    ours = {f.name: f for f in dataclasses.fields(C.RouterUpdateConfig)}
+    for f in dataclasses.fields(UpdateConfig):
+        assert ours[f.name].default == f.default and ours[f.name].metadata["help"]
+    cfg = make("router_update=demo", "router_update.margin=0.2").router_update
+    update = UpdateConfig(
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(UpdateConfig)}
+    )
+    assert update.margin == 0.2 and issubclass(C.RouterUpdateConfig, UpdateConfig)
+
+
+def test_a_models_shape_is_read_by_the_families_module(tmp_path):
+    from workers import families
+
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "olmoe", "num_hidden_layers": 2,'
+        ' "num_experts": 4, "num_experts_per_tok": 2,'
+        ' "max_position_embeddings": 512}'
+    )
+    hf_config = families.read_config_json(tmp_path)
+    assert families.moe_shape(hf_config)["moe_layers"] == [0, 1]
+    assert families.context_length(hf_config) == 512
+    assert families.context_length({"max_position_embeddings": True}) is None
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        families.read_config_json(tmp_path)
+    with pytest.raises(ValueError, match="none of"):
+        families.moe_shape({"model_type": "olmoe", "num_hidden_layers": 2})
