@@ -1,8 +1,8 @@
 """Which score files belong to a run: the ones its current plan wrote, intact.
 
 Contract: `select_score_files(run_dir) -> ScoreInputs`. The driver writes `runs/<id>/plan.json`
-(orchestrator/plan.py, `write_plan`) before each run's stages, with `"scores": null`, and
-again once the scoring units are known, listing each unit's file (relative to the run dir)
+(orchestrator/plan.py, `write_plan`; read by workers.runfiles.read_plan) before each run's
+stages, with `"scores": null`, and again once the scoring units are known, listing each unit's file (relative to the run dir)
 and the settings hash its sidecar must carry, plus the (model, dataset) cells left unscored.
 A score file is used only when
 
@@ -24,13 +24,12 @@ named as corrupt). Plain file reads: no Ray, no model, no Polars.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.io import CorruptFile, IncompleteFileError, StaleFile, done_path, verify
+from workers.runfiles import PLAN_FILE, read_plan
 
-PLAN_FILE = "plan.json"
 SCORES_GLOB = "scores/*/layer=*/*/*.arrow"  # runs/<id>/scores/<model>/layer=<L>/<dataset>/
 GENERATED_GLOB = "trajectories/*/*/generated/*.arrow"
 
@@ -75,32 +74,6 @@ class ScoreInputs:
                 )
                 out.append(f"{len(items)} {what}: {shown}")
         return out
-
-
-def read_plan(run_dir: Path) -> dict | None:
-    """plan.json as a dict, or None when absent; ValueError when unreadable."""
-    path = run_dir / PLAN_FILE
-    if not path.is_file():
-        return None
-    try:
-        plan = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not readable JSON ({err}); rerun the driver") from None
-    if not isinstance(plan, dict) or "scores" not in plan:
-        raise ValueError(f"{path} is not a plan (no 'scores' key); rerun the driver")
-    units, unscored = plan["scores"], plan.setdefault("unscored", [])
-    fields = ("unit", "path", "config_hash")
-    if not (
-        (units is None or isinstance(units, list))
-        and all(
-            isinstance(u, dict) and all(isinstance(u.get(k), str) for k in fields)
-            for u in units or []
-        )
-        and isinstance(unscored, list)
-        and all(isinstance(w, str) for w in unscored)
-    ):
-        raise ValueError(f"{path} is not a plan (malformed entries); rerun the driver")
-    return plan
 
 
 def select_score_files(run_dir: str | Path, under: str | None = None) -> ScoreInputs:

@@ -44,8 +44,9 @@ from analysis.inputs import select_generated_files, select_score_files
 from analysis.kernel import KERNEL_FIELDS, route_metrics
 from analysis.metrics import AnalysisConfig, find_shards
 from analysis.report import load_run_config
-from analysis.runinfo import layer_labels, model_entries
+from analysis.runinfo import layer_labels
 from workers.atomic import atomic_write
+from workers.runfiles import run_models
 
 TRAJECTORIES_GLOB = "trajectories/{model}/*/generated/*.arrow"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "workers" / "assets" / "tiny-moe"
@@ -66,7 +67,7 @@ def load_tokenizer(model: str, run_config: dict | None):
     bundled tiny model, or the hub id (downloaded or cached by tokenizers itself)."""
     from tokenizers import Tokenizer
 
-    entry = model_entries(run_config or {}).get(model, {})
+    entry = run_models(run_config or {}).get(model, {})
     local = entry.get("path") or (BUNDLED_DIR if entry.get("hf_id") == "bundled" else None)
     if local is not None:
         path = Path(local) / "tokenizer.json"

@@ -34,6 +34,7 @@ from analysis.metrics import BINS, CLUSTERS, AnalysisConfig, collect_stats
 from analysis.runinfo import generation_summary, layer_labels
 from analysis.tables import pooled_rows, summarise, write_tables
 from workers.atomic import atomic_write
+from workers.runfiles import read_run_config
 
 
 @dataclass
@@ -88,17 +89,11 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any] | None:
-    """runs/<id>/config.yaml as a dict, or None when absent or unreadable."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-
+    """runs/<id>/config.yaml as a dict (workers.runfiles), or None when absent or unreadable."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        return read_run_config(run_dir)
+    except ValueError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def summarise_config(cfg: dict[str, Any]) -> dict[str, Any]:

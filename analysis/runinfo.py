@@ -3,9 +3,10 @@
 Contract:
 - `layer_labels(run_config)` -> {(model, decoder index): "final (L23)"}: the run's layer specs
   (sweep.layers, else scoring.layers) resolved against each model's MoE layers with the
-  scorer's own rule (workers.layers). A model's shape comes from conf/model/<name>.yaml when
-  the run's config.yaml does not hold it (sweep models); a model that cannot be resolved gets
-  no label (figures then say "L<index>").
+  scorer's own rule (workers.layers). A model's shape is the one the run's config.yaml
+  recorded (its `models`, every sweep entry as resolved; workers.runfiles.run_models), never
+  today's conf/ files; a model that cannot be resolved gets no label (figures then say
+  "L<index>").
 - `generation_summary(run_dir, paths=None)` -> one row per (model, dataset) over the generated
   trajectory files `paths` (default: every `trajectories/<model>/<dataset>/generated/*.arrow`
   that verifies against its sidecar, analysis.inputs.select_generated_files):
@@ -27,8 +28,8 @@ import polars as pl
 from analysis.inputs import select_generated_files
 from workers.io import read_sidecar
 from workers.layers import LAYER_NAMES, resolve_layer
+from workers.runfiles import run_models
 
-CONF_MODELS = Path(__file__).resolve().parent.parent / "conf" / "model"
 GENERATION_COLUMNS = {
     "model": pl.String,
     "dataset": pl.String,
@@ -43,24 +44,6 @@ GENERATION_COLUMNS = {
 }
 
 
-def model_entries(run_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{model name: its config entry}: the run's own `model`, and conf/model/<name>.yaml for
-    the others named by the sweep (the run's config.yaml holds only the composed model)."""
-    import yaml
-
-    shapes = {}
-    model = run_config.get("model") or {}
-    if isinstance(model, dict) and model.get("name") and model.get("moe_layers"):
-        shapes[model["name"]] = model
-    names = [*((run_config.get("sweep") or {}).get("models") or []), model.get("name")]
-    for name in names:
-        path = CONF_MODELS / f"{name}.yaml"
-        if name and name not in shapes and path.is_file():
-            data = yaml.safe_load(path.read_text()) or {}
-            shapes[data.get("name", name)] = data
-    return shapes
-
-
 def layer_labels(run_config: dict[str, Any] | None) -> dict[tuple[str, int], str]:
     if not run_config:
         return {}
@@ -70,14 +53,14 @@ def layer_labels(run_config: dict[str, Any] | None) -> dict[tuple[str, int], str
         or []
     )
     labels = {}
-    for name, shape in model_entries(run_config).items():
+    for name, shape in run_models(run_config).items():
         moe, num = shape.get("moe_layers"), shape.get("num_layers")
         if not moe or num is None:
             continue
         for spec in specs:
             try:
-                index = resolve_layer(spec, moe, num)
-            except ValueError:
+                index = resolve_layer(str(spec), moe, num)
+            except (ValueError, TypeError):  # a config.yaml edited by hand
                 continue
             named = spec if spec in LAYER_NAMES else None
             labels[(name, index)] = f"{named} (L{index})" if named else f"L{index}"

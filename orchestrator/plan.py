@@ -13,14 +13,13 @@ config slice and its inputs *by content* (the sha256 recorded in their verified 
 when a config changes under the same run id exactly the affected units, and everything
 downstream of a changed file, are redone. Functions here are pure (no Ray, no model): the
 dry run prints `describe_plan` and the pipeline builds its units with the `*_units` functions;
-`write_plan` records the scoring units in runs/<id>/plan.json for the report (analysis/inputs.py).
+`write_plan` records the scoring units in runs/<id>/plan.json (workers.runfiles) for the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from orchestrator.tasks import GenerationTask, ScoringTask
 from workers.atomic import atomic_write
 from workers.generation import SamplingParams
 from workers.io import config_hash, file_sha256
+from workers.runfiles import PLAN_FILE, plan_text
 from workers.score_config import SPEED_SETTINGS
 
 TaskT = TypeVar("TaskT")
@@ -302,9 +302,7 @@ def write_plan(
             }
             for u in score_units
         ]
-    path = run_dir / "plan.json"
-    plan = json.dumps({"scores": scores, "unscored": unscored or []}, indent=1)
-    atomic_write(path, plan, root=run_dir)
+    atomic_write(run_dir / PLAN_FILE, plan_text(scores, unscored or []), root=run_dir)
 
 
 # ----------------------------------------------------------------------------- the dry run

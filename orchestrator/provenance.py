@@ -4,7 +4,8 @@ Contract: `run_record(cfg)` is the `provenance` block of runs/<id>/config.yaml: 
 git commit, the scoring code's version, the driver's library versions and each model's
 requested revision (the revision a node actually loaded is in every sidecar, with that
 node's versions). `check_resume(run_dir, record, allow_scorer_change)` compares it with the
-record of the run's previous session: differences are returned as one warning line; a
+record of the run's previous session (its config.yaml, read by workers.runfiles):
+differences are returned as one warning line; a
 different scoring code version raises ConfigError unless `allow_scorer_change`, because the
 complete score shards would otherwise mix two versions of the scorer in one table.
 """
@@ -14,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from orchestrator.config import ConfigError, RunConfig, sweep_models
 from workers.provenance import git_commit, library_versions, scoring_code_version
+from workers.runfiles import CONFIG_FILE, read_run_config
 
 
 def run_record(cfg: RunConfig) -> dict[str, Any]:
@@ -31,21 +31,16 @@ def run_record(cfg: RunConfig) -> dict[str, Any]:
 
 def check_resume(run_dir: Path, record: dict[str, Any], allow_scorer_change: bool) -> str | None:
     """None for a new run or the same code; else a warning line (or ConfigError, see above)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as err:  # a YAML syntax error, an unreadable or garbled file
-        message = " ".join(str(err).split())[:200] or type(err).__name__
+        saved = read_run_config(run_dir)
+    except ValueError as err:
         raise ConfigError(
-            f"{path} of the existing run is not readable YAML ({message}); restore it, or"
-            " move it away to resume without its record"
+            f"{err}; it is the existing run's record: restore it, or move it away to resume"
+            " without it"
         ) from None
-    if not isinstance(saved, dict):
-        raise ConfigError(
-            f"{path} of the existing run is not a YAML mapping; restore it or move it away"
-        )
+    if saved is None:
+        return None
+    path = run_dir / CONFIG_FILE
     old = saved.get("provenance") or {}
     if not isinstance(old, dict):
         raise ConfigError(f"{path}: its provenance is not a mapping; restore it or move it away")

@@ -15,7 +15,7 @@ from analysis.report import Report, build_report, main
 PNG = b"\x89PNG\r\n\x1a\n"
 CONFIG_YAML = """\
 run_id: demo-1234
-model: {name: tiny, hf_id: bundled}
+model: {name: tiny, hf_id: bundled, num_layers: 4, moe_layers: [0, 1, 2, 3]}
 dataset: {name: demo}
 scoring: {alternatives: 3, pool: 8, temperature: 1.0, sampler: gumbel, seed: 7, layers: [early, final], verified_only: true}
 generation: {seed: 0}
@@ -79,6 +79,35 @@ def test_build_report_writes_tables_figures_and_markdown(run_dir):
     assert "- layer mapping: tiny: early (L0), tiny: final (L3)" in text
     assert "chance rank of S: 2.5" in text and "(strictly: 50.0%)" in text
     assert "## How to read this" in text and "dataset = all" not in text.split("## How")[0]
+
+
+def test_layers_are_labelled_from_the_runs_own_config_yaml(tmp_path):
+    """A sweep's models as the run resolved them: `tiny` with a shape today's conf/model/tiny.yaml
+    does not have (4 MoE layers there), and a model with no conf/ file at all."""
+    import yaml
+
+    run = tmp_path / "runs" / "sweep-1"
+    rows = [ROWS["D"], ROWS["E"]]
+    write_run(
+        run,
+        {
+            ("tiny", 1, "demo", "shard-00000"): score_table(rows, model="tiny", layer=1, dataset="demo"),
+            ("gone", 4, "demo", "shard-00000"): score_table(rows, model="gone", layer=4, dataset="demo"),
+        },
+    )  # fmt: skip
+    config = yaml.safe_load(CONFIG_YAML)
+    config["sweep"] |= {"name": "sweep", "models": ["tiny", "gone"]}
+    config["models"] = [
+        {"name": "tiny", "hf_id": "bundled", "num_layers": 2, "moe_layers": [0, 1]},
+        {"name": "gone", "hf_id": "org/gone", "num_layers": 6, "moe_layers": [1, 2, 4]},
+    ]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    text = build_report(run).path.read_text()
+    assert (
+        "- layer mapping: gone: early (L1), gone: final (L4), tiny: early (L0), tiny: final (L1)"
+        in text
+    )
+    assert "| tiny | final (L1) | demo |" in text and "| gone | final (L4) | demo |" in text
 
 
 def test_cli_regenerates_with_other_thresholds(run_dir, capsys):
