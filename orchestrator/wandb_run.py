@@ -67,9 +67,9 @@ class WandbConfig:
     """W&B for a run. Not frozen: it is also the Hydra schema of conf/wandb/ (overridable)."""
 
     mode: str = "offline"  # offline (sync later with `wandb sync`), online, disabled
-    project: str = "moe-routing"
+    project: str = "moe-routing"  # W&B project the runs go to
     entity: str | None = None  # None: the key's default entity
-    tags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # W&B tags of every run
     init_timeout_s: float = 60.0  # an unreachable server costs at most this, once, per session
     progress_interval_s: float = 5.0  # log_progress writes at most this often
 

@@ -463,3 +463,42 @@ def test_a_models_shape_is_read_by_the_families_module(tmp_path):
         families.read_config_json(tmp_path)
     with pytest.raises(ValueError, match="none of"):
         families.moe_shape({"model_type": "olmoe", "num_hidden_layers": 2})
+
+
+def test_every_key_is_listed_once_with_its_type_default_and_help():
+    """`python -m orchestrator.config` lists the whole schema, the keys that workers declare
+    (scoring's scorer settings, the router update's hyperparameters) with their help."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from orchestrator.config.describe import describe
+    from workers.score_config import ScoreConfig
+    from workers.update_config import UpdateConfig
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    lines = describe()
+    tree = OmegaConf.to_container(OmegaConf.structured(C.RunConfig))
+    assert [line.split(":")[0] for line in lines] == list(flat(tree))
+    assert all(line.split("  # ", 1)[1].strip() for line in lines)
+    helps = {line.split(":")[0]: line.split("  # ", 1)[1] for line in lines}
+    for f in dataclasses.fields(UpdateConfig):
+        assert helps[f"router_update.{f.name}"] == f.metadata["help"]
+    assert (
+        helps["scoring.alternatives"]
+        == ScoreConfig.__dataclass_fields__["alternatives"].metadata["help"]
+    )
+    assert helps["cluster.unit_timeout_s"].startswith("A unit running longer is failed")
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.config", "scoring."],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out and all(line.startswith("scoring.") for line in out)
+    assert "scoring.alternatives: int = 32  # J: alternative routes drawn per token" in out

@@ -53,6 +53,7 @@ def test_the_config_package_is_layered_schema_compose_validate():
     assert graph["schema"] == set() and graph["compose"] == {"schema"}
     assert graph["validate"] == {"schema", "compose"}
     assert graph["__init__"] == {"schema", "compose", "validate"}
+    assert graph["describe"] == {"schema"}
     outside = set().union(*(imported(p, "orchestrator", True) for p in package.glob("*.py")))
     assert outside == {"config", "errors", "wandb_run"}
 

@@ -48,12 +48,12 @@ class ModelConfig:
     name: str = MISSING  # short name used in paths: trajectories/<name>/, scores/<name>/
     hf_id: str = MISSING  # Hugging Face repo id, or "bundled" for workers/assets/tiny-moe
     path: str | None = None  # local snapshot to load instead of hf_id (e.g. on shared storage)
-    revision: str | None = None
+    revision: str | None = None  # hub revision (branch, tag or commit); None = the default branch
     family: str = MISSING  # one of FAMILIES: selects the gating rule in workers.adapters
-    num_layers: int = MISSING
+    num_layers: int = MISSING  # decoder layers (config.json: num_hidden_layers)
     moe_layers: list[int] = MISSING  # decoder layers with a routed MoE block
     num_experts: int = MISSING  # routed experts per MoE layer
-    top_k: int = MISSING
+    top_k: int = MISSING  # experts the router picks per token
     dtype: str = "bfloat16"  # generation, and scoring unless scoring.dtype is set
     # For the dry run's memory check (orchestrator/estimate.py); None: not checked.
     params_b: float | None = None  # parameters, billions (weights = params x dtype bytes)
@@ -64,12 +64,12 @@ class ModelConfig:
     tensor_parallel_size: int = 1  # GPUs per vLLM generator replica
     gpus: int = 1  # GPUs per scorer replica (cluster.use_gpus only)
     template: str | None = None  # prompt template with {prompt}; None = chat template / raw
-    use_chat_template: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
+    use_chat_template: bool = True  # wrap the prompt in the tokenizer's chat template
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling (1 = off)
     sample_top_k: int = 0  # sampling top-k (0 = off); `top_k` above is the router's k
     min_p: float = 0.0  # 0 = off
-    max_tokens: int = 4096
+    max_tokens: int = 4096  # most new tokens per completion
     generation_backend: str | None = None  # overrides generation.backend for this model
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -97,9 +97,9 @@ class GenerationConfig:
     """How trajectories are sampled. Per-sample seeds derive from (seed, problem_id, sample_idx)."""
 
     backend: str = "hf"  # one of BACKENDS
-    samples_per_problem: int = 2
+    samples_per_problem: int = 2  # trajectories sampled per problem
     batch_size: int = 16  # prompts per generate() call inside a unit (memory, not results)
-    seed: int = 0
+    seed: int = 0  # seed of every sample
     problems_per_shard: int = 16  # problems per generation unit
 
 
@@ -108,7 +108,8 @@ def _scorer_setting(f: Field) -> tuple[str, Any, Field]:
     `dtype`, whose default None means each model's own `dtype` (bf16 for the hub models, whose
     float32 weights would not fit one 80 GB GPU; float32 for the tiny model)."""
     if f.name == "dtype":
-        return "dtype", str | None, field(default=None, metadata=f.metadata)
+        help = f"{f.metadata['help']}; null: each model's own model.dtype"
+        return "dtype", str | None, field(default=None, metadata={"help": help})
     kind = typing.get_type_hints(ScoreConfig)[f.name]
     return f.name, kind, field(default=f.default, metadata=f.metadata)
 
@@ -129,7 +130,7 @@ class ScoringConfig(ScorerSettings):
     and the run's own: which layers and trajectories are scored, in units of what size."""
 
     layers: list[str] = field(default_factory=lambda: list(LAYER_NAMES))  # names or indices
-    verified_only: bool = True
+    verified_only: bool = True  # score only trajectories whose answer verified
     trajectories_per_shard: int = 16  # trajectories per scoring unit
     # extra attempts of a failing unit (scoring and generation) before failures.jsonl
     retries: int = 2
@@ -148,11 +149,11 @@ class ClusterConfig:
     # cluster has free (a sweep's work is lopsided: its dominant model takes the GPUs the
     # others no longer need), a number caps it.
     generators: str = "auto"
-    scorers: str = "auto"
+    scorers: str = "auto"  # as generators, for scorer actors
     # GPUs the run's actors may hold together (null: all the cluster has): a share of a
     # cluster others use too.
     max_gpus: int | None = None
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # CPUs Ray reserves for each generator or scorer
     torch_threads: int = 1  # torch.set_num_threads in each actor, so cores are not oversubscribed
     # An actor not started (scheduled, model loaded) by then fails the run naming what it
     # asked for: a model download + load can be slow on a fresh node.
@@ -173,7 +174,7 @@ def actor_cap(value: str | int) -> int | None:
 class SweepConfig:
     """A grid of models x layers x datasets; empty lists mean the single `model`/`dataset`."""
 
-    name: str = "none"
+    name: str = "none"  # the run id's prefix when the sweep has entries
     # Entry names, conf/model/<name>.yaml; a model file elsewhere only as "file:<path>".
     models: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)  # conf/dataset/<name>.yaml, or file:
@@ -238,7 +239,7 @@ class RunConfig:
     # The models and datasets the run covers, filled by `to_run_config`, never set by hand: the
     # sweep's entries (or the single `model` / `dataset`) with every override applied.
     models: list[ModelConfig] = field(default_factory=list)
-    datasets: list[DatasetConfig] = field(default_factory=list)
+    datasets: list[DatasetConfig] = field(default_factory=list)  # as models, for datasets
 
 
 def sweep_models(cfg: RunConfig) -> list[ModelConfig]:
