@@ -72,11 +72,11 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
 
 def run_models(run_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{model name: its entry} as config.yaml records them: `models` (every model of the run,
-    sweep entries resolved with their overrides), or the composed `model` when that list is
-    absent or empty. Entries that are not mappings with a name are left out."""
+    sweep entries resolved with their overrides), then the composed `model` (the run's model
+    without a sweep; a sweep's config.yaml holds it too, so the report has always labelled it).
+    Entries that are not mappings with a name are left out."""
     entries = run_config.get("models")
-    if not isinstance(entries, list) or not entries:
-        entries = [run_config.get("model")]
+    entries = [*(entries if isinstance(entries, list) else []), run_config.get("model")]
     models: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):

@@ -3,11 +3,11 @@
 Contract: `main` builds one `RunConfig` from the composed DictConfig (`to_run_config`) and
 `validate` checks it against itself and the files on disk before Ray, raising `ConfigError`
 (a ValueError) with one line that says what is wrong and what is valid. Each stage then gets
-its own slice (`ModelConfig`, `ScoringConfig`, ...), never the root. Three modules, one
-concern each:
+its own slice (`ModelConfig`, `ScoringConfig`, ...), never the root. One concern a module:
 - schema.py: the dataclasses, one per Hydra config group, with every key and its default;
 - compose.py: Hydra registration, conf/<group>/ options, sweep entries and their overrides;
-- validate.py: the checks (a model's config.json read through workers.families).
+- validate.py: the checks (a model's config.json read through workers.families);
+- describe.py: every key with its type, default and help (`python -m orchestrator.config`).
 Every name the driver and the tests use is importable from here.
 """
 
