@@ -106,11 +106,9 @@ def run_locked(
     workers: Workers = DEFAULT_WORKERS,
 ) -> int:
     """Steps 4-9 of `run`, under the run's lease."""
-    from orchestrator.pipeline import (  # Ray: not for a dry run
-        prepare_problems,
-        record_fixed,
-        run_stages,
-    )
+    from orchestrator.pipeline import run_stages  # Ray: not for a dry run
+    from orchestrator.problems import prepare_problems
+    from orchestrator.summary import record_fixed
 
     try:
         # 4. A resumed run made by other code says so (or refuses: another scorer).
