@@ -38,7 +38,9 @@ from orchestrator.errors import PipelineError
 from orchestrator.estimate import check_memory
 from orchestrator.lock import LeaseWriteError, RunLock, RunLockedError
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
+from orchestrator.problems import prepare_problems
 from orchestrator.provenance import check_resume, run_record
+from orchestrator.summary import record_fixed
 from orchestrator.wandb_run import SECRET_KEY
 from workers.atomic import atomic_write
 
@@ -107,8 +109,6 @@ def run_locked(
 ) -> int:
     """Steps 4-9 of `run`, under the run's lease."""
     from orchestrator.pipeline import run_stages  # Ray: not for a dry run
-    from orchestrator.problems import prepare_problems
-    from orchestrator.summary import record_fixed
 
     try:
         # 4. A resumed run made by other code says so (or refuses: another scorer).
