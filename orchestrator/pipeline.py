@@ -33,7 +33,7 @@ from orchestrator.executor import Executor, Outcome, Pool
 from orchestrator.progress import StageProgress
 from orchestrator.schedule import unit_costs
 from orchestrator.shards import prune, write_shards
-from orchestrator.stage import stage_pool
+from orchestrator.stage import incomplete, stage_pool
 from orchestrator.stages.generation import GenerationStage, generation_units
 from orchestrator.stages.scoring import ScoringStage, expected_scoring_units, scoring_units
 from orchestrator.summary import JobSink, RunSummary, Sink, record_failures
@@ -59,9 +59,10 @@ def run_stages(
     # 2. The pools: per model (in the plan's order) its generators, then its scorers; a
     # cell's scoring units come when its generation has landed.
     executor = Executor(max_gpus=cfg.cluster.max_gpus)
-    flow = CellFlow(cfg, run_dir, summary, gen_units, sink, job_sink, executor.stop)
-    generation = GenerationStage(cfg, workers.generator, landed=flow.generated)
-    scoring = ScoringStage(cfg, workers.scorer, landed=flow.scored)
+    generation, scoring = GenerationStage(cfg, workers.generator), ScoringStage(cfg, workers.scorer)
+    stages = (generation, scoring)
+    flow = CellFlow(cfg, run_dir, summary, gen_units, stages, sink, job_sink, executor.stop)
+    generation.landed, scoring.landed = flow.generated, flow.scored
     for i, (model, cells) in enumerate(flow.models()):
         gen_cost, score_cost = unit_costs(cfg, model, cells[0].layers)
         pool = executor.add(flow.generator_pool(generation, model, (i, 0), gen_cost))
@@ -117,13 +118,15 @@ class CellFlow:
         run_dir: Path,
         summary: RunSummary,
         gen_units: dict[plan.Cell, list[plan.Unit]],
+        stages: tuple[GenerationStage, ScoringStage],
         sink: Sink | None,
         job_sink: JobSink | None,
         stop: Any,
     ):
         self.cfg, self.run_dir, self.summary, self.gen_units = cfg, run_dir, summary, gen_units
-        self.stop = stop  # ends the run's queues: Executor.stop
-        self.todo = {c: incomplete_units(us, cfg.verify_checksums) for c, us in gen_units.items()}
+        self.scoring, self.stop = stages[1], stop  # stop: ends the run's queues (Executor.stop)
+        checksum = cfg.verify_checksums
+        self.todo = {c: incomplete(stages[0], us, checksum) for c, us in gen_units.items()}
         total = sum(map(len, gen_units.values()))
         skipped = total - sum(map(len, self.todo.values()))
         self.gen_progress = StageProgress("generation", total, skipped=skipped, sink=sink)
@@ -224,7 +227,7 @@ class CellFlow:
         units = scoring_units(self.run_dir, cell, self.cfg.scoring, shards)
         self.score_units[cell] = units
         prune(self.run_dir, plan.scores_dirs(self.run_dir, cell), units)
-        todo = incomplete_units(units, self.cfg.verify_checksums)
+        todo = incomplete(self.scoring, units, self.cfg.verify_checksums)
         self.score_progress.add(len(units), skipped=len(units) - len(todo))
         if self.jobs is not None:
             self.jobs.add({cell: units})
@@ -248,11 +251,6 @@ class CellFlow:
         unscored; a report made now takes only these units' files."""
         units = [u for c in self.gen_units for u in self.score_units.get(c, [])]
         plan.write_plan(self.run_dir, units, unscored=list(self.summary.warnings))
-
-
-def incomplete_units(units: list[plan.Unit], checksum: bool) -> list[plan.Unit]:
-    """The units whose file does not verify (generation and scoring: sidecar and file)."""
-    return [u for u in units if not is_complete(u.path, u.config_hash, checksum=checksum)]
 
 
 class JobTracker:

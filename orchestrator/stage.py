@@ -33,7 +33,7 @@ from workers.io import is_complete
 
 
 class Spawner(Protocol):
-    """Starts the actors of one stage and model: `spawner()` returns a new actor handle."""
+    """Starts the actors of one stage and model: calling it returns a new actor handle."""
 
     def __call__(self) -> Any: ...
     def need(self) -> dict[str, float]: ...  # what one actor takes from the cluster
