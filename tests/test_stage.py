@@ -90,3 +90,20 @@ def test_a_squares_table_is_what_the_worker_writes(tmp_path):
     assert result["rows"] == 2
     table, _ = read_verified(unit.path, unit.config_hash)
     assert table.equals(pa.table({"n": [0, 1], "square": [0, 1]}))
+
+
+def test_stop_drops_the_queued_units_and_seals_every_pool(tmp_path):
+    # How a landing hook that meets an error ends the run without raising inside the loop.
+    from orchestrator.executor import Executor, Pool
+
+    executor = Executor()
+    pools = [
+        executor.add(Pool(lambda: None, lambda a, u: None, 1, 0, StageProgress("s", 0)))
+        for _ in range(2)
+    ]
+    units = SquareStage.plan(tmp_path, C.ModelConfig(name="m"), numbers=4, per_unit=1)
+    pools[0].add(units)
+    executor.stop()
+    assert all(p.sealed and not p.queue for p in pools)
+    with pytest.raises(RuntimeError, match="sealed"):
+        pools[1].add(units)
