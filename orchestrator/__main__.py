@@ -38,7 +38,9 @@ from orchestrator.errors import PipelineError
 from orchestrator.estimate import check_memory
 from orchestrator.lock import LeaseWriteError, RunLock, RunLockedError
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
+from orchestrator.problems import prepare_problems
 from orchestrator.provenance import check_resume, run_record
+from orchestrator.summary import record_fixed
 from orchestrator.wandb_run import SECRET_KEY
 from workers.atomic import atomic_write
 
@@ -106,11 +108,7 @@ def run_locked(
     workers: Workers = DEFAULT_WORKERS,
 ) -> int:
     """Steps 4-9 of `run`, under the run's lease."""
-    from orchestrator.pipeline import (  # Ray: not for a dry run
-        prepare_problems,
-        record_fixed,
-        run_stages,
-    )
+    from orchestrator.pipeline import run_stages  # Ray: not for a dry run
 
     try:
         # 4. A resumed run made by other code says so (or refuses: another scorer).

@@ -1,6 +1,6 @@
 """The worker classes the stages run as Ray actors.
 
-Contract: `GeneratorWorker` and `ScorerWorker` are plain classes (usable without Ray) that load
+Contract: `GeneratorWorker`, `ScorerWorker` and `RouterWorker` are plain classes (usable without Ray) that load
 one model once in `__init__` and then run many units, each unit = read an input file, write
 one Arrow file with its completion sidecar (`workers.io.write_arrow`), return a small dict of
 counts. The stages make them remote in one line (`ray.remote(cls)`) and run them on the
@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ModelConfig, check_model_shape, model_path
-from orchestrator.tasks import GenerationTask, ScoringTask
+from orchestrator.plan import local_fingerprint
+from orchestrator.tasks import GenerationTask, PreferenceTask, ScoringTask, TrainTask
+from workers.io import read_arrow, write_arrow
 
 
 def setup_process(torch_threads: int) -> None:
@@ -93,7 +95,6 @@ class GeneratorWorker:
         self, task: GenerationTask, out_path: str, config_hash: str, root: Path | None = None
     ) -> dict[str, Any]:
         from workers.generate import generate_trajectories
-        from workers.io import read_arrow, write_arrow
 
         started = time.time()
         start, stop = task.rows
@@ -163,6 +164,74 @@ class ScorerWorker:
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 
 
+class RouterWorker:
+    """Loads one model once; builds preference data and trains its router (Ray actor body)."""
+
+    def __init__(self, model: ModelConfig, device: str, *, torch_threads: int):
+        setup_process(torch_threads)
+        from workers.adapters import adapter_for
+        from workers.scorer import ScoreConfig, load_model
+
+        self.path = local_model_dir(model)
+        self.model = load_model(self.path, ScoreConfig(dtype=model.dtype, device=device))
+        self.adapter = adapter_for(self.model)
+
+    def preferences(
+        self, task: PreferenceTask, out_path: str, unit_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
+        import pyarrow as pa
+
+        from workers.router_update import add_router_inputs, select_tokens
+
+        started = time.time()
+        scores = pa.concat_tables([read_arrow(p) for p in task.scores])
+        trajectories = pa.concat_tables([read_arrow(p) for p in task.shards])
+        tokens = select_tokens(scores, task.update)
+        table = add_router_inputs(self.model, self.adapter, tokens, trajectories, task.layer)
+        kinds = table.column("kind").to_pylist()
+        counts = {"prefer": kinds.count("prefer"), "anchor": kinds.count("anchor")}
+        write_arrow(
+            table, out_path, config_hash=unit_hash, started=started, extra=counts, root=root
+        )
+        return {"rows": table.num_rows, "tokens": scores.num_rows, **counts}
+
+    def train(
+        self, task: TrainTask, out_path: str, unit_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
+        from workers.router_update import (
+            describe_update,
+            router_parameters,
+            train_router,
+            write_checkpoint,
+        )
+
+        started = time.time()
+        cfg, layer = task.update, task.layer
+        params = router_parameters(self.model, self.adapter, layer)
+        weight_name = next(n for n in params if n.endswith(".weight"))
+        bias_name = next((n for n in params if n.endswith(".bias")), None)
+        prefs = read_arrow(task.preferences)
+        weight, bias, log, summary = train_router(
+            params[weight_name], params[bias_name] if bias_name else None, prefs, self.adapter, cfg
+        )
+        tensors = {weight_name: weight, **({bias_name: bias} if bias_name else {})}
+        readme = describe_update(
+            source=task.source, layer=layer, names=list(tensors), summary=summary, cfg=cfg
+        )
+        write_checkpoint(self.path, task.checkpoint, tensors, readme, root=root)
+        fingerprint = local_fingerprint(str(task.checkpoint.resolve()))
+        extra = {"summary": summary, "checkpoint_fingerprint": fingerprint}
+        write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra, root=root)
+        return {"rows": log.num_rows, "tokens": summary["prefer_tokens"], **summary}
+
+
+def driver_provenance() -> dict[str, Any]:
+    """The driver's part of a sidecar's provenance: the project's git commit."""
+    from workers.provenance import git_commit
+
+    return {"git_commit": git_commit()}
+
+
 @dataclass(frozen=True)
 class Workers:
     """The worker classes of a run's stages (subclasses in tests: a unit that fails, an actor
@@ -170,6 +239,7 @@ class Workers:
 
     generator: type[GeneratorWorker] = GeneratorWorker
     scorer: type[ScorerWorker] = ScorerWorker
+    router: type[RouterWorker] = RouterWorker
 
 
 DEFAULT_WORKERS = Workers()

@@ -2,7 +2,7 @@
 driver's cost of planning and dispatching a large sweep, without Ray or a model.
 
 Planning: the scoring units of the paper's four models (3 layers, one data set each, shards of
-`scoring.trajectories_per_shard`) built by orchestrator.plan.scoring_units (a config hash per
+`scoring.trajectories_per_shard`) built by orchestrator.stages.scoring.scoring_units (a config hash per
 unit) and recorded in plan.json. Dispatch: executor Pools holding those units, served by
 orchestrator.policy.decide on a virtual clock with `--actors` one-GPU actors: each completion
 frees an actor, which takes the next unit, and the rule decides after every event, as the
@@ -24,6 +24,7 @@ from orchestrator.config import CONF_DIR, register_configs, to_run_config
 from orchestrator.executor import Pool
 from orchestrator.policy import decide
 from orchestrator.progress import StageProgress
+from orchestrator.stages.scoring import scoring_units
 
 # Qwen3-30B-A3B, GPT-OSS-20B, DeepSeek-V2-Lite, OLMoE-1B-7B: shares of the scoring units, as
 # the paper sweep's scoring GPU-hours go.
@@ -47,7 +48,7 @@ def plan_units(total: int, run_dir: Path) -> dict[str, list[plan.Unit]]:
         name = cell.model.name
         shards = max(1, round(total * share / len(set(cell.layers.values()))))
         inputs = [(run_dir / f"shards/{name}/{k:07d}.arrow", f"{k:064x}") for k in range(shards)]
-        out[name] = plan.scoring_units(run_dir, cell, cfg.scoring, inputs)
+        out[name] = scoring_units(run_dir, cell, cfg.scoring, inputs)
     return out
 
 

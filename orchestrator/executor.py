@@ -4,8 +4,10 @@ Contract: a `Pool` is the actors of one kind for one (stage, model): `spawn()` m
 `call(actor, unit)` returns the ObjectRef of the unit's result, a small dict of counts (a unit
 reads and writes files; no table passes through Ray's object store). `Executor.run()` drives
 every pool it holds from one `ray.wait` loop until each is sealed (`seal()`: no more units will
-come) and drained; `on_outcome` callbacks may queue units, add pools and seal them meanwhile.
-The executor knows Ray actors and nothing of what a unit computes.
+come) and drained; `on_outcome` callbacks may queue units, add pools and seal them meanwhile,
+and `stop()` drops every queued unit (a callback keeps its error for after `run()`, it does not
+raise it). The executor knows Ray actors and nothing of what a unit computes or which stage
+it belongs to (orchestrator/stage.py makes a stage's pools).
 
 Per unit: one that raises is retried `retries` times, on any actor of its pool; an actor that
 dies (process killed, node lost) or whose unit runs past `unit_timeout_s` is killed (released)
@@ -152,6 +154,13 @@ class Executor:
         self.pools.append(pool)
         self.pools.sort(key=lambda p: p.priority)  # stable: equal priorities keep their order
         return pool
+
+    def stop(self) -> None:
+        """No more units: the queued ones are dropped and every pool sealed; the running ones
+        finish (their outcomes still land). For a caller that met an error it raises later."""
+        for pool in self.pools:
+            pool.queue.clear()
+            pool.seal()
 
     def run(self) -> None:
         """Until every pool is drained; the actors are closed whatever happens."""

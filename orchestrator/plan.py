@@ -12,13 +12,13 @@ unit's (`workers.io.is_complete`). A unit's hash covers only what changes its ou
 config slice and its inputs *by content* (the sha256 recorded in their verified sidecars), so
 when a config changes under the same run id exactly the affected units, and everything
 downstream of a changed file, are redone. Functions here are pure (no Ray, no model): the
-dry run prints `describe_plan` and the pipeline builds its units with the `*_units` functions;
-`write_plan` records the scoring units in runs/<id>/plan.json (workers.runfiles) for the report.
+dry run prints `describe_plan`; each stage (orchestrator/stages/) plans its units with these paths
+and `model_identity`; `write_plan` records the scoring units in runs/<id>/plan.json
+(workers.runfiles) for the report.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,23 +27,19 @@ from typing import Any, Generic, TypeVar
 
 from orchestrator.config import (
     DatasetConfig,
-    GenerationConfig,
     ModelConfig,
     RunConfig,
     ScoringConfig,
     model_path,
     resolve_layer,
-    score_args,
     sweep_datasets,
     sweep_layers,
     sweep_models,
 )
-from orchestrator.tasks import GenerationTask, ScoringTask
+from orchestrator.tasks import ScoringTask
 from workers.atomic import atomic_write
-from workers.generation import SamplingParams
 from workers.io import config_hash, file_sha256
 from workers.runfiles import PLAN_FILE, plan_text
-from workers.score_config import SPEED_SETTINGS
 
 TaskT = TypeVar("TaskT")
 
@@ -161,68 +157,6 @@ def problems_hash(dataset: DatasetConfig) -> str:
     return config_hash(keep)
 
 
-def generation_units(
-    run_dir: Path,
-    model: ModelConfig,
-    dataset: DatasetConfig,
-    generation: GenerationConfig,
-    *,
-    num_problems: int,
-    problems_sha256: str,
-) -> list[Unit[GenerationTask]]:
-    """One unit per `problems_per_shard` problems; all samples of a problem stay in one shard."""
-    sampling = sampling_params(model, generation)
-    prompt = {
-        "template": model.template,
-        "use_chat_template": model.use_chat_template,
-        "instruction": dataset.instruction,
-        "verifier": dataset.verifier,
-    }
-    common = {
-        "model": model_identity(model),
-        "dtype": model.dtype,
-        "backend": model.generation_backend or generation.backend,
-        "sampling": dataclasses.asdict(sampling),  # what the worker samples with, field by field
-        "prompt": prompt,
-        "problems": problems_sha256,
-    }
-    base = generated_dir(run_dir, model, dataset)
-    units = []
-    size = generation.problems_per_shard
-    for k in range(math.ceil(num_problems / size)):
-        rows = (k * size, min((k + 1) * size, num_problems))
-        units.append(
-            Unit(
-                stage="generation",
-                key=f"{model.name}/{dataset.name}/{k:05d}",
-                path=base / f"{k:05d}.arrow",
-                root=run_dir,
-                config_hash=config_hash({**common, "rows": list(rows)}),
-                task=GenerationTask(
-                    problems_path=problems_path(run_dir, dataset),
-                    rows=rows,
-                    model_name=model.name,
-                    sampling=sampling,
-                    **prompt,
-                ),
-            )
-        )
-    return units
-
-
-def sampling_params(model: ModelConfig, generation: GenerationConfig) -> SamplingParams:
-    """The sampling of this model's completions (its per-model settings, the run's n and seed)."""
-    return SamplingParams(
-        n=generation.samples_per_problem,
-        temperature=model.temperature,
-        top_p=model.top_p,
-        top_k=model.sample_top_k,
-        min_p=model.min_p,
-        max_tokens=model.max_tokens,
-        seed=generation.seed,
-    )
-
-
 def generated_dir(run_dir: Path, model: ModelConfig, dataset: DatasetConfig) -> Path:
     return run_dir / "trajectories" / model.name / dataset.name / "generated"
 
@@ -251,38 +185,6 @@ def shards_hash(scoring: ScoringConfig, generated_sha256: list[str]) -> str:
             "generated": generated_sha256,
         }
     )
-
-
-def scoring_units(
-    run_dir: Path, cell: Cell, scoring: ScoringConfig, shards: list[tuple[Path, str]]
-) -> list[Unit[ScoringTask]]:
-    """One unit per (layer, input shard); `shards` are (path, sha256) of the input files."""
-    model, dataset = cell.model, cell.dataset
-    # Every scorer setting that decides the scores; those of speed only may change on resume.
-    values = {k: v for k, v in score_args(scoring, model).items() if k not in SPEED_SETTINGS}
-    identity = model_identity(model)
-    units = []
-    for layer in sorted(set(cell.layers.values())):
-        out = scores_dir(run_dir, model, layer, dataset)
-        for path, sha in shards:
-            units.append(
-                Unit(
-                    stage="scoring",
-                    key=f"{model.name}/layer={layer}/{dataset.name}/{path.stem}",
-                    path=out / path.name,
-                    root=run_dir,
-                    config_hash=config_hash(
-                        {
-                            "model": identity,
-                            "layer": layer,
-                            "score": values,
-                            "input": sha,
-                        }
-                    ),
-                    task=ScoringTask(in_path=path, layer=layer),
-                )
-            )
-    return units
 
 
 def write_plan(

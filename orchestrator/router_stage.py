@@ -1,8 +1,10 @@
-"""The router update stage: training data -> preferences -> update -> pass@K -> rescoring.
+"""The router update: training data -> preferences -> update -> pass@K -> rescoring.
 
 Contract: `run_router_update(cfg, run_dir, summary, run_id=..., sink=..., session=...)` runs,
 for each model of `router_models(cfg)` and after the main stages, these steps as resumable
-work units (a unit is skipped when its file's sidecar matches its config hash, as elsewhere):
+work units, each step a stage of orchestrator/stages/ run through the same executor, pools and
+start and unit deadlines as the main stages (a unit is skipped when its stage says it is
+complete, as elsewhere):
 1. training data: generation, shards and scoring at the update's layer of each
    `router_update.train_datasets`, the very units the main pipeline would make (so a sweep
    that already scored them is reused as is);
@@ -23,146 +25,29 @@ None when some unit failed before the analysis could run (the failures are in th
 
 from __future__ import annotations
 
-import dataclasses
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator import plan
-from orchestrator.config import (
-    DatasetConfig,
-    ModelConfig,
-    RouterUpdateConfig,
-    RunConfig,
-    load_option,
-    resolve_layer,
-    router_models,
-)
-from orchestrator.pipeline import (
-    PipelineError,
-    RunSummary,
-    Sink,
-    generator_pool,
-    prepare_datasets,
-    record_failures,
-    run_units,
-    scorer_pool,
-    write_shards,
-)
-from orchestrator.tasks import GenerationTask, PreferenceTask, TrainTask
-from workers.io import config_hash, is_complete, read_arrow, read_sidecar, write_arrow
+from orchestrator.actors import DEFAULT_WORKERS, Workers
+from orchestrator.config import ModelConfig, RunConfig, resolve_layer, router_models
+from orchestrator.errors import PipelineError
+from orchestrator.problems import prepare_datasets
+from orchestrator.shards import write_shards
+from orchestrator.stage import Stage, by_model, run_stage
+from orchestrator.stages.generation import generation_units
+from orchestrator.stages.router import datasets, updated_model
+from orchestrator.stages.router_data import DataGenerationStage, DataScoringStage, training_cells
+from orchestrator.stages.router_eval import EvalStage, eval_units
+from orchestrator.stages.router_preferences import PreferenceStage, preference_unit
+from orchestrator.stages.router_rescore import RescoreStage, rescore_units
+from orchestrator.stages.router_train import TrainStage, train_unit
+from orchestrator.stages.scoring import scoring_units
+from orchestrator.summary import RunSummary, Sink, record_failures
 
-if TYPE_CHECKING:
-    from workers.router_update import UpdateConfig
-
-VARIANTS = ("original", "updated")
-SELECT_KEYS = ("margin", "fragile", "confident", "max_anchor_tokens", "holdout_share", "seed")
-TRAIN_KEYS = ("beta", "anchor_weight", "steps", "lr", "seed")
-
-
-def update_config(ru: RouterUpdateConfig) -> UpdateConfig:
-    """The update's hyperparameters as the worker takes them."""
-    from workers.router_update import UpdateConfig  # loads torch: the router stage only
-
-    return UpdateConfig(**{k: getattr(ru, k) for k in (*SELECT_KEYS, *TRAIN_KEYS)})
-
-
-def router_root(run_dir: Path, model: ModelConfig) -> Path:
-    return run_dir / "router_update" / model.name
-
-
-def updated_model(run_dir: Path, model: ModelConfig) -> ModelConfig:
-    """The updated checkpoint as a model of its own (name <model>-router, loaded from disk)."""
-    ckpt = router_root(run_dir, model) / "checkpoint"
-    return dataclasses.replace(model, name=f"{model.name}-router", path=str(ckpt))
-
-
-def datasets(names: list[str], limit: int | None = None) -> list[DatasetConfig]:
-    """The named datasets as conf/dataset/ defines them, cut to `limit` problems if given."""
-    out = [load_option("dataset", n) for n in names]
-    if limit is not None:
-        out = [dataclasses.replace(d, limit=min(d.limit or limit, limit)) for d in out]
-    return out
-
-
-# ------------------------------------------------------------------------------- the worker
-
-
-class RouterWorker:
-    """Loads one model once; builds preference data and trains its router (Ray actor body)."""
-
-    def __init__(self, model: ModelConfig, device: str, *, torch_threads: int):
-        from orchestrator.actors import local_model_dir, setup_process
-
-        setup_process(torch_threads)
-        from workers.adapters import adapter_for
-        from workers.scorer import ScoreConfig, load_model
-
-        self.path = local_model_dir(model)
-        self.model = load_model(self.path, ScoreConfig(dtype=model.dtype, device=device))
-        self.adapter = adapter_for(self.model)
-
-    def preferences(
-        self, task: PreferenceTask, out_path: str, unit_hash: str, root: Path | None = None
-    ) -> dict[str, Any]:
-        import pyarrow as pa
-
-        from workers.router_update import add_router_inputs, select_tokens
-
-        started = time.time()
-        scores = pa.concat_tables([read_arrow(p) for p in task.scores])
-        trajectories = pa.concat_tables([read_arrow(p) for p in task.shards])
-        tokens = select_tokens(scores, task.update)
-        table = add_router_inputs(self.model, self.adapter, tokens, trajectories, task.layer)
-        kinds = table.column("kind").to_pylist()
-        counts = {"prefer": kinds.count("prefer"), "anchor": kinds.count("anchor")}
-        write_arrow(
-            table, out_path, config_hash=unit_hash, started=started, extra=counts, root=root
-        )
-        return {"rows": table.num_rows, "tokens": scores.num_rows, **counts}
-
-    def train(
-        self, task: TrainTask, out_path: str, unit_hash: str, root: Path | None = None
-    ) -> dict[str, Any]:
-        from workers.router_update import (
-            describe_update,
-            router_parameters,
-            train_router,
-            write_checkpoint,
-        )
-
-        started = time.time()
-        cfg, layer = task.update, task.layer
-        params = router_parameters(self.model, self.adapter, layer)
-        weight_name = next(n for n in params if n.endswith(".weight"))
-        bias_name = next((n for n in params if n.endswith(".bias")), None)
-        prefs = read_arrow(task.preferences)
-        weight, bias, log, summary = train_router(
-            params[weight_name], params[bias_name] if bias_name else None, prefs, self.adapter, cfg
-        )
-        tensors = {weight_name: weight, **({bias_name: bias} if bias_name else {})}
-        readme = describe_update(
-            source=task.source, layer=layer, names=list(tensors), summary=summary, cfg=cfg
-        )
-        write_checkpoint(self.path, task.checkpoint, tensors, readme, root=root)
-        fingerprint = plan.local_fingerprint(str(task.checkpoint.resolve()))
-        extra = {"summary": summary, "checkpoint_fingerprint": fingerprint}
-        write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra, root=root)
-        return {"rows": log.num_rows, "tokens": summary["prefer_tokens"], **summary}
-
-
-def train_complete(unit: plan.Unit[TrainTask], checksum: bool) -> bool:
-    """The log is complete and the checkpoint's files still match the recorded fingerprint."""
-    if not is_complete(unit.path, unit.config_hash, checksum=checksum):
-        return False
-    ckpt = unit.task.checkpoint
-    if not (ckpt / "config.json").is_file():
-        return False
-    recorded = (read_sidecar(unit.path) or {}).get("checkpoint_fingerprint")
-    return recorded == plan.local_fingerprint(str(ckpt.resolve()))
-
-
-# ------------------------------------------------------------------------------- the steps
+# {dataset: ([(shard path, sha256)], [scoring units])}: a model's training data at its layer
+TrainingData = dict[str, tuple[list[tuple[Path, str]], list[plan.Unit]]]
 
 
 def run_router_update(
@@ -173,6 +58,7 @@ def run_router_update(
     run_id: str,
     sink: Sink | None = None,
     session: Any = None,
+    workers: Workers = DEFAULT_WORKERS,
 ) -> Path | None:
     ru = cfg.router_update
     problems = prepare_datasets(
@@ -180,117 +66,12 @@ def run_router_update(
         datasets([*ru.train_datasets, *ru.eval_datasets], ru.problems_limit),
         checksum=cfg.verify_checksums,
     )
+    run = RouterRun(cfg, run_dir, summary, sink, workers)
     sections = []
     for model in router_models(cfg):
-        layer = resolve_layer(model, ru.layer)
-        root = router_root(run_dir, model)
-        failures_before = len(summary.failures)
-        # 1. Training data at the update's layer: the main pipeline's own units.
-        shards = training_scores(cfg, run_dir, model, layer, problems, summary, sink)
-        if shards is None:
-            continue
-        score_paths = [u.path for units in shards.values() for u in units[1]]
-        shard_paths = [p for units in shards.values() for p, _ in units[0]]
-        # 2. Preferences.
-        pref = plan.Unit(
-            stage="router_preferences",
-            key=f"{model.name}/preferences",
-            path=root / "preferences.arrow",
-            root=run_dir,
-            config_hash=config_hash(
-                {
-                    "model": plan.model_identity(model),
-                    "layer": layer,
-                    "select": {k: getattr(ru, k) for k in SELECT_KEYS},
-                    "scores": [read_sidecar(p)["sha256"] for p in score_paths],
-                }
-            ),
-            task=PreferenceTask(
-                scores=tuple(score_paths),
-                shards=tuple(shard_paths),
-                layer=layer,
-                update=update_config(ru),
-            ),
-        )
-        run_router_units(cfg, "router_preferences", model, [pref], "preferences", summary, sink)
-        if not is_complete(pref.path, pref.config_hash, checksum=False):
-            continue
-        # 3. Training: the checkpoint.
-        train = plan.Unit(
-            stage="router_train",
-            key=f"{model.name}/train",
-            path=root / "train_log.arrow",
-            root=run_dir,
-            config_hash=config_hash(
-                {
-                    "model": plan.model_identity(model),
-                    "layer": layer,
-                    "train": {k: getattr(ru, k) for k in TRAIN_KEYS},
-                    "preferences": read_sidecar(pref.path)["sha256"],
-                }
-            ),
-            task=TrainTask(
-                preferences=pref.path,
-                checkpoint=root / "checkpoint",
-                layer=layer,
-                update=update_config(ru),
-                source=model.hf_id if model.hf_id != "bundled" else "workers/assets/tiny-moe",
-            ),
-        )
-        run_router_units(
-            cfg, "router_train", model, [train], "train", summary, sink, complete=train_complete
-        )
-        if not train_complete(train, checksum=False):
-            continue
-        updated = updated_model(run_dir, model)
-        # 4. Evaluation: original and updated, same backend and sampling.
-        evals = eval_units(cfg, run_dir, model, updated, problems)
-        summary.stages["router_eval"] = run_units(
-            "router_eval", evals, cfg, generator_pool, summary, sink
-        )
-        # 5. Rescoring of the training shards with the updated model.
-        rescore = {
-            plan.Cell(updated, d, {ru.layer: layer}): [
-                relocate(
-                    u,
-                    root / "rescore" / d.name / u.path.name,
-                    f"{model.name}/rescore/{d.name}/{u.path.stem}",
-                )
-                for u in plan.scoring_units(
-                    run_dir,
-                    plan.Cell(updated, d, {ru.layer: layer}),
-                    cfg.scoring,
-                    shards[d.name][0],
-                )
-            ]
-            for d in datasets(ru.train_datasets, ru.problems_limit)
-        }
-        summary.stages["router_rescore"] = run_units(
-            "router_rescore", rescore, cfg, scorer_pool, summary, sink
-        )
-        if len(summary.failures) > failures_before:
-            continue
-        # 6. Analysis of this model.
-        from orchestrator.router_report import analyse_model
-
-        sections.append(
-            analyse_model(
-                run_dir,
-                model,
-                layer,
-                ru,
-                pref_path=pref.path,
-                train_path=train.path,
-                eval_paths={
-                    v: [u.path for c, us in evals.items() if c.model.name == m.name for u in us]
-                    for v, m in (("original", model), ("updated", updated))
-                },
-                before=score_paths,
-                after=[u.path for us in rescore.values() for u in us],
-                run_id=run_id,
-                session=session,
-            )
-        )
+        section = update_model(run, model, problems, run_id=run_id, session=session)
+        if section is not None:
+            sections.append(section)
     if not sections:
         return None
     from orchestrator.router_report import write_markdown
@@ -298,129 +79,119 @@ def run_router_update(
     return write_markdown(run_dir, sections, ru)
 
 
-def training_scores(cfg, run_dir, model, layer, problems, summary, sink):
-    """{dataset: ([(shard path, sha256)], [scoring units])} at `layer` for the training
-    datasets, running whatever is incomplete; None if some of it failed."""
-    ru = cfg.router_update
-    cells = [
-        plan.Cell(model, d, {ru.layer: layer})
-        for d in datasets(ru.train_datasets, ru.problems_limit)
-    ]
-    gen = {
-        c: plan.generation_units(
-            run_dir,
-            c.model,
-            c.dataset,
-            cfg.generation,
-            num_problems=problems[c.dataset.name][0],
-            problems_sha256=problems[c.dataset.name][1],
-        )
-        for c in cells
-    }
-    summary.stages["router_data_generation"] = run_units(
-        "router_data_generation", gen, cfg, generator_pool, summary, sink
-    )
-    if any(
-        not is_complete(u.path, u.config_hash, checksum=False) for us in gen.values() for u in us
-    ):
-        summary.warnings.append(f"{model.name}: router update skipped (training data incomplete)")
-        return None
-    shards = {c: write_shards(run_dir, c, cfg, gen[c])[0] for c in cells}
-    if not any(shards.values()):
-        raise PipelineError(
-            f"{model.name}: no verified trajectories in {ru.train_datasets} to train the router on"
-        )
-    units = {c: plan.scoring_units(run_dir, c, cfg.scoring, shards[c]) for c in cells}
-    summary.stages["router_data_scoring"] = run_units(
-        "router_data_scoring", units, cfg, scorer_pool, summary, sink
-    )
-    if any(
-        not is_complete(u.path, u.config_hash, checksum=False) for us in units.values() for u in us
-    ):
-        summary.warnings.append(f"{model.name}: router update skipped (training scores incomplete)")
-        return None
-    return {c.dataset.name: (shards[c], units[c]) for c in cells}
-
-
-def eval_units(
-    cfg, run_dir, model, updated, problems
-) -> dict[plan.Cell, list[plan.Unit[GenerationTask]]]:
-    """Generation units of every evaluation dataset for both variants, under router_update/."""
-    ru = cfg.router_update
-    gen_cfg = dataclasses.replace(
-        cfg.generation,
-        samples_per_problem=ru.eval_samples,
-        problems_per_shard=ru.eval_problems_per_shard,
-    )
-    root = router_root(run_dir, model) / "eval"
-    out = {}
-    for variant, m in zip(VARIANTS, (model, updated), strict=True):
-        for d in datasets(ru.eval_datasets, ru.problems_limit):
-            units = plan.generation_units(
-                run_dir,
-                m,
-                d,
-                gen_cfg,
-                num_problems=problems[d.name][0],
-                problems_sha256=problems[d.name][1],
-            )
-            out[plan.Cell(m, d, {})] = [
-                relocate(
-                    u,
-                    root / variant / d.name / u.path.name,
-                    f"{model.name}/eval/{variant}/{d.name}/{u.path.stem}",
-                )
-                for u in units
-            ]
-    return out
-
-
-def relocate(unit: plan.Unit[plan.TaskT], path: Path, key: str) -> plan.Unit[plan.TaskT]:
-    return dataclasses.replace(unit, path=path, key=key)
-
-
-def run_router_units(
-    cfg: RunConfig,
-    stage: str,
+def update_model(
+    run: RouterRun,
     model: ModelConfig,
-    units: list[plan.Unit],
-    method: str,
-    summary: RunSummary,
-    sink: Sink | None,
+    problems: dict[str, tuple[int, str]],
     *,
-    complete=None,
-) -> None:
-    """Run `units` on one RouterWorker actor (skipping complete ones); record failures."""
-    import ray
+    run_id: str,
+    session: Any,
+) -> Any:
+    """Steps 1-6 for one model: its report section, or None when a step did not complete."""
+    cfg, run_dir, summary, workers = run.cfg, run.run_dir, run.summary, run.workers
+    ru = cfg.router_update
+    layer = resolve_layer(model, ru.layer)
+    failures_before = len(summary.failures)
+    # 1. Training data at the update's layer: the main stages' own units.
+    data = run.training_data(model, layer, problems)
+    if data is None:
+        return None
+    score_paths = [u.path for _, units in data.values() for u in units]
+    shard_paths = [p for shards, _ in data.values() for p, _ in shards]
+    # 2. Preferences.
+    pref = preference_unit(run_dir, model, layer, ru, score_paths, shard_paths)
+    if not run.stage(PreferenceStage(cfg, workers.router), [(model, [pref])]):
+        return None
+    # 3. Training: the checkpoint.
+    train = train_unit(run_dir, model, layer, ru, pref.path)
+    if not run.stage(TrainStage(cfg, workers.router), [(model, [train])]):
+        return None
+    updated = updated_model(run_dir, model)
+    # 4. Evaluation: original and updated, same backend and sampling.
+    evals = eval_units(cfg, run_dir, model, updated, problems)
+    run.stage(EvalStage(cfg, workers.generator), by_model(evals))
+    # 5. Rescoring of the training shards with the updated model.
+    shards = {name: shards for name, (shards, _) in data.items()}
+    rescore = rescore_units(run_dir, ru, cfg.scoring, model, updated, layer, shards)
+    run.stage(RescoreStage(cfg, workers.scorer), by_model(rescore))
+    if len(summary.failures) > failures_before:
+        return None
+    # 6. Analysis of this model.
+    from orchestrator.router_report import analyse_model
 
-    from orchestrator.executor import dispatch
-    from orchestrator.progress import StageProgress
+    return analyse_model(
+        run_dir,
+        model,
+        layer,
+        ru,
+        pref_path=pref.path,
+        train_path=train.path,
+        eval_paths={
+            v: [u.path for c, us in evals.items() if c.model.name == m.name for u in us]
+            for v, m in (("original", model), ("updated", updated))
+        },
+        before=score_paths,
+        after=[u.path for us in rescore.values() for u in us],
+        run_id=run_id,
+        session=session,
+    )
 
-    done = complete or (lambda u, checksum: is_complete(u.path, u.config_hash, checksum=checksum))
-    todo = [u for u in units if not done(u, cfg.verify_checksums)]
-    progress = StageProgress(stage, len(units), skipped=len(units) - len(todo), sink=sink)
-    if todo:
-        actor_cls = ray.remote(RouterWorker)
-        device = "cuda" if cfg.cluster.use_gpus else "cpu"
-        options = {
-            "num_cpus": cfg.cluster.cpus_per_actor,
-            "num_gpus": model.gpus if cfg.cluster.use_gpus else 0,
-            "max_restarts": 0,
+
+@dataclass
+class RouterRun:
+    """What every step of the update shares: the run, its summary and its workers."""
+
+    cfg: RunConfig
+    run_dir: Path
+    summary: RunSummary
+    sink: Sink | None
+    workers: Workers
+
+    def stage(self, stage: Stage, units: list[tuple[ModelConfig, list[plan.Unit]]]) -> bool:
+        """Run `stage`'s incomplete `units` on the executor; record its failures and metrics
+        once it is done; whether every unit is complete now."""
+        outcomes, metrics = run_stage(stage, units, sink=self.sink)
+        record_failures(self.summary, outcomes)
+        self.summary.stages[stage.name] = metrics
+        return all(stage.complete(u, checksum=False) for _, us in units for u in us)
+
+    def training_data(
+        self, model: ModelConfig, layer: int, problems: dict[str, tuple[int, str]]
+    ) -> TrainingData | None:
+        """The training data sets generated, sharded and scored at `layer`, running whatever
+        is incomplete; None if some of it failed."""
+        cfg, run_dir = self.cfg, self.run_dir
+        ru = cfg.router_update
+        cells = training_cells(ru, model, layer)
+        gen = {
+            c: generation_units(
+                run_dir,
+                c.model,
+                c.dataset,
+                cfg.generation,
+                num_problems=problems[c.dataset.name][0],
+                problems_sha256=problems[c.dataset.name][1],
+            )
+            for c in cells
         }
-        outcomes = dispatch(
-            todo,
-            spawn=lambda: actor_cls.options(**options).remote(
-                model, device, torch_threads=cfg.cluster.torch_threads
-            ),
-            call=lambda actor, u: getattr(actor, method).remote(
-                u.task, str(u.path), u.config_hash, root=u.root
-            ),
-            actors=1,
-            retries=cfg.scoring.retries,
-            progress=progress,
-        )
-        record_failures(summary, outcomes)
-    summary.stages[stage] = progress.close()
+        if not self.stage(DataGenerationStage(cfg, self.workers.generator), by_model(gen)):
+            self.summary.warnings.append(
+                f"{model.name}: router update skipped (training data incomplete)"
+            )
+            return None
+        shards = {c: write_shards(run_dir, c, cfg, gen[c])[0] for c in cells}
+        if not any(shards.values()):
+            raise PipelineError(
+                f"{model.name}: no verified trajectories in {ru.train_datasets} to train the"
+                " router on"
+            )
+        units = {c: scoring_units(run_dir, c, cfg.scoring, shards[c]) for c in cells}
+        if not self.stage(DataScoringStage(cfg, self.workers.scorer), by_model(units)):
+            self.summary.warnings.append(
+                f"{model.name}: router update skipped (training scores incomplete)"
+            )
+            return None
+        return {c.dataset.name: (shards[c], units[c]) for c in cells}
 
 
 # ------------------------------------------------------------------------------- the dry run
@@ -464,7 +235,5 @@ def describe_router_plan(cfg: RunConfig) -> str:
     from orchestrator.estimate import describe_router_estimate
 
     cells = plan.estimate(cfg)
-    lines.append(
-        describe_router_estimate(cfg, train, evals, cells, plan.scored_positions(cells))
-    )
+    lines.append(describe_router_estimate(cfg, train, evals, cells, plan.scored_positions(cells)))
     return "\n".join(lines)

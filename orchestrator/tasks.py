@@ -1,11 +1,11 @@
 """What a unit asks its worker to do: one frozen dataclass per kind of unit.
 
-Contract: the planners (orchestrator.plan, orchestrator.router_stage) build one task per unit
-(`plan.Unit.task`) and the worker method of its stage takes it as is; Ray pickles it to the
-actor. A task is neither hashed nor written anywhere: a unit's path and config hash come from
-its config slice and inputs, so a task can change shape without redoing finished units. Fields
-are checked at construction, so a malformed task fails in the driver with the field's name,
-not later as a traceback from inside an actor.
+Contract: each stage (orchestrator/stages/) plans one task per unit (`plan.Unit.task`) and
+declares the worker method that takes it as is; Ray pickles it to the actor. A task is neither
+hashed nor written anywhere: a unit's path and config hash come from its config slice and
+inputs, so a task can change shape without redoing finished units. Fields are checked at
+construction, so a malformed task fails in the driver with the field's name, not later as a
+traceback from inside an actor.
 """
 
 from __future__ import annotations

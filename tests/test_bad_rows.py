@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from orchestrator import config as C
 from orchestrator.__main__ import run
 from orchestrator.errors import PipelineError
-from orchestrator.pipeline import prepare_problems
+from orchestrator.problems import prepare_problems
 from workers.io import read_arrow, read_sidecar
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -19,9 +19,9 @@ from pipeline_runs import run_cli
 from orchestrator.config import RunConfig
 from orchestrator.errors import ActorStartError
 from orchestrator.executor import Executor, Pool, dispatch
-from orchestrator.pipeline import GeneratorSpawner
 from orchestrator.plan import Unit
 from orchestrator.progress import StageProgress
+from orchestrator.stages.generation import GeneratorSpawner
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def module_graph(package: Path, *, lazy: bool = False) -> dict[str, set[str]]:
     """{module: modules of the same package it imports at module level}; with `lazy`, inside
-    functions too (a function-level import is how a load-time cycle is usually hidden). A
-    subpackage (orchestrator/config/) is one module: its files' imports together."""
+    functions too (a function-level import is how a load-time cycle is usually hidden).
+    Modules of subpackages are named by their dotted path below the package
+    ("stages.generation"; a subpackage's __init__ by its own name, "stages")."""
     name = package.name
-    subpackages = {p.parent for p in package.glob("*/__init__.py")}
-    modules = {p.stem for p in package.glob("*.py")} | {p.name for p in subpackages}
+    paths = {module_name(package, p): p for p in sorted(package.rglob("*.py"))}
     graph: dict[str, set[str]] = {}
-    for path in sorted([*package.glob("*.py"), *package.glob("*/*.py")]):
-        node_name = path.parent.name if path.parent in subpackages else path.stem
-        if path.parent != package and path.parent not in subpackages:
-            continue
-        deps = imported(path, name, lazy) & modules
-        graph[node_name] = graph.get(node_name, set()) | (deps - {node_name})
+    for module, path in paths.items():
+        deps: set[str] = set()
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree) if lazy else tree.body:
+            if isinstance(node, ast.Import):
+                deps |= {
+                    a.name[len(name) + 1 :] for a in node.names if a.name.startswith(f"{name}.")
+                }
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == name or node.module.startswith(f"{name}."):
+                    inner = node.module[len(name) + 1 :]
+                    # from orchestrator import plan; from orchestrator.stages import scoring
+                    deps |= {f"{inner}.{a.name}".lstrip(".") for a in node.names}
+                    if inner:
+                        deps.add(inner)
+        graph[module] = (deps & set(paths)) - {module}
     return graph
+
+
+def module_name(package: Path, path: Path) -> str:
+    parts = path.relative_to(package).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imported(path: Path, name: str, lazy: bool) -> set[str]:
@@ -70,12 +85,24 @@ def imported_from(path: Path, prefix: str) -> set[str]:
 
 def test_the_orchestrator_modules_import_without_a_cycle():
     graph = module_graph(ROOT / "orchestrator")
-    assert {"executor", "actors", "pipeline", "errors", "config"} <= set(graph)
+    assert {"executor", "actors", "pipeline", "errors", "config", "stage", "stages.scoring"} <= set(
+        graph
+    )
     order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
-    list(graphlib.TopologicalSorter(module_graph(ROOT / "orchestrator", lazy=True)).static_order())
-    # The executor knows actors, not the stages: it imports neither the workers nor them.
-    assert not graph["executor"] & {"actors", "pipeline", "router_stage"}
-    assert order.index("executor") < order.index("pipeline")
+    lazy = module_graph(ROOT / "orchestrator", lazy=True)
+    list(graphlib.TopologicalSorter(lazy).static_order())
+    runs = {"pipeline", "router_stage", "__main__"}  # the runs: plan, run pools, finish
+    stages = {m for m in graph if m.startswith("stages.")}
+    # The executor knows actors, not the stages: it imports no stage, worker or run.
+    assert not lazy["executor"] & {"actors", "stage", *stages, *runs}
+    # A stage is the protocol filled in: it knows no run, and the protocol knows no stage.
+    assert not lazy["stage"] & {"actors", *stages, *runs}
+    for module in stages:
+        assert not lazy[module] & runs, module
+    # The main run and the router update share stages, not each other.
+    assert "pipeline" not in lazy["router_stage"] and "router_stage" not in lazy["pipeline"]
+    assert order.index("executor") < order.index("stage") < order.index("stages.generation")
+    assert order.index("stages.generation") < order.index("pipeline")
 
 
 def test_the_check_finds_a_cycle(tmp_path):
@@ -84,6 +111,15 @@ def test_the_check_finds_a_cycle(tmp_path):
     (package / "a.py").write_text("from orchestrator.b import f\n")
     (package / "b.py").write_text("from orchestrator import a\n\ndef f():\n    import os\n")
     (package / "c.py").write_text("def g():\n    from orchestrator import a\n")
+    (package / "sub").mkdir()
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "d.py").write_text("from orchestrator.sub import e\nimport orchestrator.c\n")
+    (package / "sub" / "e.py").write_text("from orchestrator import sub\n")
+    assert module_graph(package)["sub.d"] == {"sub", "sub.e", "c"}
+    assert module_graph(package)["sub.e"] == {"sub"}
+    for path in (package / "sub").iterdir():
+        path.unlink()
+    (package / "sub").rmdir()
     graph = module_graph(package)
     assert graph == {"a": {"b"}, "b": {"a"}, "c": set()}
     with pytest.raises(graphlib.CycleError):

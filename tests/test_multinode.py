@@ -19,11 +19,12 @@ import ray
 from hydra import compose, initialize_config_dir
 from ray.cluster_utils import Cluster
 
+from orchestrator import actors, plan
 from orchestrator import config as C
-from orchestrator import pipeline, plan
 from orchestrator.actors import GeneratorWorker, ScorerWorker, Workers
-from orchestrator.pipeline import prepare_problems, run_stages
+from orchestrator.pipeline import run_stages
 from orchestrator.policy import MODEL_LOAD_S
+from orchestrator.problems import prepare_problems
 from orchestrator.schedule import Cell, ModelWork, simulate, sweep_work, unit_seconds
 
 pytestmark = pytest.mark.slow
@@ -181,7 +182,7 @@ def test_the_measured_schedule_agrees_with_the_simulation_and_survives_a_lost_no
     cluster, tmp_path, monkeypatch
 ):
     # Each actor is told when the driver asked for it: its start on this machine is measured.
-    monkeypatch.setattr(pipeline, "driver_provenance", lambda: {"requested": time.time()})
+    monkeypatch.setattr(actors, "driver_provenance", lambda: {"requested": time.time()})
     cfg = make(tmp_path, cluster.address)
     gpus = NODES * GPUS_PER_NODE
     load_s = MODEL_LOAD_S * SCALE

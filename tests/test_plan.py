@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 from orchestrator import config as C
 from orchestrator import plan
+from orchestrator.stages.generation import generation_units
+from orchestrator.stages.scoring import scoring_units
 from orchestrator.tasks import ScoringTask
 from workers.io import config_hash
 
@@ -127,7 +129,7 @@ def test_derived_run_ids_stay_those_of_runs_already_made(overrides, run_id, tmp_
 
 
 def gen_units(cfg: C.RunConfig, n: int = 40) -> list[plan.Unit]:
-    return plan.generation_units(
+    return generation_units(
         Path("/r"), cfg.model, cfg.dataset, cfg.generation, num_problems=n, problems_sha256="abc"
     )
 
@@ -175,7 +177,7 @@ def test_units_hash_the_json_they_always_hashed_so_finished_runs_resume():
     hashed = dict(C.score_args(cfg.scoring, m))
     for how in ("memory_budget_mb", "attention", "compile"):
         del hashed[how]
-    units = plan.scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/in/00004.arrow"), "s4")])
+    units = scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/in/00004.arrow"), "s4")])
     assert [(str(u.path), u.config_hash) for u in units] == [
         (
             f"/r/scores/tiny/layer={L}/demo/00004.arrow",
@@ -199,7 +201,7 @@ def test_generation_hashes_are_pinned_to_those_of_files_already_written():
     generation = C.GenerationConfig(
         backend="hf", samples_per_problem=3, seed=11, problems_per_shard=4
     )
-    units = plan.generation_units(
+    units = generation_units(
         Path("/r"), model, dataset, generation, num_problems=6, problems_sha256="abc"
     )
     assert [(str(u.path), u.config_hash, u.task.rows) for u in units] == [
@@ -234,7 +236,7 @@ def test_generation_hash_changes_with_sampling_not_with_batching_or_cluster():
     ):
         assert [u.config_hash for u in gen_units(make(override))] != base, override
     cfg = make()
-    other = plan.generation_units(
+    other = generation_units(
         Path("/r"), cfg.model, cfg.dataset, cfg.generation, num_problems=40, problems_sha256="xyz"
     )
     assert [u.config_hash for u in other] != base  # different problems file content
@@ -243,7 +245,7 @@ def test_generation_hash_changes_with_sampling_not_with_batching_or_cluster():
 def score_units(cfg: C.RunConfig) -> dict[str, str]:
     [cell] = plan.plan_cells(cfg)
     shards = [(Path("/r/in/00000.arrow"), "s0"), (Path("/r/in/00001.arrow"), "s1")]
-    return {u.key: u.config_hash for u in plan.scoring_units(Path("/r"), cell, cfg.scoring, shards)}
+    return {u.key: u.config_hash for u in scoring_units(Path("/r"), cell, cfg.scoring, shards)}
 
 
 def test_scoring_units_per_layer_and_shard_with_hashes_of_only_what_matters():
@@ -266,7 +268,7 @@ def test_a_scoring_units_hash_covers_exactly_these_scorer_settings():
     # only speed belongs in workers.score_config.SPEED_SETTINGS.
     cfg = make()
     [cell] = plan.plan_cells(cfg)
-    [unit, *_] = plan.scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/a.arrow"), "s0")])
+    [unit, *_] = scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/a.arrow"), "s0")])
     score = {
         **{"alternatives": 32, "pool": 32, "temperature": 1.0, "sampler": "gumbel", "seed": 0},
         "dtype": "float32",
@@ -286,16 +288,16 @@ def test_a_scoring_units_hash_covers_exactly_these_scorer_settings():
         memory_budget_mb=64, attention="flex", compile=True,
     )  # fmt: skip
     shards = [(Path("/r/in/00002.arrow"), "s2")]
-    units = plan.scoring_units(Path("/r"), cell, scoring, shards)
+    units = scoring_units(Path("/r"), cell, scoring, shards)
     assert [u.config_hash for u in units] == ["33a532e30ffb9e93", "0d8e64a46a7e680f"]
-    units = plan.scoring_units(Path("/r"), cell, C.ScoringConfig(dtype="float32"), shards)
+    units = scoring_units(Path("/r"), cell, C.ScoringConfig(dtype="float32"), shards)
     assert [u.config_hash for u in units] == ["09290a703c0c8dc2", "48f2bd740b1d608e"]
 
 
 def test_the_paths_follow_the_run_layout():
     cfg = make()
     [cell] = plan.plan_cells(cfg)
-    [unit] = plan.scoring_units(
+    [unit] = scoring_units(
         Path("/r"),
         dataclasses.replace(cell, layers={"final": 3}),
         cfg.scoring,
@@ -337,7 +339,7 @@ def test_retrained_weights_of_the_same_size_change_every_unit_hash(tmp_path):
 def test_problems_carry_the_configured_data_set_name_not_the_loaders(tmp_path):
     """Two data sets of one loader (the router update's demo_train beside demo) must not merge
     into one `dataset` in the tables: the problems file names the configured data set."""
-    from orchestrator.pipeline import prepare_datasets
+    from orchestrator.problems import prepare_datasets
     from workers.io import read_arrow
 
     small = {"n": 3, "difficulty": 1}

@@ -24,7 +24,8 @@ from orchestrator import config as C
 from orchestrator import plan
 from orchestrator.__main__ import resume_command
 from orchestrator.lock import LOCK_NAME, RunLock, RunLockedError
-from orchestrator.pipeline import prepare_problems, prune
+from orchestrator.problems import prepare_problems
+from orchestrator.shards import prune
 from workers.io import check_path_name, done_path, read_arrow, write_arrow
 
 pytestmark = pytest.mark.usefixtures("local_ray")

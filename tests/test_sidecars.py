@@ -30,7 +30,9 @@ from pipeline_runs import (
 from analysis.inputs import select_generated_files, select_score_files
 from orchestrator import config as C
 from orchestrator import plan
-from orchestrator.pipeline import prepare_problems, prune, write_shards
+from orchestrator.problems import prepare_problems
+from orchestrator.shards import prune, write_shards
+from orchestrator.stages.generation import generation_units
 from workers.io import (
     CorruptFile,
     IncompleteFileError,
@@ -260,7 +262,7 @@ def test_the_driver_redoes_tampered_problems_and_shards(reference, tmp_path, kin
     problems = prepare_problems(cfg, run_dir)
     [cell] = plan.plan_cells(cfg)
     if kind == "shards":
-        gen = plan.generation_units(
+        gen = generation_units(
             run_dir,
             cell.model,
             cell.dataset,

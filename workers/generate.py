@@ -11,7 +11,7 @@ prompt the model's context cannot hold with one new token ("prompt_too_long": pr
 > the backend's `max_length`), or a template that fails on it ("prompt_error: <error>") gives
 its `params.n` samples unverified, with that reason as `verify_reason` and `finish_reason`,
 no tokens and no text; the other rows are generated as usual. (The driver rejects such rows
-before Ray starts where it can, orchestrator.pipeline.check_prompt_lengths.)
+before Ray starts where it can, orchestrator.problems.check_prompts.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""One module per stage, each a `orchestrator.stage.Stage`: its task, plan, worker and hook."""
