@@ -139,9 +139,8 @@ def with_weights(lf: pl.LazyFrame) -> pl.LazyFrame:
     if COMPLETION_TOKENS.name not in lf.collect_schema().names():
         return lf.with_columns(pl.lit(1.0, dtype=pl.Float64).alias("weight"))
     keys = [*GROUP_KEYS, "problem_id", "sample_idx"]
-    scored = lf.group_by(keys).agg(
-        pl.len().alias("_scored")
-    )  # a small frame: one row per trajectory
+    # a second scan of five columns, reduced to one row per trajectory
+    scored = lf.group_by(keys).agg(pl.len().alias("_scored"))
     total = pl.col(COMPLETION_TOKENS.name).cast(pl.Float64)
     return (
         lf.join(scored, on=keys, how="left", nulls_equal=True)

@@ -58,9 +58,10 @@ def _sum_by(stats: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 
 
 def _means(sums: pl.DataFrame) -> pl.DataFrame:
-    """Means from sums, each a ratio of weighted sums (analysis.metrics.with_weights: all
-    weights are 1 unless positions were budgeted, and then these ratios are bitwise the
-    unweighted ones); a mean over zero tokens is null, never NaN."""
+    """Means from sums, each a ratio of weighted sums (analysis.metrics.with_weights; all
+    weights are 1 unless positions were budgeted, and then each ratio is bitwise the
+    unweighted one: both sums are exact multiples of FIXED_POINT); a mean over zero tokens is
+    null, never NaN."""
 
     def ratio(num: str, den: str, scale: float = 1.0) -> pl.Expr:
         return pl.when(pl.col(den) > 0).then(scale * pl.col(num) / pl.col(den)).otherwise(None)

@@ -357,9 +357,8 @@ def budgeted_part(
         ", the standard pass over the rest" if rest.hours is not None else ", no standard pass"
     )
     scored = round(tokens * share)
-    return replace(
-        full, tokens=scored, hours=hours, rate=scored / hours / 3600 * full.gpus, how=how
-    )
+    rate = scored / hours / 3600 * full.gpus if hours > 0 else full.rate  # per scored token
+    return replace(full, tokens=scored, hours=hours, rate=rate, how=how)
 
 
 def render_parts(parts: list[Part]) -> list[str]:

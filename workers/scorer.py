@@ -4,7 +4,9 @@ Contract: `Scorer(model_path, ScoreConfig(...))` loads the model once; `score_ta
 layer)` returns one SCORES_SCHEMA row per completion token (positions prompt_len-1 .. len-2,
 target ids[t+1]), rows in input order, positions ascending. For each token: the standard route
 S (the router's own choice, in the router's order), J alternatives (workers.routes, in the
-order picked), u(R) = p(target | prefix, route R at (t, L)) for each, and s(R).
+order picked), u(R) = p(target | prefix, route R at (t, L)) for each, and s(R). Under a position
+budget (ScoreConfig.positions other than "all") only the positions `select_positions` keeps get
+a row, plus a `completion_tokens` column (workers.schemas.COMPLETION_TOKENS).
 
 How, per sequence (one at a time, so results never depend on what else is in the shard):
 1. one standard forward pass (workers.kv.standard_pass) keeps the keys/values of every layer
