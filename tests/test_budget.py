@@ -218,7 +218,7 @@ def test_the_dry_run_scales_scoring_hours_by_the_budget(capsys):
     full, quarter = hours(), hours("scoring.positions=0.25")
     assert quarter["generation"] == full["generation"]
     # a quarter of the decode plus the standard pass over every token
-    assert 0.25 * full["scoring"] < quarter["scoring"] < 0.3 * full["scoring"]
+    assert 0.25 * full["scoring"] < quarter["scoring"] < 0.4 * full["scoring"]
     cfg = make("sweep=paper", "scoring.positions=0.25")
     text = plan.describe_plan(cfg, "x", plan.Path("/r/x"))
     assert "positions=0.25" in text and "0.25 of positions" in text
