@@ -31,27 +31,29 @@ import polars as pl
 from analysis.metrics import BINS, FIXED_POINT, GROUP_KEYS, AnalysisConfig
 
 # statistic columns (sums of the aggregate, fixed point where sum_*), in matrix order
+# (weighted: analysis.metrics.with_weights; with weights 1 these are the token and win counts
+# and the plain sums, so a full run's intervals are as they were)
 STATS = (
-    "tokens",
-    "gain_tokens",
-    "rho_tokens",
+    "sum_weight",
+    "sum_weight_gain",
+    "sum_weight_rho",
     "sum_u_std",
     "sum_max_alt",
     "sum_gain",
-    "wins",
-    "wins_strict",
+    "sum_win",
+    "sum_win_strict",
     "sum_rank",
     "sum_rho",
 )
 # mean -> (numerator, denominator, scale): the same ratios as tables._means
 MEANS = {
-    "mean_u_std": ("sum_u_std", "tokens", 1.0),
-    "mean_max_alt": ("sum_max_alt", "gain_tokens", 1.0),
-    "gain_pp": ("sum_gain", "gain_tokens", 100.0),
-    "win_rate": ("wins", "gain_tokens", 1.0),
-    "win_rate_strict": ("wins_strict", "gain_tokens", 1.0),
-    "mean_rank": ("sum_rank", "tokens", 1.0),
-    "alignment": ("sum_rho", "rho_tokens", 1.0),
+    "mean_u_std": ("sum_u_std", "sum_weight", 1.0),
+    "mean_max_alt": ("sum_max_alt", "sum_weight_gain", 1.0),
+    "gain_pp": ("sum_gain", "sum_weight_gain", 100.0),
+    "win_rate": ("sum_win", "sum_weight_gain", 1.0),
+    "win_rate_strict": ("sum_win_strict", "sum_weight_gain", 1.0),
+    "mean_rank": ("sum_rank", "sum_weight", 1.0),
+    "alignment": ("sum_rho", "sum_weight_rho", 1.0),
 }
 BLOCK_CELLS = 2**20  # replicate weights per block (8 MiB each as int64 and float64)
 BIN_INDEX = {b: i for i, b in enumerate(BINS)}

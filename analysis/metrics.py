@@ -41,6 +41,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis.inputs import select_score_files
+from workers.schemas import COMPLETION_TOKENS
 
 BINS = ("confident", "ambiguous", "fragile")  # display order: high pbar to low
 GROUP_KEYS = ("model", "layer", "dataset")
@@ -109,11 +110,45 @@ def find_shards(run_dir: str | Path) -> list[Path]:
 
 
 def scan_scores(paths: Sequence[str | Path]) -> pl.LazyFrame:
-    """One lazy scan over score shards; model, layer and dataset are columns of the files."""
+    """One lazy scan over score shards; model, layer and dataset are columns of the files.
+    Shards scored under a position budget add `completion_tokens` (workers.schemas); where
+    only some do, the others get it as null (all positions scored)."""
     if not paths:
         raise FileNotFoundError("no score shards to scan")
+    budgeted = [COMPLETION_TOKENS.name in _columns(p) for p in paths]
     # The directories say layer=<L> too; hive parsing would duplicate the file's own column.
-    return pl.scan_ipc([str(p) for p in paths], hive_partitioning=False)
+    if all(budgeted) or not any(budgeted):
+        return pl.scan_ipc([str(p) for p in paths], hive_partitioning=False)
+    scans = [pl.scan_ipc(str(p), hive_partitioning=False) for p in paths]
+    return pl.concat(scans, how="diagonal")
+
+
+def _columns(path: str | Path) -> list[str]:
+    """The column names of an Arrow IPC file, from its footer."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).schema.names
+
+
+def with_weights(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """A `weight` column: 1 for a row of a fully scored trajectory; under a position budget,
+    the trajectory's completion tokens / its scored rows (at that model, layer, dataset).
+    The scored positions are a uniform sample within each trajectory, so each trajectory's
+    weighted sums are unbiased for its full sums, whatever share of it was scored."""
+    if COMPLETION_TOKENS.name not in lf.collect_schema().names():
+        return lf.with_columns(pl.lit(1.0, dtype=pl.Float64).alias("weight"))
+    keys = [*GROUP_KEYS, "problem_id", "sample_idx"]
+    # a second scan of five columns, reduced to one row per trajectory
+    scored = lf.group_by(keys).agg(pl.len().alias("_scored"))
+    total = pl.col(COMPLETION_TOKENS.name).cast(pl.Float64)
+    return (
+        lf.join(scored, on=keys, how="left", nulls_equal=True)
+        .with_columns(
+            pl.when(total.is_null()).then(1.0).otherwise(total / pl.col("_scored")).alias("weight")
+        )
+        .drop("_scored")
+    )
 
 
 def _reference_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
@@ -165,11 +200,13 @@ def _kernel_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
     ).unnest("_k")
 
 
-def token_metrics(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl.LazyFrame:
+def token_metrics(
+    lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True, keep: tuple[str, ...] = ()
+) -> pl.LazyFrame:
     """Per token: model, layer, dataset, the cluster keys, u_std, max_alt, pbar, rank_std, rho,
-    n_routes, bin, gain, win, win_strict (lazily). `fast=False` uses the pure-Polars reference
-    instead of the kernel."""
-    keys = cfg.cluster_keys
+    n_routes, bin, gain, win, win_strict (lazily), and the columns `keep`. `fast=False` uses
+    the pure-Polars reference instead of the kernel."""
+    keys = (*cfg.cluster_keys, *keep)
     out = _kernel_columns(lf, keys) if fast else _reference_columns(lf, keys)
     confident = pl.lit(cfg.confident, dtype=pl.Float32)
     fragile = pl.lit(cfg.fragile, dtype=pl.Float32)
@@ -198,6 +235,19 @@ def exact_sum(column: str) -> pl.Expr:
     return (pl.col(column).cast(pl.Float64) * FIXED_POINT).round().cast(pl.Int64).sum()
 
 
+def weighted_sum(column: str | None = None) -> pl.Expr:
+    """exact_sum of column x weight (of the weights alone, for None; of the weights of the rows
+    where the column is not null, for a column name prefixed "!"). Weight 1 leaves each term
+    as exact_sum has it."""
+    if column is None:
+        value = pl.col("weight")
+    elif column.startswith("!"):
+        value = pl.when(pl.col(column[1:]).is_not_null()).then(pl.col("weight"))
+    else:
+        value = pl.col(column).cast(pl.Float64) * pl.col("weight")
+    return (value * FIXED_POINT).round().cast(pl.Int64).sum()
+
+
 def aggregate(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl.LazyFrame:
     """Sums per (model, layer, dataset, bin, cluster keys, gain bucket): every table, histogram
     and interval derives from these exactly, so the shards are scanned once. `sum_*` columns are
@@ -206,20 +256,25 @@ def aggregate(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl
     Size: one row per distinct (trajectory, bin, gain bucket), a few dozen per trajectory in
     practice (most of a trajectory's tokens share the bucket around zero gain), so it grows with
     the number of trajectories, not tokens."""
-    tok = token_metrics(lf, cfg, fast=fast).with_columns(
+    tok = token_metrics(with_weights(lf), cfg, fast=fast, keep=("weight",)).with_columns(
         gain_bucket(pl.col("gain"), cfg.gain_buckets)
     )
     return tok.group_by(*GROUP_KEYS, "bin", *cfg.cluster_keys, "gain_bucket").agg(
         pl.len().alias("tokens"),
-        exact_sum("u_std").alias("sum_u_std"),
-        exact_sum("max_alt").alias("sum_max_alt"),
+        weighted_sum().alias("sum_weight"),  # tokens, each weighted (with_weights)
+        weighted_sum("u_std").alias("sum_u_std"),
+        weighted_sum("max_alt").alias("sum_max_alt"),
         pl.col("gain").count().alias("gain_tokens"),  # tokens with J >= 1
-        exact_sum("gain").alias("sum_gain"),
+        weighted_sum("!gain").alias("sum_weight_gain"),
+        weighted_sum("gain").alias("sum_gain"),
         pl.col("win").sum().cast(pl.Int64).alias("wins"),
         pl.col("win_strict").sum().cast(pl.Int64).alias("wins_strict"),
-        exact_sum("rank_std").alias("sum_rank"),
-        exact_sum("rho").alias("sum_rho"),
+        weighted_sum("win").alias("sum_win"),
+        weighted_sum("win_strict").alias("sum_win_strict"),
+        weighted_sum("rank_std").alias("sum_rank"),
+        weighted_sum("rho").alias("sum_rho"),
         pl.col("rho").count().alias("rho_tokens"),
+        weighted_sum("!rho").alias("sum_weight_rho"),
         pl.col("n_routes").min().alias("min_routes"),
         pl.col("n_routes").max().alias("max_routes"),
     )

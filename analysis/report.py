@@ -30,7 +30,7 @@ import polars as pl
 
 from analysis.figures import layer_label, plot_all
 from analysis.inputs import SCORES_GLOB, ScoreInputs, select_generated_files, select_score_files
-from analysis.metrics import BINS, CLUSTERS, AnalysisConfig, collect_stats
+from analysis.metrics import BINS, CLUSTERS, FIXED_POINT, AnalysisConfig, collect_stats
 from analysis.runinfo import generation_summary, layer_labels
 from analysis.tables import pooled_rows, summarise, write_tables
 from workers.atomic import atomic_write
@@ -64,7 +64,8 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         print(f"warning: report of {run_dir.name}: {line}", file=sys.stderr)
     # 2. One streaming pass -> per-bin sums -> tables.
     started = time.perf_counter()
-    tables = summarise(collect_stats(shards, cfg), cfg)
+    stats = collect_stats(shards, cfg)
+    tables = summarise(stats, cfg)
     seconds = time.perf_counter() - started
     tables["generation"] = generation_summary(run_dir, generated)
     write_tables(tables, run_dir / "tables", root=run_dir)
@@ -82,6 +83,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         seconds=seconds,
         run_config=run_config,
         labels=labels,
+        positions=describe_positions(run_config, stats),
     )
     path = run_dir / "report.md"
     atomic_write(path, text, root=run_dir)
@@ -94,6 +96,23 @@ def load_run_config(run_dir: Path) -> dict[str, Any] | None:
         return read_run_config(run_dir)
     except ValueError:
         return None
+
+
+def describe_positions(run_config: dict[str, Any] | None, stats: pl.DataFrame) -> str | None:
+    """The position budget's line (None for a run that scored every position): the setting
+    (scoring.positions) and the share of its trajectories' completion tokens scored."""
+    setting = ((run_config or {}).get("scoring") or {}).get("positions")
+    scored = int(stats["tokens"].sum())
+    total = float(stats["sum_weight"].sum()) / FIXED_POINT  # weights add up to the tokens
+    if setting in (None, "all") and scored == round(total):
+        return None
+    share = scored / total if total else 0.0
+    return (
+        f"positions scored per trajectory: {setting or 'a sample'} ({scored:,} of the"
+        f" {round(total):,} completion tokens of the scored trajectories at the scored layers,"
+        f" {share:.1%}); each row is weighted by its trajectory's completion tokens / scored"
+        " positions, so every mean and interval estimates the full run's"
+    )
 
 
 def summarise_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -251,6 +270,7 @@ def render_markdown(
     seconds: float,
     run_config: dict[str, Any] | None,
     labels: dict[tuple[str, int], str] | None = None,
+    positions: str | None = None,
 ) -> str:
     labels = labels or {}
     by_bin = tables["by_bin"]
@@ -282,6 +302,8 @@ def render_markdown(
                 lines.append(f"- {key}: {shown}")
     else:
         lines.append("- (no config.yaml in the run directory)")
+    if positions:
+        lines.append(f"- {positions}")
     mapping = ", ".join(f"{m}: {name}" for (m, _), name in sorted(labels.items()))
     lines += [
         f"- layer mapping: {mapping}" if mapping else "- layer mapping: (not in the run config)",

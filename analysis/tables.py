@@ -26,21 +26,26 @@ from pathlib import Path
 import polars as pl
 
 from analysis.intervals import bootstrap_intervals
-from analysis.metrics import BINS, FIXED_POINT, GROUP_KEYS, AnalysisConfig
+from analysis.metrics import BINS, GROUP_KEYS, AnalysisConfig
 from workers.atomic import atomic_file
 
 BIN_ORDER = (*BINS, "all")
 SUMS = (
     "tokens",
+    "sum_weight",
     "sum_u_std",
     "sum_max_alt",
     "gain_tokens",
+    "sum_weight_gain",
     "sum_gain",
     "wins",
     "wins_strict",
+    "sum_win",
+    "sum_win_strict",
     "sum_rank",
     "sum_rho",
     "rho_tokens",
+    "sum_weight_rho",
 )
 
 
@@ -53,7 +58,10 @@ def _sum_by(stats: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 
 
 def _means(sums: pl.DataFrame) -> pl.DataFrame:
-    """Means from sums; a mean over zero tokens is null, never NaN."""
+    """Means from sums, each a ratio of weighted sums (analysis.metrics.with_weights; all
+    weights are 1 unless positions were budgeted, and then each ratio is bitwise the
+    unweighted one: both sums are exact multiples of FIXED_POINT); a mean over zero tokens is
+    null, never NaN."""
 
     def ratio(num: str, den: str, scale: float = 1.0) -> pl.Expr:
         return pl.when(pl.col(den) > 0).then(scale * pl.col(num) / pl.col(den)).otherwise(None)
@@ -62,16 +70,17 @@ def _means(sums: pl.DataFrame) -> pl.DataFrame:
         *GROUP_KEYS,
         "bin",
         pl.col("tokens").cast(pl.Int64),
-        ratio("sum_u_std", "tokens", 1 / FIXED_POINT).alias("mean_u_std"),
-        ratio("sum_max_alt", "gain_tokens", 1 / FIXED_POINT).alias("mean_max_alt"),
-        ratio("sum_gain", "gain_tokens", 100.0 / FIXED_POINT).alias("gain_pp"),
-        ratio("wins", "gain_tokens").alias("win_rate"),
-        ratio("wins_strict", "gain_tokens").alias("win_rate_strict"),
-        ratio("sum_rank", "tokens", 1 / FIXED_POINT).alias("mean_rank"),
-        ratio("sum_rho", "rho_tokens", 1 / FIXED_POINT).alias("alignment"),
+        ratio("sum_u_std", "sum_weight").alias("mean_u_std"),
+        ratio("sum_max_alt", "sum_weight_gain").alias("mean_max_alt"),
+        ratio("sum_gain", "sum_weight_gain", 100.0).alias("gain_pp"),
+        ratio("sum_win", "sum_weight_gain").alias("win_rate"),
+        ratio("sum_win_strict", "sum_weight_gain").alias("win_rate_strict"),
+        ratio("sum_rank", "sum_weight").alias("mean_rank"),
+        ratio("sum_rho", "sum_weight_rho").alias("alignment"),
         pl.col("rho_tokens").cast(pl.Int64).alias("alignment_tokens"),
         (pl.col("tokens") - pl.col("rho_tokens")).cast(pl.Int64).alias("no_variance"),
         pl.col("min_routes").cast(pl.Int64).alias("routes"),
+        pl.col("sum_weight"),  # for the share; dropped by summarise
         (pl.col("min_routes") != pl.col("max_routes")).alias("routes_vary"),
         ((pl.col("min_routes") + 1) / 2).alias("chance_rank"),
     )
@@ -105,11 +114,13 @@ def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFram
     by_bin = by_bin.join(
         bootstrap_intervals(stats, cfg, by_bin), on=[*keys, "bin"], how="left", nulls_equal=True
     )
-    totals = by_bin.filter(pl.col("bin") == "all").select(*keys, pl.col("tokens").alias("_total"))
+    totals = by_bin.filter(pl.col("bin") == "all").select(
+        *keys, pl.col("sum_weight").alias("_total")
+    )
     by_bin = _sort(
         by_bin.join(totals, on=keys, how="left")
-        .with_columns((pl.col("tokens") / pl.col("_total")).alias("share"))
-        .drop("_total")
+        .with_columns((pl.col("sum_weight") / pl.col("_total")).alias("share"))
+        .drop("_total", "sum_weight")
         .select(*keys, "bin", "tokens", "share", pl.exclude(*keys, "bin", "tokens", "share"))
     )
     counts = (

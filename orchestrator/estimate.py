@@ -17,7 +17,7 @@ figure without a rate is "unknown" and the totals count it as such, never as 0.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.config import (
     ConfigError,
@@ -32,6 +32,7 @@ from orchestrator.config import (
 )
 from workers.io import check_path_name
 from workers.rates import RATES_PATH, Rate, read_rates
+from workers.score_config import parse_positions
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Prompt tokens on top of max_tokens: the chat templates and the longest prompts of the five
@@ -330,6 +331,36 @@ def scoring_part(
     return Part(group, model.name, stage, tokens, hours, rate, gpus, lk.gpu, how)
 
 
+def positions_share(cfg: RunConfig, model: ModelConfig) -> float:
+    """The share of a trajectory's completion tokens that scoring.positions scores, at the
+    estimate's length (model.max_tokens): the fraction, or count / max_tokens."""
+    limit = parse_positions(cfg.scoring.positions)
+    if limit is None:
+        return 1.0
+    return limit if isinstance(limit, float) else min(1.0, limit / model.max_tokens)
+
+
+def budgeted_part(
+    rates: list[Rate], cfg: RunConfig, model: ModelConfig, position: str, tokens: int
+) -> Part:
+    """Scoring `tokens` at `position` under the position budget: a share f of the positions
+    at the full cost per scored token, plus the standard pass, which still runs over every
+    token (scoring_part's standard_pass; left out, and said so, where it has no rate)."""
+    stage = f"scoring {position}"
+    full = scoring_part(rates, cfg, model, position, tokens, "scoring", stage)
+    share = positions_share(cfg, model)
+    if share == 1.0 or full.hours is None:
+        return full
+    rest = scoring_part(rates, cfg, model, position, tokens, "scoring", stage, standard_pass=True)
+    hours = share * full.hours + (0.0 if rest.hours is None else (1 - share) * rest.hours)
+    how = f"{full.how}; {share:.3g} of positions" + (
+        ", the standard pass over the rest" if rest.hours is not None else ", no standard pass"
+    )
+    scored = round(tokens * share)
+    rate = scored / hours / 3600 * full.gpus if hours > 0 else full.rate  # per scored token
+    return replace(full, tokens=scored, hours=hours, rate=rate, how=how)
+
+
 def render_parts(parts: list[Part]) -> list[str]:
     lines = []
     for p in parts:
@@ -399,9 +430,7 @@ def main_parts(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str, int]]
         gpu = cfg.cluster.gpu_type
         parts.append(generation_part(rates, model, tokens, gpu, "generation", "generation"))
         for position in layers_of[model.name]:
-            parts.append(
-                scoring_part(rates, cfg, model, position, tokens, "scoring", f"scoring {position}")
-            )
+            parts.append(budgeted_part(rates, cfg, model, position, tokens))
     return parts
 
 

@@ -40,6 +40,7 @@ from orchestrator.tasks import ScoringTask
 from workers.atomic import atomic_write
 from workers.io import config_hash, file_sha256
 from workers.runfiles import PLAN_FILE, plan_text
+from workers.score_config import ALL_POSITIONS
 
 TaskT = TypeVar("TaskT")
 
@@ -84,7 +85,7 @@ def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
 # from the run id's hash (anywhere in the tree) when they hold the value that keeps the old
 # behaviour (ANY: always), so that adding them does not move the id of an existing run.
 ANY = object()
-UNHASHED: dict[str, Any] = {"attn_width": ANY, "skip_bad_rows": False}
+UNHASHED: dict[str, Any] = {"attn_width": ANY, "skip_bad_rows": False, "positions": ALL_POSITIONS}
 
 
 def without_unhashed(tree: Any) -> Any:
@@ -242,6 +243,8 @@ def estimate(cfg: RunConfig) -> list[CellEstimate]:
 
 def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
     """The work-unit plan as text: grid, units per stage, token estimates (upper bounds)."""
+    from orchestrator.estimate import describe_estimate, positions_share
+
     cells = estimate(cfg)
     models = list(dict.fromkeys(c.cell.model.name for c in cells))
     datasets = list(dict.fromkeys(c.cell.dataset.name for c in cells))
@@ -251,7 +254,12 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
     gen_units = sum(c.generation_units for c in cells)
     score_units = sum(c.max_scoring_units_per_layer * n_layers[c.cell.model.name] for c in cells)
     gen_tokens = sum(c.max_completion_tokens for c in cells)
-    scored = sum(c.max_completion_tokens * n_layers[c.cell.model.name] for c in cells)
+    budget = cfg.scoring.positions
+    share = {m.name: positions_share(cfg, m) for m in (c.cell.model for c in cells)}
+    scored = sum(
+        round(c.max_completion_tokens * share[c.cell.model.name]) * n_layers[c.cell.model.name]
+        for c in cells
+    )
     lines = [
         f"run {run_id} -> {run_dir}",
         f"grid: {len(models)} models x {len(layers)} layers x {len(datasets)} datasets"
@@ -263,7 +271,8 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
         f" samples_per_problem={cfg.generation.samples_per_problem} seed={cfg.generation.seed}",
         f"scoring: J={cfg.scoring.alternatives} pool={cfg.scoring.pool}"
         f" tau={cfg.scoring.temperature} sampler={cfg.scoring.sampler} seed={cfg.scoring.seed}"
-        f" verified_only={cfg.scoring.verified_only}",
+        f" verified_only={cfg.scoring.verified_only}"
+        + (f" positions={budget}" if budget != ALL_POSITIONS else ""),
         "",
         "stage       units      estimate (upper bounds: every completion hits max_tokens,"
         " every trajectory verified)",
@@ -283,8 +292,6 @@ def describe_plan(cfg: RunConfig, run_id: str, run_dir: Path) -> str:
             f" {c.generation_units:>9,} {c.max_completion_tokens:>12,}"
             f"  {spec} ({c.max_scoring_units_per_layer:,})"
         )
-    from orchestrator.estimate import describe_estimate
-
     lines.append(describe_estimate(cfg, cells, scored_positions(cells)))
     from orchestrator.schedule import describe_schedule
 

@@ -117,6 +117,7 @@ def _fails(capsys, args, message):
         ("model", "cannot load"),
         ("sampler", "sampler must be one of"),
         ("dtype", "dtype must be one of float32, bfloat16, got 'fp8'"),
+        ("positions", "positions must be all, a fraction in (0, 1] or a whole count >= 1"),
     ],
 )
 def test_cli_errors(model_dir, tmp_path, capsys, case, message):
@@ -143,7 +144,7 @@ def test_cli_errors(model_dir, tmp_path, capsys, case, message):
         src = tmp_path / "nowhere.arrow"
     layer = "0" if case == "dense_layer" else layer
     extra = {"pool": ["--pool", "1"], "sampler": ["--sampler", "best"], "dtype": ["--dtype", "fp8"]}
-    extra = extra.get(case, [])
+    extra = {**extra, "positions": ["--positions", "1.5"]}.get(case, [])
     model = str(tmp_path) if case == "model" else model
     out = tmp_path / "out.arrow"
     _fails(

@@ -84,6 +84,10 @@ BAD_SETTINGS = [
     ("sweep.models=[tiny,../conf/model/tiny]", "unknown model '../conf/model/tiny'"),
     ("sweep.models=['file:/nonexistent/m.yaml']", "model file /nonexistent/m.yaml not found"),
     ("sweep.datasets=[../dataset/demo]", "unknown dataset '../dataset/demo'"),
+    ("scoring.positions=1.5", "scoring.positions must be all, a fraction in (0, 1] or a whole"),
+    ("scoring.positions=-3", "count >= 1, got '-3'"),
+    ("scoring.positions=abc", "count >= 1, got 'abc'"),
+    ("scoring.positions=0", "count >= 1, got '0'"),
 ]
 
 

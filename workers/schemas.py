@@ -58,3 +58,7 @@ SCORES_SCHEMA = pa.schema(
         ("dataset", pa.string()),
     ]
 )
+# Only in files scored under a position budget (scoring.positions other than all), appended
+# after SCORES_SCHEMA's columns: the trajectory's number of completion tokens, which the
+# analysis weights its scored rows by (analysis.metrics). Full runs keep SCORES_SCHEMA as is.
+COMPLETION_TOKENS = pa.field("completion_tokens", pa.int32())

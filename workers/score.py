@@ -3,7 +3,7 @@
     python -m workers.score --model DIR --trajectories IN.arrow --layer middle --out OUT.arrow \\
         [--alternatives 32] [--pool 32] [--temperature 1.0] [--sampler gumbel] [--seed 0] \\
         [--dtype float32|bfloat16] [--device cpu|cuda] [--memory-budget-mb 1024] \\
-        [--attention eager|flex] [--compile]
+        [--attention eager|flex] [--compile] [--positions all|0.25|64]
 
 Contract: IN is an Arrow IPC file with at least problem_id, sample_idx, input_ids, prompt_len
 (a completion sidecar is not required; input_ids integer lists, one row per (problem_id,
@@ -30,7 +30,7 @@ import pyarrow.compute  # noqa: F401 (pa.compute)
 from safetensors import SafetensorError
 
 from workers.io import IncompleteFileError, config_hash, done_path, read_arrow
-from workers.scorer import ScoreConfig, Scorer, score_file
+from workers.scorer import ScoreConfig, Scorer, score_file, select_positions
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,7 +89,19 @@ def run(args: argparse.Namespace) -> dict:
             f"a sequence has {longest} tokens, more than the model's position limit"
             f" max_position_embeddings={max_len}"
         )
-    total = sum(len(r["input_ids"]) - r["prompt_len"] for r in rows)
+    total = sum(  # the positions scored (every completion token unless --positions)
+        len(
+            select_positions(
+                config.positions,
+                config.seed,
+                r["problem_id"],
+                r["sample_idx"],
+                r["prompt_len"] - 1,
+                len(r["input_ids"]) - r["prompt_len"],
+            )
+        )
+        for r in rows
+    )
     # 4. score and write
     key = config_hash(
         {

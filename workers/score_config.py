@@ -11,6 +11,7 @@ not import torch, so the driver checks a config in milliseconds.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,6 +22,8 @@ from workers.routes import SAMPLERS
 if TYPE_CHECKING:
     import torch
 
+ALL_POSITIONS = "all"  # the default position budget: every completion token
+POSITIONS_RULE = "positions must be all, a fraction in (0, 1] or a whole count >= 1"
 DTYPES = ("float32", "bfloat16")  # torch dtype names the scorer loads a model in
 # Settings that change how a score is computed, not its value (equal up to float rounding):
 # a resumed run may change them without redoing finished units.
@@ -55,6 +58,13 @@ class ScoreConfig:
         False,
         "torch.compile decode steps of one fixed micro-batch shape (the last one padded),"
         " attention between the compiled graphs",
+    )
+    # A position budget: which completion positions of each trajectory are scored (a seeded
+    # per-token draw, workers.scorer.select_positions); the standard pass is always whole.
+    positions: str = _setting(
+        ALL_POSITIONS,
+        "completion positions scored per trajectory: all, a fraction in (0, 1] (e.g. 0.25)"
+        " or a whole count >= 1 (e.g. 64), drawn per token from the seed",
     )
 
     def __post_init__(self):
@@ -95,12 +105,36 @@ class ScoreConfig:
             self.attention,
         )
         _check(isinstance(self.compile, bool), "compile must be true or false", self.compile)
+        budget = parse_positions(self.positions)  # raises for a bad value
+        # one spelling per budget ("0.25", "64", "all"), also when given as a number
+        object.__setattr__(self, "positions", ALL_POSITIONS if budget is None else str(budget))
 
     @property
     def torch_dtype(self) -> torch.dtype:
         import torch
 
         return getattr(torch, self.dtype)
+
+
+def parse_positions(value) -> float | int | None:
+    """A `positions` budget: None for all, a float in (0, 1] for a fraction, an int >= 1 for a
+    count. Text with a decimal point or an exponent is a fraction, whole-number text a count
+    (so "1" is one position, "1.0" all of them); ValueError for anything else."""
+    text = str(value).strip() if isinstance(value, (str, int, float)) else ""
+    if isinstance(value, bool) or not text:
+        text = "?"
+    if text == ALL_POSITIONS:
+        return None
+    if re.fullmatch(r"\+?\d+", text):
+        count = int(text)
+        _check(count >= 1, POSITIONS_RULE, value)
+        return count
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = math.nan
+    _check(0.0 < fraction <= 1.0, POSITIONS_RULE, value)
+    return fraction
 
 
 def _is_int(value) -> bool:

@@ -4,7 +4,9 @@ Contract: `Scorer(model_path, ScoreConfig(...))` loads the model once; `score_ta
 layer)` returns one SCORES_SCHEMA row per completion token (positions prompt_len-1 .. len-2,
 target ids[t+1]), rows in input order, positions ascending. For each token: the standard route
 S (the router's own choice, in the router's order), J alternatives (workers.routes, in the
-order picked), u(R) = p(target | prefix, route R at (t, L)) for each, and s(R).
+order picked), u(R) = p(target | prefix, route R at (t, L)) for each, and s(R). Under a position
+budget (ScoreConfig.positions other than "all") only the positions `select_positions` keeps get
+a row, plus a `completion_tokens` column (workers.schemas.COMPLETION_TOKENS).
 
 How, per sequence (one at a time, so results never depend on what else is in the shard):
 1. one standard forward pass (workers.kv.standard_pass) keeps the keys/values of every layer
@@ -23,6 +25,8 @@ single-token passes through the layers after L per token, instead of T x (J+1) f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -37,8 +41,12 @@ from torch import nn
 from workers import kv, routes
 from workers.adapters import MoeAdapter, adapter_for
 from workers.models import devices_of
-from workers.schemas import SCORES_SCHEMA
-from workers.score_config import ScoreConfig  # declared there: the driver reads it without torch
+from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA
+from workers.score_config import (  # declared there: the driver reads it without torch
+    ALL_POSITIONS,
+    ScoreConfig,
+    parse_positions,
+)
 
 REQUIRED_COLUMNS = ("problem_id", "sample_idx", "input_ids", "prompt_len")
 # On a CPU a decode step's activations fall out of cache beyond ~1k pairs: on the tiny benchmark
@@ -80,6 +88,34 @@ def flex_refusal(model: nn.Module, config: ScoreConfig) -> str | None:
                 " windows or attention sinks (GPT-OSS); use attention=eager"
             )
     return None
+
+
+def position_uniform(seed: int, problem_id: str, sample_idx: int, position: int) -> float:
+    """u(t) in [0, 1): a uniform draw that depends on exactly (seed, problem_id, sample_idx,
+    position), from the sha256 of those values (hashed apart from routes.token_seed's)."""
+    key = json.dumps(["positions", int(seed), str(problem_id), int(sample_idx), int(position)])
+    digest = hashlib.sha256(key.encode()).digest()
+    return (int.from_bytes(digest[:8], "little") >> 11) / 2**53
+
+
+def select_positions(
+    budget: str, seed: int, problem_id: str, sample_idx: int, first: int, n_tokens: int
+) -> np.ndarray:
+    """Indices (ascending, into the completion's n_tokens positions first, first + 1, ...) of
+    the positions a `positions` budget scores: every one for "all"; for a fraction f those
+    with u(t) < f; for a count n the n with the smallest u(t) (all when there are fewer).
+    Whether t is kept depends only on (seed, problem_id, sample_idx, t) and the budget (and,
+    for a count, the trajectory's own length): never on the shard, the batch or the layer,
+    so every layer scores the same positions and a budgeted row is the full run's row."""
+    limit = parse_positions(budget)
+    if limit is None:
+        return np.arange(n_tokens)
+    u = np.array(
+        [position_uniform(seed, problem_id, sample_idx, first + i) for i in range(n_tokens)]
+    )
+    if isinstance(limit, float):
+        return np.flatnonzero(u < limit)
+    return np.sort(np.argsort(u, kind="stable")[:limit])
 
 
 class Scorer:
@@ -226,12 +262,17 @@ class Scorer:
         targets = torch.tensor(ids[prompt_len:], device=device)
         std = seen["std"] if "std" in seen else ad.standard_route(z)
 
-        # 2. routes: S then J alternatives per token; each distinct set computed once
+        # 2. the scored positions (the position budget; every one by default), then routes:
+        # S then J alternatives per token; each distinct set computed once. `token` indexes
+        # the whole completion, so the decode below sees what a full run would.
+        keep = select_positions(cfg.positions, cfg.seed, problem_id, sample_idx, first, n_tokens)
+        n_kept = len(keep)
         seeds = [
-            routes.token_seed(cfg.seed, problem_id, sample_idx, t, layer)
-            for t in range(first, len(ids) - 1)
+            routes.token_seed(cfg.seed, problem_id, sample_idx, first + int(i), layer) for i in keep
         ]
-        z_cpu = z.cpu()
+        keep_t = torch.from_numpy(keep)
+        z_cpu = z.cpu()[keep_t]
+        std = std.cpu()[keep_t]
         alts = routes.sample_routes(
             z_cpu,
             seeds,
@@ -241,14 +282,14 @@ class Scorer:
             temperature=cfg.temperature,
             sampler=cfg.sampler,
         )
-        all_routes = torch.cat([std.cpu().long()[:, None], alts], dim=1)  # (N, J+1, k)
+        all_routes = torch.cat([std.long()[:, None], alts], dim=1)  # (N, J+1, k)
         router_lp = routes.router_logprob(z_cpu, all_routes)
-        token = torch.arange(n_tokens)[:, None, None].expand(-1, all_routes.shape[1], 1)
+        token = keep_t[:, None, None].expand(-1, all_routes.shape[1], 1)
         sets = torch.cat([token, all_routes.sort(dim=-1).values], dim=-1).flatten(0, 1)
         uniq, inverse = np.unique(sets.numpy(), axis=0, return_inverse=True)  # sorted by token
         inverse = torch.from_numpy(inverse.reshape(-1))
         uniq = torch.from_numpy(uniq).to(device)
-        self.stats["tokens"] += n_tokens
+        self.stats["tokens"] += n_kept
         self.stats["pairs"] += sets.shape[0]
         self.stats["distinct_pairs"] += uniq.shape[0]
 
@@ -256,11 +297,11 @@ class Scorer:
         logp = self._decode_routes(
             layer, later, store, z, x, resid, positions, targets, uniq[:, 0], uniq[:, 1:]
         )
-        logp = logp.cpu()[inverse].view(n_tokens, -1)
+        logp = logp.cpu()[inverse].view(n_kept, all_routes.shape[1])
         probs = logp.exp()
         return {
-            "position": positions.cpu().numpy().astype(np.int32),
-            "target_id": targets.cpu().numpy().astype(np.int32),
+            "position": positions.cpu()[keep_t].numpy().astype(np.int32),
+            "target_id": targets.cpu()[keep_t].numpy().astype(np.int32),
             "std_route": all_routes[:, 0].numpy().astype(np.int32),
             "alt_routes": all_routes[:, 1:].numpy().astype(np.int32),
             "std_prob": probs[:, 0].numpy().astype(np.float32),
@@ -359,7 +400,11 @@ class Scorer:
             "layer": pa.array(np.full(n, layer, np.int32)),
             "dataset": pa.array([dataset] * n, pa.string()),
         }
-        return pa.Table.from_arrays([cols[f.name] for f in SCORES_SCHEMA], schema=SCORES_SCHEMA)
+        table = pa.Table.from_arrays([cols[f.name] for f in SCORES_SCHEMA], schema=SCORES_SCHEMA)
+        if self.config.positions == ALL_POSITIONS:
+            return table
+        total = len(row["input_ids"]) - row["prompt_len"]
+        return table.append_column(COMPLETION_TOKENS, pa.array(np.full(n, total, np.int32)))
 
 
 def score_file(

@@ -17,7 +17,7 @@ import ray
 
 from orchestrator import actors
 from orchestrator.config import ModelConfig, RunConfig, ScoringConfig, actor_cap, score_args
-from orchestrator.plan import Cell, Unit, model_identity, scores_dir
+from orchestrator.plan import Cell, Unit, model_identity, scores_dir, without_unhashed
 from orchestrator.stage import Stage, absolute_path
 from orchestrator.tasks import ScoringTask
 from workers.io import config_hash
@@ -31,6 +31,7 @@ def scoring_units(
     model, dataset = cell.model, cell.dataset
     # Every scorer setting that decides the scores; those of speed only may change on resume.
     values = {k: v for k, v in score_args(scoring, model).items() if k not in SPEED_SETTINGS}
+    values = without_unhashed(values)  # the position budget only where it is set
     identity = model_identity(model)
     units = []
     for layer in sorted(set(cell.layers.values())):
