@@ -17,6 +17,7 @@ from analysis.metrics import AnalysisConfig, aggregate, token_metrics, with_weig
 from analysis.tables import summarise
 from orchestrator import config as C
 from orchestrator import plan
+from orchestrator.stages.scoring import scoring_units
 from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA
 from workers.score_config import ScoreConfig
 from workers.scorer import Scorer, select_positions
@@ -197,7 +198,7 @@ def test_the_default_budget_keeps_every_hash_and_another_changes_the_units():
     units = [
         {
             u.key: u.config_hash
-            for u in plan.scoring_units(plan.Path("/r"), cell, cfg.scoring, shards)
+            for u in scoring_units(plan.Path("/r"), cell, cfg.scoring, shards)
         }
         for cfg in (base, make("scoring.positions=all"), budget, make("scoring.positions=64"))
         for cell in plan.plan_cells(cfg)
