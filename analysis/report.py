@@ -1,6 +1,6 @@
 """Tables, figures and report.md of a run, from its complete score shards alone.
 
-    python -m analysis.report runs/<run_id> [--confident 0.9] [--fragile 0.5] [--win-margin M]
+    python -m analysis.report runs/<run_id> [--confident 0.9] [--fragile 0.5] [--win-margin 1e-4]
         [--cluster trajectory|problem] [--bootstrap 1000] [--level 0.95] [--seed 0]
 
 (every flag is a field of analysis.metrics.AnalysisConfig, which holds the defaults; the driver

@@ -361,7 +361,7 @@ def check_exact(args, variants: list[tuple[str, bool]], tokens: int = 96) -> dic
     table = _trajectory(ids, 32)
     tol = EXACT_TOL["cuda" if args.device.startswith("cuda") else "cpu"]
     out, ref = {}, None
-    for attention, compiled in [("eager", False), *variants]:
+    for attention, compiled in dict.fromkeys([("eager", False), *variants]):
         label = attention + ("+compile" if compiled else "")
         config = ScoreConfig(
             alternatives=8,
@@ -386,6 +386,30 @@ def check_exact(args, variants: list[tuple[str, bool]], tokens: int = 96) -> dic
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
+
+
+def cached_check(args, variants: list[tuple[str, bool]], device_name: str) -> dict[str, bool]:
+    """check_exact, through --exact-cache when given: verdicts of this arch, device and scoring
+    code version found there are reused, the others checked and added."""
+    import json
+
+    from workers.atomic import atomic_write, read_nofollow
+    from workers.provenance import scoring_code_version
+
+    labels = list(dict.fromkeys(["eager", *(a + ("+compile" if c else "") for a, c in variants)]))
+    key = f"{args.arch}|{device_name}|{scoring_code_version()}"
+    cache = json.loads(read_nofollow(args.exact_cache) or b"{}") if args.exact_cache else {}
+    known = cache.get(key, {})
+    if not all(label in known for label in labels):
+        known.update(check_exact(args, variants))
+        if args.exact_cache:
+            cache[key] = known
+            atomic_write(args.exact_cache, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    else:
+        print(
+            f"  exactness: {', '.join(f'{k} {known[k]}' for k in labels)} (from {args.exact_cache})"
+        )
+    return {label: bool(known[label]) for label in labels}
 
 
 def _trajectory(ids: list[int], prompt: int):
@@ -453,6 +477,16 @@ def main(argv: list[str] | None = None) -> int:
         "workers/assets/rates.csv (GPU runs; implies --exact-check)",
     )
     p.add_argument(
+        "--rates",
+        default=None,
+        help="the table --record appends to (default: workers/assets/rates.csv)",
+    )
+    p.add_argument(
+        "--exact-cache",
+        default=None,
+        help="a JSON file of exactness verdicts per (arch, device, path), reused by later runs",
+    )
+    p.add_argument(
         "--exact-check",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -515,10 +549,15 @@ def main(argv: list[str] | None = None) -> int:
         for attention, compiled in variants
     ]
     config = configs[0]
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
     # 0. which paths are exact (a small float32 model, freed before the measured one is built)
     exact: dict[str, bool] = {}
     if (args.record if args.exact_check is None else args.exact_check) and args.model is None:
-        exact = check_exact(args, variants)
+        exact = cached_check(args, variants, device_name)
     # 1. the model
     if args.model is not None:
         model, name = load_model(args.model, config), args.model
@@ -570,11 +609,6 @@ def main(argv: list[str] | None = None) -> int:
             _timed(forward, args.device)
             t_fwd = statistics.median(_timed(forward, args.device)[0] for _ in range(3))
 
-    device_name = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine()
-    )
     print(
         f"model: {name}; {len(scorer.adapter.layers)} layers, MoE layers {scorer.moe_layers[0]}..{scorer.moe_layers[-1]}, "
         f"{scorer.adapter.n_experts} experts top-{scorer.adapter.top_k}"
@@ -646,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             summary.append((spec, label, rate, achieved, fraction, exact.get(label)))
             if args.record and spec in ("early", "middle", "final"):
                 record_rate(
-                    args, spec, dtype_name, rate, device_name, label=label,
+                    args, spec, dtype_name, rate, device_name, path=args.rates, label=label,
                     exact=exact.get(label), peak_fraction=fraction,
                 )  # fmt: skip
             if base_rate is None:
