@@ -22,6 +22,7 @@ mkdir -p "$out"
 log=$out/gpu_check.log
 peak=${PEAK_TFLOPS:-989}   # dense bf16 matmul peak of an H100 or H200 SXM, TFLOP/s
 paths=${PATHS:-eager,flex,flex+compile}
+py=${PYTHON:-python3}   # on the lent GPU machines, python3 is the one with torch
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 failed=0
 
@@ -38,18 +39,18 @@ step() {  # step SECONDS NAME COMMAND...: run COMMAND for at most SECONDS, logge
 bench() {  # bench SECONDS ARCH TOKENS [more bench_score options]
   local limit=$1 arch=$2 tokens=$3
   shift 3
-  step "$limit" "$arch at $tokens tokens" python -m workers.bench_score --arch "$arch" \
+  step "$limit" "$arch at $tokens tokens" "$py" -m workers.bench_score --arch "$arch" \
     --random-init --device cuda --dtype bfloat16 --tokens "$tokens" --alternatives 32 \
     --layer early,final --attention "$paths" --peak-tflops "$peak" --no-forward --record \
     --rates "$out/rates.csv" --exact-cache "$out/exact.json" "$@"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
-python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1 | tee -a "$log"
+"$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1 | tee -a "$log"
 
 # ~690 s in all. Qwen3's 61 GB of bf16 weights leave an H100 room for a smaller micro-batch.
 bench 150 qwen3-30b-a3b 4096 --memory-budget-mb 8192
-step 120 "GPU tests" python -m pytest --noconftest -m gpu -q -p no:cacheprovider \
+step 120 "GPU tests" "$py" -m pytest --noconftest -m gpu -q -p no:cacheprovider \
   tests/test_attention.py tests/test_scorer.py
 bench 70 olmoe-1b-7b 2048
 bench 70 olmoe-1b-7b 16384
