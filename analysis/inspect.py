@@ -42,7 +42,7 @@ import polars as pl
 
 from analysis.inputs import select_generated_files, select_score_files
 from analysis.kernel import KERNEL_FIELDS, route_metrics
-from analysis.metrics import AnalysisConfig, find_shards
+from analysis.metrics import AnalysisConfig, find_shards, resolve_margin
 from analysis.report import load_run_config
 from analysis.runinfo import layer_labels
 from workers.atomic import atomic_write
@@ -199,6 +199,7 @@ def token_table(
         raise FileNotFoundError(
             f"no complete score shards under {run_dir}/scores/{model}/layer={layer}"
         )
+    cfg = resolve_margin(cfg, paths)  # the margin of the scores' dtype, unless set
     keys = pl.DataFrame(
         trajectories, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
     )
@@ -238,7 +239,7 @@ def token_table(
         .then(pl.lit("fragile"))
         .otherwise(pl.lit("ambiguous"))
         .alias("bin"),
-        (pl.col("max_alt") > pl.col("std_prob") + cfg.win_margin).alias("win"),
+        (pl.col("max_alt") > pl.col("std_prob") + cfg.margin).alias("win"),
     )
     rows = []
     for r in tokens.iter_rows(named=True):
@@ -260,7 +261,7 @@ def token_table(
                 "max_alt": r["max_alt"],
                 "gain_pp": None if r["max_alt"] is None else 100 * (r["max_alt"] - r["std_prob"]),
                 "win": r["win"],
-                "better_routes": sum(u > r["std_prob"] + cfg.win_margin for u in r["alt_probs"]),
+                "better_routes": sum(u > r["std_prob"] + cfg.margin for u in r["alt_probs"]),
                 "rank_std": r["rank_std"],
                 "rho": r["rho"],
                 "std_route": " ".join(map(str, r["std_route"])),
@@ -599,7 +600,7 @@ def write_page(
                 "tokens": own.to_dicts(),
             }
         )
-    data = {"margin": cfg.win_margin, "trajectories": trajectories}
+    data = {"margin": cfg.margin, "trajectories": trajectories}
     page = fill(
         PAGE,
         {"TITLE": html_text(title), "SUBTITLE": html_text(subtitle), "DATA": script_json(data)},
@@ -636,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AnalysisConfig(**((run_config or {}).get("analysis") or {}))
         layer = resolve_layer_arg(args.layer, args.model, run_config)
         paths = _score_paths(args.run_dir, args.model, layer)
+        cfg = resolve_margin(cfg, paths)
         if args.problem is not None:
             wanted = [(args.problem, args.sample)]
         else:
@@ -669,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             title=f"{args.run_dir.name}: {args.model} · {label}",
             subtitle=(
                 f"{len(runs)} trajectories, {tokens.height:,} scored tokens; bins: confident "
-                f"pbar ≥ {cfg.confident}, fragile < {cfg.fragile}; win margin {cfg.win_margin:g}"
+                f"pbar ≥ {cfg.confident}, fragile < {cfg.fragile}; win margin {cfg.margin:g}"
             ),
             cfg=cfg,
         )

@@ -34,13 +34,16 @@ streaming engine holds a bounded number of row batches whatever the number of sh
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
 
 from analysis.inputs import select_score_files
+from workers.atomic import read_nofollow
+from workers.io import done_path
 from workers.schemas import COMPLETION_TOKENS
 
 BINS = ("confident", "ambiguous", "fragile")  # display order: high pbar to low
@@ -53,6 +56,14 @@ FIXED_POINT = 2**32
 
 
 CLUSTERS = {"trajectory": ("problem_id", "sample_idx"), "problem": ("problem_id",)}
+# The win margin per scoring dtype (the score files' sidecars, score_config.dtype), used when
+# win_margin is not set. float32: 1e-4 (0.01 pp) is far above float32 rounding of a probability
+# (< 6e-8) and ~10x the fast scorer's float32 deviation from brute force (~1e-5), and far below
+# any difference a reader would call a better route. bfloat16: 3e-2 (3 pp), above the 99th
+# percentile (2.7e-2) of a token's |gain in bf16 - gain in float32| over the six tiny variants
+# at their early and final layers (`python -m tools.dtype_margin --trajectories 12`; the tiny
+# models are made route-sensitive, so this errs high; their largest deviation is 0.24).
+WIN_MARGINS = {"float32": 1e-4, "bfloat16": 3e-2}
 
 
 @dataclass
@@ -67,11 +78,9 @@ class AnalysisConfig:
     confident: float = 0.9  # pbar >= confident -> Confident
     fragile: float = 0.5  # pbar < fragile -> Fragile; in between -> Ambiguous
     gain_buckets: int = 100  # histogram of per-token gain over [-1, 1]; width 2 / buckets
-    # A win needs max_j u(R_j) > u(S) + win_margin. 1e-4 (0.01 pp) is far above float32
-    # rounding of a probability (< 6e-8) and ~10x the fast scorer's float32 deviation from brute
-    # force (~1e-5), and far below any difference a reader would call a better route. Scoring
-    # in bfloat16 is noisier: raise it there.
-    win_margin: float = 1e-4
+    # A win needs max_j u(R_j) > u(S) + win_margin. None: WIN_MARGINS of the scoring dtype
+    # (resolve_margin; float32's where no score file says).
+    win_margin: float | None = None
     cluster: str = "trajectory"  # bootstrap resampling unit: trajectory or problem
     bootstrap: int = 1000  # replicates for the percentile intervals; 0 = no intervals
     level: float = 0.95  # coverage of the intervals
@@ -85,7 +94,7 @@ class AnalysisConfig:
             )
         if self.gain_buckets < 1:
             raise ValueError(f"gain_buckets must be >= 1, got {self.gain_buckets}")
-        if not 0.0 <= self.win_margin < 1.0:
+        if self.win_margin is not None and not 0.0 <= self.win_margin < 1.0:
             raise ValueError(f"win_margin must be in [0, 1), got {self.win_margin}")
         if self.cluster not in CLUSTERS:
             raise ValueError(f"cluster must be one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
@@ -98,6 +107,34 @@ class AnalysisConfig:
     def cluster_keys(self) -> tuple[str, ...]:
         """Score columns that identify one resampling unit within a (model, layer, dataset)."""
         return CLUSTERS[self.cluster]
+
+    @property
+    def margin(self) -> float:
+        """win_margin, or float32's default when it is unset (resolve_margin sets it)."""
+        return WIN_MARGINS["float32"] if self.win_margin is None else self.win_margin
+
+
+def scoring_dtypes(paths: Sequence[str | Path]) -> list[str]:
+    """The scoring dtypes that the sidecars of `paths` name (score_config.dtype), sorted;
+    float32 (the scorer's default) for a sidecar that names none."""
+    found = set()
+    for path in paths:
+        try:  # a link or a non-file reads as None: no sidecar
+            sidecar = json.loads(read_nofollow(done_path(path)) or b"{}")
+            dtype = (sidecar.get("score_config") or {}).get("dtype") or "float32"
+        except (ValueError, AttributeError):
+            dtype = "float32"
+        found.add(dtype if dtype in WIN_MARGINS else "float32")
+    return sorted(found)
+
+
+def resolve_margin(cfg: AnalysisConfig, paths: Sequence[str | Path]) -> AnalysisConfig:
+    """`cfg` with win_margin set: as given, else the largest WIN_MARGINS of the dtypes the
+    score files were computed in (a run mixing dtypes takes the noisiest one's)."""
+    if cfg.win_margin is not None:
+        return cfg
+    margin = max(WIN_MARGINS[d] for d in scoring_dtypes(paths) or ["float32"])
+    return replace(cfg, win_margin=margin)
 
 
 def find_shards(run_dir: str | Path) -> list[Path]:
@@ -218,7 +255,7 @@ def token_metrics(
         .otherwise(pl.lit("ambiguous"))
         .alias("bin"),
         (pl.col("max_alt") - pl.col("u_std")).alias("gain"),
-        (pl.col("max_alt") > pl.col("u_std") + cfg.win_margin).alias("win"),
+        (pl.col("max_alt") > pl.col("u_std") + cfg.margin).alias("win"),
         (pl.col("max_alt") > pl.col("u_std")).alias("win_strict"),
     )
 
@@ -284,4 +321,5 @@ def collect_stats(
     paths: Sequence[str | Path], cfg: AnalysisConfig, *, fast: bool = True
 ) -> pl.DataFrame:
     """Scan the shards once with the streaming engine (memory bounded by batches, not rows)."""
+    cfg = resolve_margin(cfg, paths)
     return aggregate(scan_scores(paths), cfg, fast=fast).collect(engine="streaming")

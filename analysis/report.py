@@ -30,7 +30,15 @@ import polars as pl
 
 from analysis.figures import layer_label, plot_all
 from analysis.inputs import SCORES_GLOB, ScoreInputs, select_generated_files, select_score_files
-from analysis.metrics import BINS, CLUSTERS, FIXED_POINT, AnalysisConfig, collect_stats
+from analysis.metrics import (
+    BINS,
+    CLUSTERS,
+    FIXED_POINT,
+    AnalysisConfig,
+    collect_stats,
+    resolve_margin,
+    scoring_dtypes,
+)
 from analysis.runinfo import generation_summary, layer_labels
 from analysis.tables import pooled_rows, summarise, write_tables
 from workers.atomic import atomic_write
@@ -62,10 +70,17 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         )
     for line in inputs.problems():
         print(f"warning: report of {run_dir.name}: {line}", file=sys.stderr)
-    # 2. One streaming pass -> per-bin sums -> tables.
+    # 2. One streaming pass -> per-bin sums -> tables, with the margin they used: the one
+    # given, else the default of the dtype the scores were computed in.
+    explicit, cfg = cfg.win_margin is not None, resolve_margin(cfg, shards)
+    dtypes = ", ".join(scoring_dtypes(shards))
     started = time.perf_counter()
     stats = collect_stats(shards, cfg)
     tables = summarise(stats, cfg)
+    for name in ("by_bin", "overall"):
+        tables[name] = tables[name].with_columns(
+            win_margin=pl.lit(cfg.win_margin), scoring_dtype=pl.lit(dtypes)
+        )
     seconds = time.perf_counter() - started
     tables["generation"] = generation_summary(run_dir, generated)
     write_tables(tables, run_dir / "tables", root=run_dir)
@@ -84,6 +99,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         run_config=run_config,
         labels=labels,
         positions=describe_positions(run_config, stats),
+        margin_source="set" if explicit else f"default for {dtypes} scores",
     )
     path = run_dir / "report.md"
     atomic_write(path, text, root=run_dir)
@@ -219,7 +235,7 @@ def _generation_table(generation: pl.DataFrame) -> list[str]:
 
 def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:
     unit = {"trajectory": "trajectories", "problem": "problems"}[cfg.cluster]
-    margin_pp = 100 * cfg.win_margin
+    margin_pp = 100 * cfg.margin
     return [
         "## How to read this",
         "",
@@ -237,7 +253,7 @@ def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:
         "alternative repeats S or differs from it by rounding, so gain is never negative in "
         "the mean and small gains mean little.",
         f"- win rate: share of tokens where the best alternative beats u(S) by more than "
-        f"{cfg.win_margin:g} ({margin_pp:g} pp), the margin below which a difference is float "
+        f"{cfg.margin:g} ({margin_pp:g} pp), the margin below which a difference is float "
         "rounding rather than a better route. strict win rate: beats u(S) by any amount (a tie "
         "is not a win); the gap between the two is the share of tokens won by rounding only.",
         "- mean rank of S: rank of u(S) among the J+1 routes, 1 = the highest utility, tied "
@@ -271,6 +287,7 @@ def render_markdown(
     run_config: dict[str, Any] | None,
     labels: dict[tuple[str, int], str] | None = None,
     positions: str | None = None,
+    margin_source: str = "set",
 ) -> str:
     labels = labels or {}
     by_bin = tables["by_bin"]
@@ -308,7 +325,7 @@ def render_markdown(
     lines += [
         f"- layer mapping: {mapping}" if mapping else "- layer mapping: (not in the run config)",
         f"- bins: Confident pbar ≥ {cfg.confident}, Fragile pbar < {cfg.fragile}, Ambiguous between",
-        f"- win margin: {cfg.win_margin:g}; chance rank of S: {chance}",
+        f"- win margin: {cfg.margin:g} ({margin_source}); chance rank of S: {chance}",
         f"- intervals: {100 * cfg.level:g}% percentile bootstrap resampling {cfg.cluster} "
         "clusters, "
         f"{cfg.bootstrap:,} replicates, seed {cfg.seed}",
@@ -365,7 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     add = parser.add_argument
     add("--confident", type=float, default=d.confident, help="pbar >= this: Confident")
     add("--fragile", type=float, default=d.fragile, help="pbar < this: Fragile")
-    add("--win-margin", type=float, default=d.win_margin, help="a win beats u(S) by more")
+    add(
+        "--win-margin",
+        type=float,
+        default=d.win_margin,
+        help="a win beats u(S) by more"
+        " (default: analysis.metrics.WIN_MARGINS of the scores' dtype)",
+    )
     add("--cluster", choices=list(CLUSTERS), default=d.cluster, help="bootstrap resampling unit")
     add("--bootstrap", type=int, default=d.bootstrap, help="replicates (0: no intervals)")
     add("--level", type=float, default=d.level, help="interval coverage")

@@ -143,6 +143,7 @@ class Lookup:
     alternatives: int | None  # J of the measurement
     gpu: str = ""  # the GPU type the rate was measured on
     kind: str = "measured"  # measured | interpolated | extrapolated
+    path: str = "eager"  # the attention path measured (workers.rates: path)
 
 
 @functools.cache
@@ -195,7 +196,31 @@ def length_cost(rates: list[Rate], gpu: str) -> tuple[float, list[str]] | None:
 def scoring_rate(
     rates: list[Rate], model: str, position: str, length: int, gpu: str | None
 ) -> Lookup | None:
-    """tokens/s of one scorer of `model` at `position` for trajectories of `length` tokens.
+    """tokens/s of one scorer of `model` at `position` for trajectories of `length` tokens, with
+    the fastest exact attention path: each path whose rows count as exact
+    (Rate.counts_as_exact: checked exact, or the eager reference) is looked up on its own rows
+    (`path_rate`, its length cost fitted on that path's rows too), and the highest rate wins,
+    rates of `gpu` before those of another GPU. `how` names the path. None when no path has one.
+    """
+    exact = [r for r in rates if r.stage == "scoring" and r.counts_as_exact]
+    paths = list(dict.fromkeys(r.path for r in exact if r.model == model and r.tokens))
+    found = []
+    for path in paths:
+        lk = path_rate([r for r in exact if r.path == path], model, position, length, gpu)
+        if lk is not None:
+            found.append(replace(lk, path=path))
+    if not found:
+        return None
+    best = max(found, key=lambda lk: (lk.gpu == gpu, lk.tokens_per_s))
+    of = f", the fastest exact of {', '.join(lk.path for lk in found)}" if len(found) > 1 else ""
+    return replace(best, how=f"{best.how}; {best.path} attention{of}")
+
+
+def path_rate(
+    rates: list[Rate], model: str, position: str, length: int, gpu: str | None
+) -> Lookup | None:
+    """tokens/s of one scorer of `model` at `position` for trajectories of `length` tokens,
+    from `rates` (the rows of one attention path).
 
     Prefers rows of `gpu`, then of any GPU; of `position`, then "early" (the slowest position:
     every later layer is decoded per route, so the estimate errs high). Seconds per token are
@@ -468,7 +493,8 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
         " estimates at those token counts, not bounds.",
         f"Rates from {RATES_PATH.relative_to(RATES_PATH.parents[2])}, rows of cluster.gpu_type="
         f"{gpu or 'unset'} where the table has them, else of the GPU named; a layer position"
-        f" without rows takes early's, the slowest (errs high). Length: {LENGTH_RULE}.",
+        f" without rows takes early's, the slowest (errs high); of each model, the fastest"
+        f" attention path measured exact (each line names it). Length: {LENGTH_RULE}.",
         *render_parts(parts),
         f"  total: {describe_total(group_tenths(parts), unknown(parts))}",
         describe_gpus(parts, gpu),

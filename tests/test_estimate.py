@@ -90,11 +90,16 @@ def test_scoring_rate_falls_back_to_early_and_to_another_gpu_and_says_so():
         rate("olmoe-1b-7b", "final", 1000, 900.0, gpu="H100"),
     ]
     final = E.scoring_rate(rates, "olmoe-1b-7b", "final", 1000, "H100")
-    assert final.tokens_per_s == 900.0 and final.how == "H100 final at 1,000 tokens"
+    assert (
+        final.tokens_per_s == 900.0 and final.how == "H100 final at 1,000 tokens; eager attention"
+    )
     assert final.gpu == "H100" and final.kind == "measured"
     middle = E.scoring_rate(rates, "olmoe-1b-7b", "middle", 1000, "A100")
     assert (middle.tokens_per_s, middle.gpu) == (500.0, "H200")
-    assert middle.how == "H200 early's rate (no middle row, errs high) at 1,000 tokens"
+    assert (
+        middle.how
+        == "H200 early's rate (no middle row, errs high) at 1,000 tokens; eager attention"
+    )
     assert E.scoring_rate(rates, "other", "early", 5000, "H200") is None
 
 

@@ -37,6 +37,7 @@ NOT_HERE = {
     " to a head started on 127.0.0.1",
     "python -m workers.bench_score --arch": "--device cuda: needs a GPU",
     "for run in": "the GPU benchmark loop (--device cuda)",
+    "OUT=gpu-check bash tools/gpu_check.sh": "the GPU check script (--device cuda)",
     "python -m pytest --noconftest -m gpu": "the GPU tests: skipped without CUDA",
     "python -m workers.train_tiny": "retrains the bundled model (~9 min on one core); its"
     " tokenizer and data are tested in tests/test_demo_task.py, the model it made in"

@@ -55,14 +55,12 @@ def verdict(version: str, cuda: str | None, gpu: bool, allow_cuda: bool) -> str 
 
 
 def check() -> int:
-    probe = (
-        "import torch, json; print(json.dumps([torch.__version__, torch.version.cuda]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
-    )
+    probe = "import torch, json; print(json.dumps([torch.__version__, torch.version.cuda]))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        print("error: torch does not import:", out.stderr.strip().splitlines()[-1:], file=sys.stderr)
+        print(
+            "error: torch does not import:", out.stderr.strip().splitlines()[-1:], file=sys.stderr
+        )
         return 1
     import json
 

@@ -4,6 +4,8 @@
     python -m workers.bench_score --arch qwen3-30b-a3b --random-init --device cuda --dtype bfloat16 --layer all
     python -m workers.bench_score --arch olmoe-1b-7b --random-init --device cuda --tokens 2048 \
         --attention eager,flex,flex+compile --peak-tflops 989     # paths side by side
+    python -m workers.bench_score --arch qwen3-30b-a3b --random-init --device cuda --tokens 4096 \
+        --layer early,final --attention eager,flex --peak-tflops 989 --record   # rows for the estimate
 
 Contract: on one random trajectory (--prompt-tokens + --tokens ids) it times
 - one standard forward pass of the model over the sequence (median of 3 after a warm-up);
@@ -16,9 +18,24 @@ route, i.e. divided by (J+1): the target is <= 1.3 at the first MoE layer, where
 runs once per route. --attention a,b,... times each attention path (ScoreConfig.attention, with
 "+compile" for ScoreConfig.compile) on the same model in this one process and prints each one's
 tokens/s over the first's and its largest log-prob difference from the first. Next to tokens/s:
-the model FLOPs of one (t, R) pair (`decode_flops`: the matmuls of the layers after L and the
-LM head, and attention over the visible prefix, mean over the scored positions), the achieved
-rate over the distinct pairs decoded and, with --peak-tflops, its share of that peak.
+the model FLOPs of one (t, R) pair (`decode_flops`), the achieved rate over the distinct pairs
+decoded and, with --peak-tflops (TFLOP/s, a number > 0), its share of that peak; a closing table
+gives, per layer and path, tokens/s, TFLOP/s, the share and the exactness verdict.
+
+FLOP count of one (t, R) pair, scored at MoE layer L (what decoding route R at position t adds;
+the standard pass and layer L's own experts, computed once per position, are left out):
+    F(t) = 2 x W_head + sum over layers l > L of [2 x W_l + 2 x H x (d_k + d_v) x (keys_l(t) + 1)]
+where W_head is the LM head's weight count, W_l the layer's matrix weights with its routed
+experts counted at top_k / n_experts of their weights (the active experts; shared experts, router
+and attention projections in full), H the query heads, d_k, d_v the query-key and value head
+dims (MLA: qk_head_dim and v_head_dim), keys_l(t) = t earlier keys, or window - 1 in a
+sliding-window layer; norms, activations and softmax are not counted. The rate is
+F x distinct pairs / seconds, F the mean over the scored positions: e.g. ~7.6 GFLOP per pair,
+~250 GFLOP per scored token at J=32, for Qwen3-30B-A3B's early layer at 4,096 tokens.
+--record appends a row per attention path and named layer to workers/assets/rates.csv
+(workers.rates: device name, date, share of the peak, and `exact` from --exact-check: each path's
+float32 log u on 4 layers of the shape against eager attention's, within EXACT_TOL); the dry
+run's estimate takes the fastest exact path. A path refused for a model is skipped, and said so.
 Architectures: "tiny" (Qwen3-MoE, 4 layers, hidden 128, 16 experts top-4, vocab 1024) or one of
 the real shapes typed in from the published config.json (OLMoE-1B-7B, Qwen3-30B-A3B, GPT-OSS-20B,
 DeepSeek-V2-Lite), built with random weights directly on --device (no hub access, no meta
@@ -29,6 +46,7 @@ device); --layers N keeps the first N decoder layers (smoke runs). Real shapes d
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import random
 import re
@@ -41,6 +59,9 @@ import torch
 from workers.score_config import DTYPES
 
 ARCHS = ("tiny", "olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite")
+# A path is exact when its float32 log u is this close to eager attention's: the CPU exactness
+# tests' bar, and tests/test_attention.py's bound for compiled kernels on CUDA at real shapes.
+EXACT_TOL = {"cpu": 1e-4, "cuda": 1e-3}
 
 
 def arch_config(arch: str, layers: int | None = None):
@@ -277,8 +298,12 @@ def record_rate(
     device_name: str,
     path=None,
     label: str = "eager",
+    exact: bool | None = None,
+    peak_fraction: float | None = None,
 ) -> None:
-    """One row of the dry run's rate table (workers.rates, or `path`) for this measurement."""
+    """One row of the dry run's rate table (workers.rates, or `path`) for this measurement:
+    attention path `label`, its exactness check's verdict and share of the peak, the device
+    and today's date (UTC)."""
     from workers.provenance import scoring_code_version
     from workers.rates import RATES_PATH, Rate, append_rate
 
@@ -294,13 +319,117 @@ def record_rate(
         alternatives=args.alternatives,
         tokens_per_s=round(tokens_per_s, 1),
         scorer=scoring_code_version(),
-        source=f"workers.bench_score --random-init, attention {label}, torch {torch.__version__}",
+        source=f"workers.bench_score --random-init, torch {torch.__version__}",
+        path=label,
+        exact=exact,
+        peak_fraction=None if peak_fraction is None else round(peak_fraction, 4),
+        device=device_name,
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
     )
     append_rate(row, path or RATES_PATH)
     print(
-        f"  recorded in {path or RATES_PATH}: {row.model} {spec} {row.tokens} tokens {gpu}",
+        f"  recorded in {path or RATES_PATH}: {row.model} {spec} {row.tokens} tokens {gpu} {label}",
         flush=True,
     )
+
+
+def parse_peak(value: str | None) -> float | None:
+    """--peak-tflops as a number of TFLOP/s: finite and > 0 (ValueError otherwise)."""
+    if value is None:
+        return None
+    try:
+        peak = float(value)
+    except ValueError:
+        peak = math.nan
+    if not 0 < peak < math.inf:
+        raise ValueError(
+            f"--peak-tflops must be the device's peak in TFLOP/s, a number > 0 (e.g. 989), got {value!r}"
+        )
+    return peak
+
+
+def check_exact(args, variants: list[tuple[str, bool]], tokens: int = 96) -> dict[str, bool]:
+    """{path label: exact} for `variants` on a float32 copy of `args.arch` (random weights,
+    at most 4 layers, so it fits beside nothing else): each path's log u of every (t, R) pair
+    of one random trajectory against eager attention's, within EXACT_TOL of the device type
+    (the exactness tests' bounds). Printed; the model is freed before the benchmark's."""
+    from workers.scorer import ScoreConfig, Scorer
+
+    model = build_model(args.arch, args.device, torch.float32, 4 if args.arch != "tiny" else None)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(3, model.config.vocab_size, (32 + tokens,), generator=gen).tolist()
+    table = _trajectory(ids, 32)
+    tol = EXACT_TOL["cuda" if args.device.startswith("cuda") else "cpu"]
+    out, ref = {}, None
+    for attention, compiled in dict.fromkeys([("eager", False), *variants]):
+        label = attention + ("+compile" if compiled else "")
+        config = ScoreConfig(
+            alternatives=8,
+            dtype="float32",
+            device=args.device,
+            attention=attention,
+            compile=compiled,
+        )
+        try:
+            logu = _log_u(Scorer(args.arch, config, model=model).score_table(table, "early"))
+        except ValueError as err:  # a path refused for this model
+            print(f"  exactness [{label}]: refused ({err})")
+            out[label] = False
+            continue
+        ref = logu if ref is None else ref
+        diff = (logu - ref).abs().max().item()
+        out[label] = diff <= tol
+        print(
+            f"  exactness [{label}]: float32 max |log u - eager's| = {diff:.1e} (<= {tol:g}: {out[label]})"
+        )
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def cached_check(args, variants: list[tuple[str, bool]], device_name: str) -> dict[str, bool]:
+    """check_exact, through --exact-cache when given: verdicts of this arch, device and scoring
+    code version found there are reused, the others checked and added."""
+    import json
+
+    from workers.atomic import atomic_write, read_nofollow
+    from workers.provenance import scoring_code_version
+
+    labels = list(dict.fromkeys(["eager", *(a + ("+compile" if c else "") for a, c in variants)]))
+    key = f"{args.arch}|{device_name}|{scoring_code_version()}"
+    cache = json.loads(read_nofollow(args.exact_cache) or b"{}") if args.exact_cache else {}
+    known = cache.get(key, {})
+    if not all(label in known for label in labels):
+        known.update(check_exact(args, variants))
+        if args.exact_cache:
+            cache[key] = known
+            atomic_write(args.exact_cache, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    else:
+        print(
+            f"  exactness: {', '.join(f'{k} {known[k]}' for k in labels)} (from {args.exact_cache})"
+        )
+    return {label: bool(known[label]) for label in labels}
+
+
+def _trajectory(ids: list[int], prompt: int):
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "problem_id": ["bench-0"],
+            "sample_idx": pa.array([0], pa.int32()),
+            "input_ids": pa.array([ids], pa.list_(pa.int32())),
+            "prompt_len": pa.array([prompt], pa.int32()),
+        }
+    )
+
+
+def _log_u(scores) -> torch.Tensor:
+    """(tokens, J+1) float64 log u, S first, from a scores table."""
+    cols = scores.to_pydict()
+    rows = [[a, *b] for a, b in zip(cols["std_prob"], cols["alt_probs"], strict=True)]
+    return torch.tensor(rows).double().log()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--alternatives", type=int, default=32)
     p.add_argument("--pool", type=int, default=32)
-    p.add_argument("--layer", default="early", help="early|middle|final|all or an index")
+    p.add_argument(
+        "--layer", default="early", help="early|middle|final, comma-separated, all, or an index"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--dtype",
@@ -342,8 +473,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--record",
         action="store_true",
-        help="append each early/middle/final tokens/s of the first --attention path to "
-        "workers/assets/rates.csv (GPU runs)",
+        help="append a row per attention path and early/middle/final layer to "
+        "workers/assets/rates.csv (GPU runs; implies --exact-check)",
+    )
+    p.add_argument(
+        "--rates",
+        default=None,
+        help="the table --record appends to (default: workers/assets/rates.csv)",
+    )
+    p.add_argument(
+        "--exact-cache",
+        default=None,
+        help="a JSON file of exactness verdicts per (arch, device, path), reused by later runs",
+    )
+    p.add_argument(
+        "--exact-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="first check each path against eager attention in float32 on 4 layers of the "
+        "shape (default: with --record)",
     )
     p.add_argument(
         "--gpu-name", default=None, help="GPU type recorded, e.g. H200 (default: detected)"
@@ -354,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         help="attention path(s), comma-separated, each eager|flex[+compile]; the first is the base",
     )
     p.add_argument(
-        "--peak-tflops", type=float, default=None, help="the device's peak rate, for the share"
+        "--peak-tflops", default=None, help="the device's peak in TFLOP/s (e.g. 989), for the share"
     )
     p.add_argument(
         "--forward",
@@ -365,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         variants = _variants(args.attention)
+        args.peak_tflops = parse_peak(args.peak_tflops)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -400,6 +549,15 @@ def main(argv: list[str] | None = None) -> int:
         for attention, compiled in variants
     ]
     config = configs[0]
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
+    # 0. which paths are exact (a small float32 model, freed before the measured one is built)
+    exact: dict[str, bool] = {}
+    if (args.record if args.exact_check is None else args.exact_check) and args.model is None:
+        exact = cached_check(args, variants, device_name)
     # 1. the model
     if args.model is not None:
         model, name = load_model(args.model, config), args.model
@@ -415,8 +573,17 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
         )
         name = f"{args.arch} (random init, built in {t_build:.1f}s)"
-    scorers = [Scorer(name, c, model=model) for c in configs]  # one model, shared
-    scorer = scorers[0]
+    scorers, kept = [], []
+    for c, variant in zip(configs, variants, strict=True):
+        try:
+            scorers.append(Scorer(name, c, model=model))  # one model, shared
+            kept.append(variant)
+        except ValueError as err:  # this path is refused for this model
+            print(f"[{variant[0]}{'+compile' if variant[1] else ''}] skipped: {err}", flush=True)
+    if not scorers:
+        print("error: every --attention path was refused for this model", file=sys.stderr)
+        return 2
+    variants, scorer = kept, scorers[0]
     brute = args.brute if args.brute is not None else (args.arch == "tiny" and args.model is None)
 
     # 2. one random trajectory
@@ -442,11 +609,6 @@ def main(argv: list[str] | None = None) -> int:
             _timed(forward, args.device)
             t_fwd = statistics.median(_timed(forward, args.device)[0] for _ in range(3))
 
-    device_name = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine()
-    )
     print(
         f"model: {name}; {len(scorer.adapter.layers)} layers, MoE layers {scorer.moe_layers[0]}..{scorer.moe_layers[-1]}, "
         f"{scorer.adapter.n_experts} experts top-{scorer.adapter.top_k}"
@@ -463,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     positions = torch.arange(args.prompt_tokens - 1, n_ids - 1)
 
     # 4. per layer: each attention path, brute force on a subset, agreement
-    specs = ["early", "middle", "final"] if args.layer == "all" else [args.layer]
+    specs = ["early", "middle", "final"] if args.layer == "all" else args.layer.split(",")
+    summary = []
     for spec in specs:
         layer = scorer.resolve_layer(spec)
         matmul, attention = decode_flops(scorer, layer, positions)
@@ -513,10 +676,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"    cost: {equiv:.1f} standard forward passes = {equiv / (args.alternatives + 1):.3f} "
                     f"x (J+1); {equiv / (distinct / args.tokens):.3f} forward passes per decoded route set"
                 )
+            fraction = achieved / (args.peak_tflops * 1e12) if args.peak_tflops else None
+            summary.append((spec, label, rate, achieved, fraction, exact.get(label)))
+            if args.record and spec in ("early", "middle", "final"):
+                record_rate(
+                    args, spec, dtype_name, rate, device_name, path=args.rates, label=label,
+                    exact=exact.get(label), peak_fraction=fraction,
+                )  # fmt: skip
             if base_rate is None:
                 base_rate, base_logp = rate, logp
-                if args.record and spec in ("early", "middle", "final"):
-                    record_rate(args, spec, dtype_name, rate, device_name, label=label)
             else:
                 print(
                     f"    {rate / base_rate:.2f}x the tokens/s of [{variants[0][0]}"
@@ -549,7 +717,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"max |log p(brute) - log p(fast)| over those pairs = {diff:.2e}",
                     flush=True,
                 )
+    print_summary(summary, args.peak_tflops)
     return 0
+
+
+def print_summary(rows: list[tuple], peak: float | None) -> None:
+    """One line per (layer, path): tokens/s, model TFLOP/s, share of the peak, exactness."""
+    print(f"\n{'layer':<8} {'path':<14} {'tokens/s':>10} {'TFLOP/s':>9} {'of peak':>8}  exact")
+    for spec, label, rate, achieved, fraction, exact in rows:
+        share = f"{fraction:.1%}" if fraction is not None else "-"
+        verdict = {True: "yes", False: "no", None: "not checked"}[exact]
+        print(f"{spec:<8} {label:<14} {rate:>10,.1f} {achieved / 1e12:>9.3f} {share:>8}  {verdict}")
+    if peak:
+        print(f"(of peak: model FLOP/s over --peak-tflops {peak:g} TFLOP/s)")
 
 
 if __name__ == "__main__":
