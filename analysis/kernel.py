@@ -3,7 +3,8 @@
 Contract: `route_metrics(batch)` takes a struct Series with fields std_prob, alt_probs,
 std_route_logprob, alt_route_logprobs, std_route, alt_routes (a batch of score rows) and
 returns a struct Series with pbar (float32), max_alt, rank_std, rho (float64; rho null where s
-or u is constant over the routes) and n_routes (uint32), and the draw columns pbar_split
+or u is constant over the routes) and n_routes (uint32) (KERNEL_FIELDS), and, when the batch
+has the route columns, the draw columns (DRAW_TYPES) pbar_split
 (float32), max_split, rho_distinct (float64; null when J < 2, resp. without variance),
 std_draws and distinct_routes (uint32), with exactly the definitions of the reference in
 `analysis.metrics` (checked against it in tests/test_metrics.py).
@@ -28,13 +29,17 @@ KERNEL_FIELDS = {
     "rank_std": pl.Float64,
     "rho": pl.Float64,
     "n_routes": pl.UInt32,
+}
+# Computed too when the batch has the route columns (std_route, alt_routes).
+DRAW_TYPES = {
     "pbar_split": pl.Float32,
     "max_split": pl.Float64,
     "rho_distinct": pl.Float64,
     "std_draws": pl.UInt32,
     "distinct_routes": pl.UInt32,
 }
-DRAW_FIELDS = ("pbar_split", "max_split", "rho_distinct", "std_draws", "distinct_routes")
+DRAW_FIELDS = tuple(DRAW_TYPES)
+ALL_FIELDS = KERNEL_FIELDS | DRAW_TYPES
 
 
 @njit(cache=True, nogil=True)
@@ -253,13 +258,15 @@ def route_metrics(batch: pl.Series) -> pl.Series:
     pbar, max_alt, rank_std, rho, n_routes = _route_metrics(
         std_u, alt_u, u_off, std_s, alt_s, s_off
     )
-    std_r, std_off = _flat_ints(batch.struct.field("std_route"))
-    alt_r, inner_off, outer_off = _flat_nested(batch.struct.field("alt_routes"))
-    draws = _draw_metrics(
-        std_u, alt_u, u_off, std_s, alt_s, std_r, std_off, alt_r, inner_off, outer_off
-    )
-    out = pl.DataFrame(
-        {"pbar": pbar, "max_alt": max_alt, "rank_std": rank_std, "rho": rho, "n_routes": n_routes}
-        | dict(zip(DRAW_FIELDS, draws, strict=True))
-    ).with_columns(pl.col("max_alt", "rho", *DRAW_FIELDS[:3]).fill_nan(None))
+    columns = {"pbar": pbar, "max_alt": max_alt, "rank_std": rank_std, "rho": rho}
+    columns["n_routes"] = n_routes
+    if "std_route" in batch.struct.fields:
+        std_r, std_off = _flat_ints(batch.struct.field("std_route"))
+        alt_r, inner_off, outer_off = _flat_nested(batch.struct.field("alt_routes"))
+        draws = _draw_metrics(
+            std_u, alt_u, u_off, std_s, alt_s, std_r, std_off, alt_r, inner_off, outer_off
+        )
+        columns |= dict(zip(DRAW_FIELDS, draws, strict=True))
+    nan = ["max_alt", "rho", *(c for c in DRAW_FIELDS[:3] if c in columns)]
+    out = pl.DataFrame(columns).with_columns(pl.col(*nan).fill_nan(None))
     return out.to_struct(batch.name)

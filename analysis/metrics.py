@@ -202,19 +202,19 @@ def _draw_row(row: dict) -> dict:
 
 
 def _draw_reference() -> pl.Expr:
-    from analysis.kernel import DRAW_FIELDS, KERNEL_FIELDS
+    from analysis.kernel import DRAW_FIELDS, DRAW_TYPES
 
     fields = ("std_prob", "alt_probs", "std_route_logprob", "alt_route_logprobs")
-    wide = {f: pl.Float64 if KERNEL_FIELDS[f].is_float() else pl.Int64 for f in DRAW_FIELDS}
+    wide = {f: pl.Float64 if DRAW_TYPES[f].is_float() else pl.Int64 for f in DRAW_FIELDS}
     drawn = pl.struct(*fields, "std_route", "alt_routes").map_elements(
         _draw_row, return_dtype=pl.Struct(wide)
     )
-    return pl.struct(drawn.struct.field(f).cast(KERNEL_FIELDS[f]) for f in DRAW_FIELDS)
+    return pl.struct(drawn.struct.field(f).cast(DRAW_TYPES[f]) for f in DRAW_FIELDS)
 
 
 def _kernel_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
     """The same columns from the compiled kernel, one call per streamed batch."""
-    from analysis.kernel import KERNEL_FIELDS, route_metrics
+    from analysis.kernel import ALL_FIELDS, route_metrics
 
     routes = pl.struct(
         "std_prob",
@@ -225,7 +225,7 @@ def _kernel_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
         "alt_routes",
     )
     metrics = routes.map_batches(
-        route_metrics, return_dtype=pl.Struct(KERNEL_FIELDS), is_elementwise=True
+        route_metrics, return_dtype=pl.Struct(ALL_FIELDS), is_elementwise=True
     )
     return lf.select(
         *GROUP_KEYS,

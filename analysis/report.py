@@ -419,7 +419,7 @@ def render_markdown(
     lines += ["## Figures", ""]
     captions = {
         "headline": "Mean u(S) and mean max_j u(R_j) per bin (token counts above the bars), "
-        "with 95% bootstrap intervals.",
+        "with 95% bootstrap intervals; pbar bins, as in by_bin.",
         "gain_hist": "Distribution of the per-token gain max_j u(R_j) − u(S), per bin.",
         "alignment": "Router alignment: mean Spearman ρ between s(R) and u(R) over the J+1 routes.",
         "win_rate": "Share of tokens where some alternative beats the standard route by more "
