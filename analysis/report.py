@@ -241,8 +241,9 @@ def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:
         f"so {unit}, not tokens, are the independent units. A "
         "bin with few trajectories gets a wide interval; '–' means no interval (no tokens, or "
         "intervals turned off).",
-        "- Bins independent of the gain: pbar contains the draws whose maximum is the gain, so "
-        "draws that happen to be low both put a token in Fragile and raise its gain. The split "
+        "- Bins independent of the gain: pbar contains u(S) and the draws whose maximum is the "
+        "gain, so the same noise picks the bin and moves the gain (a low u(S) puts a token in "
+        "Fragile and raises its gain; a high best draw raises both pbar and the gain). The split "
         "bins use the mean u of the first J/2 draws alone (not S); the gain is then the best "
         "of the other draws minus u(S) (a maximum over fewer draws, hence smaller: compare it "
         "with the pbar bins' gain over the same draws). u(S)-alone bins are the other bracket.",
