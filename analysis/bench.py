@@ -43,6 +43,8 @@ READ_COLUMNS = (
     "alt_probs",
     "std_route_logprob",
     "alt_route_logprobs",
+    "std_route",  # read for the repeated-route columns (distinct routes, draws equal to S)
+    "alt_routes",
 )
 
 
@@ -56,8 +58,9 @@ def _list_array(values: np.ndarray, width: int) -> pa.ListArray:
 def make_routes(
     n: int, *, alternatives: int, top_k: int, experts: int, seed: int = 0
 ) -> tuple[pa.Array, pa.Array]:
-    """Random expert ids for the route columns. The aggregation never reads them, but they are
-    most of a real shard's bytes; cached so that equal-sized shards share one copy."""
+    """Random expert ids for the route columns (most of a real shard's bytes; the aggregation
+    compares them as sets, and random draws are all distinct: the slowest case of that
+    comparison); cached so that equal-sized shards share one copy."""
     rng = np.random.default_rng(seed + 1_000_003)
     routes = rng.integers(0, experts, size=(n, alternatives + 1, top_k), dtype=np.int32)
     std_route = _list_array(routes[:, 0, :].ravel(), top_k)

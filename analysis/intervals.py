@@ -7,7 +7,8 @@ every mean in MEANS, at coverage `cfg.level` from `cfg.bootstrap` replicates.
 
 Why clusters: tokens of one trajectory share a prefix, a problem and a sampled answer, so they
 are far from independent; resampling tokens would give intervals that are much too narrow.
-The unit is a trajectory (problem_id, sample_idx) or a problem (`cfg.cluster`). A replicate
+The unit is a trajectory (problem_id, sample_idx) or a problem (`cluster`, cfg.cluster by
+default; the tables compute both). A replicate
 draws the group's n clusters n times with replacement (multinomial counts) and recomputes each mean as a
 ratio of resampled sums, so a bin's mean uses every resampled trajectory's tokens in that bin
 (trajectories without any count as zeros), exactly as the point estimate does.
@@ -28,7 +29,7 @@ import zlib
 import numpy as np
 import polars as pl
 
-from analysis.metrics import BINS, FIXED_POINT, GROUP_KEYS, AnalysisConfig
+from analysis.metrics import BINS, CLUSTERS, FIXED_POINT, GROUP_KEYS, AnalysisConfig
 
 # statistic columns (sums of the aggregate, fixed point where sum_*), in matrix order
 # (weighted: analysis.metrics.with_weights; with weights 1 these are the token and win counts
@@ -44,6 +45,14 @@ STATS = (
     "sum_win_strict",
     "sum_rank",
     "sum_rho",
+    "sum_weight_split",
+    "sum_max_split",
+    "sum_gain_split",
+    "sum_win_split",
+    "sum_weight_rho_distinct",
+    "sum_rho_distinct",
+    "sum_draws",
+    "sum_std_draws",
 )
 # mean -> (numerator, denominator, scale): the same ratios as tables._means
 MEANS = {
@@ -54,6 +63,11 @@ MEANS = {
     "win_rate_strict": ("sum_win_strict", "sum_weight_gain", 1.0),
     "mean_rank": ("sum_rank", "sum_weight", 1.0),
     "alignment": ("sum_rho", "sum_weight_rho", 1.0),
+    "mean_max_split": ("sum_max_split", "sum_weight_split", 1.0),
+    "gain_split_pp": ("sum_gain_split", "sum_weight_split", 100.0),
+    "win_rate_split": ("sum_win_split", "sum_weight_split", 1.0),
+    "alignment_distinct": ("sum_rho_distinct", "sum_weight_rho_distinct", 1.0),
+    "share_std_draws": ("sum_std_draws", "sum_draws", 1.0),
 }
 BLOCK_CELLS = 2**20  # replicate weights per block (8 MiB each as int64 and float64)
 BIN_INDEX = {b: i for i, b in enumerate(BINS)}
@@ -63,15 +77,18 @@ def interval_columns() -> list[str]:
     return [f"{m}_{side}" for m in MEANS for side in ("lo", "hi")]
 
 
-def group_seed(cfg: AnalysisConfig, model: str, layer: int, dataset: str) -> list[int]:
-    """The seed of one group's generator: (cfg.seed, a stable hash of the group's name)."""
-    name = f"{model}\x00{layer}\x00{dataset}\x00{cfg.cluster}".encode()
+def group_seed(
+    cfg: AnalysisConfig, model: str, layer: int, dataset: str, cluster: str | None = None
+) -> list[int]:
+    """The seed of one group's generator: (cfg.seed, a stable hash of the group's name and the
+    resampling unit, cfg.cluster unless given)."""
+    name = f"{model}\x00{layer}\x00{dataset}\x00{cluster or cfg.cluster}".encode()
     return [cfg.seed, zlib.crc32(name)]
 
 
-def _cluster_sums(stats: pl.DataFrame, cfg: AnalysisConfig) -> pl.DataFrame:
+def _cluster_sums(stats: pl.DataFrame, cluster: str) -> pl.DataFrame:
     """Sums per (model, layer, dataset, bin, cluster), fixed point turned into float64."""
-    keys = [*GROUP_KEYS, "bin", *cfg.cluster_keys]
+    keys = [*GROUP_KEYS, "bin", *CLUSTERS[cluster]]
     return (
         stats.group_by(keys)
         .agg(pl.col(c).sum() for c in STATS)
@@ -114,9 +131,11 @@ def _replicate_means(x: np.ndarray, cfg: AnalysisConfig, seed: list[int]) -> np.
 
 
 def bootstrap_intervals(
-    stats: pl.DataFrame, cfg: AnalysisConfig, groups: pl.DataFrame
+    stats: pl.DataFrame, cfg: AnalysisConfig, groups: pl.DataFrame, cluster: str | None = None
 ) -> pl.DataFrame:
-    """`<mean>_lo`, `<mean>_hi` per (model, layer, dataset, bin) row of `groups`."""
+    """`<mean>_lo`, `<mean>_hi` per (model, layer, dataset, bin) row of `groups`, resampling
+    `cluster` units (cfg.cluster unless given)."""
+    cluster = cluster or cfg.cluster
     keys = [*GROUP_KEYS, "bin"]
     schema = {
         "model": pl.String,
@@ -129,8 +148,8 @@ def bootstrap_intervals(
         return groups.select(keys).with_columns(
             pl.lit(None, dtype=pl.Float64).alias(c) for c in interval_columns()
         )
-    sums = _cluster_sums(stats, cfg)
-    unit = ["dataset", *cfg.cluster_keys]  # a cluster never spans datasets
+    sums = _cluster_sums(stats, cluster)
+    unit = ["dataset", *CLUSTERS[cluster]]  # a cluster never spans datasets
     tail = (1.0 - cfg.level) / 2.0
     rows = []
     wanted = groups.select("model", "layer", "dataset").unique()
@@ -143,7 +162,7 @@ def bootstrap_intervals(
         x = np.zeros((len(BINS), clusters.height, len(STATS)))
         b = part["bin"].replace_strict(BIN_INDEX, return_dtype=pl.Int64).to_numpy()
         np.add.at(x, (b, part["_c"].to_numpy()), part.select(STATS).to_numpy().astype(np.float64))
-        reps = _replicate_means(x, cfg, group_seed(cfg, model, layer, dataset))
+        reps = _replicate_means(x, cfg, group_seed(cfg, model, layer, dataset, cluster))
         # An all-NaN slice (a bin no replicate has tokens in) warns; its interval is null.
         with warnings.catch_warnings(action="ignore", category=RuntimeWarning):
             lo = np.nanquantile(reps, tail, axis=0)

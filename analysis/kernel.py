@@ -1,9 +1,12 @@
 """Compiled per-token route metrics: the fast path of `analysis.metrics.token_metrics`.
 
 Contract: `route_metrics(batch)` takes a struct Series with fields std_prob, alt_probs,
-std_route_logprob, alt_route_logprobs (a batch of score rows) and returns a struct Series
-with pbar (float32), max_alt, rank_std, rho (float64; rho null where s or u is constant over
-the routes) and n_routes (uint32), with exactly the definitions of the Polars reference in
+std_route_logprob, alt_route_logprobs, std_route, alt_routes (a batch of score rows) and
+returns a struct Series with pbar (float32), max_alt, rank_std, rho (float64; rho null where s
+or u is constant over the routes) and n_routes (uint32) (KERNEL_FIELDS), and, when the batch
+has the route columns, the draw columns (DRAW_TYPES) pbar_split
+(float32), max_split, rho_distinct (float64; null when J < 2, resp. without variance),
+std_draws and distinct_routes (uint32), with exactly the definitions of the reference in
 `analysis.metrics` (checked against it in tests/test_metrics.py).
 
 Why compiled: the Spearman correlation needs average ranks of u and s within every token's
@@ -27,6 +30,16 @@ KERNEL_FIELDS = {
     "rho": pl.Float64,
     "n_routes": pl.UInt32,
 }
+# Computed too when the batch has the route columns (std_route, alt_routes).
+DRAW_TYPES = {
+    "pbar_split": pl.Float32,
+    "max_split": pl.Float64,
+    "rho_distinct": pl.Float64,
+    "std_draws": pl.UInt32,
+    "distinct_routes": pl.UInt32,
+}
+DRAW_FIELDS = tuple(DRAW_TYPES)
+ALL_FIELDS = KERNEL_FIELDS | DRAW_TYPES
 
 
 @njit(cache=True, nogil=True)
@@ -103,6 +116,118 @@ def _route_metrics(std_u, alt_u, u_off, std_s, alt_s, s_off):  # pragma: no cove
     return pbar, max_alt, rank_std, rho, n_routes
 
 
+@njit(cache=True, nogil=True)
+def _mix(x):  # pragma: no cover - compiled
+    """splitmix64's finaliser: a well-spread 64-bit hash of one expert id."""
+    z = np.uint64(x) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def _load_route(values, lo, hi, out):  # pragma: no cover - compiled
+    """out[:hi - lo] = values[lo:hi]; returns an order-free hash of the set (sum of hashes):
+    no sort, so no data-dependent branches (sorting cost ~4x the rest of the kernel)."""
+    key = np.uint64(hi - lo)
+    for a in range(hi - lo):
+        out[a] = values[lo + a]
+        key += _mix(values[lo + a])
+    return key
+
+
+@njit(cache=True, nogil=True)
+def _same_route(routes, lens, a, b):  # pragma: no cover - compiled
+    """Whether routes a and b hold the same experts (each route's experts are distinct)."""
+    if lens[a] != lens[b]:
+        return False
+    for e in range(lens[a]):
+        found = False
+        for f in range(lens[b]):
+            found |= routes[a, e] == routes[b, f]
+        if not found:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _draw_metrics(
+    std_u, alt_u, u_off, std_s, alt_s, std_r, std_off, alt_r, inner_off, outer_off
+):  # pragma: no cover - compiled
+    """Per row: the split-draw columns (first h = J // 2 draws bin the token, the rest give the
+    gain) and the repeated-route columns (routes compared as sets of experts)."""
+    n = std_u.shape[0]
+    pbar_split = np.empty(n, np.float32)
+    max_split = np.empty(n, np.float64)
+    rho_distinct = np.empty(n, np.float64)
+    std_draws = np.empty(n, np.uint32)
+    distinct = np.empty(n, np.uint32)
+    width, k = 1, 1
+    for i in range(n):
+        width = max(width, u_off[i + 1] - u_off[i] + 1)
+        k = max(k, std_off[i + 1] - std_off[i])
+    for q in range(inner_off.shape[0] - 1):
+        k = max(k, inner_off[q + 1] - inner_off[q])
+    routes = np.empty((width, k), np.int64)
+    lens = np.empty(width, np.int64)
+    keys = np.empty(width, np.uint64)
+    du = np.empty(width, np.float32)
+    ds = np.empty(width, np.float32)
+    cu = np.empty(width, np.int32)
+    cs = np.empty(width, np.int32)
+    for i in range(n):
+        a0 = u_off[i]
+        j = u_off[i + 1] - a0
+        if outer_off[i + 1] - outer_off[i] != j:
+            raise ValueError("alt_probs and alt_routes differ in length in some row")
+        h = j // 2
+        total = 0.0
+        best = -np.inf
+        for q in range(j):
+            if q < h:
+                total += np.float64(np.float32(alt_u[a0 + q]))
+            else:
+                best = max(best, np.float64(np.float32(alt_u[a0 + q])))
+        pbar_split[i] = np.float32(total / h) if h > 0 else np.nan
+        max_split[i] = best if h > 0 else np.nan
+        m = j + 1
+        keys[0] = _load_route(std_r, std_off[i], std_off[i + 1], routes[0])
+        lens[0] = std_off[i + 1] - std_off[i]
+        for q in range(j):
+            r = outer_off[i] + q
+            keys[q + 1] = _load_route(alt_r, inner_off[r], inner_off[r + 1], routes[q + 1])
+            lens[q + 1] = inner_off[r + 1] - inner_off[r]
+        same = 0
+        d = 0
+        for q in range(m):
+            if q > 0 and keys[q] == keys[0] and _same_route(routes, lens, q, 0):
+                same += 1
+            seen = False
+            for p in range(q):
+                if keys[p] == keys[q] and _same_route(routes, lens, p, q):
+                    seen = True
+                    break
+            if not seen:  # the first draw of a route set keeps its u and s
+                du[d] = std_u[i] if q == 0 else alt_u[a0 + q - 1]
+                ds[d] = std_s[i] if q == 0 else alt_s[a0 + q - 1]
+                d += 1
+        std_draws[i] = same
+        distinct[i] = d
+        _centred_ranks(du, ds, d, cu, cs)
+        cov = 0
+        var_u = 0
+        var_s = 0
+        for q in range(d):
+            cov += cu[q] * cs[q]
+            var_u += cu[q] * cu[q]
+            var_s += cs[q] * cs[q]
+        if var_u > 0 and var_s > 0:
+            rho_distinct[i] = cov / np.sqrt(np.float64(var_u) * np.float64(var_s))
+        else:
+            rho_distinct[i] = np.nan
+    return pbar_split, max_split, rho_distinct, std_draws, distinct
+
+
 def _flat(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """(values as float32, absolute offsets) of a list column, zero-copy where Arrow allows."""
     arr = series.to_arrow()
@@ -110,6 +235,25 @@ def _flat(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
         arr = arr.combine_chunks()
     values = arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return values, np.asarray(arr.offsets, dtype=np.int64)
+
+
+def _flat_ints(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(values, absolute offsets) of a list-of-ints column, zero-copy where Arrow allows."""
+    arr = series.to_arrow()
+    if hasattr(arr, "combine_chunks"):
+        arr = arr.combine_chunks()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return values, np.asarray(arr.offsets, dtype=np.int64)
+
+
+def _flat_nested(series: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, inner offsets, outer offsets) of a list-of-lists-of-ints column."""
+    arr = series.to_arrow()
+    if hasattr(arr, "combine_chunks"):
+        arr = arr.combine_chunks()
+    inner = arr.values
+    values = inner.values.to_numpy(zero_copy_only=False)
+    return values, np.asarray(inner.offsets, np.int64), np.asarray(arr.offsets, np.int64)
 
 
 def route_metrics(batch: pl.Series) -> pl.Series:
@@ -121,7 +265,15 @@ def route_metrics(batch: pl.Series) -> pl.Series:
     pbar, max_alt, rank_std, rho, n_routes = _route_metrics(
         std_u, alt_u, u_off, std_s, alt_s, s_off
     )
-    out = pl.DataFrame(
-        {"pbar": pbar, "max_alt": max_alt, "rank_std": rank_std, "rho": rho, "n_routes": n_routes}
-    ).with_columns(pl.col("max_alt", "rho").fill_nan(None))
+    columns = {"pbar": pbar, "max_alt": max_alt, "rank_std": rank_std, "rho": rho}
+    columns["n_routes"] = n_routes
+    if "std_route" in batch.struct.fields:
+        std_r, std_off = _flat_ints(batch.struct.field("std_route"))
+        alt_r, inner_off, outer_off = _flat_nested(batch.struct.field("alt_routes"))
+        draws = _draw_metrics(
+            std_u, alt_u, u_off, std_s, alt_s, std_r, std_off, alt_r, inner_off, outer_off
+        )
+        columns |= dict(zip(DRAW_FIELDS, draws, strict=True))
+    nan = ["max_alt", "rho", *(c for c in DRAW_FIELDS[:3] if c in columns)]
+    out = pl.DataFrame(columns).with_columns(pl.col(*nan).fill_nan(None))
     return out.to_struct(batch.name)

@@ -25,6 +25,13 @@ Per token, with u(S) = `std_prob`, u(R_j) = `alt_probs[j]`, s(R) = route log-pro
   alternatives, every draw kept even when routes repeat): the Pearson correlation of their
   average ranks. Null when s or u is constant over the routes (zero rank variance); such
   tokens are left out of the alignment mean and counted as `no_variance`.
+- Split draws (bins independent of the gain): with h = J // 2, pbar_split = mean of u over the
+  first h draws alone (S left out: u(S) is in the gain), bin_split from it; max_split = max of
+  u over the other J - h draws, gain_split = max_split - u(S), win_split at the margin. Null
+  when J < 2. bin_std bins by u(S) alone (float32), with the gain over all J draws.
+- Repeated routes: a route is its set of experts. std_draws = how many of the J draws equal S;
+  distinct_routes = number of distinct sets among the J+1; rho_distinct = the Spearman
+  correlation over the distinct sets only (S first, each later set at its first draw).
 
 Two implementations of the per-token columns, checked against each other in the tests: the
 Polars list-expression reference (`concat_list`, `list.eval(rank)`, list arithmetic) and the
@@ -39,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from analysis.inputs import select_score_files
@@ -64,6 +72,11 @@ CLUSTERS = {"trajectory": ("problem_id", "sample_idx"), "problem": ("problem_id"
 # at their early and final layers (`python -m tools.dtype_margin --trajectories 12`; the tiny
 # models are made route-sensitive, so this errs high; their largest deviation is 0.24).
 WIN_MARGINS = {"float32": 1e-4, "bfloat16": 3e-2}
+TRAJECTORY = CLUSTERS["trajectory"]  # the aggregate's finest unit; problems are sums of these
+# How a token gets its bin: pbar over S and all J draws (the paper's), the first J // 2 draws
+# alone (independent of the draws that give the gain), or u(S) alone.
+BINNINGS = ("pbar", "split", "std")
+BIN_COLUMNS = {"pbar": "bin", "split": "bin_split", "std": "bin_std"}
 
 
 @dataclass
@@ -81,7 +94,12 @@ class AnalysisConfig:
     # A win needs max_j u(R_j) > u(S) + win_margin. None: WIN_MARGINS of the scoring dtype
     # (resolve_margin; float32's where no score file says).
     win_margin: float | None = None
-    cluster: str = "trajectory"  # bootstrap resampling unit: trajectory or problem
+    # The headline's bins: split draws, so the noise of the draws that give the gain cannot
+    # also move a token between bins; by_bin keeps the paper's pbar bins.
+    binning: str = "split"
+    # bootstrap unit of `<mean>_lo/_hi`: problem (the verified samples of one problem share a
+    # prompt); both units are also kept as `<mean>_lo_<unit>`.
+    cluster: str = "problem"
     bootstrap: int = 1000  # replicates for the percentile intervals; 0 = no intervals
     level: float = 0.95  # coverage of the intervals
     seed: int = 0  # the intervals are a function of (data, seed)
@@ -96,6 +114,8 @@ class AnalysisConfig:
             raise ValueError(f"gain_buckets must be >= 1, got {self.gain_buckets}")
         if self.win_margin is not None and not 0.0 <= self.win_margin < 1.0:
             raise ValueError(f"win_margin must be in [0, 1), got {self.win_margin}")
+        if self.binning not in BINNINGS:
+            raise ValueError(f"binning must be one of {', '.join(BINNINGS)}, got {self.binning!r}")
         if self.cluster not in CLUSTERS:
             raise ValueError(f"cluster must be one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
         if self.bootstrap < 0:
@@ -204,6 +224,7 @@ def _reference_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
         u.list.eval(pl.element().rank("average")).alias("_ru"),
         s.list.eval(pl.element().rank("average")).alias("_rs"),
         u.list.len().alias("n_routes"),
+        _draw_reference().alias("_d"),
     )
     mid = (pl.col("n_routes") + 1) / 2
     du = pl.col("_ru") - mid
@@ -211,23 +232,72 @@ def _reference_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
     var_u = (du * du).list.sum()
     var_s = (ds * ds).list.sum()
     cov = (du * ds).list.sum()
-    return out.with_columns(
-        # Descending average rank of S = n + 1 - its ascending average rank.
-        (pl.col("n_routes") + 1 - pl.col("_ru").list.first()).cast(pl.Float64).alias("rank_std"),
-        pl.when((var_u > 0) & (var_s > 0))
-        .then(cov / (var_u * var_s).sqrt())
-        .otherwise(None)
-        .alias("rho"),
-    ).drop("_ru", "_rs")
+    return (
+        out.with_columns(
+            # Descending average rank of S = n + 1 - its ascending average rank.
+            (pl.col("n_routes") + 1 - pl.col("_ru").list.first())
+            .cast(pl.Float64)
+            .alias("rank_std"),
+            pl.when((var_u > 0) & (var_s > 0))
+            .then(cov / (var_u * var_s).sqrt())
+            .otherwise(None)
+            .alias("rho"),
+        )
+        .drop("_ru", "_rs")
+        .unnest("_d")
+    )
+
+
+def _spearman(u: list[float], s: list[float]) -> float | None:
+    """Pearson correlation of Polars' average ranks; None without rank variance."""
+    ru = pl.Series(u, dtype=pl.Float32).rank("average").to_numpy() - (len(u) + 1) / 2
+    rs = pl.Series(s, dtype=pl.Float32).rank("average").to_numpy() - (len(s) + 1) / 2
+    var = float((ru * ru).sum() * (rs * rs).sum())
+    return float((ru * rs).sum()) / var**0.5 if var > 0 else None
+
+
+def _draw_row(row: dict) -> dict:
+    """The split-draw and repeated-route columns of one token, plainly (the reference)."""
+    alt = [float(v) for v in row["alt_probs"]]
+    h = len(alt) // 2
+    sets = [tuple(sorted(r)) for r in [row["std_route"], *row["alt_routes"]]]
+    u = [row["std_prob"], *alt]
+    s = [row["std_route_logprob"], *row["alt_route_logprobs"]]
+    first = [q for q, key in enumerate(sets) if key not in sets[:q]]
+    return {
+        "pbar_split": float(np.float32(np.mean(alt[:h], dtype=np.float64))) if h else None,
+        "max_split": max(alt[h:]) if h else None,
+        "rho_distinct": _spearman([u[q] for q in first], [s[q] for q in first]),
+        "std_draws": sum(key == sets[0] for key in sets[1:]),
+        "distinct_routes": len(first),
+    }
+
+
+def _draw_reference() -> pl.Expr:
+    from analysis.kernel import DRAW_FIELDS, DRAW_TYPES
+
+    fields = ("std_prob", "alt_probs", "std_route_logprob", "alt_route_logprobs")
+    wide = {f: pl.Float64 if DRAW_TYPES[f].is_float() else pl.Int64 for f in DRAW_FIELDS}
+    drawn = pl.struct(*fields, "std_route", "alt_routes").map_elements(
+        _draw_row, return_dtype=pl.Struct(wide)
+    )
+    return pl.struct(drawn.struct.field(f).cast(DRAW_TYPES[f]) for f in DRAW_FIELDS)
 
 
 def _kernel_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
     """The same columns from the compiled kernel, one call per streamed batch."""
-    from analysis.kernel import KERNEL_FIELDS, route_metrics
+    from analysis.kernel import ALL_FIELDS, route_metrics
 
-    routes = pl.struct("std_prob", "alt_probs", "std_route_logprob", "alt_route_logprobs")
+    routes = pl.struct(
+        "std_prob",
+        "alt_probs",
+        "std_route_logprob",
+        "alt_route_logprobs",
+        "std_route",
+        "alt_routes",
+    )
     metrics = routes.map_batches(
-        route_metrics, return_dtype=pl.Struct(KERNEL_FIELDS), is_elementwise=True
+        route_metrics, return_dtype=pl.Struct(ALL_FIELDS), is_elementwise=True
     )
     return lf.select(
         *GROUP_KEYS,
@@ -240,20 +310,34 @@ def _kernel_columns(lf: pl.LazyFrame, keys: tuple[str, ...]) -> pl.LazyFrame:
 def token_metrics(
     lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True, keep: tuple[str, ...] = ()
 ) -> pl.LazyFrame:
-    """Per token: model, layer, dataset, the cluster keys, u_std, max_alt, pbar, rank_std, rho,
-    n_routes, bin, gain, win, win_strict (lazily), and the columns `keep`. `fast=False` uses
-    the pure-Polars reference instead of the kernel."""
-    keys = (*cfg.cluster_keys, *keep)
+    """Per token: model, layer, dataset, problem_id, sample_idx, u_std, max_alt, pbar, rank_std,
+    rho, n_routes, bin, gain, win, win_strict, and the draw columns pbar_split, max_split,
+    rho_distinct, std_draws, distinct_routes, bin_split, bin_std, gain_split, win_split
+    (lazily), and the columns `keep`. `fast=False` uses the reference (Polars lists, a plain
+    per-row function for the draw columns) instead of the kernel."""
+    keys = (*TRAJECTORY, *keep)
     out = _kernel_columns(lf, keys) if fast else _reference_columns(lf, keys)
     confident = pl.lit(cfg.confident, dtype=pl.Float32)
     fragile = pl.lit(cfg.fragile, dtype=pl.Float32)
+
+    def bin_of(pbar: pl.Expr) -> pl.Expr:
+        return (
+            pl.when(pbar.is_null())
+            .then(None)
+            .when(pbar >= confident)
+            .then(pl.lit("confident"))
+            .when(pbar < fragile)
+            .then(pl.lit("fragile"))
+            .otherwise(pl.lit("ambiguous"))
+        )
+
+    gain_split = pl.col("max_split") - pl.col("u_std")
     return out.with_columns(
-        pl.when(pl.col("pbar") >= confident)
-        .then(pl.lit("confident"))
-        .when(pl.col("pbar") < fragile)
-        .then(pl.lit("fragile"))
-        .otherwise(pl.lit("ambiguous"))
-        .alias("bin"),
+        bin_of(pl.col("pbar")).alias("bin"),
+        bin_of(pl.col("pbar_split")).alias("bin_split"),
+        bin_of(pl.col("u_std").cast(pl.Float32)).alias("bin_std"),
+        gain_split.alias("gain_split"),
+        (gain_split > cfg.margin).alias("win_split"),
         (pl.col("max_alt") - pl.col("u_std")).alias("gain"),
         (pl.col("max_alt") > pl.col("u_std") + cfg.margin).alias("win"),
         (pl.col("max_alt") > pl.col("u_std")).alias("win_strict"),
@@ -286,19 +370,23 @@ def weighted_sum(column: str | None = None) -> pl.Expr:
 
 
 def aggregate(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl.LazyFrame:
-    """Sums per (model, layer, dataset, bin, cluster keys, gain bucket): every table, histogram
-    and interval derives from these exactly, so the shards are scanned once. `sum_*` columns are
+    """Sums per (model, layer, dataset, bin, bin_split, bin_std, trajectory, gain bucket): every
+    table, histogram and interval (under every binning and cluster unit) derives from these
+    exactly, so the shards are scanned once. `sum_*` columns are
     fixed-point Int64 (divide by FIXED_POINT).
 
     Size: one row per distinct (trajectory, bin, gain bucket), a few dozen per trajectory in
     practice (most of a trajectory's tokens share the bucket around zero gain), so it grows with
     the number of trajectories, not tokens."""
     tok = token_metrics(with_weights(lf), cfg, fast=fast, keep=("weight",)).with_columns(
-        gain_bucket(pl.col("gain"), cfg.gain_buckets)
+        gain_bucket(pl.col("gain"), cfg.gain_buckets), (pl.col("n_routes") - 1).alias("n_draws")
     )
-    return tok.group_by(*GROUP_KEYS, "bin", *cfg.cluster_keys, "gain_bucket").agg(
+    keys = (*GROUP_KEYS, *BIN_COLUMNS.values(), *TRAJECTORY, "gain_bucket")
+    # counts (tokens, *_tokens, wins*, draws) beside the weighted sums the means divide
+    # (sum_weight*, sum_*: with_weights; all weights are 1 unless positions were budgeted)
+    return tok.group_by(*keys).agg(
         pl.len().alias("tokens"),
-        weighted_sum().alias("sum_weight"),  # tokens, each weighted (with_weights)
+        weighted_sum().alias("sum_weight"),
         weighted_sum("u_std").alias("sum_u_std"),
         weighted_sum("max_alt").alias("sum_max_alt"),
         pl.col("gain").count().alias("gain_tokens"),  # tokens with J >= 1
@@ -314,6 +402,18 @@ def aggregate(lf: pl.LazyFrame, cfg: AnalysisConfig, *, fast: bool = True) -> pl
         weighted_sum("!rho").alias("sum_weight_rho"),
         pl.col("n_routes").min().alias("min_routes"),
         pl.col("n_routes").max().alias("max_routes"),
+        pl.col("gain_split").count().alias("split_tokens"),  # tokens with J >= 2
+        weighted_sum("!gain_split").alias("sum_weight_split"),
+        weighted_sum("max_split").alias("sum_max_split"),
+        weighted_sum("gain_split").alias("sum_gain_split"),
+        pl.col("win_split").sum().cast(pl.Int64).alias("wins_split"),
+        weighted_sum("win_split").alias("sum_win_split"),
+        weighted_sum("rho_distinct").alias("sum_rho_distinct"),
+        pl.col("rho_distinct").count().alias("rho_distinct_tokens"),
+        weighted_sum("!rho_distinct").alias("sum_weight_rho_distinct"),
+        weighted_sum("std_draws").alias("sum_std_draws"),
+        weighted_sum("n_draws").alias("sum_draws"),
+        weighted_sum("distinct_routes").alias("sum_distinct"),
     )
 
 

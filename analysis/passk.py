@@ -9,12 +9,16 @@ overflow float64 beyond n ~ 1000) and is exact in the corner cases (c = 0 -> 0; 
 percentile bootstrap interval that resamples problems (the samples of one problem are not
 independent); `paired_diff(counts, before, after, ...)` gives after - before with the same
 resampled problems for both, so the interval reflects the per-problem pairing. Datasets are
-also pooled as "all" (problems of every dataset resampled within their own dataset).
-`plot_passk` draws the curves with their bands. Seeded: the same input gives the same table.
+also pooled as "all", and as the paper's pools (POOLS: AIME 2024 and 2025 as one group) where
+all of a pool's datasets are present; a pooled group resamples each dataset's problems within
+that dataset. `plot_passk` draws the curves with their bands. Seeded: each group's generator is
+seeded from (seed, the group's name), so a group's interval does not depend on which other
+variants or datasets the table holds.
 """
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,8 @@ from workers.atomic import atomic_file
 
 COUNT_COLUMNS = ("variant", "dataset", "problem_id", "n", "c")
 ALL = "all"
+# The paper reports AIME 2024 and AIME 2025 as one benchmark: pooled group name -> datasets.
+POOLS = {"aime2024+2025": ("aime2024", "aime2025")}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -61,11 +67,22 @@ def _per_problem(counts: pl.DataFrame, ks: list[int]) -> np.ndarray:
     ).reshape(counts.height, len(ks))
 
 
-def _groups(counts: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
-    """Each dataset on its own, then all of them pooled (when there are several)."""
+def _groups(
+    counts: pl.DataFrame, pools: dict[str, tuple[str, ...]]
+) -> list[tuple[str, pl.DataFrame]]:
+    """Each dataset on its own, then each pool whose datasets are all present, then all of
+    them pooled (when there are several)."""
     names = counts["dataset"].unique(maintain_order=True).sort().to_list()
     out = [(d, counts.filter(pl.col("dataset") == d)) for d in names]
+    for pool, members in pools.items():
+        if set(members) <= set(names):
+            out.append((pool, counts.filter(pl.col("dataset").is_in(list(members)))))
     return [*out, (ALL, counts)] if len(names) > 1 else out
+
+
+def group_rng(seed: int, *names: str) -> np.random.Generator:
+    """The generator of one group: (seed, a stable hash of its name), whatever else is there."""
+    return np.random.default_rng([seed, zlib.crc32("\x00".join(names).encode())])
 
 
 def _resample(datasets: np.ndarray, rng: np.random.Generator, draws: int) -> np.ndarray:
@@ -86,16 +103,21 @@ def _common_n(counts: pl.DataFrame) -> int:
 
 
 def passk_table(
-    counts: pl.DataFrame, *, draws: int = 2000, seed: int = 0, level: float = 0.95
+    counts: pl.DataFrame,
+    *,
+    draws: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    pools: dict[str, tuple[str, ...]] = POOLS,
 ) -> pl.DataFrame:
     """variant, dataset, k, problems, pass_at_k, lo, hi (percentile bootstrap over problems)."""
     rows = []
     for variant in counts["variant"].unique(maintain_order=True).sort().to_list():
-        for dataset, frame in _groups(counts.filter(pl.col("variant") == variant)):
+        for dataset, frame in _groups(counts.filter(pl.col("variant") == variant), pools):
             frame = frame.sort("dataset", "problem_id")
             ks = k_values(_common_n(frame))
             values = _per_problem(frame, ks)
-            rng = np.random.default_rng([seed, len(rows)])
+            rng = group_rng(seed, variant, dataset)
             boot = values[_resample(frame["dataset"].to_numpy(), rng, draws)].mean(axis=1)
             lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
             for j, k in enumerate(ks):
@@ -115,6 +137,7 @@ def paired_diff(
     draws: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    pools: dict[str, tuple[str, ...]] = POOLS,
 ) -> pl.DataFrame:
     """dataset, k, problems, before, after, diff, lo, hi: after - before, paired bootstrap.
 
@@ -126,7 +149,7 @@ def paired_diff(
     if both.height == 0:
         raise ValueError(f"no problem was sampled under both {before!r} and {after!r}")
     rows = []
-    for dataset, frame in _groups(both):
+    for dataset, frame in _groups(both, pools):
         n = _common_n(frame)
         if _common_n(frame.select(pl.col("n_after").alias("n"))) != n:
             raise ValueError(f"{before!r} and {after!r} must draw the same n samples per problem")
@@ -135,7 +158,7 @@ def paired_diff(
         v1 = _per_problem(
             frame.select(pl.col("n_after").alias("n"), pl.col("c_after").alias("c")), ks
         )
-        rng = np.random.default_rng([seed, len(rows)])
+        rng = group_rng(seed, before, after, dataset)
         idx = _resample(frame["dataset"].to_numpy(), rng, draws)
         boot = (v1[idx] - v0[idx]).mean(axis=1)
         lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)

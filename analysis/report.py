@@ -1,7 +1,8 @@
 """Tables, figures and report.md of a run, from its complete score shards alone.
 
     python -m analysis.report runs/<run_id> [--confident 0.9] [--fragile 0.5] [--win-margin 1e-4]
-        [--cluster trajectory|problem] [--bootstrap 1000] [--level 0.95] [--seed 0]
+        [--binning split|pbar|std] [--cluster problem|trajectory] [--bootstrap 1000]
+        [--level 0.95] [--seed 0]
 
 (every flag is a field of analysis.metrics.AnalysisConfig, which holds the defaults; the driver
 passes its `analysis` config group.)
@@ -31,6 +32,7 @@ import polars as pl
 from analysis.figures import layer_label, plot_all
 from analysis.inputs import SCORES_GLOB, ScoreInputs, select_generated_files, select_score_files
 from analysis.metrics import (
+    BINNINGS,
     BINS,
     CLUSTERS,
     FIXED_POINT,
@@ -266,11 +268,121 @@ def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:
         "and counted in 'no variance'.",
         f"- [lo, hi]: {100 * cfg.level:g}% percentile bootstrap interval of the mean, from "
         f"{cfg.bootstrap:,} resamples of whole {unit} (seed {cfg.seed}): tokens of one "
-        f"trajectory are correlated, so {unit}, not tokens, are the independent units. A "
+        "trajectory are correlated, and the verified samples of one problem share its prompt, "
+        f"so {unit}, not tokens, are the independent units. A "
         "bin with few trajectories gets a wide interval; '–' means no interval (no tokens, or "
         "intervals turned off).",
+        "- Bins independent of the gain: pbar contains u(S) and the draws whose maximum is the "
+        "gain, so the same noise picks the bin and moves the gain (a low u(S) puts a token in "
+        "Fragile and raises its gain; a high best draw raises both pbar and the gain). The split "
+        "bins use the mean u of the first J/2 draws alone (not S); the gain is then the best "
+        "of the other draws minus u(S) (a maximum over fewer draws, hence smaller: compare it "
+        "with the pbar bins' gain over the same draws). u(S)-alone bins are the other bracket.",
+        "- Repeated draws: a draw often repeats S or another draw (same set of experts, same "
+        "u); such ties weigh the Spearman correlation towards the repeated routes. 'over "
+        "distinct routes' keeps each set of experts once; 'draws equal to S' is the share of "
+        "the J draws that are S again.",
+        f"- Key numbers give the interval resampling {unit} and, beside it, the other unit; "
+        "'per-trajectory mean' averages each trajectory's own mean, every trajectory weighing "
+        "the same, as a check that a few long trajectories do not carry the token mean.",
         "- Rows with dataset = all pool the datasets of a (model, layer) (only when there are "
         "several); bin = all pools the bins.",
+        "",
+    ]
+
+
+BINNING_NAMES = {
+    "pbar": "pbar over S and all J draws (the paper's)",
+    "split": "split draws: pbar of the first J/2 draws bins, the other draws give the gain",
+    "std": "u(S) alone",
+}
+
+
+def _unit_ci(row: dict[str, Any], mean: str, unit: str, spec: str) -> str:
+    lo, hi = row.get(f"{mean}_lo_{unit}"), row.get(f"{mean}_hi_{unit}")
+    return "–" if lo is None or hi is None else f"[{_fmt(lo, spec)}, {_fmt(hi, spec)}]"
+
+
+def _key_numbers(frame: pl.DataFrame, cfg: AnalysisConfig, labels: dict) -> list[str]:
+    """One line per (model, layer, bin) over all datasets, in the headline's binning."""
+    split = cfg.binning == "split"
+    gain, win = ("gain_split_pp", "win_rate_split") if split else ("gain_pp", "win_rate")
+    other = "trajectory" if cfg.cluster == "problem" else "problem"
+    others = {"trajectory": "trajectories", "problem": "problems"}[other]
+    lines = [f"## Key numbers (all datasets of a model and layer; bins: {cfg.binning})", ""]
+    for row in pooled_rows(frame).filter(pl.col("bin").is_in(list(BINS))).iter_rows(named=True):
+        lines.append(
+            f"- {row['model']} {layer_label(labels, row['model'], row['layer'])}, {row['bin']}: "
+            f"{row['tokens']:,} tokens ({_fmt(row['share'], '.1%')}); best "
+            f"{'gain draw' if split else 'alternative'} beats S by {_ci(row, gain, '.1f')} pp "
+            f"on average (resampling {others}: {_unit_ci(row, gain, other, '.1f')}; "
+            f"per-trajectory mean {_fmt(row[f'{gain}_per_trajectory'], '.1f')}); wins on "
+            f"{_ci(row, win, '.1%')} ("
+            + (f"all J draws: {_fmt(row['win_rate'], '.1%')}, " if split else "")
+            + f"strictly: {_fmt(row['win_rate_strict'], '.1%')}); "
+            f"mean rank of S {_ci(row, 'mean_rank', '.2f')} (chance {_fmt(row['chance_rank'], 'g')}); "
+            f"router alignment ρ = {_ci(row, 'alignment', '.3f')}, over distinct routes "
+            f"{_ci(row, 'alignment_distinct', '.3f')}; draws equal to S: "
+            f"{_fmt(row['share_std_draws'], '.1%')}"
+        )
+    return [*lines, ""]
+
+
+def _robustness(binnings: pl.DataFrame | None, cfg: AnalysisConfig, labels: dict) -> list[str]:
+    """The gain under each binning side by side, and alignment with and without repeats."""
+    if binnings is None or binnings.is_empty():
+        return []
+    keys = ["model", "layer", "dataset", "bin"]
+    parts = {b: pooled_rows(binnings.filter(pl.col("binning") == b)) for b in BINNINGS}
+    order = {b: i for i, b in enumerate(BINS)}
+    every = pl.concat([f.select(keys) for f in parts.values()]).unique()
+    every = every.filter(pl.col("bin").is_in(list(BINS))).rows(named=True)
+    every.sort(key=lambda r: (r["model"], r["layer"], r["dataset"], order[r["bin"]]))
+    found = {
+        b: {tuple(r[k] for k in keys): r for r in f.iter_rows(named=True)} for b, f in parts.items()
+    }
+    header = [
+        "model", "layer", "bin", "pbar bins: tokens", "gain, J draws", "gain, gain draws",
+        "split bins: tokens", "gain, gain draws", "u(S) bins: tokens", "gain, J draws",
+        "ρ, all draws", "ρ, distinct routes", "draws = S", "distinct routes",
+    ]  # fmt: skip
+    rows = []
+    empty = {"tokens": 0, "gain_pp": None, "gain_split_pp": None, "alignment": None}
+    empty |= {"alignment_distinct": None, "share_std_draws": None, "mean_distinct_routes": None}
+    for key_row in every:
+        key = tuple(key_row[k] for k in keys)
+        row = found["pbar"].get(key) or {**key_row, **empty}
+        sp, st = found["split"].get(key), found["std"].get(key)
+        rows.append(
+            [
+                row["model"],
+                layer_label(labels, row["model"], row["layer"]),
+                row["bin"],
+                _fmt(row["tokens"], ","),
+                _ci(row, "gain_pp", ".1f"),
+                _ci(row, "gain_split_pp", ".1f"),
+                _fmt(sp["tokens"], ",") if sp else "0",
+                _ci(sp, "gain_split_pp", ".1f") if sp else "–",
+                _fmt(st["tokens"], ",") if st else "0",
+                _ci(st, "gain_pp", ".1f") if st else "–",
+                _ci(row, "alignment", ".3f"),
+                _ci(row, "alignment_distinct", ".3f"),
+                _fmt(row["share_std_draws"], ".1%"),
+                _fmt(row["mean_distinct_routes"], ".1f"),
+            ]
+        )
+    return [
+        "## Robustness: bins independent of the gain, repeated draws",
+        "",
+        "Gain (pp) with its interval under three binnings of the same tokens: the pbar bins "
+        "(S and all J draws: the draws that give the gain also pick the bin), the split bins "
+        "(the first J/2 draws pick the bin, the other draws give the gain) and u(S) alone. "
+        "'gain draws' is the maximum over the second half of the draws only, so compare the "
+        "split bins with the pbar bins' 'gain, gain draws' column. Alignment ρ (pbar bins) over "
+        "all J+1 routes and over the distinct routes only; 'draws = S' is the share of the J "
+        "draws that repeat S, 'distinct routes' the mean number of distinct routes of J+1.",
+        "",
+        *_table(header, rows, align="lll" + "r" * 11),
         "",
     ]
 
@@ -325,10 +437,11 @@ def render_markdown(
     lines += [
         f"- layer mapping: {mapping}" if mapping else "- layer mapping: (not in the run config)",
         f"- bins: Confident pbar ≥ {cfg.confident}, Fragile pbar < {cfg.fragile}, Ambiguous between",
+        f"- headline bins: {BINNING_NAMES[cfg.binning]}",
         f"- win margin: {cfg.margin:g} ({margin_source}); chance rank of S: {chance}",
         f"- intervals: {100 * cfg.level:g}% percentile bootstrap resampling {cfg.cluster} "
         "clusters, "
-        f"{cfg.bootstrap:,} replicates, seed {cfg.seed}",
+        f"{cfg.bootstrap:,} replicates, seed {cfg.seed} (tables: both units)",
         "",
         "## Generation and verification",
         "",
@@ -336,22 +449,13 @@ def render_markdown(
         "",
         "Lengths are completion tokens; only verified trajectories are scored.",
         "",
-        "## Key numbers (all datasets of a model and layer)",
-        "",
     ]
-    for row in pooled_rows(by_bin).filter(pl.col("bin").is_in(list(BINS))).iter_rows(named=True):
-        lines.append(
-            f"- {row['model']} {layer_label(labels, row['model'], row['layer'])}, {row['bin']}: "
-            f"{row['tokens']:,} tokens ({_fmt(row['share'], '.1%')}); best alternative beats S "
-            f"by {_ci(row, 'gain_pp', '.1f')} pp on average; wins on "
-            f"{_ci(row, 'win_rate', '.1%')} (strictly: {_fmt(row['win_rate_strict'], '.1%')}); "
-            f"mean rank of S {_ci(row, 'mean_rank', '.2f')} (chance {_fmt(row['chance_rank'], 'g')}); "
-            f"router alignment ρ = {_ci(row, 'alignment', '.3f')}"
-        )
-    lines += ["", "## Figures", ""]
+    lines += _key_numbers(tables.get("headline", by_bin), cfg, labels)
+    lines += _robustness(tables.get("binnings"), cfg, labels)
+    lines += ["## Figures", ""]
     captions = {
         "headline": "Mean u(S) and mean max_j u(R_j) per bin (token counts above the bars), "
-        "with 95% bootstrap intervals.",
+        "with 95% bootstrap intervals; pbar bins, as in by_bin.",
         "gain_hist": "Distribution of the per-token gain max_j u(R_j) − u(S), per bin.",
         "alignment": "Router alignment: mean Spearman ρ between s(R) and u(R) over the J+1 routes.",
         "win_rate": "Share of tokens where some alternative beats the standard route by more "
@@ -366,7 +470,8 @@ def render_markdown(
     lines += _how_to_read(cfg, chance)
     lines += [
         "Tables: `tables/by_bin`, `tables/overall`, `tables/counts`, `tables/gain_hist`, "
-        "`tables/generation` (.parquet and .csv). The exact definitions: docs/method.md.",
+        "`tables/generation`, `tables/binnings` (every binning), `tables/headline` (the "
+        "headline's binning) (.parquet and .csv). The exact definitions: docs/method.md.",
         "",
     ]
     return "\n".join(lines)
@@ -389,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a win beats u(S) by more"
         " (default: analysis.metrics.WIN_MARGINS of the scores' dtype)",
     )
+    add("--binning", choices=list(BINNINGS), default=d.binning, help="the headline's bins")
     add("--cluster", choices=list(CLUSTERS), default=d.cluster, help="bootstrap resampling unit")
     add("--bootstrap", type=int, default=d.bootstrap, help="replicates (0: no intervals)")
     add("--level", type=float, default=d.level, help="interval coverage")
@@ -401,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             fragile=args.fragile,
             gain_buckets=args.gain_buckets,
             win_margin=args.win_margin,
+            binning=args.binning,
             cluster=args.cluster,
             bootstrap=args.bootstrap,
             level=args.level,

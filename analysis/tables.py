@@ -26,7 +26,16 @@ from pathlib import Path
 import polars as pl
 
 from analysis.intervals import bootstrap_intervals
-from analysis.metrics import BINS, GROUP_KEYS, AnalysisConfig
+from analysis.metrics import (
+    BIN_COLUMNS,
+    BINNINGS,
+    BINS,
+    CLUSTERS,
+    FIXED_POINT,
+    GROUP_KEYS,
+    TRAJECTORY,
+    AnalysisConfig,
+)
 from workers.atomic import atomic_file
 
 BIN_ORDER = (*BINS, "all")
@@ -46,7 +55,25 @@ SUMS = (
     "sum_rho",
     "rho_tokens",
     "sum_weight_rho",
+    "split_tokens",
+    "sum_weight_split",
+    "sum_max_split",
+    "sum_gain_split",
+    "wins_split",
+    "sum_win_split",
+    "sum_rho_distinct",
+    "rho_distinct_tokens",
+    "sum_weight_rho_distinct",
+    "sum_std_draws",
+    "sum_draws",
+    "sum_distinct",
 )
+# Means also reported as the mean over trajectories of each trajectory's own mean (every
+# trajectory with a token in the bin weighs the same), a check that a few long trajectories do
+# not carry the token mean.
+PER_TRAJECTORY = (
+    "mean_u_std", "gain_pp", "gain_split_pp", "win_rate", "alignment", "alignment_distinct"
+)  # fmt: skip
 
 
 def _sum_by(stats: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -80,9 +107,16 @@ def _means(sums: pl.DataFrame) -> pl.DataFrame:
         pl.col("rho_tokens").cast(pl.Int64).alias("alignment_tokens"),
         (pl.col("tokens") - pl.col("rho_tokens")).cast(pl.Int64).alias("no_variance"),
         pl.col("min_routes").cast(pl.Int64).alias("routes"),
-        pl.col("sum_weight"),  # for the share; dropped by summarise
+        pl.col("sum_weight"),  # for the share; dropped by _by_bin
         (pl.col("min_routes") != pl.col("max_routes")).alias("routes_vary"),
         ((pl.col("min_routes") + 1) / 2).alias("chance_rank"),
+        ratio("sum_max_split", "sum_weight_split").alias("mean_max_split"),
+        ratio("sum_gain_split", "sum_weight_split", 100.0).alias("gain_split_pp"),
+        ratio("sum_win_split", "sum_weight_split").alias("win_rate_split"),
+        ratio("sum_rho_distinct", "sum_weight_rho_distinct").alias("alignment_distinct"),
+        pl.col("rho_distinct_tokens").cast(pl.Int64).alias("alignment_distinct_tokens"),
+        ratio("sum_std_draws", "sum_draws").alias("share_std_draws"),
+        ratio("sum_distinct", "sum_weight").alias("mean_distinct_routes"),
     )
 
 
@@ -98,31 +132,84 @@ def _sort(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFrame]:
-    """The report's tables from `aggregate(..., cfg)`'s sums (small: a row per group and bin)."""
-    keys = list(GROUP_KEYS)
-    per_bin = _sum_by(stats, [*keys, "bin"])
-    every = _sum_by(stats, keys).with_columns(pl.lit("all").alias("bin"))
+def _rollups(stats: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Sums per (model, layer, dataset, bin, *keys), with bin = "all" and, where a (model,
+    layer) has several datasets, dataset = "all" rows."""
+    per_bin = _sum_by(stats, [*GROUP_KEYS, "bin", *keys])
+    every = _sum_by(stats, [*GROUP_KEYS, *keys]).with_columns(pl.lit("all").alias("bin"))
     sums = pl.concat([per_bin, every.select(per_bin.columns)])
-    # Pool datasets only where there is more than one: otherwise the rows would repeat.
     several = sums.group_by("model", "layer").agg(pl.col("dataset").n_unique() > 1)
     several = several.filter(pl.col("dataset")).select("model", "layer")
-    pooled = _sum_by(sums.join(several, on=["model", "layer"]), ["model", "layer", "bin"])
+    pooled = sums.join(several, on=["model", "layer"])
+    if keys:  # a unit below the dataset stays distinct when datasets are pooled
+        pooled = pooled.with_columns(pl.col("dataset").alias("_dataset"))
+        keys = [*keys, "_dataset"]
+    pooled = _sum_by(pooled, ["model", "layer", "bin", *keys])
     pooled = pooled.with_columns(pl.lit("all").alias("dataset"))
-    sums = pl.concat([sums, pooled.select(sums.columns)])
-    by_bin = _means(sums)
-    by_bin = by_bin.join(
-        bootstrap_intervals(stats, cfg, by_bin), on=[*keys, "bin"], how="left", nulls_equal=True
-    )
+    return pl.concat([sums, pooled.select(sums.columns)])
+
+
+def _per_trajectory(stats: pl.DataFrame) -> pl.DataFrame:
+    """`<mean>_per_trajectory`: the mean over trajectories of each one's own mean (those with
+    a token counted in that mean), per (model, layer, dataset, bin)."""
+    from analysis.intervals import MEANS
+
+    sums = _rollups(stats, list(TRAJECTORY))
+    out = []
+    for name in PER_TRAJECTORY:
+        num, den, scale = MEANS[name]
+        # both fixed point (weighted sums) or both counts: the ratio needs no unit
+        unit = 1.0 if num.startswith("sum_") == den.startswith("sum_") else 1 / FIXED_POINT
+        own = pl.when(pl.col(den) > 0).then(scale * unit * pl.col(num) / pl.col(den))
+        # summed in fixed point like every other sum, so the order of the rows does not matter
+        total = (own * FIXED_POINT).round().cast(pl.Int64).sum()
+        mean = pl.when(own.count() > 0).then(total / own.count() / FIXED_POINT)
+        out.append(mean.alias(f"{name}_per_trajectory"))
+    return sums.group_by(*GROUP_KEYS, "bin").agg(out)
+
+
+def _intervals(stats: pl.DataFrame, cfg: AnalysisConfig, by_bin: pl.DataFrame) -> pl.DataFrame:
+    """by_bin with `<mean>_lo/_hi` (cfg.cluster) and `<mean>_lo_<unit>/_hi_<unit>` for each
+    resampling unit, computed once per unit."""
+    keys = [*GROUP_KEYS, "bin"]
+    units = {}
+    for unit in CLUSTERS:
+        units[unit] = bootstrap_intervals(stats, cfg, by_bin, cluster=unit)
+    by_bin = by_bin.join(units[cfg.cluster], on=keys, how="left", nulls_equal=True)
+    for unit, frame in units.items():
+        frame = frame.rename({c: f"{c}_{unit}" for c in frame.columns if c not in keys})
+        by_bin = by_bin.join(frame, on=keys, how="left", nulls_equal=True)
+    return by_bin
+
+
+def _by_bin(stats: pl.DataFrame, cfg: AnalysisConfig) -> pl.DataFrame:
+    """One row per (model, layer, dataset, bin) of the bins in stats' `bin` column."""
+    keys = list(GROUP_KEYS)
+    by_bin = _intervals(stats, cfg, _means(_rollups(stats, [])))
+    by_bin = by_bin.join(_per_trajectory(stats), on=[*keys, "bin"], how="left")
     totals = by_bin.filter(pl.col("bin") == "all").select(
         *keys, pl.col("sum_weight").alias("_total")
     )
-    by_bin = _sort(
+    return _sort(
         by_bin.join(totals, on=keys, how="left")
         .with_columns((pl.col("sum_weight") / pl.col("_total")).alias("share"))
         .drop("_total", "sum_weight")
         .select(*keys, "bin", "tokens", "share", pl.exclude(*keys, "bin", "tokens", "share"))
     )
+
+
+def rebin(stats: pl.DataFrame, binning: str) -> pl.DataFrame:
+    """The sums with `bin` taken from another binning (metrics.BINNINGS); tokens that binning
+    cannot place (split draws need J >= 2) are left out."""
+    column = BIN_COLUMNS[binning]
+    return stats.filter(pl.col(column).is_not_null()).with_columns(pl.col(column).alias("bin"))
+
+
+def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFrame]:
+    """The report's tables from `aggregate(..., cfg)`'s sums (small: a row per group and bin)."""
+    keys = list(GROUP_KEYS)
+    by_bin = _by_bin(stats, cfg)
+    binnings = {b: by_bin if b == "pbar" else _by_bin(rebin(stats, b), cfg) for b in BINNINGS}
     counts = (
         by_bin.filter(pl.col("dataset") != "all")
         .pivot(on="bin", index=keys, values="tokens")
@@ -158,6 +245,10 @@ def summarise(stats: pl.DataFrame, cfg: AnalysisConfig) -> dict[str, pl.DataFram
         "overall": by_bin.filter(pl.col("bin") == "all").drop("bin", "share"),
         "counts": counts,
         "gain_hist": gain_hist,
+        "binnings": pl.concat(
+            [f.select(pl.lit(b).alias("binning"), pl.all()) for b, f in binnings.items()]
+        ),
+        "headline": binnings[cfg.binning],
     }
 
 

@@ -33,7 +33,8 @@ def _brute_force(tokens: pl.DataFrame, cfg: AnalysisConfig, dataset: str, bin_na
     rng = np.random.default_rng(group_seed(cfg, "synthetic-moe", 5, dataset))
     weights = resample_weights(rng, len(clusters), cfg.bootstrap)
     assert (weights.sum(axis=1) == len(clusters)).all()  # each replicate: n draws of n clusters
-    reps = {"mean_u_std": [], "gain_pp": [], "win_rate": [], "mean_rank": [], "alignment": []}
+    names = ["mean_u_std", "gain_pp", "win_rate", "mean_rank", "alignment", "gain_split_pp"]
+    reps = {k: [] for k in [*names, "alignment_distinct", "share_std_draws"]}
     for w in weights:
         parts = [by_cluster[c] for c, k in zip(clusters, w, strict=True) for _ in range(k)]
         t = pl.concat(parts)
@@ -46,6 +47,9 @@ def _brute_force(tokens: pl.DataFrame, cfg: AnalysisConfig, dataset: str, bin_na
         reps["win_rate"].append(t["win"].mean())
         reps["mean_rank"].append(t["rank_std"].mean())
         reps["alignment"].append(t["rho"].drop_nulls().mean())
+        reps["gain_split_pp"].append(100 * t["gain_split"].drop_nulls().mean())
+        reps["alignment_distinct"].append(t["rho_distinct"].drop_nulls().mean())
+        reps["share_std_draws"].append(t["std_draws"].sum() / (t["n_routes"] - 1).sum())
     tail = (1 - cfg.level) / 2
     return {k: np.nanquantile(np.array(v, dtype=float), [tail, 1 - tail]) for k, v in reps.items()}
 
@@ -68,6 +72,7 @@ def test_intervals_equal_resampling_the_tokens_of_whole_clusters(tmp_path, clust
                 assert row[f"{mean}_lo"] == pytest.approx(lo, rel=1e-7, abs=1e-9), (mean, bin_name)
                 assert row[f"{mean}_hi"] == pytest.approx(hi, rel=1e-7, abs=1e-9), (mean, bin_name)
                 assert row[f"{mean}_lo"] <= row[mean] <= row[f"{mean}_hi"]
+                assert row[f"{mean}_lo_{cluster}"] == row[f"{mean}_lo"]
 
 
 def test_intervals_are_a_function_of_the_seed(tmp_path):
@@ -81,3 +86,17 @@ def test_intervals_are_a_function_of_the_seed(tmp_path):
     moved = summarise(collect_stats(shards, other), other)["by_bin"]
     assert not first["gain_pp_lo"].equals(moved["gain_pp_lo"])
     assert first["gain_pp"].equals(moved["gain_pp"])  # the point estimates do not move
+
+
+def test_problem_intervals_are_the_default_and_trajectory_ones_are_kept_beside(tmp_path):
+    _write(tmp_path, "x", seed=1)
+    shards = find_shards(tmp_path)
+    default = AnalysisConfig(bootstrap=100)
+    assert default.cluster == "problem"
+    by_problem = summarise(collect_stats(shards, default), default)["by_bin"]
+    traj = AnalysisConfig(bootstrap=100, cluster="trajectory")
+    by_traj = summarise(collect_stats(shards, traj), traj)["by_bin"]
+    assert by_problem["gain_pp_lo"].equals(by_problem["gain_pp_lo_problem"])
+    assert by_problem["gain_pp_lo_trajectory"].equals(by_traj["gain_pp_lo"])
+    assert by_problem["gain_pp_hi_trajectory"].equals(by_traj["gain_pp_hi"])
+    assert not by_problem["gain_pp_lo"].equals(by_problem["gain_pp_lo_trajectory"])

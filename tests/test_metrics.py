@@ -62,8 +62,9 @@ HAND = {  # name: (bin, u(S), max alt, gain, win, rank of S, rho)
 }
 
 
-def score_table(rows, *, model="m", layer=3, dataset="d", top_k=2) -> pa.Table:
-    """A SCORES_SCHEMA table from (u list, s list) pairs; routes are placeholders."""
+def score_table(rows, *, model="m", layer=3, dataset="d", top_k=2, routes=None) -> pa.Table:
+    """A SCORES_SCHEMA table from (u list, s list) pairs; routes are placeholders, all
+    different, unless `routes` gives each row's J+1 routes (S first)."""
     data = {name: [] for name in SCORES_SCHEMA.names}
     for i, (u, s) in enumerate(rows):
         j = len(u) - 1
@@ -71,9 +72,10 @@ def score_table(rows, *, model="m", layer=3, dataset="d", top_k=2) -> pa.Table:
         data["sample_idx"].append(0)
         data["position"].append(i)
         data["target_id"].append(7)
-        data["std_route"].append(list(range(top_k)))
+        row_routes = routes[i] if routes else [list(range(k, k + top_k)) for k in range(j + 1)]
+        data["std_route"].append(row_routes[0])
         data["std_prob"].append(u[0])
-        data["alt_routes"].append([list(range(k, k + top_k)) for k in range(j)])
+        data["alt_routes"].append(row_routes[1:])
         data["alt_probs"].append(list(u[1:]))
         data["std_route_logprob"].append(s[0])
         data["alt_route_logprobs"].append(list(s[1:]))
@@ -255,23 +257,28 @@ def test_a_shard_without_sidecar_is_never_read(tmp_path):
 def test_kernel_matches_reference_on_random_tables_with_ties():
     # Small integer-valued u and s make ties and constant rows common; J varies per row,
     # including J = 0 (S alone: no alternative, no variance).
+    # Routes are 2 of 4 experts in either order, so sets repeat and S is often drawn again.
     rng = np.random.default_rng(1)
-    rows = []
+    rows, routes = [], []
     for _ in range(3000):
         j = int(rng.choice([0, 1, 2, 5, 32]))
         u = (rng.integers(0, 4, j + 1) / 4).tolist()
         s = (-rng.integers(0, 3, j + 1).astype(float)).tolist()
         rows.append((u, s))
-    lf = pl.from_arrow(score_table(rows)).lazy()
+        routes.append([rng.choice(4, 2, replace=False).tolist() for _ in range(j + 1)])
+    lf = pl.from_arrow(score_table(rows, routes=routes)).lazy()
     cfg = AnalysisConfig()
     fast = token_metrics(lf, cfg, fast=True).collect()
     ref = token_metrics(lf, cfg, fast=False).collect()
     # The same columns (the two implementations may order them differently).
-    expected = ["bin", "dataset", "gain", "layer", "max_alt", "model", "n_routes", "pbar",
-                "problem_id", "rank_std", "rho", "sample_idx", "u_std", "win", "win_strict"]  # fmt: skip
+    expected = ["bin", "bin_split", "bin_std", "dataset", "distinct_routes", "gain",
+                "gain_split", "layer", "max_alt", "max_split", "model", "n_routes", "pbar",
+                "pbar_split", "problem_id", "rank_std", "rho", "rho_distinct", "sample_idx",
+                "std_draws", "u_std", "win", "win_split", "win_strict"]  # fmt: skip
     assert sorted(fast.columns) == sorted(ref.columns) == expected
     ref = ref.select(fast.columns)
     assert fast["rho"].null_count() > 100  # the case is exercised
+    assert (fast["std_draws"] > 0).sum() > 100 and (fast["distinct_routes"] < 7).sum() > 100
     for col in fast.columns:
         a, b = fast[col], ref[col]
         if a.dtype.is_float():
@@ -280,3 +287,98 @@ def test_kernel_matches_reference_on_random_tables_with_ties():
             ), col
         else:
             assert a.cast(pl.String).to_list() == b.cast(pl.String).to_list(), col
+
+
+# Repeated draws and split draws, J = 4 (h = 2: R1, R2 bin the token, R3, R4 give the gain).
+# A route is a set: [3, 2] is [2, 3], [1, 0] is S. Duplicates carry the same u and s, as the
+# scorer computes each distinct set once.
+DRAWN = {
+    # P: u = [.2, .9, .9, .2, .5], routes S, X, X, S, Y. pbar = 2.7 / 5 = 0.54 -> ambiguous;
+    # split: mean(.9, .9) = .9 -> confident, gain over R3, R4 = .5 - .2 = .3; u(S) = .2 ->
+    # fragile. One draw equals S; 3 distinct sets. All routes: ranks u [1.5, 4.5, 4.5, 1.5, 3],
+    # s [4.5, 2.5, 2.5, 4.5, 1], centred cov -6, var 9 and 9 -> rho = -2/3. Distinct S, X, Y:
+    # u [.2, .9, .5], s [-1, -2, -4] -> ranks [1, 3, 2], [3, 2, 1]: cov -1, var 2, 2 -> -1/2.
+    "P": (
+        ([0.2, 0.9, 0.9, 0.2, 0.5], [-1.0, -2.0, -2.0, -1.0, -4.0]),
+        [[0, 1], [2, 3], [3, 2], [1, 0], [4, 5]],
+    ),
+    # Q: every draw is S: u and s constant (no rho either way), 4 of 4 draws equal S, one
+    # distinct set. pbar = split pbar = u(S) = .3 -> fragile; gain 0 either way.
+    "Q": (([0.3] * 5, [-1.0] * 5), [[0, 1], [1, 0], [0, 1], [1, 0], [0, 1]]),
+    # T: J = 1, no split (h = 0): no split bin or gain. pbar .55 -> ambiguous; u(S) = .5 ->
+    # ambiguous. Two distinct routes, u up and s down: rho = rho_distinct = -1.
+    "T": (([0.5, 0.6], [-1.0, -2.0]), [[0, 1], [2, 3]]),
+}
+DRAWN_HAND = {  # bin, bin_split, bin_std, gain_split, std_draws, distinct, rho, rho_distinct
+    "P": ("ambiguous", "confident", "fragile", 0.3, 1, 3, -2 / 3, -0.5),
+    "Q": ("fragile", "fragile", "fragile", 0.0, 4, 1, None, None),
+    "T": ("ambiguous", None, "ambiguous", None, 0, 2, -1.0, -1.0),
+}
+
+
+def drawn_table(names, **kw) -> pa.Table:
+    return score_table([DRAWN[n][0] for n in names], routes=[DRAWN[n][1] for n in names], **kw)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["kernel", "reference"])
+def test_split_draws_and_repeated_routes_match_the_hand_computed_values(fast):
+    got = token_metrics(pl.from_arrow(drawn_table(DRAWN)).lazy(), AnalysisConfig(), fast=fast)
+    for name, row in zip(DRAWN, got.collect().iter_rows(named=True), strict=True):
+        bin_, bin_split, bin_std, gain_split, same, distinct, rho, rho_d = DRAWN_HAND[name]
+        assert (row["bin"], row["bin_split"], row["bin_std"]) == (bin_, bin_split, bin_std)
+        if gain_split is None:
+            assert row["gain_split"] is None and row["win_split"] is None, name
+        else:
+            assert row["gain_split"] == pytest.approx(gain_split, abs=1e-6), name
+        assert (row["std_draws"], row["distinct_routes"]) == (same, distinct), name
+        for key, want in (("rho", rho), ("rho_distinct", rho_d)):
+            assert row[key] == (None if want is None else pytest.approx(want, rel=1e-12)), key
+
+
+def test_tables_under_each_binning_with_distinct_route_alignment(tmp_path):
+    write_run(tmp_path, {("m", 3, "d", "s0"): drawn_table(["P", "Q", "T"])})
+    cfg = AnalysisConfig(bootstrap=0)
+    tables = summarise(collect_stats(find_shards(tmp_path), cfg), cfg)
+    rows = {(r["binning"], r["bin"]): r for r in tables["binnings"].iter_rows(named=True)}
+    # pbar bins (by_bin's): ambiguous = P, T. Gain over all draws (.7 + .1) / 2; over the
+    # gain draws P's .3 alone (T has none); draws equal to S 1 of 4 + 0 of 1; alignment
+    # (-2/3 - 1) / 2 over all draws, (-1/2 - 1) / 2 over distinct routes.
+    a = rows[("pbar", "ambiguous")]
+    assert a["tokens"] == 2 and a["gain_pp"] == pytest.approx(40.0, rel=1e-5)
+    assert a["gain_split_pp"] == pytest.approx(30.0, rel=1e-5)
+    assert a["share_std_draws"] == pytest.approx(1 / 5)
+    assert a["alignment"] == pytest.approx(-5 / 6) and a["alignment_distinct"] == -0.75
+    assert a["mean_distinct_routes"] == 2.5
+    assert tables["by_bin"].filter(pl.col("bin") == "ambiguous")["gain_pp"].item() == a["gain_pp"]
+    f = rows[("pbar", "fragile")]
+    assert f["share_std_draws"] == 1.0 and f["alignment_distinct"] is None
+    # Split bins: P confident, Q fragile, T left out (J = 1 cannot be split).
+    assert rows[("split", "confident")]["tokens"] == 1
+    assert rows[("split", "confident")]["gain_split_pp"] == pytest.approx(30.0, rel=1e-5)
+    assert rows[("split", "confident")]["win_rate_split"] == 1.0
+    assert rows[("split", "fragile")]["gain_split_pp"] == 0.0
+    assert rows[("split", "all")]["tokens"] == 2 and ("split", "ambiguous") not in rows
+    # u(S) bins: P and Q fragile (gains .7 and 0 over all draws), T ambiguous.
+    assert rows[("std", "fragile")]["tokens"] == 2
+    assert rows[("std", "fragile")]["gain_pp"] == pytest.approx(35.0, rel=1e-5)
+    assert rows[("std", "ambiguous")]["tokens"] == 1
+    # The headline is the split binning by default.
+    assert tables["headline"].equals(
+        tables["binnings"].filter(pl.col("binning") == "split").drop("binning")
+    )
+
+
+def test_per_trajectory_mean_weighs_each_trajectory_once(tmp_path):
+    # Trajectory p0/0 holds B (gain .25) and C (gain .15), p1/0 holds B: token mean
+    # (0.25 + 0.15 + 0.25) / 3, trajectory mean ((0.25 + 0.15) / 2 + 0.25) / 2.
+    table = score_table([ROWS["B"], ROWS["C"], ROWS["B"]])
+    table = table.set_column(0, "problem_id", pa.array(["p0", "p0", "p1"]))
+    write_run(tmp_path, {("m", 3, "d", "s0"): table})
+    cfg = AnalysisConfig(bootstrap=0)
+    row = summarise(collect_stats(find_shards(tmp_path), cfg), cfg)["by_bin"]
+    row = row.filter(pl.col("bin") == "ambiguous").row(0, named=True)
+    assert row["gain_pp"] == pytest.approx(100 * 0.65 / 3, rel=1e-6)
+    assert row["gain_pp_per_trajectory"] == pytest.approx(100 * (0.2 + 0.25) / 2, rel=1e-6)
+    # alignment: p0's (1 - 2) / sqrt(10) / 2 and p1's 1 / sqrt(10), averaged.
+    want = (-1 / (2 * SQRT10) + 1 / SQRT10) / 2
+    assert row["alignment_per_trajectory"] == pytest.approx(want, rel=1e-6)

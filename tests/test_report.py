@@ -77,8 +77,30 @@ def test_build_report_writes_tables_figures_and_markdown(run_dir):
         "| 50.0% [0.0%, 100.0%] | 2.25 [1.00, 3.50] | 1.000 [1.000, 1.000] | 1 |" in text
     )
     assert "- layer mapping: tiny: early (L0), tiny: final (L3)" in text
-    assert "chance rank of S: 2.5" in text and "(strictly: 50.0%)" in text
+    assert "chance rank of S: 2.5" in text
     assert "## How to read this" in text and "dataset = all" not in text.split("## How")[0]
+    # Key numbers in split bins (J = 3: R1 bins, R2 and R3 give the gain): fragile = B (R1
+    # .25; gain .75 - .5), D (.2; .4 - .1), E (.3; .2 - .4): 100 x (.25 + .3 - .2) / 3 pp,
+    # two wins of three.
+    assert "- tiny early (L0), fragile: 3 tokens (50.0%); best gain draw beats S by 11.7 [" in text
+    assert "wins on 66.7% [" in text
+    assert "## Robustness: bins independent of the gain, repeated draws" in text
+    # Fragile under pbar bins: D and E, gains 30 and -10 pp over all draws, 30 and -20 over the
+    # gain draws; split bins B, D, E; u(S) bins D, E. Problems p0 (holding D) and p1 (E)
+    # resampled: every interval spans "E twice" to "D twice".
+    assert (
+        "| tiny | early (L0) | fragile | 2 | 10.0 [-10.0, 30.0] | 5.0 [-20.0, 30.0] | 3 | "
+        "11.7 [2.5, 30.0] | 2 | 10.0 [-10.0, 30.0] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] "
+        "| 0.0% | 4.0 |" in text
+    )
+    # Layer 0 has no ambiguous token in split bins (B's R1 is .25, C's .9): listed from pbar's.
+    assert (
+        "| tiny | early (L0) | ambiguous | 2 | 20.0 [15.0, 25.0] | 20.0 [15.0, 25.0] | 0 | – |"
+        in text
+    )
+    # The pbar bins on request: the paper's line.
+    text = build_report(run_dir, config=AnalysisConfig(binning="pbar")).path.read_text()
+    assert "(strictly: 50.0%)" in text and "fragile: 2 tokens (33.3%)" in text
 
 
 def test_layers_are_labelled_from_the_runs_own_config_yaml(tmp_path):
@@ -124,6 +146,13 @@ def test_cli_regenerates_with_other_thresholds(run_dir, capsys):
         "all": 6,
     }
     assert "Confident pbar ≥ 0.95" in (run_dir / "report.md").read_text()
+    # --binning picks the headline's bins: u(S) alone puts B (u(S) = .5) in ambiguous.
+    assert main([str(run_dir), "--binning", "std"]) == 0
+    headline = pl.read_parquet(run_dir / "tables" / "headline.parquet")
+    assert (
+        headline.filter((pl.col("layer") == 0) & (pl.col("bin") == "ambiguous"))["tokens"][0] == 2
+    )
+    assert "- headline bins: u(S) alone" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
