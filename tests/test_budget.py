@@ -301,7 +301,8 @@ def test_budgets_of_the_demo_estimate_the_full_runs_bins_and_gains(reference, bu
     checked = 0
     for row in average.join(intervals, on=["layer", "bin"], suffix="_full").iter_rows(named=True):
         for mean in means:
-            lo, hi = row[f"{mean}_lo"], row[f"{mean}_hi"]
+            # the full run's trajectory-resampled interval: a budget samples within trajectories
+            lo, hi = row[f"{mean}_lo_trajectory"], row[f"{mean}_hi_trajectory"]
             if lo is not None and row[mean] is not None:
                 assert lo <= row[mean] <= hi, (row["layer"], row["bin"], mean, row[mean], lo, hi)
                 checked += 1
