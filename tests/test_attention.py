@@ -275,6 +275,32 @@ def test_cuda_flex_difference_from_eager(arch):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("decode", [False, True])
+def test_cuda_flex_attend_gpt_oss_shape(decode):
+    """The compiled CUDA kernel at GPT-OSS-20B's attention shape (64 heads on 8, dim 64,
+    window 128, sinks), float32, with the scorer's static shapes (a 1,024-key bucket, 256
+    queries sorted by position, 27 of them on block edges), against kv.attend: the evidence
+    that lifts workers.scorer.flex_refusal. Positions repeat as the J routes of one t do."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, n_keys, window = 64, 8, 64, 1024, 128
+    edges = torch.tensor([0, 1, 127, 128, 129, 255, 256, 383, 384, 511, 512, 639, 640])
+    pos = torch.cat([edges, edges[1:], torch.randint(0, 700, (256 - 25,), generator=gen)])
+    pos = pos.sort().values.cuda()
+    q, keys, values = (
+        torch.randn(shape, generator=gen).cuda()
+        for shape in ((256, heads, d), (kv_heads, n_keys, d), (kv_heads, n_keys, d))
+    )
+    sinks = torch.randn(heads, generator=gen).cuda()
+    self_k = torch.randn(256, kv_heads, d, generator=gen).cuda() if decode else None
+    self_v = torch.randn(256, kv_heads, d, generator=gen).cuda() if decode else None
+    for w in (window, None):
+        args = (q, keys, values, pos, 0.125, w, sinks, self_k, self_v)
+        got, want = flex_attend(*args), kv.attend(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cuda_compiled_decode_matches_brute_force(models, name):
     """torch.compile over padded, fixed-shape decode steps, float32, the tiny models."""

@@ -49,6 +49,8 @@ CPU_MAX_PAIRS = 1024
 # Kept free on each GPU of a spread model besides one micro-batch: the CUDA context and its
 # layers' share of the standard pass's keys/values (Qwen3-30B-A3B: 3.4 GB at 34k tokens in all).
 SPREAD_RESERVE_BYTES = 4 * 2**30
+# Compiled decode steps kept per process: one per scorer, layer L and key bucket (up to 8).
+COMPILE_LIMIT = 64
 
 
 def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
@@ -68,9 +70,15 @@ def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
 def flex_refusal(model: nn.Module, config: ScoreConfig) -> str | None:
     """Why `config` may not score `model` (None: it may). On CUDA the compiled FlexAttention
     kernel disagreed with eager attention on GPT-OSS-20B's shape (sliding windows and sinks):
-    one (t, R) pair in 2,700 off by 0.11 in float32 log-probability on an H200 (torch 2.11),
-    while the same code uncompiled on a CPU agrees to 1e-5; until that is explained, flex on
-    CUDA is for models without windows or sinks."""
+    one (t, R) pair in 2,700 off by 0.11 in float32 log-probability on an H200 (torch 2.11).
+    What runs around the kernel is exact on a CPU, also as a block-sparse kernel reads it
+    (tests/test_attention.py: only the listed key blocks, mask_mod on partial ones only, padded
+    ragged query blocks, windows at block edges, rows that see no key, sinks): the block lists,
+    the LSE merge of the query's own key and the sink. That run compiled the kernel with dynamic
+    shapes (after the first new length) over ragged query and key blocks; decoding now gives it
+    static, block-aligned shapes (key buckets, micro-batches of whole blocks), which no GPU has
+    run yet. Until `test_cuda_flex_attend_gpt_oss_shape` passes on one, flex on CUDA is for
+    models without windows or sinks."""
     if config.attention != "flex" or not config.device.startswith("cuda"):
         return None
     for module in model.modules():
@@ -349,6 +357,10 @@ class Scorer:
         run again, and CUDA graph trees then overwrite the outputs that later layers still read
         (the rotary embeddings; seen on an H200, torch 2.11)."""
         if self._compiled is None:
+            # compiled code is cached per code object: every scorer, layer L and bucket of the
+            # process shares _step's (dynamo's default limit, 8, is 3 layers of 3 buckets)
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, COMPILE_LIMIT)
             self._compiled = torch.compile(self._step, dynamic=False)
         return self._compiled
 
