@@ -6,19 +6,23 @@ sequence at positions 0..T-1, with causal rule, sliding window, GPT-OSS sinks an
 steps, the query's own key/value; GQA and DeepSeek-V2's MLA (key dim != value dim) included.
 
 How: the B queries of a micro-batch become the query-length axis of one flex_attention call
-over the shared keys (no per-query copies, no dense (B, T) score matrix). The block mask is
-built here from the queries' positions (`position_block_mask`): per block of queries the range
-of keys any of them may see is listed, blocks every one of them sees fully are marked full
-(no mask evaluation), and the rest are skipped; the scorer sorts a micro-batch by position, so
-a block of queries spans few positions and most of the (query, key) grid is never touched.
-What the fused kernel cannot express is merged exactly afterwards through the log-sum-exp it
-returns: the query's own key/value (a decode query's key is not in the store) and the sink
-logits (one extra softmax column per head, without a value). With l = LSE over the stored
-keys, s = the self logit, z = the sink: out = (e^l o + e^s v_self) / (e^l + e^s + e^z).
-On CUDA the kernel is torch.compile'd (FlexAttention is only fast compiled; dynamic shapes
-after the first recompile, so new sequence lengths do not recompile). On CPU inductor's flex
-kernel cannot return the LSE, so the uncompiled reference implementation runs: exact and
-fine for tests, slower than `kv.attend`.
+over the shared keys (no per-query copies, no dense (B, T) score matrix), with the `group` query
+heads of one KV head packed into query rows (GQA packing: (B, heads, d) -> (kv_heads, B * group,
+d)), so every key block read serves B * group rows. The block mask is built here from the rows'
+positions (`position_block_mask`): per block of query rows the range of keys any of them may
+see is listed, blocks every one of them sees fully are marked full (no mask evaluation), and
+the rest are skipped (also keys padded past the sequence); the scorer sorts a micro-batch by
+position, so a block of rows spans few positions and most of the (query, key) grid is never
+touched. What the fused kernel cannot express is merged exactly afterwards through the
+log-sum-exp it returns: the query's own key/value (a decode query's key is not in the store)
+and the sink logits (one extra softmax column per head, without a value). With l = LSE over
+the stored keys, s = the self logit, z = the sink: out = (e^l o + e^s v_self) / (e^l + e^s + e^z).
+On CUDA the kernel is torch.compile'd with static shapes, one compiled function per role
+(prefill, decode), each compiling once per shape: the scorer pads keys to buckets and
+micro-batches to a fixed size (workers.scorer), so once per key bucket. On a CPU inductor
+cannot lower flex_attention with the LSE (checked again with torch 2.13: "return_lse is not
+supported yet"), so the uncompiled reference implementation runs: exact, slower than
+`kv.attend`, and beside a compiled decode step, not inside it.
 """
 
 from __future__ import annotations

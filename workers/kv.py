@@ -76,9 +76,8 @@ _STATE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
 # the tiny benchmark, workers.bench_score). Flex always beside: see the module docstring.
 attention_in_graph = True
 # Smallest padded key length: on GPUs a multiple of any kernel's key block, and few buckets
-# (compiles); on a CPU decode attention's cost follows the padded length, and short sequences
-# are common there: 128 (a 288-token sequence padded to 1024 ran the compiled tiny benchmark
-# at 0.55x the speed of 512).
+# (compiles); on a CPU eager attention's cost follows the padded length, and sequences there are
+# short (tests, the demo): 128, FlexAttention's block.
 KEY_BUCKET_FLOOR = {"cuda": 1024, "cpu": 128}
 
 
