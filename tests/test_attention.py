@@ -90,6 +90,67 @@ def test_flex_attend_matches_the_definition(window, with_sinks, decode):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
 
+def _block_sparse_kernel(query, keys, values, *, block_mask, scale, **lse_request):
+    """What a block-sparse FlexAttention kernel (the compiled CUDA one) computes from a
+    BlockMask, unlike the CPU reference (which evaluates mask_mod everywhere): per block of
+    query rows (the last one ragged, its extra rows reading past the queries), only the listed
+    key blocks; mask_mod on the partial ones, none on the full ones; keys past the end never.
+    Returns (out, aux with .lse), -inf LSE and zero output for rows that see no key."""
+    from types import SimpleNamespace
+
+    (n_q, n_k), bs = block_mask.seq_lengths, block_mask.BLOCK_SIZE[0]
+    q_blocks = block_mask.kv_num_blocks.shape[-1]
+    rows = torch.arange(q_blocks * bs)
+    allowed = torch.zeros(q_blocks * bs, n_k, dtype=torch.bool)
+    for qb in range(q_blocks):
+        r = rows[qb * bs : (qb + 1) * bs, None]
+        for nums, idx, full in (
+            (block_mask.kv_num_blocks, block_mask.kv_indices, False),
+            (block_mask.full_kv_num_blocks, block_mask.full_kv_indices, True),
+        ):
+            for kb in idx[0, 0, qb, : nums[0, 0, qb]].tolist():
+                cols = torch.arange(kb * bs, min((kb + 1) * bs, n_k))[None]
+                ok = torch.ones(bs, cols.shape[1], dtype=torch.bool)
+                allowed[r, cols] = ok if full else block_mask.mask_mod(0, 0, r, cols)
+    q = torch.nn.functional.pad(query[0].double(), (0, 0, 0, q_blocks * bs - n_q))
+    group = query.shape[1] // keys.shape[1]  # enable_gqa
+    k, v = (x[0].double().repeat_interleave(group, 0) for x in (keys, values))
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    out = (probs @ v).to(query.dtype)[None, :, :n_q]
+    return out, SimpleNamespace(lse=lse.to(query.dtype)[None, :, :n_q])
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 4, 5, 9])
+@pytest.mark.parametrize("decode", [False, True])
+def test_block_sparse_kernel_semantics_match_the_definition(monkeypatch, window, decode):
+    """flex_attend as the compiled CUDA kernel runs it (block lists, not mask_mod everywhere):
+    GPT-OSS's windows smaller than, equal to and not multiples of the block (4), sinks, GQA
+    packing (2 query heads per kv head), positions on block edges, t=0 rows that see no stored
+    key, keys padded to a bucket far past the last position, a ragged last query block."""
+    from workers import attention
+
+    monkeypatch.setattr(attention, "_kernel", lambda device, decode: _block_sparse_kernel)
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, n_keys, d = 4, 2, 32, 8
+    pos = torch.tensor([0, 0, 1, 3, 3, 4, 4, 5, 7, 8, 8, 11, 12, 15, 16, 17, 19])
+    q = torch.randn(len(pos), heads, d, generator=gen)
+    keys = torch.randn(kv_heads, n_keys, d, generator=gen)
+    values = torch.randn(kv_heads, n_keys, d, generator=gen)
+    keys[:, 20:], values[:, 20:] = 0.0, 0.0  # the bucket's padding
+    sinks = torch.randn(heads, generator=gen)
+    self_k = torch.randn(len(pos), kv_heads, d, generator=gen) if decode else None
+    self_v = torch.randn(len(pos), kv_heads, d, generator=gen) if decode else None
+    with torch.inference_mode():
+        got = attention.flex_attend(
+            q, keys, values, pos, 0.4, window, sinks, self_k, self_v, block_size=4
+        )
+    want = _naive_attention(q, keys, values, pos, 0.4, window, sinks, self_k, self_v)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def models():
     return {name: make_model(name) for name in VARIANTS}
@@ -210,6 +271,32 @@ def test_cuda_flex_difference_from_eager(arch):
     )
     assert (flex32 - ref).abs().max() < 1e-3
     assert (flex16 - ref).abs().max() <= 2 * (eager16 - ref).abs().max() + 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("decode", [False, True])
+def test_cuda_flex_attend_gpt_oss_shape(decode):
+    """The compiled CUDA kernel at GPT-OSS-20B's attention shape (64 heads on 8, dim 64,
+    window 128, sinks), float32, with the scorer's static shapes (a 1,024-key bucket, 256
+    queries sorted by position, 27 of them on block edges), against kv.attend: the evidence
+    that lifts workers.scorer.flex_refusal. Positions repeat as the J routes of one t do."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, n_keys, window = 64, 8, 64, 1024, 128
+    edges = torch.tensor([0, 1, 127, 128, 129, 255, 256, 383, 384, 511, 512, 639, 640])
+    pos = torch.cat([edges, edges[1:], torch.randint(0, 700, (256 - 25,), generator=gen)])
+    pos = pos.sort().values.cuda()
+    q, keys, values = (
+        torch.randn(shape, generator=gen).cuda()
+        for shape in ((256, heads, d), (kv_heads, n_keys, d), (kv_heads, n_keys, d))
+    )
+    sinks = torch.randn(heads, generator=gen).cuda()
+    self_k = torch.randn(256, kv_heads, d, generator=gen).cuda() if decode else None
+    self_v = torch.randn(256, kv_heads, d, generator=gen).cuda() if decode else None
+    for w in (window, None):
+        args = (q, keys, values, pos, 0.125, w, sinks, self_k, self_v)
+        got, want = flex_attend(*args), kv.attend(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # the bug was ~0.1 in log p
 
 
 @pytest.mark.gpu

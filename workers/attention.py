@@ -6,19 +6,23 @@ sequence at positions 0..T-1, with causal rule, sliding window, GPT-OSS sinks an
 steps, the query's own key/value; GQA and DeepSeek-V2's MLA (key dim != value dim) included.
 
 How: the B queries of a micro-batch become the query-length axis of one flex_attention call
-over the shared keys (no per-query copies, no dense (B, T) score matrix). The block mask is
-built here from the queries' positions (`position_block_mask`): per block of queries the range
-of keys any of them may see is listed, blocks every one of them sees fully are marked full
-(no mask evaluation), and the rest are skipped; the scorer sorts a micro-batch by position, so
-a block of queries spans few positions and most of the (query, key) grid is never touched.
-What the fused kernel cannot express is merged exactly afterwards through the log-sum-exp it
-returns: the query's own key/value (a decode query's key is not in the store) and the sink
-logits (one extra softmax column per head, without a value). With l = LSE over the stored
-keys, s = the self logit, z = the sink: out = (e^l o + e^s v_self) / (e^l + e^s + e^z).
-On CUDA the kernel is torch.compile'd (FlexAttention is only fast compiled; dynamic shapes
-after the first recompile, so new sequence lengths do not recompile). On CPU inductor's flex
-kernel cannot return the LSE, so the uncompiled reference implementation runs: exact and
-fine for tests, slower than `kv.attend`.
+over the shared keys (no per-query copies, no dense (B, T) score matrix), with the `group` query
+heads of one KV head packed into query rows (GQA packing: (B, heads, d) -> (kv_heads, B * group,
+d)), so every key block read serves B * group rows. The block mask is built here from the rows'
+positions (`position_block_mask`): per block of query rows the range of keys any of them may
+see is listed, blocks every one of them sees fully are marked full (no mask evaluation), and
+the rest are skipped (also keys padded past the sequence); the scorer sorts a micro-batch by
+position, so a block of rows spans few positions and most of the (query, key) grid is never
+touched. What the fused kernel cannot express is merged exactly afterwards through the
+log-sum-exp it returns: the query's own key/value (a decode query's key is not in the store)
+and the sink logits (one extra softmax column per head, without a value). With l = LSE over
+the stored keys, s = the self logit, z = the sink: out = (e^l o + e^s v_self) / (e^l + e^s + e^z).
+On CUDA the kernel is torch.compile'd with static shapes, one compiled function per role
+(prefill, decode), each compiling once per shape: the scorer pads keys to buckets and
+micro-batches to a fixed size (workers.scorer), so once per key bucket. On a CPU inductor
+cannot lower flex_attention with the LSE (checked again with torch 2.13: "return_lse is not
+supported yet"), so the uncompiled reference implementation runs: exact, slower than
+`kv.attend`, and beside a compiled decode step, not inside it.
 """
 
 from __future__ import annotations
@@ -35,18 +39,30 @@ ATTENTIONS = ("eager", "flex")  # eager: workers.kv.attend, the reference
 BLOCK_SIZE = 128  # FlexAttention's default tile; block masks must be a multiple of it on GPU
 
 
-@functools.cache
-def _kernel(device_type: str):
-    import torch
+def _prefill_kernel(*args, **kwargs):  # one function per role: dynamo's recompile limit
+    from torch.nn.attention.flex_attention import flex_attention  # counts per code object
+
+    return flex_attention(*args, **kwargs)
+
+
+def _decode_kernel(*args, **kwargs):
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device_type == "cuda":
-        return torch.compile(flex_attention)
+    return flex_attention(*args, **kwargs)
+
+
+@functools.cache
+def _kernel(device_type: str, decode: bool):
+    import torch
+
+    role = _decode_kernel if decode else _prefill_kernel
+    if device_type == "cuda":  # static shapes: the caller pads them to one per key bucket
+        return torch.compile(role, dynamic=False)
 
     def reference(*args, **kwargs):  # its "call me compiled" warning says what the docstring says
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            return flex_attention(*args, **kwargs)
+            return role(*args, **kwargs)
 
     return reference
 
@@ -131,29 +147,43 @@ def flex_attend(
     self_value: torch.Tensor | None = None,
     *,
     block_size: int = BLOCK_SIZE,
+    masks: dict | None = None,
 ) -> torch.Tensor:
     """`workers.kv.attend` through FlexAttention: query (B, heads, d_k), keys (kv_heads, T, d_k),
-    values (kv_heads, T, d_v) -> (B, heads, d_v). See kv.attend for the masking rules."""
+    values (kv_heads, T, d_v) -> (B, heads, d_v). See kv.attend for the masking rules. `masks`
+    keeps the block masks built for these positions, for the next layer with the same window."""
     import torch
 
-    batch, n_heads, _ = query.shape
+    batch, n_heads, d_k = query.shape
     kv_heads, n_keys = keys.shape[0], keys.shape[1]
     group = n_heads // kv_heads
     decode = self_key is not None
-    mask = position_block_mask(
-        positions, n_keys, include_own=not decode, window=window, block_size=block_size
-    )
+    # GQA packing: the `group` query heads of one kv head are consecutive query rows (b, g)
+    rows = query.reshape(batch, kv_heads, group, d_k).transpose(0, 1).reshape(kv_heads, -1, d_k)
+    rows = rows.contiguous()  # (a copy when group == 1) one layout, so one kernel per shape
+    cache = {} if masks is None else masks
+    if (window, decode, block_size) not in cache:
+        cache[window, decode, block_size] = position_block_mask(
+            positions.repeat_interleave(group),
+            n_keys,
+            include_own=not decode,
+            window=window,
+            block_size=block_size,
+        )
     lse_kwargs, lse_of = _lse_request()
-    out, aux = _kernel(query.device.type)(
-        query.transpose(0, 1)[None],  # (1, heads, B, d): the micro-batch is the query axis
+    out, aux = _kernel(query.device.type, decode)(
+        rows[None],  # (1, kv_heads, B * group, d): the micro-batch is the query axis
         keys[None],
         values[None],
-        block_mask=mask,
+        block_mask=cache[window, decode, block_size],
         scale=scaling,
-        enable_gqa=group > 1,
         **lse_kwargs,
     )
-    out, lse = out[0].transpose(0, 1), lse_of(aux)[0].transpose(0, 1).float()  # (B, heads, .)
+
+    def unpack(x):  # (1, kv_heads, B * group, ...) -> (B, heads, ...)
+        return x[0].unflatten(1, (batch, group)).transpose(0, 1).flatten(1, 2)
+
+    out, lse = unpack(out), unpack(lse_of(aux)).float()
     if not decode:
         if sinks is None:
             return out

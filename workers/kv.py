@@ -8,13 +8,21 @@ Contract:
   layer in `layers`, the keys and values exactly as the layer's attention module hands them to
   its attention function: after projections, q/k norms, clipping and RoPE, and for DeepSeek-V2's
   MLA after the latent is expanded (nope and rope parts concatenated per head).
-- `decode_layer(layer, hidden, positions, position_embeddings)` runs one decoder layer on B
-  single-token queries inside `decoding(store, positions)`: query b (position positions[b])
-  attends to the stored keys/values of positions < positions[b] plus its own, with the
-  layer's own causal rule, sliding window and attention sinks.
+- `decode_layer(layer, hidden, positions, position_embeddings, keys, values)` runs one decoder
+  layer on B single-token queries: query b (position positions[b]) attends to that layer's stored
+  keys/values (passed in; any length > max(positions), the rest never seen) of positions
+  < positions[b] plus its own, with the layer's own causal rule, sliding window and attention
+  sinks. The keys travel as arguments, not as state, so a compiled decode step sees them as
+  graph inputs: one graph per shape, whatever sequence they come from.
+- `key_bucket(n, limit, floor)`: the padded key length of a sequence of n tokens (powers of two
+  from `floor`, capped at `limit`); `standard_pass(..., capacity=...)` stores keys and values
+  zero-padded to it, so decode steps of every sequence in a bucket have one shape.
 - `rotary(model, hidden, positions)`: the model's position embeddings for those positions.
 - `attention` ("eager" | "flex", both passes): `attend` below, the reference, or the fused
-  `workers.attention.flex_attend`; both compute the same function.
+  `workers.attention.flex_attend`; both compute the same function. Under torch.compile the
+  eager decode attention is traced into the caller's graph (`attention_in_graph`), flex runs
+  beside it (CPU inductor cannot lower FlexAttention with its log-sum-exp; on CUDA its kernel
+  is compiled on its own, workers.attention).
 
 How: both passes run the model's own modules with `config._attn_implementation` switched (for
 the duration of a `with`) to an attention function registered here, so every projection,
@@ -57,31 +65,32 @@ class _Capture:
     layers: frozenset[int]
     budget_bytes: int
     fused: bool  # flex_attend instead of attend
+    capacity: int | None  # keys/values stored zero-padded to this length
 
 
-@dataclass
-class _Decode:
-    store: KVStore
-    positions: torch.Tensor  # (B,) long, on the model's device
-    n_keys: int  # max(positions): no query sees a stored key at or beyond it
-    fused: bool
-    copies: dict[torch.device, torch.Tensor] = field(default_factory=dict)
-
-    def positions_on(self, device: torch.device) -> torch.Tensor:
-        """`positions` on `device`: a model spread over devices attends on each layer's own."""
-        if device == self.positions.device:
-            return self.positions
-        if device not in self.copies:
-            self.copies[device] = self.positions.to(device)
-        return self.copies[device]
-
-
-_STATE: contextvars.ContextVar[_Capture | _Decode | None] = contextvars.ContextVar(
+_STATE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
     "moe_counterfactual_attention", default=None
 )
+# Decode attention traced into a compiled decode step (True) or run between its graphs. Eager
+# attention inside: its masking and softmax fuse with the layer's elementwise work; on the tiny
+# benchmark's shape (CPU, one thread, best of 7 alternating in one process) 812 tokens/s inside,
+# 678 beside. Flex always beside: see the module docstring.
+attention_in_graph = True
+# Smallest padded key length: on GPUs a multiple of any kernel's key block, and few buckets
+# (compiles); on a CPU eager attention's cost follows the padded length, and sequences there are
+# short (tests, the demo): 128, FlexAttention's block.
+KEY_BUCKET_FLOOR = {"cuda": 1024, "cpu": 128}
 
 
-@torch.compiler.disable  # a compiled decode step runs attention between its graphs, as is
+def key_bucket(n: int, limit: int, floor: int = 1024) -> int:
+    """The padded key length for n tokens: the smallest power of two >= n from `floor` on,
+    capped at `limit` (the model's maximum length), or n itself beyond it."""
+    size = floor
+    while size < n:
+        size *= 2
+    return max(n, min(size, limit))
+
+
 def attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -94,50 +103,75 @@ def attention(
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The registered attention function; the mask comes from positions, never from the model."""
+    """The registered attention function; the mask comes from positions, never from the model.
+    Decode steps pass their keys in `kwargs` (decode_layer); the standard pass reads _STATE."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    window = int(sliding_window) if sliding_window else None
+    if "stored_keys" in kwargs:
+        if query.shape[2] != 1:
+            raise RuntimeError("decoding runs single-token queries")
+        fused = kwargs["stored_fused"]
+        attend_fn = _flex_beside if fused else (attend if attention_in_graph else _attend_beside)
+        extra = {"masks": kwargs["stored_masks"]} if fused else {}
+        out = attend_fn(
+            query[:, :, 0],
+            kwargs["stored_keys"],
+            kwargs["stored_values"],
+            kwargs["stored_positions"],
+            scaling,
+            window,
+            s_aux,
+            self_key=key[:, :, 0],
+            self_value=value[:, :, 0],
+            **extra,
+        )
+        return out[:, None], None  # (B, 1, heads, d_v)
     state = _STATE.get()
     if state is None:
         raise RuntimeError("moe_counterfactual attention called outside standard_pass/decoding")
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    window = int(sliding_window) if sliding_window else None
-    layer = module.layer_idx
+    return _prefill(state, module.layer_idx, query, key, value, scaling, window, s_aux)
+
+
+def _prefill(state: _Capture, layer, query, key, value, scaling, window, sinks):
+    """Causal attention of the standard pass over its own keys, which it stores."""
     batch, n_heads, q_len, _ = query.shape
-    if isinstance(state, _Capture):
-        if batch != 1:
-            raise RuntimeError("standard_pass runs one sequence at a time")
-        keys, values = key[0], value[0]
-        if layer in state.layers:
-            state.store.keys[layer] = keys.contiguous()
-            state.store.values[layer] = values.contiguous()
-        q = query[0].transpose(0, 1)  # (T, heads, d)
-        pos = torch.arange(q_len, device=query.device)
-        if state.fused:  # no score matrix, so no chunks
-            return flex_attend(q, keys, values, pos, scaling, window, s_aux)[None], None
-        per_query = 4 * 3 * n_heads * keys.shape[1]
-        chunk = max(1, state.budget_bytes // max(1, per_query))
-        out = torch.cat(
-            [
-                attend(q[i : i + chunk], keys, values, pos[i : i + chunk], scaling, window, s_aux)
-                for i in range(0, q_len, chunk)
-            ]
-        )
-        return out[None], None  # (1, T, heads, d_v)
-    if q_len != 1:
-        raise RuntimeError("decoding runs single-token queries")
-    n_keys = state.n_keys
-    keys = state.store.keys[layer]
-    out = (flex_attend if state.fused else attend)(
-        query[:, :, 0],
-        keys[:, :n_keys],
-        state.store.values[layer][:, :n_keys],
-        state.positions_on(keys.device),
-        scaling,
-        window,
-        s_aux,
-        self_key=key[:, :, 0],
-        self_value=value[:, :, 0],
+    if batch != 1:
+        raise RuntimeError("standard_pass runs one sequence at a time")
+    keys, values = key[0], value[0]
+    size = max(q_len, state.capacity or 0)
+    stored_k, stored_v = keys.contiguous(), values.contiguous()
+    if state.capacity:  # zero keys beyond the sequence: never visible, never read as garbage
+        # Held position-major, (size, kv_heads, d), seen through a (kv_heads, size, d) view: a
+        # prefix [:, :n] then has the same strides whatever the bucket, so a compiled step
+        # never re-specialises on them.
+        stored_k = _position_major(keys, size)
+        stored_v = _position_major(values, size)
+    if layer in state.layers:
+        state.store.keys[layer] = stored_k
+        state.store.values[layer] = stored_v
+    q = query[0].transpose(0, 1)  # (T, heads, d)
+    if state.fused:  # no score matrix, so no chunks; padded queries repeat the last position
+        pos = torch.arange(size, device=query.device).clamp(max=q_len - 1)
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, size - q_len))
+        out = flex_attend(q, stored_k, stored_v, pos, scaling, window, sinks)
+        return out[None, :q_len], None
+    pos = torch.arange(q_len, device=query.device)
+    per_query = 4 * 3 * n_heads * keys.shape[1]
+    chunk = max(1, state.budget_bytes // max(1, per_query))
+    out = torch.cat(
+        [
+            attend(q[i : i + chunk], keys, values, pos[i : i + chunk], scaling, window, sinks)
+            for i in range(0, q_len, chunk)
+        ]
     )
-    return out[:, None], None  # (B, 1, heads, d_v)
+    return out[None], None  # (1, T, heads, d_v)
+
+
+def _position_major(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(heads, T, d) -> zero-padded to `size` positions, stored (size, heads, d), viewed back."""
+    padded = x.new_zeros(size, x.shape[0], x.shape[2])
+    padded[: x.shape[1]] = x.transpose(0, 1)
+    return padded.transpose(0, 1)
 
 
 def attend(
@@ -192,6 +226,10 @@ def attend(
     return out.permute(2, 0, 1, 3).reshape(batch, n_heads, -1)
 
 
+_attend_beside = torch.compiler.disable(attend)  # a compiled step runs it between its graphs
+_flex_beside = torch.compiler.disable(flex_attend)
+
+
 @contextlib.contextmanager
 def attention_switched(model: nn.Module):
     """Route every attention module of `model` through `attention` for the duration."""
@@ -219,14 +257,18 @@ def standard_pass(
     layers: list[int],
     budget_bytes: int,
     attention: str = "eager",
+    capacity: int | None = None,
 ) -> KVStore:
-    """One forward pass of `model` over input_ids (1, T); keys/values of `layers` kept.
+    """One forward pass of `model` over input_ids (1, T); keys/values of `layers` kept, padded
+    with zeros to `capacity` keys if that is larger than T (and with flex, the pass's own
+    attention runs at that padded shape, so its compiled kernel sees one shape per bucket).
 
     Forward hooks registered by the caller see the usual activations. Must run inside
     `attention_switched(model)`.
     """
     store = KVStore()
-    token = _STATE.set(_Capture(store, frozenset(layers), budget_bytes, _fused(attention)))
+    capture = _Capture(store, frozenset(layers), budget_bytes, _fused(attention), capacity)
+    token = _STATE.set(capture)
     try:
         getattr(model, "model", model)(input_ids=input_ids, use_cache=False)
     finally:
@@ -235,19 +277,6 @@ def standard_pass(
     if missing:
         raise RuntimeError(f"attention of layers {missing} did not run through the hook")
     return store
-
-
-@contextlib.contextmanager
-def decoding(store: KVStore, positions: torch.Tensor, attention: str = "eager"):
-    """Inside, attention modules attend single-token queries at `positions` over `store`."""
-    # one device sync; at least one key, so that no kernel sees an empty sequence (a query at
-    # t=0 still sees none: the mask says j < 0)
-    n_keys = max(1, int(positions.max()))
-    token = _STATE.set(_Decode(store, positions, n_keys, _fused(attention)))
-    try:
-        yield
-    finally:
-        _STATE.reset(token)
 
 
 def _fused(attention: str) -> bool:
@@ -263,14 +292,29 @@ def rotary(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
 
 
 def decode_layer(
-    layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, position_embeddings
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    position_embeddings,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    fused: bool = False,
+    masks: dict | None = None,
 ) -> torch.Tensor:
-    """One decoder layer on B single-token queries: (B, H) -> (B, H). Run inside `decoding`."""
+    """One decoder layer on B single-token queries: (B, H) -> (B, H), attending over the
+    layer's stored `keys`/`values` (kv_heads, n, d) with n > max(positions); `fused`: through
+    flex_attend, whose block masks are kept in `masks` for the other layers of the step."""
     out = layer(
         hidden[:, None],
         attention_mask=None,
         position_ids=positions[:, None],
         position_embeddings=position_embeddings,
+        stored_keys=keys,
+        stored_values=values,
+        stored_positions=positions.to(keys.device),
+        stored_fused=fused,
+        stored_masks=masks,
     )
     out = out[0] if isinstance(out, tuple) else out
     return out[:, 0]

@@ -52,12 +52,13 @@ class ScoreConfig:
     memory_budget_mb: int = _setting(1024, "bound on one micro-batch's activations (MB)")
     attention: str = _setting(
         "eager",
-        "eager: the reference, fastest on CPU; flex: fused FlexAttention, for GPUs",
+        "eager: the reference, fastest on CPU; flex: fused FlexAttention (GQA heads packed"
+        " into query rows), for GPUs, where its kernel compiles once per key bucket",
     )
     compile: bool = _setting(
         False,
-        "torch.compile decode steps of one fixed micro-batch shape (the last one padded),"
-        " attention between the compiled graphs",
+        "torch.compile decode steps with static shapes (keys padded to power-of-two buckets,"
+        " micro-batches padded): one compile per layer and bucket, eager attention inside",
     )
     # A position budget: which completion positions of each trajectory are scored (a seeded
     # per-token draw, workers.scorer.select_positions); the standard pass is always whole.

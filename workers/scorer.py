@@ -25,6 +25,7 @@ single-token passes through the layers after L per token, instead of T x (J+1) f
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import time
@@ -40,6 +41,7 @@ from torch import nn
 
 from workers import kv, routes
 from workers.adapters import MoeAdapter, adapter_for
+from workers.attention import BLOCK_SIZE
 from workers.models import devices_of
 from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA
 from workers.score_config import (  # declared there: the driver reads it without torch
@@ -55,6 +57,8 @@ CPU_MAX_PAIRS = 1024
 # Kept free on each GPU of a spread model besides one micro-batch: the CUDA context and its
 # layers' share of the standard pass's keys/values (Qwen3-30B-A3B: 3.4 GB at 34k tokens in all).
 SPREAD_RESERVE_BYTES = 4 * 2**30
+# Compiled decode steps kept per process: one per scorer, layer L and key bucket (up to 8).
+COMPILE_LIMIT = 64
 
 
 def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
@@ -74,9 +78,15 @@ def load_model(model_path: str | Path, config: ScoreConfig) -> nn.Module:
 def flex_refusal(model: nn.Module, config: ScoreConfig) -> str | None:
     """Why `config` may not score `model` (None: it may). On CUDA the compiled FlexAttention
     kernel disagreed with eager attention on GPT-OSS-20B's shape (sliding windows and sinks):
-    one (t, R) pair in 2,700 off by 0.11 in float32 log-probability on an H200 (torch 2.11),
-    while the same code uncompiled on a CPU agrees to 1e-5; until that is explained, flex on
-    CUDA is for models without windows or sinks."""
+    one (t, R) pair in 2,700 off by 0.11 in float32 log-probability on an H200 (torch 2.11).
+    What runs around the kernel is exact on a CPU, also as a block-sparse kernel reads it
+    (tests/test_attention.py: only the listed key blocks, mask_mod on partial ones only, padded
+    ragged query blocks, windows at block edges, rows that see no key, sinks): the block lists,
+    the LSE merge of the query's own key and the sink. That run compiled the kernel with dynamic
+    shapes (after the first new length) over ragged query and key blocks; decoding now gives it
+    static, block-aligned shapes (key buckets, micro-batches of whole blocks), which no GPU has
+    run yet. Until `test_cuda_flex_attend_gpt_oss_shape` passes on one, flex on CUDA is for
+    models without windows or sinks."""
     if config.attention != "flex" or not config.device.startswith("cuda"):
         return None
     for module in model.modules():
@@ -123,7 +133,8 @@ class Scorer:
 
     `model` (tests, benchmarks) skips loading; it is moved to config.device/dtype unless it
     spans several devices (a spread model, as load_model makes: kept where it is).
-    `micro_batch` fixes the number of (t, R) pairs per decode step (else from the budget).
+    `micro_batch` fixes the number of (t, R) pairs per decode step (else from the budget);
+    `key_floor` is the smallest key bucket of static-shape decoding (kv.key_bucket).
     """
 
     def __init__(
@@ -133,6 +144,7 @@ class Scorer:
         *,
         model: nn.Module | None = None,
         micro_batch: int | None = None,
+        key_floor: int | None = None,
     ):
         self.model_path = Path(model_path)
         self.config = config
@@ -162,6 +174,8 @@ class Scorer:
         # Counters since construction: scored tokens, (t, R) pairs, distinct pairs decoded.
         self.stats = {"tokens": 0, "pairs": 0, "distinct_pairs": 0}
         self._compiled: Callable | None = None
+        self.key_floor = key_floor or kv.KEY_BUCKET_FLOOR.get(self.devices[0].type, 1024)
+        self._cuda = self.devices[0].type == "cuda"
         refusal = flex_refusal(self.model, config)
         if refusal:
             raise ValueError(refusal)
@@ -249,7 +263,12 @@ class Scorer:
         try:
             input_ids = torch.tensor(ids[:-1], device=self.devices[0])[None]
             store = kv.standard_pass(
-                self.model, input_ids, later, self._budget_bytes(), cfg.attention
+                self.model,
+                input_ids,
+                later,
+                self._budget_bytes(),
+                cfg.attention,
+                capacity=self._key_length(len(ids) - 1),
             )
         finally:
             for h in hooks:
@@ -317,44 +336,82 @@ class Scorer:
         ad, cfg = self.adapter, self.config
         shared = ad.shared_output(layer, x)
         weights = ad.route_weights(z[token], route_sets)
-        batch = self.micro_batch or self._micro_batch(int(positions[-1]) + 1)
         n = token.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=token.device)
         step = self._compiled_step(tuple(later)) if cfg.compile else self._step
-        for a in range(0, n, batch):
-            rows: slice | torch.Tensor = slice(a, a + batch)
-            if cfg.compile and n - a < batch:  # pad with copies of the last pair: one shape
-                rows = torch.arange(a, a + batch, device=token.device).clamp(max=n - 1)
+        for a, stop, n_keys, batch in self._plan(positions[token]):
+            rows: slice | torch.Tensor = slice(a, stop)
+            if n_keys and stop - a < batch:  # pad with copies of the last pair: one shape
+                rows = torch.arange(a, a + batch, device=token.device).clamp(max=stop - 1)
             tok = token[rows]
             hidden = resid[tok] + ad.moe_output(
                 layer, x, tok, route_sets[rows], weights[rows], shared
             )
             pos = positions[tok]
-            with kv.decoding(store, pos, cfg.attention):
-                logp = step(hidden, pos, targets[tok], tuple(later))
-            out[a : a + batch] = logp[: min(batch, n - a)]
+            # stored keys up to the last one any query sees (one device sync), or the bucket's
+            seen = n_keys or max(1, int(pos.max()))  # >= 1: no kernel sees an empty sequence
+            keys = tuple(store.keys[i][:, :seen] for i in later)
+            values = tuple(store.values[i][:, :seen] for i in later)
+            masks = {} if cfg.attention == "flex" else None  # flex block masks of this step
+            logp = step(hidden, pos, targets[tok], tuple(later), keys, values, masks)
+            out[a:stop] = logp[: stop - a]
         return out
 
-    def _step(self, hidden, positions, targets, later):
+    def _plan(self, pair_positions: torch.Tensor) -> list[tuple[int, int, int | None, int]]:
+        """Micro-batches (start, stop, key length, size) over pairs sorted by position. Static
+        shapes: a micro-batch holds pairs of one key bucket (the keys it needs, padded: query
+        t needs t keys) and is padded to that bucket's size, so steps of one bucket have one
+        shape whatever the sequence; else key length None and the size from the budget."""
+        n = pair_positions.shape[0]
+        last = int(pair_positions[-1]) + 1
+        if not self._key_length(last):
+            batch = self.micro_batch or self._micro_batch(last)
+            return [(a, min(a + batch, n), None, batch) for a in range(0, n, batch)]
+        pos = pair_positions.tolist()  # one device sync per sequence
+        plan, a = [], 0
+        while a < n:
+            n_keys = self._key_length(max(1, pos[a]))
+            batch = self.micro_batch or self._micro_batch(n_keys)
+            stop = min(a + batch, bisect.bisect_right(pos, n_keys, lo=a))
+            plan.append((a, stop, n_keys, batch))
+            a = stop
+        return plan
+
+    def _step(self, hidden, positions, targets, later, keys, values, masks):
         """One decode step: log p(target) of B single-token queries after the layers `later`;
-        hidden (B, H) entering the first of them. Run inside kv.decoding."""
+        hidden (B, H) entering the first of them; keys/values: those layers' stored keys."""
         model = self.model
         base = getattr(model, "model", model)
         rope = kv.rotary(model, hidden, positions)
-        for i in later:
-            hidden = kv.decode_layer(self.adapter.layers[i], hidden, positions, rope)
+        fused = masks is not None
+        for i, k, v in zip(later, keys, values, strict=True):
+            layer = self.adapter.layers[i]
+            hidden = kv.decode_layer(layer, hidden, positions, rope, k, v, fused=fused, masks=masks)
         logp = torch.log_softmax(model.lm_head(base.norm(hidden)).float(), dim=-1)
         return logp.gather(1, targets.to(logp.device)[:, None])[:, 0].to(targets.device)
 
     def _compiled_step(self, later: tuple[int, ...]):
-        """`_step` through torch.compile, one graph per fixed shape between attention calls
-        (kv.attention runs outside: torch.compiler.disable). Compiled once per Scorer; a new
-        layer L or micro-batch shape recompiles. Without CUDA graphs: each later layer's graph
-        is the same code run again, and CUDA graph trees then overwrite the outputs that later
-        layers still read (the rotary embeddings; seen on an H200, torch 2.11)."""
+        """`_step` through torch.compile with static shapes: the micro-batch is padded to one
+        size and the keys to the sequence's bucket (`_key_length`), so a step compiles once per
+        layer L and key bucket; eager attention is traced into the graph (kv.attention_in_graph),
+        flex runs between graphs. Without CUDA graphs: each later layer's graph is the same code
+        run again, and CUDA graph trees then overwrite the outputs that later layers still read
+        (the rotary embeddings; seen on an H200, torch 2.11)."""
         if self._compiled is None:
+            # compiled code is cached per code object: every scorer, layer L and bucket of the
+            # process shares _step's (dynamo's default limit, 8, is 3 layers of 3 buckets)
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, COMPILE_LIMIT)
             self._compiled = torch.compile(self._step, dynamic=False)
         return self._compiled
+
+    def _key_length(self, n_tokens: int) -> int | None:
+        """Stored keys per sequence of n_tokens: its bucket where shapes must be static
+        (compiled steps, the compiled flex kernel); None: exactly what each step needs."""
+        if not (self.config.compile or (self.config.attention == "flex" and self._cuda)):
+            return None
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        return kv.key_bucket(n_tokens, limit, self.key_floor)
 
     def _budget_bytes(self) -> int:
         return self.config.memory_budget_mb * 2**20
@@ -379,6 +436,8 @@ class Scorer:
             * (inter + hidden)  # routed experts: layer L's pairs, later layers
         )
         batch = max(1, self._budget_bytes() // per_pair)
+        if self._key_length(n_keys) and batch >= BLOCK_SIZE:  # whole query blocks, no ragged one
+            batch -= batch % BLOCK_SIZE
         return min(batch, CPU_MAX_PAIRS) if self.config.device == "cpu" else batch
 
     def _to_table(self, row: dict[str, Any], layer: int, s: dict[str, np.ndarray]) -> pa.Table:
