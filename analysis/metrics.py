@@ -84,7 +84,7 @@ class AnalysisConfig:
     """How scores become tables: bins, win margin, histogram resolution, bootstrap intervals.
 
     The one place these defaults live: `python -m analysis.report` flags and the driver's
-    `analysis` config group (orchestrator/config.py) both take them from here. Not frozen: it is
+    `analysis` config group (orchestrator/config/schema.py) both take them from here. Not frozen: it is
     also the Hydra schema of conf/analysis/.
     """
 

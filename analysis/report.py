@@ -134,7 +134,7 @@ def describe_positions(run_config: dict[str, Any] | None, stats: pl.DataFrame) -
 
 
 def summarise_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The few settings a reader needs (orchestrator/config.py's RunConfig layout). Only these
+    """The few settings a reader needs (orchestrator/config/schema.py's RunConfig layout). Only these
     named fields are printed, so nothing secret-looking from the config can reach the report."""
 
     def get(*keys: str) -> Any:

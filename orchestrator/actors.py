@@ -63,7 +63,7 @@ def local_model_dir(model: ModelConfig) -> str:
 
 
 class GeneratorWorker:
-    """Samples, verifies and writes trajectory shards of one model (workers.generate)."""
+    """Samples, verifies and writes trajectory shards of one model (workers.generation.generate)."""
 
     def __init__(
         self,
@@ -94,7 +94,7 @@ class GeneratorWorker:
     def generate(
         self, task: GenerationTask, out_path: str, config_hash: str, root: Path | None = None
     ) -> dict[str, Any]:
-        from workers.generate import generate_trajectories
+        from workers.generation.generate import generate_trajectories
 
         started = time.time()
         start, stop = task.rows
@@ -126,7 +126,7 @@ class GeneratorWorker:
 
 
 class ScorerWorker:
-    """Scores trajectory shards of one model at any of its MoE layers (workers.scorer)."""
+    """Scores trajectory shards of one model at any of its MoE layers (workers.scoring.scorer)."""
 
     def __init__(
         self,
@@ -137,7 +137,7 @@ class ScorerWorker:
         provenance: dict[str, Any] | None = None,
     ):
         setup_process(torch_threads)
-        from workers.scorer import ScoreConfig, Scorer
+        from workers.scoring.scorer import ScoreConfig, Scorer
 
         path = local_model_dir(model)
         self.scorer = Scorer(path, ScoreConfig(**score_options))
@@ -149,7 +149,7 @@ class ScorerWorker:
     def score(
         self, task: ScoringTask, out_path: str, config_hash: str, root: Path | None = None
     ) -> dict[str, Any]:
-        from workers.scorer import score_file
+        from workers.scoring.scorer import score_file
 
         sidecar = score_file(
             self.scorer,
@@ -170,7 +170,7 @@ class RouterWorker:
     def __init__(self, model: ModelConfig, device: str, *, torch_threads: int):
         setup_process(torch_threads)
         from workers.adapters import adapter_for
-        from workers.scorer import ScoreConfig, load_model
+        from workers.scoring.scorer import ScoreConfig, load_model
 
         self.path = local_model_dir(model)
         self.model = load_model(self.path, ScoreConfig(dtype=model.dtype, device=device))
@@ -181,7 +181,7 @@ class RouterWorker:
     ) -> dict[str, Any]:
         import pyarrow as pa
 
-        from workers.router_update import add_router_inputs, select_tokens
+        from workers.router.update import add_router_inputs, select_tokens
 
         started = time.time()
         scores = pa.concat_tables([read_arrow(p) for p in task.scores])
@@ -198,7 +198,7 @@ class RouterWorker:
     def train(
         self, task: TrainTask, out_path: str, unit_hash: str, root: Path | None = None
     ) -> dict[str, Any]:
-        from workers.router_update import (
+        from workers.router.update import (
             describe_update,
             router_parameters,
             train_router,

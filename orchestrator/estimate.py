@@ -32,7 +32,7 @@ from orchestrator.config import (
 )
 from workers.io import check_path_name
 from workers.rates import RATES_PATH, Rate, read_rates
-from workers.score_config import parse_positions
+from workers.scoring.score_config import parse_positions
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Prompt tokens on top of max_tokens: the chat templates and the longest prompts of the five

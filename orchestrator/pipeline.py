@@ -59,7 +59,10 @@ def run_stages(
     # 2. The pools: per model (in the plan's order) its generators, then its scorers; a
     # cell's scoring units come when its generation has landed.
     executor = Executor(max_gpus=cfg.cluster.max_gpus)
-    generation, scoring = GenerationStage(cfg, workers.generator), ScoringStage(cfg, workers.scorer)
+    generation, scoring = (
+        GenerationStage(cfg, workers.generator),
+        ScoringStage(cfg, workers.scorer),
+    )
     stages = (generation, scoring)
     flow = CellFlow(cfg, run_dir, summary, gen_units, stages, sink, job_sink, executor.stop)
     generation.landed, scoring.landed = flow.generated, flow.scored

@@ -40,7 +40,7 @@ from orchestrator.tasks import ScoringTask
 from workers.atomic import atomic_write
 from workers.io import config_hash, file_sha256
 from workers.runfiles import PLAN_FILE, plan_text
-from workers.score_config import ALL_POSITIONS
+from workers.scoring.score_config import ALL_POSITIONS
 
 TaskT = TypeVar("TaskT")
 

@@ -59,7 +59,7 @@ def prepare_datasets(
     "skipped_rows" ({row, problem_id, reason}) and the report counts it. `check(dataset,
     table)` runs on each dataset's problems before they are written (or once read back when
     complete) and may raise PipelineError."""
-    from workers.datasets import load_problems
+    from workers.generation.datasets import load_problems
 
     out = {}
     for dataset in datasets:
@@ -127,9 +127,9 @@ def check_prompts(
     config.json's `max_position_embeddings`, or vLLM's `model.engine.max_model_len` when
     smaller. A hub model's rows are checked by its generators instead, and a dataset with
     `skip_bad_rows` leaves them to the generators too: there such a row becomes unverified
-    samples with finish_reason "prompt_too_long" (workers.generate), counted in the report,
+    samples with finish_reason "prompt_too_long" (workers.generation.generate), counted in the report,
     never a failed unit."""
-    from workers.generate import prompt_problem
+    from workers.generation.generate import prompt_problem
 
     if dataset.skip_bad_rows:
         return

@@ -51,7 +51,7 @@ def analyse_model(
 ) -> str:
     from analysis.passk import count_correct, paired_diff, passk_table, plot_passk
     from analysis.router_check import mechanism_table, token_changes
-    from workers.router_update import is_holdout
+    from workers.router.update import is_holdout
 
     root = run_dir / "router_update" / model.name
     # pass@K of both variants, and the paired difference.

@@ -8,7 +8,7 @@ complete, as elsewhere):
 1. training data: generation, shards and scoring at the update's layer of each
    `router_update.train_datasets`, the very units the main pipeline would make (so a sweep
    that already scored them is reused as is);
-2. preferences: `router_update/<model>/preferences.arrow` (workers.router_update: the
+2. preferences: `router_update/<model>/preferences.arrow` (workers.router.update: the
    selected tokens and the router input x at each, one standard pass per trajectory);
 3. training: `router_update/<model>/train_log.arrow` plus the checkpoint directory
    `router_update/<model>/checkpoint/` (complete only while its files match the fingerprint

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from workers.generation import SamplingParams
 
 if TYPE_CHECKING:
-    from workers.router_update import UpdateConfig
+    from workers.router.update import UpdateConfig
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def expect_rows(task: GenerationTask) -> tuple[int, int]:
 
 
 def expect_update(task: PreferenceTask | TrainTask) -> None:
-    # Imported here: workers.router_update loads torch, which only the router stage needs.
-    from workers.router_update import UpdateConfig
+    # Imported here: workers.router.update loads torch, which only the router stage needs.
+    from workers.router.update import UpdateConfig
 
     expect(task, update=UpdateConfig)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_factories import FAMILIES, make_config  # noqa: E402
 
-from workers.demo_task import bundled_model_path  # noqa: E402
+from workers.generation.demo_task import bundled_model_path  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VOCAB = 640  # the bundled tiny model's vocabulary, so its tokenizer serves every family

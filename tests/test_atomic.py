@@ -163,7 +163,7 @@ def test_a_checkpoint_replaces_a_planted_folder_link_and_an_older_checkpoint(out
     import torch
     from safetensors.torch import load_file, save_file
 
-    from workers.router_update import write_checkpoint
+    from workers.router.update import write_checkpoint
 
     run, victim = outside
     src = run.parent / "model"

@@ -1,4 +1,4 @@
-"""The fused attention path (workers.attention) equals the reference and brute force; compile.
+"""The fused attention path (workers.scoring.attention) equals the reference and brute force; compile.
 
 CPU tests run FlexAttention's uncompiled implementation, which honours the mask function but
 not the block lists, so the block lists are checked on their own against the definition. The
@@ -13,10 +13,10 @@ import torch
 from moe_factories import FAMILIES, VARIANTS, make_model, make_trajectories, single_thread
 from test_scorer import _naive_attention, _pairs
 
-from workers import kv
-from workers.attention import flex_attend, position_block_mask
-from workers.brute import brute_logprobs
-from workers.scorer import ScoreConfig, Scorer
+from workers.scoring import kv
+from workers.scoring.attention import flex_attend, position_block_mask
+from workers.scoring.brute import brute_logprobs
+from workers.scoring.scorer import ScoreConfig, Scorer
 
 J = 4
 
@@ -130,7 +130,7 @@ def test_block_sparse_kernel_semantics_match_the_definition(monkeypatch, window,
     GPT-OSS's windows smaller than, equal to and not multiples of the block (4), sinks, GQA
     packing (2 query heads per kv head), positions on block edges, t=0 rows that see no stored
     key, keys padded to a bucket far past the last position, a ragged last query block."""
-    from workers import attention
+    from workers.scoring import attention
 
     monkeypatch.setattr(attention, "_kernel", lambda device, decode: _block_sparse_kernel)
     gen = torch.Generator().manual_seed(3)
@@ -223,7 +223,7 @@ def _real_shape_logps(arch, dtype, attention, compile=False, tokens=300, device=
     """log u of every (t, R) pair of one random trajectory, real head dims, 4 layers."""
     import pyarrow as pa
 
-    from workers.bench_score import build_model
+    from tools.bench_score import build_model
 
     model = build_model(arch, device, dtype, layers=4, seed=0)
     config = ScoreConfig(
@@ -280,7 +280,7 @@ def test_cuda_flex_attend_gpt_oss_shape(decode):
     """The compiled CUDA kernel at GPT-OSS-20B's attention shape (64 heads on 8, dim 64,
     window 128, sinks), float32, with the scorer's static shapes (a 1,024-key bucket, 256
     queries sorted by position, 27 of them on block edges), against kv.attend: the evidence
-    that lifts workers.scorer.flex_refusal. Positions repeat as the J routes of one t do."""
+    that lifts workers.scoring.scorer.flex_refusal. Positions repeat as the J routes of one t do."""
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, d, n_keys, window = 64, 8, 64, 1024, 128
     edges = torch.tensor([0, 1, 127, 128, 129, 255, 256, 383, 384, 511, 512, 639, 640])
@@ -320,7 +320,7 @@ def test_decode_flops_counts_weights_and_visible_keys(models):
     + 8 x 32x32) x 2/8 = 6144; 2 FLOPs a weight, plus the 96x32 head: 2 x (2 x 9472 + 3072) =
     44032. Attention: 2 x 4 heads x (8 + 8) x (mean t + 1 = 8.5) per layer. GPT-OSS's layer 2
     has a window of 4: 3 stored keys + its own."""
-    from workers.bench_score import decode_flops
+    from tools.bench_score import decode_flops
 
     positions = torch.arange(4, 12)
     assert decode_flops(_scorer(models["qwen3_moe"]), 0, positions) == (44032, 2 * 128 * 8.5)
@@ -329,7 +329,7 @@ def test_decode_flops_counts_weights_and_visible_keys(models):
 
 
 def test_flex_is_refused_on_cuda_only_for_models_with_windows_or_sinks(models):
-    from workers.scorer import flex_refusal
+    from workers.scoring.scorer import flex_refusal
 
     cuda_flex = ScoreConfig(attention="flex", device="cuda")
     assert flex_refusal(models["gpt_oss"], cuda_flex) is not None
@@ -343,7 +343,7 @@ def test_the_drivers_family_list_names_exactly_the_models_flex_refuses(models):
     """workers.families.WINDOWS_OR_SINKS (checked by the driver before Ray) agrees with what the
     scorer finds in the loaded modules."""
     from workers.families import FAMILIES, WINDOWS_OR_SINKS
-    from workers.scorer import flex_refusal
+    from workers.scoring.scorer import flex_refusal
 
     cuda_flex = ScoreConfig(attention="flex", device="cuda")
     refused = {n for n in FAMILIES if flex_refusal(models[n], cuda_flex) is not None}

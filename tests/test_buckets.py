@@ -14,9 +14,9 @@ import torch
 from moe_factories import VARIANTS, make_model, make_trajectories, single_thread
 from test_scorer import _pairs
 
-from workers import kv
-from workers.brute import brute_logprobs
-from workers.scorer import ScoreConfig, Scorer
+from workers.scoring import kv
+from workers.scoring.brute import brute_logprobs
+from workers.scoring.scorer import ScoreConfig, Scorer
 
 J = 3
 

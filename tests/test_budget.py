@@ -19,8 +19,8 @@ from orchestrator import config as C
 from orchestrator import plan
 from orchestrator.stages.scoring import scoring_units
 from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA
-from workers.score_config import ScoreConfig
-from workers.scorer import Scorer, select_positions
+from workers.scoring.score_config import ScoreConfig
+from workers.scoring.scorer import Scorer, select_positions
 
 C.register_configs()
 KEYS = ["layer", "problem_id", "sample_idx", "position"]
@@ -196,10 +196,7 @@ def test_the_default_budget_keeps_every_hash_and_another_changes_the_units():
     assert plan.derive_run_id(budget, C.config_tree(budget)) != "tiny-b2168886"
     shards = [(plan.Path("/r/a.arrow"), "s0")]
     units = [
-        {
-            u.key: u.config_hash
-            for u in scoring_units(plan.Path("/r"), cell, cfg.scoring, shards)
-        }
+        {u.key: u.config_hash for u in scoring_units(plan.Path("/r"), cell, cfg.scoring, shards)}
         for cfg in (base, make("scoring.positions=all"), budget, make("scoring.positions=64"))
         for cell in plan.plan_cells(cfg)
     ]

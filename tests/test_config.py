@@ -97,7 +97,7 @@ def test_unknown_keys_are_rejected(override):
 
 
 def test_scoring_keys_are_the_scorers_settings_then_the_runs_own():
-    from workers.score_config import ScoreConfig
+    from workers.scoring.score_config import ScoreConfig
 
     scorer = {f.name: f.default for f in dataclasses.fields(ScoreConfig)}
     ours = dataclasses.asdict(C.ScoringConfig())
@@ -434,7 +434,7 @@ def test_flex_on_gpus_is_refused_before_ray_for_families_with_windows_or_sinks()
 def test_router_update_hyperparameters_are_declared_once_by_the_worker():
     """router_update.<key> for each UpdateConfig field is that field (default, help), and the
     worker's config built from a composed run holds the run's values."""
-    from workers.update_config import UpdateConfig
+    from workers.router.update_config import UpdateConfig
 
     ours = {f.name: f for f in dataclasses.fields(C.RouterUpdateConfig)}
     for f in dataclasses.fields(UpdateConfig):
@@ -474,8 +474,8 @@ def test_every_key_is_listed_once_with_its_type_default_and_help():
     from omegaconf import OmegaConf
 
     from orchestrator.config.describe import describe
-    from workers.score_config import ScoreConfig
-    from workers.update_config import UpdateConfig
+    from workers.router.update_config import UpdateConfig
+    from workers.scoring.score_config import ScoreConfig
 
     def flat(node, prefix=""):
         for key, value in node.items():

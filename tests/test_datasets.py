@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from workers.datasets import SPECS, gpqa_permutation, load_problems
+from workers.generation.datasets import SPECS, gpqa_permutation, load_problems
 from workers.schemas import PROBLEMS_SCHEMA
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -94,7 +94,7 @@ def test_gpqa_permutation_is_seeded_and_stable():
         1: [[1, 3, 2, 0], [1, 0, 2, 3], [3, 0, 2, 1], [3, 2, 0, 1],
             [1, 0, 2, 3], [2, 1, 3, 0], [0, 1, 2, 3], [1, 0, 2, 3]],
     }  # fmt: skip
-    code = "from workers.datasets import gpqa_permutation as g; print([g(f'rec{i}', 0) for i in range(8)])"
+    code = "from workers.generation.datasets import gpqa_permutation as g; print([g(f'rec{i}', 0) for i in range(8)])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True
@@ -116,7 +116,8 @@ def test_limit_takes_first_rows_in_file_order():
 
 
 def test_demo_delegates_to_demo_task():
-    from workers import demo_task
+    from workers.generation import demo_task
+
     table = load_problems("demo", seed=3, n=5, difficulty=1)
     assert table.schema == PROBLEMS_SCHEMA
     assert table.equals(demo_task.make_problems(5, 3, difficulty=1))
@@ -191,7 +192,7 @@ def test_a_jsonl_line_that_is_not_json_is_named(tmp_path):
 def test_unreachable_hub_says_to_pass_a_local_path():
     # Offline mode makes `datasets` fail at once instead of retrying for ~30 s.
     code = (
-        "from workers.datasets import load_problems\n"
+        "from workers.generation.datasets import load_problems\n"
         "try:\n    load_problems('aime2024')\n"
         "except RuntimeError as e:\n    print(e)\n"
     )

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from workers import demo_task
+from workers.generation import demo_task
 from workers.schemas import PROBLEMS_SCHEMA
 
 
@@ -89,7 +89,7 @@ def test_rendered_solutions_verify_and_fork():
 
 
 def test_training_example_round_trips_through_the_tokenizer():
-    from workers.train_tiny import build_tokenizer, encode_example
+    from tools.train_tiny import build_tokenizer, encode_example
 
     tokenizer = build_tokenizer()
     problem = demo_task.problem_pool(3, "train")[-1]  # the largest numbers of any difficulty

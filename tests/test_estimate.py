@@ -22,7 +22,7 @@ def make(*overrides: str) -> C.RunConfig:
 
 def test_every_model_and_scoring_dtype_has_a_size():
     from workers.generation import DTYPES as MODEL_DTYPES
-    from workers.score_config import DTYPES as SCORING_DTYPES
+    from workers.scoring.score_config import DTYPES as SCORING_DTYPES
 
     assert set(E.BYTES) == {*MODEL_DTYPES, *SCORING_DTYPES}
 
@@ -155,7 +155,7 @@ def test_the_attention_cost_rule_predicts_the_measured_lengths_it_was_not_fitted
 
 def test_attn_width_of_each_model_is_its_published_shape():
     """heads x (d_k + d_v) of the config.json values bench_score measures the rates on."""
-    from workers.bench_score import arch_config
+    from tools.bench_score import arch_config
 
     for name in ("olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite", "tiny"):
         hf = arch_config(name)
@@ -319,7 +319,7 @@ def test_the_dry_run_prints_the_need_then_refuses(tmp_path):
 def test_bench_score_records_a_row_the_estimate_can_read(tmp_path):
     from argparse import Namespace
 
-    from workers.bench_score import record_rate
+    from tools.bench_score import record_rate
     from workers.provenance import scoring_code_version
 
     path = tmp_path / "rates.csv"

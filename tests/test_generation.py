@@ -12,7 +12,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from workers.generate import generate_trajectories
 from workers.generation import (
     Completion,
     SamplingParams,
@@ -20,8 +19,9 @@ from workers.generation import (
     make_backend,
     sample_seed,
 )
+from workers.generation.generate import generate_trajectories
 from workers.generation.hf import _RowSampler
-from workers.prompts import MATH_INSTRUCTION, render_prompt
+from workers.generation.prompts import MATH_INSTRUCTION, render_prompt
 from workers.schemas import PROBLEMS_SCHEMA, TRAJECTORIES_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ def test_make_backend_errors():
 def test_worker_modules_do_not_import_vllm_or_optional_libraries():
     code = (
         "import sys\n"
-        "import workers.generation, workers.generate, workers.datasets, workers.verify, workers.prompts\n"
+        "import workers.generation, workers.generation.generate, workers.generation.datasets, workers.generation.verify, workers.generation.prompts\n"
         "print(sorted(m for m in ('vllm', 'datasets', 'math_verify', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -385,7 +385,7 @@ def test_verification_in_the_generator_keeps_its_deadline_on_looping_completions
 
 
 def test_bundled_tiny_model_solves_demo_problems():
-    from workers import demo_task
+    from workers.generation import demo_task
 
     path = demo_task.bundled_model_path()
     assert (path / "model.safetensors").is_file()  # shipped in the package, never skipped

@@ -6,7 +6,7 @@ import pytest
 import torch
 from moe_factories import make_config, make_model, save_model
 
-from workers import demo_task
+from workers.generation import demo_task
 from workers.models import devices_of, load_causal_lm, placement, weights_bytes
 
 GB = 10**9
@@ -39,7 +39,9 @@ def test_the_bundled_model_loads_in_the_requested_dtype_on_the_cpu_in_eval_mode(
 def test_a_saved_checkpoint_loads_the_same_weights(tmp_path):
     model = make_model("olmoe")
     loaded = load_causal_lm(save_model(model, tmp_path / "m"), dtype=torch.float32)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

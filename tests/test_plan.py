@@ -91,7 +91,7 @@ def test_dry_run_prints_the_plan_without_ray_or_a_model(tmp_path):
     imported = {
         line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line
     }
-    # The scorer's settings are checked without torch (workers.score_config); no model
+    # The scorer's settings are checked without torch (workers.scoring.score_config); no model
     # library, no Ray, no W&B.
     assert not imported & {"torch", "ray", "transformers", "wandb", "vllm"}
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
@@ -266,7 +266,7 @@ def test_scoring_units_per_layer_and_shard_with_hashes_of_only_what_matters():
 def test_a_scoring_units_hash_covers_exactly_these_scorer_settings():
     # Pinned: hashing one more setting (or one fewer) would redo every finished unit of every
     # run on resume. A new setting that changes the scores must be hashed; one that changes
-    # only speed belongs in workers.score_config.SPEED_SETTINGS.
+    # only speed belongs in workers.scoring.score_config.SPEED_SETTINGS.
     cfg = make()
     [cell] = plan.plan_cells(cfg)
     [unit, *_] = scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/a.arrow"), "s0")])

@@ -8,7 +8,7 @@ from argparse import Namespace
 import pytest
 
 from orchestrator import estimate as E
-from workers import bench_score
+from tools import bench_score
 from workers.rates import COLUMNS, LEGACY_COLUMNS, Rate, read_rates
 
 LEGACY = ",".join(LEGACY_COLUMNS) + "\nscoring,m,early,1024,H200,bfloat16,32,100,,old\n"

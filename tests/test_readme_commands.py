@@ -35,11 +35,11 @@ NOT_HERE = {
     "make test-vllm": "the vLLM tier of the test suite (`-m vllm`), which `make test` runs",
     "ray job submit": "needs a Ray cluster; tests/test_ray_job.py submits the demo the same way"
     " to a head started on 127.0.0.1",
-    "python -m workers.bench_score --arch": "--device cuda: needs a GPU",
+    "python -m tools.bench_score --arch": "--device cuda: needs a GPU",
     "for run in": "the GPU benchmark loop (--device cuda)",
     "OUT=gpu-check bash tools/gpu_check.sh": "the GPU check script (--device cuda)",
     "python -m pytest --noconftest -m gpu": "the GPU tests: skipped without CUDA",
-    "python -m workers.train_tiny": "retrains the bundled model (~9 min on one core); its"
+    "python -m tools.train_tiny": "retrains the bundled model (~9 min on one core); its"
     " tokenizer and data are tested in tests/test_demo_task.py, the model it made in"
     " tests/test_tiny_model.py",
 }
@@ -112,10 +112,17 @@ def test_the_readme_documents_the_commands_this_file_expects():
 
 def test_placeholders_fill_as_documented():
     values = {"runs/<run_id>": "runs/tiny-1", "DIR": "m", "IN.arrow": "a/0.arrow"}
-    assert fill("python -m analysis.report runs/<run_id> [--confident 0.9] [--cluster x|y]",
-                values) == "python -m analysis.report runs/tiny-1 --confident 0.9 --cluster x"
-    assert fill("python -m workers.score --model DIR --trajectories IN.arrow [--compile]",
-                values) == "python -m workers.score --model m --trajectories a/0.arrow"
+    assert (
+        fill("python -m analysis.report runs/<run_id> [--confident 0.9] [--cluster x|y]", values)
+        == "python -m analysis.report runs/tiny-1 --confident 0.9 --cluster x"
+    )
+    assert (
+        fill(
+            "python -m workers.scoring.score --model DIR --trajectories IN.arrow [--compile]",
+            values,
+        )
+        == "python -m workers.scoring.score --model m --trajectories a/0.arrow"
+    )
 
 
 @pytest.fixture(scope="module")

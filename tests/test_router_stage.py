@@ -11,7 +11,7 @@ from pipeline_runs import run_inprocess, stage_counts
 from safetensors.torch import load_file
 
 from orchestrator import config as C
-from workers.demo_task import bundled_model_path
+from workers.generation.demo_task import bundled_model_path
 from workers.io import file_sha256
 
 C.register_configs()

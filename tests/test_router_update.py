@@ -11,7 +11,7 @@ from moe_factories import make_model, make_trajectories, save_model, single_thre
 from safetensors.torch import load_file
 
 from workers.adapters import adapter_for
-from workers.router_update import (
+from workers.router.update import (
     PREFERENCES_SCHEMA,
     UpdateConfig,
     add_router_inputs,

@@ -293,7 +293,7 @@ def test_a_data_file_row_lacking_a_field_is_one_error_line(tmp_path):
 
 
 def test_a_model_config_json_that_is_not_json_is_one_error_line(tmp_path):
-    from workers.demo_task import bundled_model_path
+    from workers.generation.demo_task import bundled_model_path
 
     model = shutil.copytree(bundled_model_path(), tmp_path / "model")
     (model / "config.json").write_text("{not json")

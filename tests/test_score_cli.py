@@ -1,4 +1,4 @@
-"""`python -m workers.score` end to end on a saved tiny model, and its error contract."""
+"""`python -m workers.scoring.score` end to end on a saved tiny model, and its error contract."""
 
 import dataclasses
 import os
@@ -12,8 +12,8 @@ from moe_factories import make_model, make_trajectories, save_model, single_thre
 
 from workers.io import done_path, is_complete, read_arrow, read_sidecar
 from workers.schemas import SCORES_SCHEMA
-from workers.score import main, parse_args
-from workers.score_config import ScoreConfig
+from workers.scoring.score import main, parse_args
+from workers.scoring.score_config import ScoreConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +40,7 @@ def test_cli_end_to_end(model_dir, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "workers.score",
+        "workers.scoring.score",
         "--model",
         str(model_dir),
         "--trajectories",

@@ -8,11 +8,11 @@ import pytest
 import torch
 from moe_factories import FAMILIES, VARIANTS, make_model, make_trajectories, single_thread
 
-from workers import kv, routes
 from workers.adapters import adapter_for
-from workers.brute import brute_logprobs
 from workers.schemas import SCORES_SCHEMA
-from workers.scorer import ScoreConfig, Scorer
+from workers.scoring import kv, routes
+from workers.scoring.brute import brute_logprobs
+from workers.scoring.scorer import ScoreConfig, Scorer
 
 J = 4
 
@@ -249,7 +249,7 @@ def test_config_validation(field, value):
 
 
 def test_every_scoring_dtype_is_a_torch_floating_dtype():
-    from workers.score_config import DTYPES
+    from workers.scoring.score_config import DTYPES
 
     for name in DTYPES:
         assert ScoreConfig(dtype=name).torch_dtype.is_floating_point, name
@@ -363,7 +363,7 @@ def test_bundled_model_matches_brute_force(spec):
 
     from transformers import AutoTokenizer
 
-    from workers import demo_task
+    from workers.generation import demo_task
 
     scorer = Scorer(demo_task.bundled_model_path(), ScoreConfig(alternatives=J, pool=8))
     problem = demo_task.problem_pool(1, "eval")[0]

@@ -1,7 +1,7 @@
 """The bundled tiny Qwen3-MoE: a standard model directory that loads offline and does the science.
 
 The science needs right answers to score (sampled accuracy in [0.5, 0.9]) and low-probability
-tokens inside them (fragile share >= 0.05): see workers/demo_eval.py.
+tokens inside them (fragile share >= 0.05): see tools/demo_eval.py.
 """
 
 import json
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from workers import demo_task
+from workers.generation import demo_task
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub; the directory is complete
 
@@ -66,7 +66,7 @@ def test_greedy_generation_solves_a_problem_in_the_task_format(loaded):
 
 @pytest.mark.slow
 def test_sampled_accuracy_and_fragile_share_on_fresh_problems():
-    from workers.demo_eval import evaluate
+    from tools.demo_eval import evaluate
 
     torch.set_num_threads(2)
     result = evaluate(MODEL_DIR, n_problems=100, seed=1234)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from workers.verify import Verdict, extract_boxed, extract_choice, verify, verify_many
+from workers.generation.verify import Verdict, extract_boxed, extract_choice, verify, verify_many
 
 # sympy expands this polynomial when comparing it with a number: many seconds, not milliseconds.
 SLOW_ANSWER = "\\boxed{(x+1)^{2000}-(x-1)^{2000}}"

@@ -97,10 +97,10 @@ def test_vllm_accuracy_lies_in_the_hf_backends_interval():
     reproducible); vLLM's accuracy must lie in the 95% Wilson interval of HF's. Measured:
     vLLM 0.7168 vs HF 0.7246 at 8 samples (512 each); at 2 samples of 24 problems vLLM's
     0.646 fell below HF's 0.681-0.898 by chance (48 draws are too few)."""
-    from workers.datasets import load_problems
-    from workers.demo_task import bundled_model_path
-    from workers.generate import generate_trajectories
     from workers.generation import SamplingParams, make_backend
+    from workers.generation.datasets import load_problems
+    from workers.generation.demo_task import bundled_model_path
+    from workers.generation.generate import generate_trajectories
 
     problems = load_problems("demo", path=None, limit=None, seed=0, n=64)
     params = SamplingParams(n=4, temperature=1.0, max_tokens=96, seed=0)
@@ -131,7 +131,7 @@ def check_context_limits(backend, params) -> None:
     gets 6 new tokens at most, one of 256 is recorded unprompted, the unit goes on."""
     import pyarrow as pa
 
-    from workers.generate import generate_trajectories
+    from workers.generation.generate import generate_trajectories
     from workers.schemas import PROBLEMS_SCHEMA
 
     assert backend.max_length == 256

@@ -409,7 +409,7 @@ def log_router_steps(session, run_dir: Path, *, run_id: str = "ru", model: str =
     from orchestrator.config import ModelConfig, RouterUpdateConfig
     from orchestrator.router_report import log_wandb
     from workers.io import write_arrow
-    from workers.router_update import TRAIN_LOG_SCHEMA
+    from workers.router.update import TRAIN_LOG_SCHEMA
 
     ru = RouterUpdateConfig(name="demo", train_datasets=["demo_train"], eval_datasets=["demo"])
     prefs = pl.DataFrame({"kind": ["prefer", "anchor", "anchor"], "position": [1, 2, 3]})

@@ -9,7 +9,7 @@ Run from the repository root (it builds the tiny models of tests/moe_factories.p
 Contract: for each variant of tests/moe_factories.py (the four families, six models) it scores
 the same random trajectories with the fast scorer in bfloat16 (the float32 model cast to bf16,
 ScoreConfig(dtype="bfloat16"), J alternatives from a pool of every expert), then computes u of
-exactly those (position, route) pairs in float32 by brute force (workers.brute, the definition
+exactly those (position, route) pairs in float32 by brute force (workers.scoring.brute, the definition
 of u; the routes of a bf16 run are its own, so the float32 scorer, which draws from float32
 router logits, would not give the same pairs). Per variant and layer it prints the max and the
 99.9th percentile of |u_bf16(R) - u_fp32(R)| over every pair (S included), and the max of
@@ -57,8 +57,8 @@ class Deviation:
 def measure(model, layer_spec: str, table, alternatives: int = J) -> Deviation:
     """Score `table` (TRAJECTORIES_SCHEMA) at `layer_spec` in bf16 and compare every (t, R)
     pair's u with float32 brute force on `model` (float32, eval mode; left unchanged)."""
-    from workers.brute import brute_logprobs
-    from workers.scorer import ScoreConfig, Scorer
+    from workers.scoring.brute import brute_logprobs
+    from workers.scoring.scorer import ScoreConfig, Scorer
 
     low = copy.deepcopy(model).to(torch.bfloat16)
     config = ScoreConfig(alternatives=alternatives, dtype="bfloat16")

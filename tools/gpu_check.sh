@@ -3,7 +3,7 @@
 #
 #     bash tools/gpu_check.sh          # rows and logs under $OUT (else ./gpu-check)
 #
-# 1. workers.bench_score on the real shapes (random init, bf16, J=32, early and final layer,
+# 1. tools.bench_score on the real shapes (random init, bf16, J=32, early and final layer,
 #    each attention path of $PATHS), recording a row per layer and path: Qwen3-30B-A3B at
 #    4,096, 16,384 and 32,768 tokens, OLMoE-1B-7B at 2,048 and 16,384, GPT-OSS-20B and
 #    DeepSeek-V2-Lite at 4,096; most informative first.
@@ -39,7 +39,7 @@ step() {  # step SECONDS NAME COMMAND...: run COMMAND for at most SECONDS, logge
 bench() {  # bench SECONDS ARCH TOKENS [more bench_score options]
   local limit=$1 arch=$2 tokens=$3
   shift 3
-  step "$limit" "$arch at $tokens tokens" "$py" -m workers.bench_score --arch "$arch" \
+  step "$limit" "$arch at $tokens tokens" "$py" -m tools.bench_score --arch "$arch" \
     --random-init --device cuda --dtype bfloat16 --tokens "$tokens" --alternatives 32 \
     --layer early,final --attention "$paths" --peak-tflops "$peak" --no-forward --record \
     --rates "$out/rates.csv" --exact-cache "$out/exact.json" "$@"

@@ -19,7 +19,7 @@ from typing import Any
 FAMILIES = ("qwen3_moe", "olmoe", "deepseek_v2", "gpt_oss")
 
 # Families whose attention has sliding windows or sinks: FlexAttention on CUDA is refused for
-# them (workers.scorer.flex_refusal, which checks the loaded modules; this list lets the driver
+# them (workers.scoring.scorer.flex_refusal, which checks the loaded modules; this list lets the driver
 # refuse the configuration before anything runs).
 WINDOWS_OR_SINKS = ("gpt_oss",)
 

@@ -18,7 +18,14 @@ from pathlib import Path
 
 LIBRARIES = ("torch", "transformers", "vllm", "ray")
 # The modules whose code decides a score's value (SCORES_SCHEMA's columns).
-SCORING_MODULES = ("scorer", "kv", "adapters", "routes", "layers", "schemas")
+SCORING_MODULES = (
+    "scoring/scorer",
+    "scoring/kv",
+    "adapters",
+    "scoring/routes",
+    "layers",
+    "schemas",
+)  # paths below workers/
 ROOT = Path(__file__).resolve().parent.parent
 
 

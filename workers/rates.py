@@ -7,12 +7,12 @@ trajectory length it was measured at; empty when it does not apply), `gpu` (e.g.
 model.tensor_parallel_size GPUs), `scorer` (the scoring code version of
 workers.provenance, when known), `source` (how it was measured or where it was published);
 then, for scoring rows, `path` (the attention path: eager | flex | flex+compile), `exact`
-(yes: the path's log-probs matched float32 eager attention, workers.bench_score's exactness
+(yes: the path's log-probs matched float32 eager attention, tools.bench_score's exactness
 check; no: they did not; empty: not checked, which counts as exact for eager, the reference
 every other path is tested against), `peak_fraction` (model FLOP/s over the device's peak,
 when given), `device` (the device's full name) and `date` (YYYY-MM-DD). A table with only the
 first ten columns reads with those empty.
-`read_rates` returns the rows; `append_rate` adds one (workers.bench_score --record). The
+`read_rates` returns the rows; `append_rate` adds one (tools.bench_score --record). The
 orchestrator's dry run reads it to estimate GPU-hours, with the fastest exact path of each
 model (`Rate.counts_as_exact`). Plain csv: no pandas for a few dozen rows.
 """

@@ -4,8 +4,8 @@ Contract: `RunConfig` is the root (registered in Hydra's ConfigStore as `run_sch
 orchestrator.config.compose, so an unknown key anywhere is an error); the YAML files under
 conf/<group>/ only set values. Two groups take their keys from the worker that uses them, so
 each setting is declared, defaulted and explained once: `scoring.*`'s scorer settings are
-workers.score_config.ScoreConfig's fields (all but `device`, each scorer actor's own), and
-`router_update.*`'s hyperparameters are workers.update_config.UpdateConfig's (the class is
+workers.scoring.score_config.ScoreConfig's fields (all but `device`, each scorer actor's own), and
+`router_update.*`'s hyperparameters are workers.router.update_config.UpdateConfig's (the class is
 RouterUpdateConfig's base). `analysis.*` is analysis.metrics.AnalysisConfig and `wandb.*`
 orchestrator.wandb_run.WandbConfig. Helpers here read the typed config only (no files): which
 models, data sets and layers a run covers, what a model loads from, the scorer's arguments.
@@ -22,8 +22,8 @@ from omegaconf import MISSING
 from analysis.metrics import AnalysisConfig  # the analysis group's schema and defaults
 from orchestrator.wandb_run import WandbConfig
 from workers.layers import LAYER_NAMES
-from workers.score_config import ScoreConfig
-from workers.update_config import UpdateConfig
+from workers.router.update_config import UpdateConfig
+from workers.scoring.score_config import ScoreConfig
 
 BUNDLED = "bundled"  # ModelConfig.hf_id of the tiny model shipped in workers/assets/
 
@@ -79,13 +79,13 @@ class DatasetConfig:
     """One evaluation set: how to load it, how to check answers, and what to tell the model."""
 
     name: str = MISSING  # short name used in paths and tables
-    loader: str = MISSING  # name understood by workers.datasets.load_problems
+    loader: str = MISSING  # name understood by workers.generation.datasets.load_problems
     path: str | None = None  # local file overriding the loader's default location
     size: int = MISSING  # problems in the full set (used to plan before anything is loaded)
     limit: int | None = None  # keep the first `limit` problems (after the loader's order)
     seed: int = 0  # passed to the loader (the demo task draws its problems with it)
     verifier: str = "math"  # one of VERIFIERS
-    instruction: str = ""  # appended to the question by workers.prompts.render_prompt
+    instruction: str = ""  # appended to the question by workers.generation.prompts.render_prompt
     options: dict[str, Any] = field(default_factory=dict)  # extra loader keyword arguments
     # Rows that cannot be prompted (empty question; prompt too long for a model): false = the
     # run stops before Ray naming the row; true = skipped and counted in the report.
@@ -115,7 +115,7 @@ def _scorer_setting(f: Field) -> tuple[str, Any, Field]:
 
 
 # The scorer's own settings (J, P, tau, sampler, seed, dtype, memory_budget_mb, attention,
-# compile) are declared, defaulted and checked once, in workers.score_config.ScoreConfig; the
+# compile) are declared, defaulted and checked once, in workers.scoring.score_config.ScoreConfig; the
 # config takes every field but `device`, which is each scorer actor's own.
 ScorerSettings = make_dataclass(
     "ScorerSettings",
@@ -192,7 +192,7 @@ class RouterUpdateConfig(UpdateConfig):
     Off unless `name` is not "none". Preference data comes from the final-layer scores of
     `train_datasets`; pass@K is measured on `eval_datasets` (the two must not share problems).
     The update's hyperparameters (margin, fragile, confident, max_anchor_tokens, beta,
-    anchor_weight, steps, lr, holdout_share, seed) are workers.update_config.UpdateConfig's
+    anchor_weight, steps, lr, holdout_share, seed) are workers.router.update_config.UpdateConfig's
     fields, with their defaults and help; these are the run's own keys.
     """
 
@@ -259,7 +259,7 @@ def model_path(model: ModelConfig) -> str:
     if model.path:
         return model.path
     if model.hf_id == BUNDLED:
-        from workers.demo_task import bundled_model_path
+        from workers.generation.demo_task import bundled_model_path
 
         return str(bundled_model_path())
     return model.hf_id

@@ -3,7 +3,7 @@
 Contract: `validate(cfg)` checks everything that can be checked without Ray or a model: the
 closed lists (families, verifiers, backends, dtypes, samplers, attention paths) against the
 worker modules that implement them, counts and ranges, names that become paths, the runs
-folder, the scorer's settings per model (workers.score_config.ScoreConfig's own checks), and a
+folder, the scorer's settings per model (workers.scoring.score_config.ScoreConfig's own checks), and a
 local model's YAML shape against its config.json (read and parsed by workers.families). It
 reads files (conf/, config.json, data files) but writes nothing.
 """
@@ -37,9 +37,9 @@ from workers import layers as layer_specs
 from workers.families import FAMILIES, WINDOWS_OR_SINKS
 from workers.generation import BACKENDS
 from workers.generation import DTYPES as MODEL_DTYPES
+from workers.generation.verify import KINDS as VERIFIERS
 from workers.io import check_path_name
-from workers.score_config import ScoreConfig
-from workers.verify import KINDS as VERIFIERS
+from workers.scoring.score_config import ScoreConfig
 
 
 def validate(cfg: RunConfig) -> None:
@@ -258,7 +258,7 @@ def check_local_model(model: ModelConfig) -> None:
 
 def validate_sampling(model: ModelConfig) -> None:
     """Sampling settings every backend accepts, and a template that `str.format` can fill
-    with the two fields workers.prompts.render_prompt gives it."""
+    with the two fields workers.generation.prompts.render_prompt gives it."""
     if not (math.isfinite(model.temperature) and model.temperature >= 0):
         raise ConfigError(
             f"model {model.name}: temperature must be >= 0 (0 = greedy), got {model.temperature}"

@@ -25,7 +25,7 @@ from orchestrator.plan import TaskT, Unit
 from orchestrator.stage import Stage
 
 if TYPE_CHECKING:
-    from workers.router_update import UpdateConfig
+    from workers.router.update import UpdateConfig
 
 VARIANTS = ("original", "updated")
 SELECT_KEYS = ("margin", "fragile", "confident", "max_anchor_tokens", "holdout_share", "seed")
@@ -34,7 +34,7 @@ TRAIN_KEYS = ("beta", "anchor_weight", "steps", "lr", "seed")
 
 def update_config(ru: RouterUpdateConfig) -> UpdateConfig:
     """The update's hyperparameters as the worker takes them."""
-    from workers.router_update import UpdateConfig  # loads torch: the router stage only
+    from workers.router.update import UpdateConfig  # loads torch: the router stage only
 
     return UpdateConfig(**{k: getattr(ru, k) for k in (*SELECT_KEYS, *TRAIN_KEYS)})
 

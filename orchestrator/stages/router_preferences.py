@@ -1,7 +1,7 @@
 """Router preferences: the selected tokens of the training scores and the router input at each.
 
 Contract: one unit per model, router_update/<model>/preferences.arrow
-(workers.router_update: the preference and anchor tokens, one standard pass per trajectory);
+(workers.router.update: the preference and anchor tokens, one standard pass per trajectory);
 its hash covers the model's identity, the layer, the selection settings and the scores by
 content. A `RouterWorker` runs its `PreferenceTask` with `preferences`.
 """

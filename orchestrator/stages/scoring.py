@@ -21,7 +21,7 @@ from orchestrator.plan import Cell, Unit, model_identity, scores_dir, without_un
 from orchestrator.stage import Stage, absolute_path
 from orchestrator.tasks import ScoringTask
 from workers.io import config_hash
-from workers.score_config import SPEED_SETTINGS
+from workers.scoring.score_config import SPEED_SETTINGS
 
 
 def scoring_units(

@@ -13,7 +13,7 @@ Neither backend runs past the model's context: `max_length` is the most tokens a
 hold (HF: the config's `max_position_embeddings`; vLLM: the engine's `max_model_len`), and each
 prompt's `max_tokens` is clipped to `max_length - prompt length` (`completion_budget`; such a
 completion ends with finish_reason "length"). A prompt that leaves no room for one token is a
-ValueError; `workers.generate` records such rows as unprompted samples before calling a backend.
+ValueError; `workers.generation.generate` records such rows as unprompted samples before calling a backend.
 
 Importing this package is cheap: torch/transformers load with the HF backend, vllm only inside
 the vLLM backend's constructor.

@@ -3,16 +3,16 @@
 Contract: `Scorer(model_path, ScoreConfig(...))` loads the model once; `score_table(trajectories,
 layer)` returns one SCORES_SCHEMA row per completion token (positions prompt_len-1 .. len-2,
 target ids[t+1]), rows in input order, positions ascending. For each token: the standard route
-S (the router's own choice, in the router's order), J alternatives (workers.routes, in the
+S (the router's own choice, in the router's order), J alternatives (workers.scoring.routes, in the
 order picked), u(R) = p(target | prefix, route R at (t, L)) for each, and s(R). Under a position
 budget (ScoreConfig.positions other than "all") only the positions `select_positions` keeps get
 a row, plus a `completion_tokens` column (workers.schemas.COMPLETION_TOKENS).
 
 How, per sequence (one at a time, so results never depend on what else is in the shard):
-1. one standard forward pass (workers.kv.standard_pass) keeps the keys/values of every layer
+1. one standard forward pass (workers.scoring.kv.standard_pass) keeps the keys/values of every layer
    after L and, by forward hooks, the residual entering layer L's MoE block, the block's
    normalised input x and the router logits z (and the router's chosen experts);
-2. routes are drawn (workers.routes) and deduplicated as sets per token: a set that occurs
+2. routes are drawn (workers.scoring.routes) and deduplicated as sets per token: a set that occurs
    twice (e.g. an alternative equal to S) is computed once, so equal sets get equal u, bitwise;
 3. per micro-batch of (t, R) pairs, sorted by t: layer L's MoE output for R (each (token,
    expert) pair run once by the model's own experts module, then recombined with R's gate
@@ -39,12 +39,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from workers import kv, routes
 from workers.adapters import MoeAdapter, adapter_for
-from workers.attention import BLOCK_SIZE
 from workers.models import devices_of
 from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA
-from workers.score_config import (  # declared there: the driver reads it without torch
+from workers.scoring import kv, routes
+from workers.scoring.attention import BLOCK_SIZE
+from workers.scoring.score_config import (  # declared there: the driver reads it without torch
     ALL_POSITIONS,
     ScoreConfig,
     parse_positions,
@@ -334,10 +334,12 @@ class Scorer:
     ):
         """log p(target) for each (token, route set): token (M,), route_sets (M, k) -> (M,)."""
         ad, cfg = self.adapter, self.config
-        shared = ad.shared_output(layer, x)
-        weights = ad.route_weights(z[token], route_sets)
         n = token.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=token.device)
+        if n == 0:  # a position budget that keeps none of this trajectory's tokens
+            return out
+        shared = ad.shared_output(layer, x)
+        weights = ad.route_weights(z[token], route_sets)
         step = self._compiled_step(tuple(later)) if cfg.compile else self._step
         for a, stop, n_keys, batch in self._plan(positions[token]):
             rows: slice | torch.Tensor = slice(a, stop)

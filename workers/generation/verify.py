@@ -7,7 +7,7 @@ result is a Verdict within `timeout_s` of the call for each pair, never an excep
 unknown `kind` (a config error) or a verifier process that cannot start raises.
 
 Kinds:
-- "exact": the demo task. `workers.demo_task.extract_answer` reads the answer; string equality.
+- "exact": the demo task. `workers.generation.demo_task.extract_answer` reads the answer; string equality.
 - "math": the content of the LAST `\\boxed{...}` (nested braces handled) is the answer; it is
   compared with math-verify as `verify(parse(gold), parse(answer))`, gold first as math-verify
   documents. A completion without a box has no answer: the prompt asks for one.
@@ -155,7 +155,7 @@ def _check(kind: str, text: str, gold: str, found: Callable[[str | None], None])
 
 
 def _verify_exact(text: str, gold: str, found: Callable[[str | None], None]) -> Verdict:
-    from workers.demo_task import extract_answer
+    from workers.generation.demo_task import extract_answer
 
     try:
         extracted = extract_answer(text)
@@ -288,9 +288,9 @@ class _Checker:
             self._math_ready = True
 
     def _start(self) -> None:
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         code = (
-            f"import sys; sys.path.insert(0, {root!r}); from workers.verify import _serve; _serve()"
+            f"import sys; sys.path.insert(0, {root!r}); from workers.generation.verify import _serve; _serve()"
         )
         self._buffer, self._math_ready = b"", False
         self._proc = subprocess.Popen(

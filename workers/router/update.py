@@ -44,7 +44,7 @@ from torch import nn
 
 from workers.adapters import MoeAdapter
 from workers.atomic import atomic_file, atomic_write, ensure_folder
-from workers.update_config import UpdateConfig  # declared without torch, for the driver
+from workers.router.update_config import UpdateConfig  # declared without torch, for the driver
 
 # One row per selected token. kind: "prefer" (fragile, winner R* beats loser S by > margin) or
 # "anchor" (confident; winner = loser = S). x: the router input at the token (float32).

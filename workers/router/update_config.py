@@ -1,6 +1,6 @@
 """The router update's hyperparameters: every one declared here once, with its default and help.
 
-Contract: `UpdateConfig(...)` is what workers.router_update's `select_tokens` and
+Contract: `UpdateConfig(...)` is what workers.router.update's `select_tokens` and
 `train_router` take. The driver's `router_update.<key>` settings are this class's fields (its
 RouterUpdateConfig derives from it and adds only the run's own keys: which models, data sets
 and layer), so a new hyperparameter is added here and nowhere else. The driver checks the

@@ -1,6 +1,6 @@
 """Fused attention of the scorer's queries over one stored key sequence (PyTorch FlexAttention).
 
-Contract: `flex_attend(...)` has exactly the signature and meaning of `workers.kv.attend`
+Contract: `flex_attend(...)` has exactly the signature and meaning of `workers.scoring.kv.attend`
 (the eager reference): B queries, each at its own position, over the keys/values of one
 sequence at positions 0..T-1, with causal rule, sliding window, GPT-OSS sinks and, for decode
 steps, the query's own key/value; GQA and DeepSeek-V2's MLA (key dim != value dim) included.
@@ -19,7 +19,7 @@ and the sink logits (one extra softmax column per head, without a value). With l
 the stored keys, s = the self logit, z = the sink: out = (e^l o + e^s v_self) / (e^l + e^s + e^z).
 On CUDA the kernel is torch.compile'd with static shapes, one compiled function per role
 (prefill, decode), each compiling once per shape: the scorer pads keys to buckets and
-micro-batches to a fixed size (workers.scorer), so once per key bucket. On a CPU inductor
+micro-batches to a fixed size (workers.scoring.scorer), so once per key bucket. On a CPU inductor
 cannot lower flex_attention with the LSE (checked again with torch 2.13: "return_lse is not
 supported yet"), so the uncompiled reference implementation runs: exact, slower than
 `kv.attend`, and beside a compiled decode step, not inside it.
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch is imported inside the functions: the driver reads ATTENTIONS without loading torch
-ATTENTIONS = ("eager", "flex")  # eager: workers.kv.attend, the reference
+ATTENTIONS = ("eager", "flex")  # eager: workers.scoring.kv.attend, the reference
 BLOCK_SIZE = 128  # FlexAttention's default tile; block masks must be a multiple of it on GPU
 
 
@@ -149,7 +149,7 @@ def flex_attend(
     block_size: int = BLOCK_SIZE,
     masks: dict | None = None,
 ) -> torch.Tensor:
-    """`workers.kv.attend` through FlexAttention: query (B, heads, d_k), keys (kv_heads, T, d_k),
+    """`workers.scoring.kv.attend` through FlexAttention: query (B, heads, d_k), keys (kv_heads, T, d_k),
     values (kv_heads, T, d_v) -> (B, heads, d_v). See kv.attend for the masking rules. `masks`
     keeps the block masks built for these positions, for the next layer with the same window."""
     import torch

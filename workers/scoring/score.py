@@ -1,6 +1,6 @@
 """Command line: score one trajectories file at one MoE layer.
 
-    python -m workers.score --model DIR --trajectories IN.arrow --layer middle --out OUT.arrow \\
+    python -m workers.scoring.score --model DIR --trajectories IN.arrow --layer middle --out OUT.arrow \\
         [--alternatives 32] [--pool 32] [--temperature 1.0] [--sampler gumbel] [--seed 0] \\
         [--dtype float32|bfloat16] [--device cpu|cuda] [--memory-budget-mb 1024] \\
         [--attention eager|flex] [--compile] [--positions all|0.25|64]
@@ -13,7 +13,7 @@ an index or early/middle/final. A tqdm bar of scored tokens goes to stderr. Bad 
 file, columns and their types, duplicate keys, prompt_len, token ids, sequence length, layer,
 model directory, config.json or weights) prints one line `error: ...` on stderr and exits with
 status 2, writing nothing.
-The scoring options are workers.score_config.ScoreConfig's fields, with its defaults.
+The scoring options are workers.scoring.score_config.ScoreConfig's fields, with its defaults.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import pyarrow.compute  # noqa: F401 (pa.compute)
 from safetensors import SafetensorError
 
 from workers.io import IncompleteFileError, config_hash, done_path, read_arrow
-from workers.scorer import ScoreConfig, Scorer, score_file, select_positions
+from workers.scoring.scorer import ScoreConfig, Scorer, score_file, select_positions
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m workers.score",
+        prog="python -m workers.scoring.score",
         description="Counterfactual route scores of one trajectories file at one MoE layer.",
     )
     p.add_argument("--model", required=True, help="model directory (safetensors)")

@@ -151,4 +151,4 @@ def extract_answer(text: str) -> str | None:
 
 def bundled_model_path() -> Path:
     """The bundled tiny Qwen3-MoE trained on this task (a Hugging Face model directory)."""
-    return Path(__file__).resolve().parent / "assets" / "tiny-moe"
+    return Path(__file__).resolve().parents[1] / "assets" / "tiny-moe"

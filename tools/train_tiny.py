@@ -1,12 +1,12 @@
-"""Train the bundled tiny Qwen3-MoE on the demo task (workers/demo_task.py) from scratch, on CPU.
+"""Train the bundled tiny Qwen3-MoE on the demo task (workers/generation/demo_task.py) from scratch, on CPU.
 
-    python -m workers.train_tiny --out workers/assets/tiny-moe --seed 0 --steps 475 --threads 1
+    python -m tools.train_tiny --out workers/assets/tiny-moe --seed 0 --steps 475 --threads 1
 
 Writes a standard Hugging Face model directory (config.json, model.safetensors,
 generation_config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json) that
 `AutoModelForCausalLM.from_pretrained(dir, use_safetensors=True)` and
 `AutoTokenizer.from_pretrained(dir)` load offline, and vLLM can serve, plus a README.md with
-the training facts and the accuracy and fragile share measured by workers.demo_eval.
+the training facts and the accuracy and fragile share measured by tools.demo_eval.
 
 The architecture is the real transformers Qwen3-MoE (16 experts, top-4, norm_topk_prob=True),
 only small: 4 decoder layers so that the early, middle and final layers are distinct.
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from workers import demo_task
 from workers.atomic import atomic_write
+from workers.generation import demo_task
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos, unk
 WORDS = ["solve", "for", "in", "..", "x", "*", "+", "-", "=", ";", "try", ":", "answer"]
@@ -250,7 +250,7 @@ def train(cfg: TrainConfig, shape: TinyModelConfig = TinyModelConfig()) -> dict:
 
 def quick_eval(model, tokenizer, cfg: TrainConfig) -> str:
     """Accuracy and fragile share on 100 eval problems (a seed apart from the final one's)."""
-    from workers.demo_eval import evaluate_model
+    from tools.demo_eval import evaluate_model
 
     model.eval()
     state = torch.get_rng_state()  # sampling must not shift the training stream
@@ -318,7 +318,7 @@ def write_model_card(out: Path, cfg: TrainConfig, facts: dict, measured: list[di
 
 Bundled so that the whole pipeline runs offline on a laptop. It is the real transformers
 Qwen3-MoE architecture (`Qwen3MoeForCausalLM`, `model_type: qwen3_moe`), only small, trained
-from scratch by `workers/train_tiny.py` on the task of `workers/demo_task.py`. Prompt template:
+from scratch by `tools/train_tiny.py` on the task of `workers/generation/demo_task.py`. Prompt template:
 `{{prompt}}` (no chat template).
 
 ## Task
@@ -327,7 +327,7 @@ Solve `a * x + b = c` for a whole number x in 1..9 by guess-and-check: isolate `
 try candidates in a random order until the check is 0. The order of the guesses is a free
 choice, so every guess is a real fork (probability about 1/untried), which is what gives
 verified trajectories their fragile tokens; the final answer is checked by exact match
-(`workers.demo_task.extract_answer`). Training and evaluation problems are disjoint splits of
+(`workers.generation.demo_task.extract_answer`). Training and evaluation problems are disjoint splits of
 all (a, b, x) triples. Example (one token per space-separated word or number):
 
     prompt:     {problem.prompt}
@@ -349,7 +349,7 @@ Full shape: `{json.dumps(shape)}`.
 
 ## Training
 
-    python -m workers.train_tiny --out workers/assets/tiny-moe --seed {cfg.seed} --steps {cfg.steps} --threads {cfg.threads}
+    python -m tools.train_tiny --out workers/assets/tiny-moe --seed {cfg.seed} --steps {cfg.steps} --threads {cfg.threads}
 
 Seed {cfg.seed}, {cfg.steps} steps of AdamW (peak lr {cfg.lr}, {cfg.warmup_steps} warmup steps, cosine decay
 to 10%). Each step is {cfg.rows} packed rows of {cfg.width} tokens, ~60 fresh examples: a random problem
@@ -365,8 +365,8 @@ Sampled at temperature 1.0, top_p 1.0, no top-k, on fresh eval-split problems; f
 share of the completion tokens (EOS included) of verified trajectories whose probability under
 the model is below 0.5:
 
-    python -m workers.demo_eval --model workers/assets/tiny-moe --problems 100 --seed {cfg.eval_seed}
-    python -m workers.demo_eval --model workers/assets/tiny-moe --problems {cfg.eval_problems} --seed {cfg.eval_seed}
+    python -m tools.demo_eval --model workers/assets/tiny-moe --problems 100 --seed {cfg.eval_seed}
+    python -m tools.demo_eval --model workers/assets/tiny-moe --problems {cfg.eval_problems} --seed {cfg.eval_seed}
 
 | problems | seed | accuracy | fragile share |
 |---|---|---|---|
@@ -399,9 +399,9 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     facts = train(cfg)
     print(json.dumps(facts), flush=True)
-    # 2. Measure the saved directory exactly as users will (workers.demo_eval), both on the
+    # 2. Measure the saved directory exactly as users will (tools.demo_eval), both on the
     #    test's 100 problems and on a larger sample, and write the model card.
-    from workers.demo_eval import evaluate
+    from tools.demo_eval import evaluate
 
     measured = [evaluate(cfg.out, n, cfg.eval_seed) for n in sorted({100, cfg.eval_problems})]
     for result in measured:

@@ -3,7 +3,7 @@
 Contract: `generate_trajectories(backend, problems, params, *, model_name, verifier, tokenizer,
 instruction="", template=None, use_chat_template=True) -> pa.Table` in TRAJECTORIES_SCHEMA
 with ALL samples, verified or not (callers filter on `verified`). `problems` is a
-PROBLEMS_SCHEMA table; `verifier` is a workers.verify kind ("exact", "math", "choice");
+PROBLEMS_SCHEMA table; `verifier` is a workers.generation.verify kind ("exact", "math", "choice");
 `input_ids` = prompt ids + completion ids and `prompt_len` is where the completion starts.
 
 A row that cannot be prompted never fails its unit: an empty question ("empty_prompt"), a
@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow as pa
 
 from workers.generation import Completion, GenerationBackend, SamplingParams, encode_prompt
-from workers.prompts import render_prompt
+from workers.generation.prompts import render_prompt
+from workers.generation.verify import Verdict, verify_many
 from workers.schemas import TRAJECTORIES_SCHEMA
-from workers.verify import Verdict, verify_many
 
 
 def generate_trajectories(

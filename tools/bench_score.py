@@ -1,16 +1,16 @@
 """Benchmark of the fast counterfactual scorer against brute force and a standard forward pass.
 
-    python -m workers.bench_score                       # tiny Qwen3-MoE on the CPU, with brute force
-    python -m workers.bench_score --arch qwen3-30b-a3b --random-init --device cuda --dtype bfloat16 --layer all
-    python -m workers.bench_score --arch olmoe-1b-7b --random-init --device cuda --tokens 2048 \
+    python -m tools.bench_score                       # tiny Qwen3-MoE on the CPU, with brute force
+    python -m tools.bench_score --arch qwen3-30b-a3b --random-init --device cuda --dtype bfloat16 --layer all
+    python -m tools.bench_score --arch olmoe-1b-7b --random-init --device cuda --tokens 2048 \
         --attention eager,flex,flex+compile --peak-tflops 989     # paths side by side
-    python -m workers.bench_score --arch qwen3-30b-a3b --random-init --device cuda --tokens 4096 \
+    python -m tools.bench_score --arch qwen3-30b-a3b --random-init --device cuda --tokens 4096 \
         --layer early,final --attention eager,flex --peak-tflops 989 --record   # rows for the estimate
 
 Contract: on one random trajectory (--prompt-tokens + --tokens ids) it times
 - one standard forward pass of the model over the sequence (median of 3 after a warm-up);
-- the fast scorer (workers.scorer) at each requested layer;
-- brute force (workers.brute), on a random subset of --brute-pairs (position, route) pairs drawn
+- the fast scorer (workers.scoring.scorer) at each requested layer;
+- brute force (workers.scoring.brute), on a random subset of --brute-pairs (position, route) pairs drawn
   from the fast scorer's own routes, extrapolated linearly to all T x (J+1) pairs (printed as such),
 and checks that brute force and the fast scorer agree (max abs log-prob difference). It prints the
 speedup over brute force and the fast scorer's cost in standard-forward equivalents, also per
@@ -56,7 +56,7 @@ import time
 
 import torch
 
-from workers.score_config import DTYPES
+from workers.scoring.score_config import DTYPES
 
 ARCHS = ("tiny", "olmoe-1b-7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v2-lite")
 # A path is exact when its float32 log u is this close to eager attention's: the CPU exactness
@@ -264,7 +264,7 @@ def decode_flops(scorer, layer: int, positions: torch.Tensor) -> tuple[float, fl
 
 def _variants(spec: str) -> list[tuple[str, bool]]:
     """ "eager,flex+compile" -> [("eager", False), ("flex", True)]."""
-    from workers.attention import ATTENTIONS
+    from workers.scoring.attention import ATTENTIONS
 
     out = []
     for item in spec.split(","):
@@ -319,7 +319,7 @@ def record_rate(
         alternatives=args.alternatives,
         tokens_per_s=round(tokens_per_s, 1),
         scorer=scoring_code_version(),
-        source=f"workers.bench_score --random-init, torch {torch.__version__}",
+        source=f"tools.bench_score --random-init, torch {torch.__version__}",
         path=label,
         exact=exact,
         peak_fraction=None if peak_fraction is None else round(peak_fraction, 4),
@@ -353,7 +353,7 @@ def check_exact(args, variants: list[tuple[str, bool]], tokens: int = 96) -> dic
     at most 4 layers, so it fits beside nothing else): each path's log u of every (t, R) pair
     of one random trajectory against eager attention's, within EXACT_TOL of the device type
     (the exactness tests' bounds). Printed; the model is freed before the benchmark's."""
-    from workers.scorer import ScoreConfig, Scorer
+    from workers.scoring.scorer import ScoreConfig, Scorer
 
     model = build_model(args.arch, args.device, torch.float32, 4 if args.arch != "tiny" else None)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -434,7 +434,7 @@ def _log_u(scores) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m workers.bench_score", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.bench_score", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--arch", default="tiny", choices=ARCHS)
     p.add_argument("--model", default=None, help="a real checkpoint directory instead of --arch")
@@ -528,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import pyarrow as pa
 
-    from workers.brute import brute_logprobs
-    from workers.scorer import ScoreConfig, Scorer, load_model
+    from workers.scoring.brute import brute_logprobs
+    from workers.scoring.scorer import ScoreConfig, Scorer, load_model
 
     dtype_name = args.dtype or (
         "float32" if args.arch == "tiny" and args.model is None else "bfloat16"

@@ -1,6 +1,6 @@
 """Measure the tiny model on fresh demo problems: sampled accuracy and fragile share.
 
-    python -m workers.demo_eval [--model DIR] [--problems 100] [--seed 1234] [--samples 1]
+    python -m tools.demo_eval [--model DIR] [--problems 100] [--seed 1234] [--samples 1]
 
 1. Sample completions at temperature 1.0, top_p 1.0, no top-k (one batched `generate`).
 2. Verify each completion by exact match of its final answer with the gold answer.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from workers import demo_task
+from workers.generation import demo_task
 
 FRAGILE = 0.5  # docs/method.md: a token is fragile when its probability is below 0.5
 

@@ -19,10 +19,10 @@ Contract:
   zero-padded to it, so decode steps of every sequence in a bucket have one shape.
 - `rotary(model, hidden, positions)`: the model's position embeddings for those positions.
 - `attention` ("eager" | "flex", both passes): `attend` below, the reference, or the fused
-  `workers.attention.flex_attend`; both compute the same function. Under torch.compile the
+  `workers.scoring.attention.flex_attend`; both compute the same function. Under torch.compile the
   eager decode attention is traced into the caller's graph (`attention_in_graph`), flex runs
   beside it (CPU inductor cannot lower FlexAttention with its log-sum-exp; on CUDA its kernel
-  is compiled on its own, workers.attention).
+  is compiled on its own, workers.scoring.attention).
 
 How: both passes run the model's own modules with `config._attn_implementation` switched (for
 the duration of a `with`) to an attention function registered here, so every projection,
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from workers.attention import ATTENTIONS, flex_attend
+from workers.scoring.attention import ATTENTIONS, flex_attend
 
 ATTENTION_NAME = "moe_counterfactual"
 

@@ -3,7 +3,7 @@
 Contract: `load_problems(name, *, path=None, limit=None, seed=0, skipped=None, **options) ->
 pa.Table` in `PROBLEMS_SCHEMA` (problem_id, dataset, prompt, gold_answer, metadata JSON).
 `prompt` is the question only; the instruction and chat template are added by
-`workers.prompts`. A row whose question is empty or only whitespace cannot be prompted: a
+`workers.generation.prompts`. A row whose question is empty or only whitespace cannot be prompted: a
 ValueError naming it (source, row number, problem id), or, when a `skipped` list is given,
 left out and recorded there as {"row", "problem_id", "reason": "empty_prompt"}.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from workers.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION
+from workers.generation.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION
 from workers.schemas import PROBLEMS_SCHEMA
 
 LETTERS = "ABCD"
@@ -45,7 +45,7 @@ class DatasetSpec:
     hf_id: str
     split: str
     columns: tuple[str, ...]
-    verifier: str  # a workers.verify kind
+    verifier: str  # a workers.generation.verify kind
     instruction: str
     config: str | None = None
 
@@ -114,7 +114,7 @@ def load_problems(
     `limit` counts source rows: the first `limit` rows are read, and those that cannot be
     prompted are refused (ValueError) or, with a `skipped` list, left out and appended there.
 
-    Options: "demo" takes `n`, `difficulty` and `split` (workers.demo_task.make_problems); hub data
+    Options: "demo" takes `n`, `difficulty` and `split` (workers.generation.demo_task.make_problems); hub data
     sets take `split` to read another split. `seed` only matters for demo problems and for
     GPQA's option order.
     """
@@ -193,7 +193,7 @@ def _check_options(name: str, options: dict[str, Any], valid: set[str]) -> None:
 
 
 def _demo_rows(seed: int, options: dict[str, Any]) -> list[dict[str, Any]]:
-    from workers.demo_task import make_problems
+    from workers.generation.demo_task import make_problems
 
     _check_options("demo", options, set(DEMO_DEFAULTS))
     settings = {**DEMO_DEFAULTS, **options}

@@ -1,11 +1,11 @@
 """The scorer's settings: every one declared here once, with its default, help and check.
 
-Contract: `ScoreConfig(...)` is what `workers.scorer.Scorer` takes; building one checks every
+Contract: `ScoreConfig(...)` is what `workers.scoring.scorer.Scorer` takes; building one checks every
 value and raises ValueError("ScoreConfig: <field> must be ..., got <value>"). Whoever exposes
 these settings derives them from `dataclasses.fields(ScoreConfig)` (the score CLI's options,
 the driver's `scoring.<field>` keys), so a new setting is added here and nowhere else.
-The closed lists come from the modules that implement them: samplers from workers.routes,
-attention paths from workers.attention, dtypes from DTYPES below. Importing this module does
+The closed lists come from the modules that implement them: samplers from workers.scoring.routes,
+attention paths from workers.scoring.attention, dtypes from DTYPES below. Importing this module does
 not import torch, so the driver checks a config in milliseconds.
 """
 
@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from workers.attention import ATTENTIONS
-from workers.routes import SAMPLERS
+from workers.scoring.attention import ATTENTIONS
+from workers.scoring.routes import SAMPLERS
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +38,7 @@ def _setting(default, help: str):
 class ScoreConfig:
     """How to score (docs/method.md). attention: both paths compute the same numbers up to
     rounding (on CUDA, flex refuses models with sliding windows or attention sinks: see
-    workers.scorer.flex_refusal); memory_budget_mb bounds one micro-batch's activations
+    workers.scoring.scorer.flex_refusal); memory_budget_mb bounds one micro-batch's activations
     (weights and the standard pass's keys/values come on top)."""
 
     alternatives: int = _setting(32, "J: alternative routes drawn per token")
@@ -61,7 +61,7 @@ class ScoreConfig:
         " micro-batches padded): one compile per layer and bucket, eager attention inside",
     )
     # A position budget: which completion positions of each trajectory are scored (a seeded
-    # per-token draw, workers.scorer.select_positions); the standard pass is always whole.
+    # per-token draw, workers.scoring.scorer.select_positions); the standard pass is always whole.
     positions: str = _setting(
         ALL_POSITIONS,
         "completion positions scored per trajectory: all, a fraction in (0, 1] (e.g. 0.25)"

@@ -8,7 +8,7 @@ only, the chosen experts by R and their gate weights by the family's rule (worke
 every other position keeps its own route and every later layer routes normally on the
 changed hidden state. Queries are batched as copies of the sequence, each with its own
 overridden row. Slow by design (T x (J+1) full passes): it is the reference that the fast
-scorer is tested against, and the baseline of workers.bench_score.
+scorer is tested against, and the baseline of tools.bench_score.
 """
 
 from __future__ import annotations
