@@ -130,3 +130,36 @@ def test_the_check_finds_a_cycle(tmp_path):
     assert module_graph(package, lazy=True) == {"a": {"b"}, "b": {"c"}, "c": {"a"}}
     with pytest.raises(graphlib.CycleError):
         list(graphlib.TopologicalSorter(module_graph(package, lazy=True)).static_order())
+
+
+def top_level_imports(package: Path) -> set[str]:
+    """The project's top-level packages that any module of `package` imports, anywhere."""
+    project = {"orchestrator", "workers", "analysis", "tools"}
+    found: set[str] = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found & project - {package.name}
+
+
+def test_the_packages_are_floors_and_tools_are_imported_by_no_run():
+    """workers/ at the bottom, analysis/ above it, orchestrator/ on top; tools/ use them all
+    and nothing imports tools/ (they are not installed)."""
+    assert top_level_imports(ROOT / "workers") == set()
+    assert top_level_imports(ROOT / "analysis") == {"workers"}
+    assert top_level_imports(ROOT / "orchestrator") == {"workers", "analysis"}
+    assert "orchestrator" not in top_level_imports(ROOT / "tools")
+
+
+def test_workers_are_split_by_concern():
+    """Scoring, generation and the router update import the shared floor, not each other
+    (the scoring CLI and the router update may read generation's data sets)."""
+    graph = module_graph(ROOT / "workers", lazy=True)
+    for module, deps in graph.items():
+        if module.startswith("scoring"):
+            assert not {d for d in deps if d.startswith(("generation", "router"))}, module
+        if module.startswith("generation"):
+            assert not {d for d in deps if d.startswith(("scoring", "router"))}, module
