@@ -63,20 +63,7 @@ def record_fixed(run_dir: Path) -> list[dict[str, Any]]:
     complete now (a later attempt redid it), so the file tells what is still missing; return
     the records. A failure is open until a fixed record with its unit follows it."""
     path = run_dir / "failures.jsonl"
-    content = read_nofollow(path)  # never through a planted link, nor a FIFO
-    if content is None:
-        return []
-    still_open: dict[str, dict[str, Any]] = {}
-    for line in content.decode("utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-            unit = str(entry["unit"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if entry.get("fixed") is True:
-            still_open.pop(unit, None)
-        else:
-            still_open[unit] = entry
+    still_open = open_failures(run_dir)
     fixed = [
         {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -92,3 +79,24 @@ def record_fixed(run_dir: Path) -> list[dict[str, Any]]:
     if fixed:
         atomic_append(path, "".join(json.dumps(r) + "\n" for r in fixed), root=run_dir)
     return fixed
+
+
+def open_failures(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """{unit key: its last failure record} of failures.jsonl, for the failures no later
+    `fixed` record closes (whether the unit is complete now is not checked here). Lines that
+    are not JSON objects with a unit are skipped."""
+    content = read_nofollow(run_dir / "failures.jsonl")  # never through a link, nor a FIFO
+    if content is None:
+        return {}
+    still_open: dict[str, dict[str, Any]] = {}
+    for line in content.decode("utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            unit = str(entry["unit"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if entry.get("fixed") is True:
+            still_open.pop(unit, None)
+        else:
+            still_open[unit] = entry
+    return still_open
