@@ -190,6 +190,7 @@ class Context:
     lease: dict[str, Any] | None
     failures: dict[str, dict[str, Any]]
     missing: list[str] = field(default_factory=list)  # failed units not complete now
+    notes: list[str] = field(default_factory=list)  # about the run's own files
 
     @property
     def live(self) -> bool:
@@ -231,28 +232,45 @@ def generation_rows(ctx: Context, cells: list) -> list[Row]:
 
 
 def scoring_rows(ctx: Context, cells: list) -> list[Row]:
-    """One row per (cell, layer): plan.json's units; a cell not planned yet, its upper bound."""
+    """One row per (cell, layer): plan.json's units; a cell the plan leaves unscored, none and
+    the plan's reason; a cell not planned yet, its upper bound."""
     from orchestrator.stages.scoring import ScorerSpawner
-    from workers.runfiles import read_plan
 
-    try:
-        plan = read_plan(ctx.run_dir) or {"scores": None, "unscored": []}
-    except ValueError as err:
-        plan = {"scores": None, "unscored": [f"plan.json unusable: {err}"]}
+    plan = read_scoring_plan(ctx)
     planned = planned_units(plan["scores"] or [])
     rows = []
     for c in cells:
         cell, gpus = c.cell, int(ScorerSpawner(c.cell.model, ctx.cfg).need()["GPU"])
+        name = f"{cell.model.name}/{cell.dataset.name}: "
+        unscored = [w[len(name) :] for w in plan["unscored"] if w.startswith(name)]
         for layer in sorted(set(cell.layers.values())):
             row = Row("scoring", cell.model.name, cell.dataset.name, layer, gpus=gpus)
             units = planned.get((cell.model.name, layer, cell.dataset.name))
-            if units is None:
+            if units is None and unscored:
+                row.notes += [f"not scored: {w}" for w in unscored]
+            elif units is None:
                 row.pending, row.estimated = c.max_scoring_units_per_layer, True
                 row.notes.append("not planned yet: pending is an upper bound")
             for key, rel, unit_hash in units or []:
                 classify(row, key, ctx.run_dir / rel, unit_hash, ctx)
             rows.append(row)
     return rows
+
+
+def read_scoring_plan(ctx: Context) -> dict[str, Any]:
+    """plan.json (workers.runfiles) or, when it is absent, a link or not a plan, an empty one
+    (a note says which): every cell is then counted from the estimate."""
+    from workers.runfiles import PLAN_FILE, read_plan
+
+    empty: dict[str, Any] = {"scores": None, "unscored": []}
+    if (ctx.run_dir / PLAN_FILE).is_symlink():
+        ctx.notes.append(f"{PLAN_FILE} is a link, not read: scoring counted from the estimate")
+        return empty
+    try:
+        return read_plan(ctx.run_dir) or empty
+    except ValueError as err:
+        ctx.notes.append(f"{clean(err)}: scoring counted from the estimate")
+        return empty
 
 
 def planned_units(entries: list[dict[str, str]]) -> dict[tuple, list[tuple[str, str, str]]]:
@@ -372,6 +390,7 @@ def status_json(run_dir: Path, *, checksum: bool = False) -> dict[str, Any]:
         "stages": stage_totals(ctx, rows),
         "cells": [row_json(r) for r in rows],
         "failures": failures,
+        "notes": [clean(n) for n in ctx.notes],
     }
 
 
@@ -425,6 +444,7 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"{'':<11}note: ... and {len(c['notes']) - 3} more")
     lines.append("")
     lines += [describe_stage(name, t) for name, t in status["stages"].items()]
+    lines += [f"note: {n}" for n in status["notes"]]
     failures = status["failures"]
     lines.append(f"failures: {len(failures)} open" + (":" if failures else ""))
     for f in failures:

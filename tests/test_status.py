@@ -136,7 +136,7 @@ def test_json_has_the_documented_shape(reference, capsys):
     status = json.loads(capsys.readouterr().out)
     assert status["version"] == 1
     assert set(status) == {"version", "run", "run_dir", "time", "driver", "stages", "cells",
-                           "failures"}  # fmt: skip
+                           "failures", "notes"}  # fmt: skip
     assert set(status["stages"]) == {"generation", "scoring"}
     for totals in status["stages"].values():
         assert set(totals) == STAGE_KEYS
@@ -180,3 +180,22 @@ def test_control_characters_never_reach_the_terminal(reference, tmp_path):
     assert "\x1b" not in result.stdout and "\r" not in result.stdout and "\x07" not in result.stdout
     assert "problem \\x1b[2J\\x1b]0;owned\\x07 id\n" in result.stdout  # its first line
     assert "elsewhere\\x1b[31m\\rspoof" in result.stdout
+
+
+def test_a_cell_the_plan_leaves_unscored_and_a_linked_plan(reference, tmp_path):
+    run_dir = copy_run(reference, tmp_path, "plan")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    scored = {e["path"].split("/")[2] for e in plan["scores"]}
+    plan["scores"] = [e for e in plan["scores"] if not e["path"].startswith("scores/tiny/")]
+    plan["unscored"] = ["tiny/demo: 0 of 16 trajectories verified"]
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    status = status_json(run_dir)
+    for cell in cells(status, "scoring").values():
+        assert (cell["done"], cell["pending"], cell["estimated"]) == (0, 0, False)
+        assert cell["notes"] == ["not scored: 0 of 16 trajectories verified"]
+    (run_dir / "plan.json").unlink()
+    (run_dir / "plan.json").symlink_to(reference / "plan.json")
+    status = status_json(run_dir)
+    assert "plan.json is a link" in status["notes"][0]
+    assert len(cells(status, "scoring")) == len(scored)
+    assert all(c["estimated"] and c["done"] == 0 for c in cells(status, "scoring").values())
