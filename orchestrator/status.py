@@ -18,7 +18,8 @@ throughput and an ETA, and the open failures of failures.jsonl with their first 
   started is being retried and runs too. Without a live lease they are `pending`.
 - GPU-hours: sidecar seconds x the GPUs an actor of that stage reserves (0 on a CPU run).
 - Throughput: tokens / sidecar seconds (per actor). ETA: with a live driver, the units left at
-  the pace of those finished since it started; otherwise the sidecar seconds per unit times
+  the pace of the stage's units finished since it started (counted from one mean unit before
+  the first of them landed); otherwise the sidecar seconds per unit times
   the units left, divided by the stage's actor cap (cluster.generators / cluster.scorers).
 
 Files are read without following links (workers.atomic.read_nofollow, workers.io), and their
@@ -341,16 +342,18 @@ def eta(ctx: Context, rows: list[Row], left: int, actors: int | None) -> tuple[A
     """(seconds to finish the units left, how that was worked out); (None, why) if unknown."""
     if left == 0:
         return 0.0, "nothing left"
-    recent = [s for r in rows for s in r.finished_at if ctx.live and s >= ctx.started]
-    if recent:
-        pace = len(recent) / max(time.time() - ctx.started, 1e-9)
-        return round(left / pace, 1), "the live driver's pace since it started"
     done = sum(r.done for r in rows)
     seconds = sum(r.seconds for r in rows)
     if not done or seconds <= 0:
         return None, "no unit finished yet"
-    n = actors or 1
     per_unit = seconds / done
+    recent = [s for r in rows for s in r.finished_at if ctx.live and s >= ctx.started]
+    if recent:
+        # the stage began about one unit's time before its first unit of this session landed
+        began = max(ctx.started, min(recent) - per_unit)
+        pace = len(recent) / max(time.time() - began, 1e-9)
+        return round(left / pace, 1), "the live driver's pace on this stage"
+    n = actors or 1
     return round(left * per_unit / n, 1), f"{per_unit:.1f} s per unit (sidecars) over {n} actor(s)"
 
 

@@ -115,6 +115,9 @@ def test_a_failure_line_is_counted_with_its_first_error_line(reference, tmp_path
 
 def test_a_live_lease_makes_the_missing_units_running(reference, tmp_path):
     run_dir = copy_run(reference, tmp_path, "live")
+    for side in (run_dir / "scores").rglob("*.done.json"):  # all finished long before
+        old = {**json.loads(side.read_text()), "finished_at": "2020-01-01T00:00:00+0000"}
+        side.write_text(json.dumps(old))
     for path in score_files(run_dir, 0)[:3]:
         path.unlink()
     now = time.time()
@@ -125,6 +128,13 @@ def test_a_live_lease_makes_the_missing_units_running(reference, tmp_path):
     assert status["driver"]["live"] and status["driver"]["pid"] == os.getpid()
     assert status["stages"]["scoring"]["running"] == 3
     assert status["stages"]["scoring"]["pending"] == 0
+    assert "per unit" in status["stages"]["scoring"]["eta_basis"]  # none landed since it began
+    for path in score_files(run_dir, 2)[:2]:  # two units this driver wrote
+        side = path.with_suffix("").with_suffix(".done.json")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now - 10))
+        side.write_text(json.dumps({**json.loads(side.read_text()), "finished_at": stamp}))
+    scoring = status_json(run_dir)["stages"]["scoring"]
+    assert scoring["eta_basis"] == "the live driver's pace on this stage" and scoring["eta_s"] > 0
     lease["pid"] = 2**22 + 1  # no such process on this host: the driver is gone
     (run_dir / ".driver.lock").write_text(json.dumps(lease))
     status = status_json(run_dir)
