@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -124,9 +125,15 @@ def test_a_live_lease_makes_the_missing_units_running(reference, tmp_path):
     lease = {"host": socket.gethostname(), "pid": os.getpid(), "token": "t", "heartbeat": now}
     lease["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now - 60))
     (run_dir / ".driver.lock").write_text(json.dumps(lease))
+    failed = score_files(run_dir, 3)[0]  # failed in an earlier session: this driver retries it
+    failed.unlink()
+    entry = {"time": "2020-01-01T00:00:00+0000", "stage": "scoring", "error": "OSError: x"}
+    entry["unit"] = f"tiny/layer=3/demo/{failed.stem}"
+    (run_dir / "failures.jsonl").write_text(json.dumps(entry) + "\n")
     status = status_json(run_dir)
     assert status["driver"]["live"] and status["driver"]["pid"] == os.getpid()
-    assert status["stages"]["scoring"]["running"] == 3
+    assert status["stages"]["scoring"]["running"] == 4
+    assert status["stages"]["scoring"]["failed"] == 0 and len(status["failures"]) == 1
     assert status["stages"]["scoring"]["pending"] == 0
     assert "per unit" in status["stages"]["scoring"]["eta_basis"]  # none landed since it began
     for path in score_files(run_dir, 2)[:2]:  # two units this driver wrote
@@ -139,6 +146,7 @@ def test_a_live_lease_makes_the_missing_units_running(reference, tmp_path):
     (run_dir / ".driver.lock").write_text(json.dumps(lease))
     status = status_json(run_dir)
     assert not status["driver"]["live"] and status["stages"]["scoring"]["pending"] == 3
+    assert status["stages"]["scoring"]["failed"] == 1
 
 
 def test_json_has_the_documented_shape(reference, capsys):
@@ -209,3 +217,24 @@ def test_a_cell_the_plan_leaves_unscored_and_a_linked_plan(reference, tmp_path):
     assert "plan.json is a link" in status["notes"][0]
     assert len(cells(status, "scoring")) == len(scored)
     assert all(c["estimated"] and c["done"] == 0 for c in cells(status, "scoring").values())
+
+
+def test_watch_refreshes_until_interrupted(reference):
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.status", str(reference), "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        seen = 0
+        while seen < 2:  # two refreshes
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            seen += line.startswith("run ")
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=60) == 0
+    finally:
+        watch.kill()
+        watch.wait()
