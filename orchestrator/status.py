@@ -87,7 +87,7 @@ def load_config(run_dir: Path) -> Any:
     """The run's RunConfig from its config.yaml (workers.runfiles), or StatusError."""
     from omegaconf import OmegaConf
 
-    from orchestrator.config import RunConfig
+    from orchestrator.config import RunConfig, check_names
     from workers.atomic import read_nofollow
     from workers.runfiles import CONFIG_FILE, read_run_config
 
@@ -96,14 +96,18 @@ def load_config(run_dir: Path) -> Any:
     path = run_dir / CONFIG_FILE
     if path.is_symlink() or read_nofollow(path) is None:
         raise StatusError(f"{clean(run_dir)} is not a run: no {CONFIG_FILE} (a regular file)")
-    data = read_run_config(run_dir)
-    assert data is not None
+    try:
+        data = read_run_config(run_dir) or {}
+    except ValueError as err:
+        raise StatusError(clean(err)) from None
     known = {f.name for f in fields(RunConfig)}
     try:
         node = OmegaConf.merge(
             OmegaConf.structured(RunConfig), {k: v for k, v in data.items() if k in known}
         )
-        return OmegaConf.to_object(node)
+        cfg = OmegaConf.to_object(node)
+        check_names(cfg)  # names become paths: none may leave the run folder
+        return cfg
     except Exception as err:  # omegaconf's validation errors share no narrower base
         message = clean(str(err).strip().splitlines()[0] if str(err).strip() else err)
         raise StatusError(f"{clean(path)} does not fit this code's config: {message}") from None
@@ -406,6 +410,7 @@ def row_json(row: Row) -> dict[str, Any]:
     data = asdict(row)
     del data["finished_at"]
     data["seconds"], data["gpu_hours"] = round(row.seconds, 3), round(row.gpu_hours, 6)
+    data["model"], data["dataset"] = clean(row.model), clean(row.dataset)
     data["notes"] = [clean(n) for n in row.notes]
     return data
 

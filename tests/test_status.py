@@ -161,7 +161,9 @@ def test_json_has_the_documented_shape(reference, capsys):
     assert all(set(c) == CELL_KEYS for c in status["cells"])
 
 
-@pytest.mark.parametrize("what", ["missing", "empty", "file", "linked config"])
+@pytest.mark.parametrize(
+    "what", ["missing", "empty", "file", "linked config", "bad yaml", "bad name", "not a config"]
+)
 def test_a_folder_that_is_not_a_run_is_one_error_line(tmp_path, reference, capsys, what):
     target = tmp_path / "x"
     if what == "empty":
@@ -171,10 +173,21 @@ def test_a_folder_that_is_not_a_run_is_one_error_line(tmp_path, reference, capsy
     elif what == "linked config":
         target.mkdir()
         (target / "config.yaml").symlink_to(reference / "config.yaml")
+    elif what == "bad yaml":
+        target.mkdir()
+        (target / "config.yaml").write_text("model: [\x1b[31m")
+    elif what == "bad name":  # a name that would lead out of the run folder
+        target.mkdir()
+        text = (reference / "config.yaml").read_text().replace("name: demo", "name: ../..")
+        (target / "config.yaml").write_text(text)
+    elif what == "not a config":
+        target.mkdir()
+        (target / "config.yaml").write_text("generation: {samples_per_problem: many}")
     assert main([str(target)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "\x1b" not in captured.err
 
 
 def test_control_characters_never_reach_the_terminal(reference, tmp_path):
