@@ -182,9 +182,10 @@ class RouterWorker:
         import pyarrow as pa
 
         from workers.router.update import add_router_inputs, select_tokens
+        from workers.schemas import as_list_routes
 
         started = time.time()
-        scores = pa.concat_tables([read_arrow(p) for p in task.scores])
+        scores = pa.concat_tables([as_list_routes(read_arrow(p)) for p in task.scores])
         trajectories = pa.concat_tables([read_arrow(p) for p in task.shards])
         tokens = select_tokens(scores, task.update)
         table = add_router_inputs(self.model, self.adapter, tokens, trajectories, task.layer)
