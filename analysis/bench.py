@@ -130,9 +130,9 @@ def make_scores(
         "alt_probs": _list_array(u[:, 1:].ravel(), j),
         "std_route_logprob": pa.array(s_std),
         "alt_route_logprobs": _list_array(s_alt.ravel(), j),
-        "model": pa.array(np.full(n, model)),
+        "model": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), [model]),
         "layer": pa.array(np.full(n, layer, dtype=np.int32)),
-        "dataset": pa.array(np.full(n, dataset)),
+        "dataset": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), [dataset]),
     }
     return pa.Table.from_pydict(cols).cast(scores_schema(experts, top_k, j))
 

@@ -179,6 +179,8 @@ def scan_scores(paths: Sequence[str | Path]) -> pl.LazyFrame:
         groups.setdefault(_schema(p), []).append(str(p))
     # The directories say layer=<L> too; hive parsing would duplicate the file's own column.
     scans = [pl.scan_ipc(g, hive_partitioning=False, glob=False) for g in groups.values()]
+    # model and dataset are dictionary-encoded in the files (Categorical): strings downstream
+    scans = [s.with_columns(pl.col(pl.Categorical).cast(pl.String)) for s in scans]
     if len(scans) == 1:
         return scans[0]
     routes = {tuple(str(schema.field(c).type) for c in ROUTE_COLUMNS) for schema in groups}

@@ -406,7 +406,8 @@ def test_compact_and_int32_list_layouts_give_identical_tables(tmp_path):
             if old(model, i):
                 table = as_list_routes(table)
                 assert table.schema == SCORES_SCHEMA
-            write_arrow(table, path, config_hash="x", compression="none" if old(model, i) else "zstd")
+            packing = "none" if old(model, i) else "zstd"
+            write_arrow(table, path, config_hash="x", compression=packing)
         return summarise(collect_stats(find_shards(tmp_path / name), cfg), cfg)
 
     before = run("before", lambda m, i: True)

@@ -91,6 +91,8 @@ def write_arrow(
         raise ValueError(f"compression={compression!r}: use one of {', '.join(COMPRESSIONS)}")
     options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
     path = Path(path)
+    # The IPC file format holds one dictionary per column: chunks built apart share it here.
+    table = table.unify_dictionaries()
     # An old sidecar must never vouch for a file that is being replaced.
     remove(done_path(path), root=root)
     with atomic_file(path, "wb", root=root) as f:

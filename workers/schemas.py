@@ -77,24 +77,35 @@ def expert_id_type(n_experts: int) -> pa.DataType:
     raise ValueError(f"{n_experts} experts do not fit an expert id of 32 bits")
 
 
+CONSTANT_COLUMNS = ("model", "dataset")  # one value per score file (the job)
+
+
 def scores_schema(n_experts: int, top_k: int, alternatives: int) -> pa.Schema:
     """SCORES_SCHEMA as a model's scorer writes it: each route a fixed-size list of k expert ids
     of expert_id_type (1 byte each for up to 256 experts, not 4, and no offsets), the J
-    alternatives a fixed-size list of them. Every other column keeps its type."""
+    alternatives a fixed-size list of them; model and dataset dictionary-encoded (one string
+    per file; Polars reads them as Categorical). Every other column keeps its type."""
     ids = expert_id_type(n_experts)
     route = pa.list_(ids, top_k)
+    names = pa.dictionary(pa.int32(), pa.string())
     schema = SCORES_SCHEMA
-    for name, kind in (("std_route", route), ("alt_routes", pa.list_(route, alternatives))):
+    for name, kind in (
+        ("std_route", route),
+        ("alt_routes", pa.list_(route, alternatives)),
+        *((c, names) for c in CONSTANT_COLUMNS),
+    ):
         schema = schema.set(schema.get_field_index(name), pa.field(name, kind))
     return schema
 
 
 def as_list_routes(table: pa.Table) -> pa.Table:
-    """`table` with its route columns in SCORES_SCHEMA's variable int32 lists (a no-op for a
-    table in that layout): score tables of either layout, or of models with other expert
-    counts or k, concatenate once they have been through this."""
-    for name in ROUTE_COLUMNS:
+    """`table` with its route and constant columns in SCORES_SCHEMA's types (int32 variable
+    lists, plain strings; a no-op for a table in that layout): score tables of either layout,
+    or of models with other expert counts or k, concatenate once they have been through this."""
+    for name in (*ROUTE_COLUMNS, *CONSTANT_COLUMNS):
         if name in table.column_names:
             i = table.schema.get_field_index(name)
-            table = table.set_column(i, SCORES_SCHEMA.field(name), table[name].cast(SCORES_SCHEMA.field(name).type))
+            table = table.set_column(
+                i, SCORES_SCHEMA.field(name), table[name].cast(SCORES_SCHEMA.field(name).type)
+            )
     return table

@@ -461,9 +461,9 @@ class Scorer:
             "alt_probs": _lists(s["alt_probs"]),
             "std_route_logprob": pa.array(s["std_route_logprob"]),
             "alt_route_logprobs": _lists(s["alt_route_logprobs"]),
-            "model": pa.array([model] * n, pa.string()),
+            "model": _constant(model, n),
             "layer": pa.array(np.full(n, layer, np.int32)),
-            "dataset": pa.array([dataset] * n, pa.string()),
+            "dataset": _constant(dataset, n),
         }
         table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
         if self.config.positions == ALL_POSITIONS:
@@ -530,3 +530,8 @@ def _fixed(values: np.ndarray) -> pa.Array:
     for size in reversed(values.shape[1:]):
         flat = pa.FixedSizeListArray.from_arrays(flat, size)
     return flat
+
+
+def _constant(value: str, n: int) -> pa.DictionaryArray:
+    """`value` n times, dictionary-encoded: one string and n small indices."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
