@@ -483,8 +483,10 @@ def score_file(
     progress: Callable[[int], Any] | None = None,
     extra: dict[str, Any] | None = None,
     root: str | Path | None = None,
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """Score a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
+    `compression`: workers.io.write_arrow's (None: its default).
 
     The input is read with workers.io.read_arrow (its sidecar is required only with
     `require_complete`); nothing is written unless scoring succeeds. `extra` is added to
@@ -510,8 +512,9 @@ def score_file(
         "score_config": asdict(scorer.config),
         **(extra or {}),
     }
+    packing = {} if compression is None else {"compression": compression}
     return write_arrow(
-        scores, out_path, config_hash=config_hash, started=started, extra=extra, root=root
+        scores, out_path, config_hash=config_hash, started=started, extra=extra, root=root, **packing
     )
 
 
