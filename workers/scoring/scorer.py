@@ -514,7 +514,13 @@ def score_file(
     }
     packing = {} if compression is None else {"compression": compression}
     return write_arrow(
-        scores, out_path, config_hash=config_hash, started=started, extra=extra, root=root, **packing
+        scores,
+        out_path,
+        config_hash=config_hash,
+        started=started,
+        extra=extra,
+        root=root,
+        **packing,
     )
 
 
