@@ -2,8 +2,8 @@
 
     python -m analysis.bench [--rows 10000000] [--shards 20] [--alternatives 32] [--top-k 8]
 
-Writes `--rows` synthetic token rows (SCORES_SCHEMA, J alternatives of k experts each; 500-token
-trajectories) as several complete shards under a temporary directory, then runs
+Writes `--rows` synthetic token rows (the scorer's layout, J alternatives of k experts each;
+500-token trajectories) as several complete shards under a temporary directory, then runs
 `analysis.metrics.collect_stats` and `analysis.tables.summarise` (the tables with their
 bootstrap intervals) over them in a fresh process and reports their wall times and the RSS
 high-water mark (VmHWM:
@@ -61,12 +61,16 @@ def make_routes(
     """Random expert ids for the route columns (most of a real shard's bytes; the aggregation
     compares them as sets, and random draws are all distinct: the slowest case of that
     comparison); cached so that equal-sized shards share one copy."""
+    from workers.schemas import expert_id_type
+
     rng = np.random.default_rng(seed + 1_000_003)
-    routes = rng.integers(0, experts, size=(n, alternatives + 1, top_k), dtype=np.int32)
-    std_route = _list_array(routes[:, 0, :].ravel(), top_k)
-    alt_routes = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, n * alternatives + 1, alternatives, dtype=np.int32)),
-        _list_array(routes[:, 1:, :].ravel(), top_k),
+    ids = expert_id_type(experts).to_pandas_dtype()
+    routes = rng.integers(0, experts, size=(n, alternatives + 1, top_k), dtype=ids)
+    # The scorer's layout (workers.schemas.scores_schema): fixed-size lists of small ids.
+    std_route = pa.FixedSizeListArray.from_arrays(pa.array(routes[:, 0, :].ravel()), top_k)
+    alt_routes = pa.FixedSizeListArray.from_arrays(
+        pa.FixedSizeListArray.from_arrays(pa.array(routes[:, 1:, :].ravel()), top_k),
+        alternatives,
     )
     return std_route, alt_routes
 
@@ -82,8 +86,9 @@ def make_scores(
     layer: int = 12,
     dataset: str = "synthetic",
 ) -> pa.Table:
-    """`rows` synthetic token rows in SCORES_SCHEMA (vectorised; ~1 s per million rows)."""
-    from workers.schemas import SCORES_SCHEMA
+    """`rows` synthetic token rows in the scorer's layout (workers.schemas.scores_schema;
+    vectorised, ~1 s per million rows)."""
+    from workers.schemas import scores_schema
 
     rng = np.random.default_rng(seed)
     n, j = rows, alternatives
@@ -125,21 +130,23 @@ def make_scores(
         "alt_probs": _list_array(u[:, 1:].ravel(), j),
         "std_route_logprob": pa.array(s_std),
         "alt_route_logprobs": _list_array(s_alt.ravel(), j),
-        "model": pa.array(np.full(n, model)),
+        "model": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), [model]),
         "layer": pa.array(np.full(n, layer, dtype=np.int32)),
-        "dataset": pa.array(np.full(n, dataset)),
+        "dataset": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), [dataset]),
     }
-    return pa.Table.from_pydict(cols).cast(SCORES_SCHEMA)
+    return pa.Table.from_pydict(cols).cast(scores_schema(experts, top_k, j))
 
 
 def write_shards(
     root: Path, rows: int, shards: int, *, alternatives: int, top_k: int
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     """Write `rows` rows as `shards` complete shards (two layers, so groups are real); return
-    (nbytes of all columns, nbytes of the columns the aggregation reads)."""
+    (nbytes of all columns, nbytes of the columns the aggregation reads, seconds spent in
+    write_arrow: encoding, compression, the disk and the sidecar's hash)."""
     from workers.io import write_arrow
 
     total = read = 0
+    write_s = 0.0
     per = -(-rows // shards)
     for i in range(shards):
         n = min(per, rows - i * per)
@@ -153,9 +160,11 @@ def write_shards(
         # Record batches of 64k rows, like a scorer that appends per trajectory group; the
         # streaming engine's memory follows the batch size, not the shard size.
         table = pa.Table.from_batches(table.to_batches(max_chunksize=65_536))
+        t0 = time.perf_counter()
         write_arrow(table, path, config_hash="bench")
+        write_s += time.perf_counter() - t0
         del table
-    return total, read
+    return total, read, write_s
 
 
 def write_sample_run(
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.keep or Path(tempfile.mkdtemp(prefix="moe-bench-"))
     try:
         t0 = time.perf_counter()
-        total, read = write_shards(
+        total, read, write_s = write_shards(
             root, args.rows, args.shards, alternatives=args.alternatives, top_k=args.top_k
         )
         gen_s = time.perf_counter() - t0
@@ -277,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             f"rows                 {result['rows']:,} in {args.shards} shards, J={args.alternatives}, k={args.top_k}"
         )
         print(f"generate+write       {gen_s:.1f} s (not counted)")
+        print(
+            f"write                {write_s:.1f} s ({result['rows'] / write_s / 1e6:.2f} M rows/s,"
+            f" {disk / write_s / 2**20:,.0f} MB/s on disk)"
+        )
         print(
             f"aggregate            {result['seconds']:.1f} s ({result['rows'] / result['seconds'] / 1e6:.2f} M rows/s)"
         )
@@ -292,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"data in memory       {total / 2**20:,.0f} MB all columns, {read / 2**20:,.0f} MB columns read"
         )
-        print(f"data on disk         {disk / 2**20:,.0f} MB")
+        print(
+            f"data on disk         {disk / 2**20:,.0f} MB ({disk / result['rows']:,.0f} bytes per row)"
+        )
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(
             f"machine              {os.cpu_count()} CPUs, load average {load} (shared CPU inflates time)"

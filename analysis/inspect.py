@@ -42,7 +42,7 @@ import polars as pl
 
 from analysis.inputs import select_generated_files, select_score_files
 from analysis.kernel import KERNEL_FIELDS, route_metrics
-from analysis.metrics import AnalysisConfig, find_shards, resolve_margin
+from analysis.metrics import AnalysisConfig, find_shards, resolve_margin, scan_scores
 from analysis.report import load_run_config
 from analysis.runinfo import layer_labels
 from workers.atomic import atomic_write
@@ -119,7 +119,7 @@ def top_fragile(paths: list[Path], cfg: AnalysisConfig, n: int) -> list[tuple[st
     u_sum = pl.col("std_prob").cast(pl.Float64) + pl.col("alt_probs").list.sum()
     pbar = (u_sum / (pl.col("alt_probs").list.len() + 1)).cast(pl.Float32)
     counts = (
-        pl.scan_ipc([str(p) for p in paths], glob=False)
+        scan_scores(paths)
         .group_by("problem_id", "sample_idx")
         .agg((pbar < pl.lit(cfg.fragile, dtype=pl.Float32)).sum().alias("fragile"), pl.len())
         .sort(["fragile", "len", "problem_id", "sample_idx"], descending=[True, True, False, False])
@@ -145,7 +145,7 @@ def _why_unscored(
         verdict = "verified" if row.get("verified") else f"not verified ({row.get('verify_reason')})"
         parts.append(f"{problem}/{sample} was generated ({verdict}) but not scored")
         scored = (
-            pl.scan_ipc([str(p) for p in score_paths], glob=False)
+            scan_scores(score_paths)
             .filter(pl.col("problem_id") == problem)
             .select(pl.col("sample_idx").unique().sort())
             .collect()["sample_idx"]
@@ -204,7 +204,7 @@ def token_table(
         trajectories, schema={"problem_id": pl.String, "sample_idx": pl.Int32}, orient="row"
     )
     scores = (
-        pl.scan_ipc([str(p) for p in paths], glob=False)
+        scan_scores(paths)
         .join(keys.lazy(), on=["problem_id", "sample_idx"])
         .sort("problem_id", "sample_idx", "position")
         .collect()

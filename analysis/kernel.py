@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from numba import njit
 
 KERNEL_FIELDS = {
@@ -237,13 +238,23 @@ def _flat(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     return values, np.asarray(arr.offsets, dtype=np.int64)
 
 
+def _unnest(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(child values, absolute offsets into them) of a variable or fixed-size list array.
+    A fixed-size list (the compact score layout) has no offsets: they are multiples of its
+    size, and its child is sliced to the rows (`flatten`), where a list's offsets are absolute."""
+    if pa.types.is_fixed_size_list(arr.type):
+        size = arr.type.list_size
+        return arr.flatten(), np.arange(len(arr) + 1, dtype=np.int64) * size
+    return arr.values, np.asarray(arr.offsets, dtype=np.int64)
+
+
 def _flat_ints(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """(values, absolute offsets) of a list-of-ints column, zero-copy where Arrow allows."""
     arr = series.to_arrow()
     if hasattr(arr, "combine_chunks"):
         arr = arr.combine_chunks()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    return values, np.asarray(arr.offsets, dtype=np.int64)
+    values, offsets = _unnest(arr)
+    return values.to_numpy(zero_copy_only=False), offsets
 
 
 def _flat_nested(series: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -251,9 +262,9 @@ def _flat_nested(series: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     arr = series.to_arrow()
     if hasattr(arr, "combine_chunks"):
         arr = arr.combine_chunks()
-    inner = arr.values
-    values = inner.values.to_numpy(zero_copy_only=False)
-    return values, np.asarray(inner.offsets, np.int64), np.asarray(arr.offsets, np.int64)
+    inner, outer = _unnest(arr)
+    values, inner_off = _unnest(inner)
+    return values.to_numpy(zero_copy_only=False), inner_off, outer
 
 
 def route_metrics(batch: pl.Series) -> pl.Series:

@@ -52,7 +52,7 @@ import polars as pl
 from analysis.inputs import select_score_files
 from workers.atomic import read_nofollow
 from workers.io import done_path
-from workers.schemas import COMPLETION_TOKENS
+from workers.schemas import COMPLETION_TOKENS, ROUTE_COLUMNS
 
 BINS = ("confident", "ambiguous", "fragile")  # display order: high pbar to low
 GROUP_KEYS = ("model", "layer", "dataset")
@@ -169,23 +169,33 @@ def find_shards(run_dir: str | Path) -> list[Path]:
 def scan_scores(paths: Sequence[str | Path]) -> pl.LazyFrame:
     """One lazy scan over score shards; model, layer and dataset are columns of the files.
     Shards scored under a position budget add `completion_tokens` (workers.schemas); where
-    only some do, the others get it as null (all positions scored)."""
+    only some do, the others get it as null (all positions scored). Shards whose route
+    columns differ in type (the compact layout of models with other expert counts or k, or
+    files of the int32 list layout) are read with their routes as int32 lists."""
     if not paths:
         raise FileNotFoundError("no score shards to scan")
-    budgeted = [COMPLETION_TOKENS.name in _columns(p) for p in paths]
+    groups: dict[object, list[str]] = {}
+    for p in paths:
+        groups.setdefault(_schema(p), []).append(str(p))
     # The directories say layer=<L> too; hive parsing would duplicate the file's own column.
-    if all(budgeted) or not any(budgeted):
-        return pl.scan_ipc([str(p) for p in paths], hive_partitioning=False)
-    scans = [pl.scan_ipc(str(p), hive_partitioning=False) for p in paths]
+    scans = [pl.scan_ipc(g, hive_partitioning=False, glob=False) for g in groups.values()]
+    # model and dataset are dictionary-encoded in the files (Categorical): strings downstream
+    scans = [s.with_columns(pl.col(pl.Categorical).cast(pl.String)) for s in scans]
+    if len(scans) == 1:
+        return scans[0]
+    routes = {tuple(str(schema.field(c).type) for c in ROUTE_COLUMNS) for schema in groups}
+    if len(routes) > 1:
+        wide = {"std_route": pl.List(pl.Int32), "alt_routes": pl.List(pl.List(pl.Int32))}
+        scans = [scan.with_columns(pl.col(c).cast(t) for c, t in wide.items()) for scan in scans]
     return pl.concat(scans, how="diagonal")
 
 
-def _columns(path: str | Path) -> list[str]:
-    """The column names of an Arrow IPC file, from its footer."""
+def _schema(path: str | Path):
+    """The schema of an Arrow IPC file, from its footer."""
     import pyarrow as pa
 
     with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_file(source).schema.names
+        return pa.ipc.open_file(source).schema
 
 
 def with_weights(lf: pl.LazyFrame) -> pl.LazyFrame:

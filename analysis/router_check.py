@@ -21,7 +21,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis.kernel import KERNEL_FIELDS, route_metrics
-from analysis.metrics import AnalysisConfig
+from analysis.metrics import AnalysisConfig, scan_scores
 
 KEYS = ("dataset", "problem_id", "sample_idx", "position")
 GROUPS = ("flagged", "confident", "ambiguous", "fragile")
@@ -30,10 +30,10 @@ GROUPS = ("flagged", "confident", "ambiguous", "fragile")
 def _per_token(paths: Sequence[str | Path]) -> pl.DataFrame:
     routes = pl.struct("std_prob", "alt_probs", "std_route_logprob", "alt_route_logprobs")
     return (
-        pl.scan_ipc([str(p) for p in paths], hive_partitioning=False)
+        scan_scores(paths)
         .select(
             *KEYS,
-            pl.col("std_route").list.sort().alias("route"),
+            pl.col("std_route").cast(pl.List(pl.Int32)).list.sort().alias("route"),
             pl.col("std_prob").cast(pl.Float64).alias("u_std"),
             routes.map_batches(
                 route_metrics, return_dtype=pl.Struct(KERNEL_FIELDS), is_elementwise=True

@@ -20,7 +20,7 @@ from typing import Any
 from orchestrator.config import ModelConfig, check_model_shape, model_path
 from orchestrator.plan import local_fingerprint
 from orchestrator.tasks import GenerationTask, PreferenceTask, ScoringTask, TrainTask
-from workers.io import read_arrow, write_arrow
+from workers.io import COMPRESSION, read_arrow, write_arrow
 
 
 def setup_process(torch_threads: int) -> None:
@@ -73,10 +73,12 @@ class GeneratorWorker:
         *,
         torch_threads: int,
         provenance: dict[str, Any] | None = None,
+        compression: str = COMPRESSION,
     ):
         setup_process(torch_threads)
         from workers.generation import make_backend
 
+        self.compression = compression  # of the files it writes (cluster.compression)
         path = local_model_dir(model)
         self.backend = make_backend(backend, path, **backend_options)
         self.backend_name = backend  # recorded in each sidecar: the report says who generated
@@ -117,6 +119,7 @@ class GeneratorWorker:
             started=started,
             extra={"provenance": self.provenance, "backend": self.backend_name},
             root=root,
+            compression=self.compression,
         )
         lengths = table.column("input_ids").to_pylist()
         prompt_lens = table.column("prompt_len").to_pylist()
@@ -135,10 +138,12 @@ class ScorerWorker:
         *,
         torch_threads: int,
         provenance: dict[str, Any] | None = None,
+        compression: str = COMPRESSION,
     ):
         setup_process(torch_threads)
         from workers.scoring.scorer import ScoreConfig, Scorer
 
+        self.compression = compression  # of the files it writes (cluster.compression)
         path = local_model_dir(model)
         self.scorer = Scorer(path, ScoreConfig(**score_options))
         self.provenance = worker_provenance(path, provenance)
@@ -160,6 +165,7 @@ class ScorerWorker:
             require_complete=True,  # the shard the driver planned, verified
             extra={"provenance": self.provenance},
             root=root,
+            compression=self.compression,
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 
@@ -167,8 +173,11 @@ class ScorerWorker:
 class RouterWorker:
     """Loads one model once; builds preference data and trains its router (Ray actor body)."""
 
-    def __init__(self, model: ModelConfig, device: str, *, torch_threads: int):
+    def __init__(
+        self, model: ModelConfig, device: str, *, torch_threads: int, compression: str = COMPRESSION
+    ):
         setup_process(torch_threads)
+        self.compression = compression  # of the files it writes (cluster.compression)
         from workers.adapters import adapter_for
         from workers.scoring.scorer import ScoreConfig, load_model
 
@@ -182,16 +191,23 @@ class RouterWorker:
         import pyarrow as pa
 
         from workers.router.update import add_router_inputs, select_tokens
+        from workers.schemas import as_list_routes
 
         started = time.time()
-        scores = pa.concat_tables([read_arrow(p) for p in task.scores])
+        scores = pa.concat_tables([as_list_routes(read_arrow(p)) for p in task.scores])
         trajectories = pa.concat_tables([read_arrow(p) for p in task.shards])
         tokens = select_tokens(scores, task.update)
         table = add_router_inputs(self.model, self.adapter, tokens, trajectories, task.layer)
         kinds = table.column("kind").to_pylist()
         counts = {"prefer": kinds.count("prefer"), "anchor": kinds.count("anchor")}
         write_arrow(
-            table, out_path, config_hash=unit_hash, started=started, extra=counts, root=root
+            table,
+            out_path,
+            config_hash=unit_hash,
+            started=started,
+            extra=counts,
+            root=root,
+            compression=self.compression,
         )
         return {"rows": table.num_rows, "tokens": scores.num_rows, **counts}
 
@@ -221,7 +237,15 @@ class RouterWorker:
         write_checkpoint(self.path, task.checkpoint, tensors, readme, root=root)
         fingerprint = local_fingerprint(str(task.checkpoint.resolve()))
         extra = {"summary": summary, "checkpoint_fingerprint": fingerprint}
-        write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra, root=root)
+        write_arrow(
+            log,
+            out_path,
+            config_hash=unit_hash,
+            started=started,
+            extra=extra,
+            root=root,
+            compression=self.compression,
+        )
         return {"rows": log.num_rows, "tokens": summary["prefer_tokens"], **summary}
 
 

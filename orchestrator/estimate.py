@@ -1,12 +1,12 @@
-"""What a plan needs before it runs: GPU memory per actor, and GPU-hours per stage.
+"""What a plan needs before it runs: GPU memory per actor, GPU-hours per stage, disk.
 
 Contract: pure functions of the typed config and workers/assets/rates.csv (no Ray, no model).
 `check_memory(cfg)` raises ConfigError when a scorer or generator of some model cannot fit the
 GPU (cluster.gpu_memory_gb; a scorer holds its model on one GPU, or spreads it layer by layer
 over its model.gpus GPUs when one does not hold it; a vLLM generator spreads its weights over
 model.tensor_parallel_size GPUs);
-`describe_estimate(cfg, cells, layers_of)` is the dry run's text: each actor's memory need and
-the GPU-hours of generation and scoring; `describe_router_estimate(cfg, train, evals)` those of
+`describe_estimate(cfg, cells, layers_of)` is the dry run's text: each actor's memory need,
+the GPU-hours of generation and scoring and the disk the run's files take (describe_footprint); `describe_router_estimate(cfg, train, evals)` those of
 the router update's steps and the run's total. Each line names its rate, the GPU type that rate
 was measured on and how it was carried to the plan's length (LENGTH_RULE). Token counts are
 upper bounds (every completion reaches model.max_tokens, every trajectory is verified); the
@@ -32,6 +32,7 @@ from orchestrator.config import (
 )
 from workers.io import check_path_name
 from workers.rates import RATES_PATH, Rate, read_rates
+from workers.schemas import expert_id_type
 from workers.scoring.score_config import parse_positions
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -500,7 +501,53 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
         describe_gpus(parts, gpu),
     ]
     lines += [f"  {s}" for s in dict.fromkeys(p.source for p in parts if p.source)]
-    return "\n".join(lines)
+    return "\n".join(lines + describe_footprint(cfg, cells, layers_of))
+
+
+# ----------------------------------------------------------------------------- disk
+#
+# Bytes on disk before compression (zstd takes more off: README, "Scaling"), so the footprint
+# errs high, at the token counts' upper bounds. A trajectory token: input_ids (int32), its
+# sample_logprobs (float32) and ~4 bytes of completion text; a prompt token only its id. A score
+# row (workers.schemas.scores_schema): SCORE_ROW_BYTES of keys, u(S), s(S), list offsets and
+# dictionary indices, then 8 bytes of u and s per alternative and the J + 1 routes' expert ids.
+COMPLETION_TOKEN_BYTES = 12
+PROMPT_TOKEN_BYTES = 4
+SCORE_ROW_BYTES = 60
+
+
+def score_row_bytes(model: ModelConfig, alternatives: int) -> int:
+    """Bytes of one score row of `model` with J = `alternatives`, uncompressed."""
+    ids = expert_id_type(model.num_experts).bit_width // 8
+    return SCORE_ROW_BYTES + 8 * alternatives + (alternatives + 1) * model.top_k * ids
+
+
+def describe_footprint(
+    cfg: RunConfig, cells: list, layers_of: dict[str, dict[str, int]]
+) -> list[str]:
+    """The dry run's disk section: trajectories, shards (at most the trajectories again: the
+    verified ones) and scores (every scored token at every distinct layer), per model."""
+    J = cfg.scoring.alternatives
+    lines = [
+        "",
+        "disk, upper bounds (uncompressed, at the token counts above; 1 GB = 10^9 bytes):",
+    ]
+    total = 0
+    for model in sweep_models(cfg):
+        mine = [c for c in cells if c.cell.model.name == model.name]
+        tokens = sum(c.max_completion_tokens for c in mine)
+        prompts = sum(c.completions for c in mine) * PROMPT_ALLOWANCE
+        trajectories = tokens * COMPLETION_TOKEN_BYTES + prompts * PROMPT_TOKEN_BYTES
+        row = score_row_bytes(model, J)
+        scored = round(tokens * positions_share(cfg, model)) * len(layers_of[model.name])
+        total += 2 * trajectories + scored * row
+        lines.append(
+            f"  {model.name:<16} trajectories {trajectories / GB:10,.1f} GB, shards"
+            f" <= {trajectories / GB:10,.1f} GB, scores {scored * row / GB:10,.1f} GB"
+            f" ({scored:,} rows x {row} bytes)"
+        )
+    lines.append(f"  total <= {total / GB:,.1f} GB")
+    return lines
 
 
 def dataset_problems(d: DatasetConfig) -> int:

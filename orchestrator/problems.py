@@ -20,7 +20,14 @@ import pyarrow as pa
 from orchestrator import plan
 from orchestrator.config import ModelConfig, RunConfig, model_path
 from orchestrator.errors import PipelineError, last_line
-from workers.io import IncompleteFileError, done_path, read_verified, verify, write_arrow
+from workers.io import (
+    COMPRESSION,
+    IncompleteFileError,
+    done_path,
+    read_verified,
+    verify,
+    write_arrow,
+)
 
 
 def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]]:
@@ -39,7 +46,11 @@ def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]
         check_prompts(table, dataset, models, cfg.generation.backend, tokenizers)
 
     return prepare_datasets(
-        run_dir, list(datasets.values()), checksum=cfg.verify_checksums, check=check
+        run_dir,
+        list(datasets.values()),
+        checksum=cfg.verify_checksums,
+        check=check,
+        compression=cfg.cluster.compression,
     )
 
 
@@ -49,6 +60,7 @@ def prepare_datasets(
     *,
     checksum: bool = True,
     check: Callable[[Any, pa.Table], None] | None = None,
+    compression: str = COMPRESSION,
 ) -> dict[str, tuple[int, str]]:
     """problems/<name>.arrow of each dataset (skipped when complete); {name: (rows, sha256)}.
 
@@ -106,7 +118,14 @@ def prepare_datasets(
                 )
             extra = {"skipped_rows": skipped} if skipped is not None else None
             try:
-                sidecar = write_arrow(table, path, config_hash=want, extra=extra, root=run_dir)
+                sidecar = write_arrow(
+                    table,
+                    path,
+                    config_hash=want,
+                    extra=extra,
+                    root=run_dir,
+                    compression=compression,
+                )
             except OSError as err:  # a full disk or quota: write_arrow left nothing complete
                 raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None
         out[dataset.name] = (sidecar["rows"], sidecar["sha256"])

@@ -54,7 +54,11 @@ def write_shards(
         except IncompleteFileError:
             try:
                 sidecar = write_arrow(
-                    table.slice(k * size, size), path, config_hash=want, root=run_dir
+                    table.slice(k * size, size),
+                    path,
+                    config_hash=want,
+                    root=run_dir,
+                    compression=cfg.cluster.compression,
                 )
             except OSError as err:  # a full disk, or a folder replaced by a link
                 raise PipelineError(f"cannot write {path}: {err.strerror or err}") from None

@@ -117,7 +117,10 @@ def digests(run_dir: Path, stage_dir: str = "scores") -> dict[str, str]:
 def score_rows(run_dir: Path, layers: tuple[int, ...] | None = None) -> pl.DataFrame:
     """Every score row of a run in a canonical order, whatever files they are in."""
     files = sorted((run_dir / "scores").rglob("*.arrow"))
-    frame = pl.concat(pl.read_ipc(p) for p in files)
+    # model and dataset are dictionary-encoded in the files: compared as strings
+    frame = pl.concat(pl.read_ipc(p) for p in files).with_columns(
+        pl.col(pl.Categorical).cast(pl.String)
+    )
     if layers is not None:
         frame = frame.filter(pl.col("layer").is_in(layers))
     return frame.sort(["layer", "problem_id", "sample_idx", "position"])

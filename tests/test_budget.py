@@ -18,7 +18,7 @@ from analysis.tables import summarise
 from orchestrator import config as C
 from orchestrator import plan
 from orchestrator.stages.scoring import scoring_units
-from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA
+from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA, as_list_routes
 from workers.scoring.score_config import ScoreConfig
 from workers.scoring.scorer import Scorer, select_positions
 
@@ -98,7 +98,7 @@ def test_budgeted_rows_are_the_full_runs_rows_whatever_the_shard(model):
     # One (t, R) pair per decode step: the decode is then the same computation in both runs.
     full = pl.from_arrow(_score(model, shard, micro_batch=1))
     part = _score(model, shard, "0.25", micro_batch=1)
-    assert part.schema == SCORES_SCHEMA.append(COMPLETION_TOKENS)
+    assert as_list_routes(part).schema == SCORES_SCHEMA.append(COMPLETION_TOKENS)
     part = pl.from_arrow(part)
     assert 0 < part.height < full.height / 2
     lengths = [

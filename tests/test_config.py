@@ -183,6 +183,7 @@ def test_per_entry_overrides_change_only_their_entry():
         ("scoring.sampler=gumble", "scoring.sampler must be one of gumbel, uniform_pool"),
         ("model.dtype=bf16", "model qwen3-30b-a3b: dtype='bf16'; valid:"),
         ("cluster.gpu_memory_gb=0", "cluster.gpu_memory_gb must be > 0"),
+        ("cluster.compression=gzip", "cluster.compression='gzip': use one of zstd, lz4, none"),
     ],
 )
 def test_a_bad_value_in_any_entry_is_a_config_error(override, message):

@@ -335,3 +335,29 @@ def test_bench_score_records_a_row_the_estimate_can_read(tmp_path):
     )
     assert row.tokens_per_s == 987.7 and row.scorer == scoring_code_version()
     assert E.scoring_rate([row], "olmoe-1b-7b", "early", 4096, "H100").tokens_per_s == 987.7
+
+
+def test_the_dry_run_prints_the_disk_footprint_of_each_file_kind():
+    cfg = make("sweep=paper", "cluster=address", "cluster.gpu_type=H200")
+    text = plan.describe_plan(cfg, "r", plan.Path("/tmp/r"))
+    assert text.index("GPU-hours") < text.index("disk, upper bounds")
+    rows = re.findall(
+        r"  (\S+) +trajectories +([\d,.]+) GB, shards <= +([\d,.]+) GB, scores +([\d,.]+) GB"
+        r" \(([\d,]+) rows x (\d+) bytes\)",
+        text,
+    )
+    assert [r[0] for r in rows] == [m.name for m in C.sweep_models(cfg)]
+    # Qwen3: 128 experts fit one byte, so a row is 60 + 32 x (4 + 4) + 33 x 8 x 1 bytes
+    qwen = next(r for r in rows if r[0] == "qwen3-30b-a3b")
+    assert int(qwen[5]) == 60 + 32 * 8 + 33 * 8 == E.score_row_bytes(C.sweep_models(cfg)[0], 32)
+    scored = int(qwen[4].replace(",", ""))
+    assert float(qwen[3].replace(",", "")) == round(scored * 580 / 1e9, 1)
+    total = float(re.search(r"  total <= ([\d,.]+) GB", text)[1].replace(",", ""))
+    parts = sum(2 * float(r[1].replace(",", "")) + float(r[3].replace(",", "")) for r in rows)
+    assert abs(total - parts) < 0.1 * len(rows)
+    # a position budget scores a quarter of the tokens: a quarter of the score bytes
+    budget = plan.describe_plan(make("sweep=paper", "scoring.positions=0.25"), "r", plan.Path("/r"))
+    quarter = re.search(r"qwen3-30b-a3b +trajectories.*scores +([\d,.]+) GB", budget)[1]
+    assert float(quarter.replace(",", "")) == pytest.approx(
+        float(qwen[3].replace(",", "")) / 4, 0.01
+    )

@@ -98,3 +98,19 @@ def test_config_hash_is_stable_and_order_free():
     assert io.config_hash({"a": 1, "b": [1, 2]}) == io.config_hash({"b": [1, 2], "a": 1})
     assert io.config_hash({"a": 1}) != io.config_hash({"a": 2})
     assert len(io.config_hash({})) == 16
+
+
+def test_files_are_zstd_compressed_and_read_back_identical(tmp_path):
+    import polars as pl
+
+    table = pa.table({"name": ["model-a"] * 4000, "u": pa.array(range(4000), pa.float32())})
+    packed, plain = tmp_path / "packed.arrow", tmp_path / "plain.arrow"
+    io.write_arrow(table, packed, config_hash="h")
+    io.write_arrow(table, plain, config_hash="h", compression="none")
+    assert packed.stat().st_size < plain.stat().st_size / 2
+    assert io.read_arrow(packed).equals(table)
+    assert pl.scan_ipc(packed).collect().equals(pl.from_arrow(table))
+    assert io.verify(packed, "h")["rows"] == 4000
+    with pytest.raises(ValueError, match="compression='brotli'"):
+        io.write_arrow(table, tmp_path / "x.arrow", config_hash="h", compression="brotli")
+    assert not (tmp_path / "x.arrow").exists()

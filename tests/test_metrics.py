@@ -382,3 +382,36 @@ def test_per_trajectory_mean_weighs_each_trajectory_once(tmp_path):
     # alignment: p0's (1 - 2) / sqrt(10) / 2 and p1's 1 / sqrt(10), averaged.
     want = (-1 / (2 * SQRT10) + 1 / SQRT10) / 2
     assert row["alignment_per_trajectory"] == pytest.approx(want, rel=1e-6)
+
+
+def test_compact_and_int32_list_layouts_give_identical_tables(tmp_path):
+    """The scorer's layout (uint8 fixed-size routes, zstd) and the layout written before it
+    (int32 variable lists, uncompressed), alone or mixed in one run, give the same tables;
+    the mixed run also holds a model with uint16 ids, whose routes differ in type again."""
+    from analysis.bench import make_scores
+    from workers.schemas import as_list_routes
+
+    cfg = AnalysisConfig(bootstrap=50)
+    shards = {
+        ("a", 0): make_scores(1500, alternatives=8, top_k=4, experts=64, seed=1, model="a"),
+        ("a", 1): make_scores(1500, alternatives=8, top_k=4, experts=64, seed=2, model="a"),
+        ("b", 0): make_scores(1000, alternatives=6, top_k=2, experts=300, seed=3, model="b"),
+    }
+    assert shards["a", 0].schema.field("std_route").type == pa.list_(pa.uint8(), 4)
+    assert shards["b", 0].schema.field("std_route").type == pa.list_(pa.uint16(), 2)
+
+    def run(name, old):
+        for (model, i), table in shards.items():
+            path = tmp_path / name / "scores" / model / "layer=12" / "synthetic" / f"{i}.arrow"
+            if old(model, i):
+                table = as_list_routes(table)
+                assert table.schema == SCORES_SCHEMA
+            packing = "none" if old(model, i) else "zstd"
+            write_arrow(table, path, config_hash="x", compression=packing)
+        return summarise(collect_stats(find_shards(tmp_path / name), cfg), cfg)
+
+    before = run("before", lambda m, i: True)
+    for after in (run("after", lambda m, i: False), run("mixed", lambda m, i: i == 1)):
+        assert before.keys() == after.keys()
+        for name in before:
+            assert before[name].equals(after[name], null_equal=True), name

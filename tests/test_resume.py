@@ -150,3 +150,32 @@ def test_a_changed_config_redoes_only_the_units_it_changes(reference, tmp_path, 
         assert len(list((run_dir / f"scores/tiny/layer={layer}/demo").glob("*.arrow"))) == expected
     assert len(list((run_dir / "scores/tiny/layer=1/demo").glob("*.arrow"))) == shards
     assert score_rows(run_dir, layers=(0, 2, 3)).equals(score_rows(reference, layers=(0, 2, 3)))
+
+
+def test_score_files_of_the_int32_list_layout_are_kept_and_read_alike(reference, tmp_path, capsys):
+    """A run scored before the compact layout (int32 route lists, plain model and dataset
+    strings, no compression) resumes without redoing a unit: completeness compares config
+    hashes, not bytes, and the report reads those files into the very tables of the compact
+    ones. (Its other files differ only in compression; the shards' hash is of the generated
+    files it was split from, so a run's own files always agree.)"""
+    from workers.io import read_arrow, write_arrow
+    from workers.schemas import SCORES_SCHEMA, as_list_routes
+
+    run_dir = copy_run(reference, tmp_path, "old")
+    kept = ("file", "rows", "sha256", "config_hash", "seconds", "host", "finished_at")
+    for path in sorted((run_dir / "scores").rglob("*.arrow")):
+        sidecar = json.loads(done_path(path).read_text())
+        table = as_list_routes(read_arrow(path))
+        assert table.schema == SCORES_SCHEMA
+        extra = {k: v for k, v in sidecar.items() if k not in kept}
+        write_arrow(
+            table, path, config_hash=sidecar["config_hash"], extra=extra, compression="none"
+        )
+    old = digests(run_dir)
+    assert old.keys() == digests(reference).keys() and old != digests(reference)
+
+    assert run_inprocess(tmp_path, "old") == 0
+    counts = stage_counts(capsys.readouterr().err)
+    assert all(c["computed"] == 0 for c in counts.values()), counts
+    assert digests(run_dir) == old
+    assert_same_tables(run_dir, reference)

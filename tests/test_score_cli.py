@@ -11,7 +11,7 @@ import pytest
 from moe_factories import make_model, make_trajectories, save_model, single_thread
 
 from workers.io import done_path, is_complete, read_arrow, read_sidecar
-from workers.schemas import SCORES_SCHEMA
+from workers.schemas import SCORES_SCHEMA, as_list_routes
 from workers.scoring.score import main, parse_args
 from workers.scoring.score_config import ScoreConfig
 
@@ -62,7 +62,7 @@ def test_cli_end_to_end(model_dir, tmp_path):
     assert "tok" in proc.stderr  # the tqdm bar
     assert is_complete(out)
     scores = read_arrow(out)
-    assert scores.schema == SCORES_SCHEMA and scores.num_rows == 6 + 5
+    assert as_list_routes(scores).schema == SCORES_SCHEMA and scores.num_rows == 6 + 5
     assert set(scores["layer"].to_pylist()) == {2}
     assert all(len(r) == 3 for r in scores["alt_routes"].to_pylist())
     sidecar = read_sidecar(out)

@@ -9,7 +9,7 @@ import torch
 from moe_factories import FAMILIES, VARIANTS, make_model, make_trajectories, single_thread
 
 from workers.adapters import adapter_for
-from workers.schemas import SCORES_SCHEMA
+from workers.schemas import SCORES_SCHEMA, as_list_routes, scores_schema
 from workers.scoring import kv, routes
 from workers.scoring.brute import brute_logprobs
 from workers.scoring.scorer import ScoreConfig, Scorer
@@ -129,7 +129,10 @@ def test_output_rows_and_columns(models):
     scorer = _scorer(models["olmoe"])
     table = make_trajectories(lengths=(14, 9, 11), prompt_lens=(6, 1, 10))
     out = scorer.score_table(table, "middle")
-    assert out.schema == SCORES_SCHEMA
+    k, j = scorer.adapter.top_k, scorer.config.alternatives
+    assert out.schema == scores_schema(scorer.adapter.n_experts, k, j)
+    assert out.schema.field("std_route").type == pa.list_(pa.uint8(), k)  # OLMoE: 64 experts
+    assert as_list_routes(out).schema == SCORES_SCHEMA
     assert out.num_rows == (14 - 6) + (9 - 1) + (11 - 10)
     d = out.to_pydict()
     ids = table["input_ids"].to_pylist()

@@ -41,6 +41,8 @@ TRAJECTORIES_SCHEMA = pa.schema(
 
 # One row per scored completion token (docs/method.md): the standard route S and J alternatives at
 # one MoE layer, each with u(R) = p(target | prefix, R) and s(R) = sum of router log-softmax.
+# The scorer writes `scores_schema(...)`: these columns with the routes compacted; files of this
+# exact layout (int32 ids in variable lists, as written before) read the same (`as_list_routes`).
 SCORES_SCHEMA = pa.schema(
     [
         ("problem_id", pa.string()),
@@ -62,3 +64,48 @@ SCORES_SCHEMA = pa.schema(
 # after SCORES_SCHEMA's columns: the trajectory's number of completion tokens, which the
 # analysis weights its scored rows by (analysis.metrics). Full runs keep SCORES_SCHEMA as is.
 COMPLETION_TOKENS = pa.field("completion_tokens", pa.int32())
+
+
+ROUTE_COLUMNS = ("std_route", "alt_routes")
+
+
+def expert_id_type(n_experts: int) -> pa.DataType:
+    """The smallest unsigned integer type that holds expert ids 0 .. n_experts - 1."""
+    for kind, bits in ((pa.uint8(), 8), (pa.uint16(), 16), (pa.uint32(), 32)):
+        if n_experts <= 1 << bits:
+            return kind
+    raise ValueError(f"{n_experts} experts do not fit an expert id of 32 bits")
+
+
+CONSTANT_COLUMNS = ("model", "dataset")  # one value per score file (the job)
+
+
+def scores_schema(n_experts: int, top_k: int, alternatives: int) -> pa.Schema:
+    """SCORES_SCHEMA as a model's scorer writes it: each route a fixed-size list of k expert ids
+    of expert_id_type (1 byte each for up to 256 experts, not 4, and no offsets), the J
+    alternatives a fixed-size list of them; model and dataset dictionary-encoded (one string
+    per file; Polars reads them as Categorical). Every other column keeps its type."""
+    ids = expert_id_type(n_experts)
+    route = pa.list_(ids, top_k)
+    names = pa.dictionary(pa.int32(), pa.string())
+    schema = SCORES_SCHEMA
+    for name, kind in (
+        ("std_route", route),
+        ("alt_routes", pa.list_(route, alternatives)),
+        *((c, names) for c in CONSTANT_COLUMNS),
+    ):
+        schema = schema.set(schema.get_field_index(name), pa.field(name, kind))
+    return schema
+
+
+def as_list_routes(table: pa.Table) -> pa.Table:
+    """`table` with its route and constant columns in SCORES_SCHEMA's types (int32 variable
+    lists, plain strings; a no-op for a table in that layout): score tables of either layout,
+    or of models with other expert counts or k, concatenate once they have been through this."""
+    for name in (*ROUTE_COLUMNS, *CONSTANT_COLUMNS):
+        if name in table.column_names:
+            i = table.schema.get_field_index(name)
+            table = table.set_column(
+                i, SCORES_SCHEMA.field(name), table[name].cast(SCORES_SCHEMA.field(name).type)
+            )
+    return table

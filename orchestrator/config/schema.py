@@ -163,6 +163,10 @@ class ClusterConfig:
     unit_timeout_s: float | None = None
     gpu_type: str | None = None  # e.g. H100: picks the rows of workers/assets/rates.csv
     gpu_memory_gb: float | None = None  # per GPU; the plan is refused if an actor cannot fit
+    # Buffer compression of every Arrow file the run writes (workers.io.COMPRESSIONS): zstd,
+    # lz4 or none. Values and completeness are the same whatever it is (a resumed run keeps
+    # the files it has), so it is in no hash.
+    compression: str = "zstd"
 
 
 def actor_cap(value: str | int) -> int | None:

@@ -38,7 +38,7 @@ from workers.families import FAMILIES, WINDOWS_OR_SINKS
 from workers.generation import BACKENDS
 from workers.generation import DTYPES as MODEL_DTYPES
 from workers.generation.verify import KINDS as VERIFIERS
-from workers.io import check_path_name
+from workers.io import COMPRESSIONS, check_path_name
 from workers.scoring.score_config import ScoreConfig
 
 
@@ -115,6 +115,10 @@ def validate_cluster(cl: ClusterConfig) -> None:
                 " num_gpus >= 0 or null, cpus_per_actor > 0, actor_start_timeout_s > 0,"
                 " unit_timeout_s > 0 or null)"
             )
+    if cl.compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"cluster.compression={cl.compression!r}: use one of {', '.join(COMPRESSIONS)}"
+        )
     if cl.address is not None and not cl.address.strip():
         raise ConfigError("cluster.address is empty; give null (a local Ray), auto or host:port")
 

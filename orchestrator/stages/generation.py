@@ -165,6 +165,7 @@ class GeneratorSpawner:
             self.options,
             torch_threads=self.cluster.torch_threads,
             provenance=actors.driver_provenance(),
+            compression=self.cluster.compression,
         )
         if group is not None:
             self.groups[actor] = group

@@ -69,7 +69,10 @@ class RouterSpawner:
     def __call__(self) -> Any:
         options = {"num_cpus": self.cluster.cpus_per_actor, "num_gpus": self.gpus}
         return self.actor_cls.options(max_restarts=0, **options).remote(
-            self.model, self.device, torch_threads=self.cluster.torch_threads
+            self.model,
+            self.device,
+            torch_threads=self.cluster.torch_threads,
+            compression=self.cluster.compression,
         )
 
     def need(self) -> dict[str, float]:

@@ -83,6 +83,7 @@ class ScorerSpawner:
             self.score_options,
             torch_threads=self.cluster.torch_threads,
             provenance=actors.driver_provenance(),
+            compression=self.cluster.compression,
         )
 
     def need(self) -> dict[str, float]:

@@ -93,7 +93,7 @@ def _matrix(column: pa.ChunkedArray | pa.Array, *shape: int) -> np.ndarray:
     """A fixed-width list column as an (rows, *shape) numpy array."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     values = arr.flatten()
-    while pa.types.is_list(values.type):
+    while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type):
         values = values.flatten()
     return values.to_numpy(zero_copy_only=False).reshape(len(arr), *shape)
 

@@ -1,9 +1,10 @@
 """Counterfactual route scoring, exact and fast (docs/method.md, "The intervention and the utility").
 
 Contract: `Scorer(model_path, ScoreConfig(...))` loads the model once; `score_table(trajectories,
-layer)` returns one SCORES_SCHEMA row per completion token (positions prompt_len-1 .. len-2,
-target ids[t+1]), rows in input order, positions ascending. For each token: the standard route
-S (the router's own choice, in the router's order), J alternatives (workers.scoring.routes, in the
+layer)` returns one row per completion token (positions prompt_len-1 .. len-2, target
+ids[t+1]; workers.schemas.scores_schema of the model: routes as fixed-size lists of small
+ids), rows in input order, positions ascending. For each token: the standard route S (the
+router's own choice, in the router's order), J alternatives (workers.scoring.routes, in the
 order picked), u(R) = p(target | prefix, route R at (t, L)) for each, and s(R). Under a position
 budget (ScoreConfig.positions other than "all") only the positions `select_positions` keeps get
 a row, plus a `completion_tokens` column (workers.schemas.COMPLETION_TOKENS).
@@ -41,7 +42,7 @@ from torch import nn
 
 from workers.adapters import MoeAdapter, adapter_for
 from workers.models import devices_of
-from workers.schemas import COMPLETION_TOKENS, SCORES_SCHEMA
+from workers.schemas import COMPLETION_TOKENS, scores_schema
 from workers.scoring import kv, routes
 from workers.scoring.attention import BLOCK_SIZE
 from workers.scoring.score_config import (  # declared there: the driver reads it without torch
@@ -191,7 +192,7 @@ class Scorer:
         *,
         progress: Callable[[int], Any] | None = None,
     ) -> pa.Table:
-        """SCORES_SCHEMA rows for every completion token of every trajectory, in input order."""
+        """Score rows (scores_schema) for every completion token of every trajectory, in input order."""
         layer = self.resolve_layer(layer)
         rows = self.validate(trajectories)
         tables = []
@@ -446,22 +447,25 @@ class Scorer:
         n = len(s["position"])
         model = row.get("model") or self.model_name
         dataset = row.get("dataset") or "unknown"
+        k, j = s["std_route"].shape[1], s["alt_routes"].shape[1]
+        schema = scores_schema(self.adapter.n_experts, k, j)
+        ids = schema.field("std_route").type.value_type.to_pandas_dtype()
         cols = {
             "problem_id": pa.array([row["problem_id"]] * n, pa.string()),
             "sample_idx": pa.array(np.full(n, row["sample_idx"], np.int32)),
             "position": pa.array(s["position"]),
             "target_id": pa.array(s["target_id"]),
-            "std_route": _lists(s["std_route"]),
+            "std_route": _fixed(s["std_route"].astype(ids)),
             "std_prob": pa.array(s["std_prob"]),
-            "alt_routes": _lists(s["alt_routes"]),
+            "alt_routes": _fixed(s["alt_routes"].astype(ids)),
             "alt_probs": _lists(s["alt_probs"]),
             "std_route_logprob": pa.array(s["std_route_logprob"]),
             "alt_route_logprobs": _lists(s["alt_route_logprobs"]),
-            "model": pa.array([model] * n, pa.string()),
+            "model": _constant(model, n),
             "layer": pa.array(np.full(n, layer, np.int32)),
-            "dataset": pa.array([dataset] * n, pa.string()),
+            "dataset": _constant(dataset, n),
         }
-        table = pa.Table.from_arrays([cols[f.name] for f in SCORES_SCHEMA], schema=SCORES_SCHEMA)
+        table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
         if self.config.positions == ALL_POSITIONS:
             return table
         total = len(row["input_ids"]) - row["prompt_len"]
@@ -479,8 +483,10 @@ def score_file(
     progress: Callable[[int], Any] | None = None,
     extra: dict[str, Any] | None = None,
     root: str | Path | None = None,
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """Score a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
+    `compression`: workers.io.write_arrow's (None: its default).
 
     The input is read with workers.io.read_arrow (its sidecar is required only with
     `require_complete`); nothing is written unless scoring succeeds. `extra` is added to
@@ -506,8 +512,15 @@ def score_file(
         "score_config": asdict(scorer.config),
         **(extra or {}),
     }
+    packing = {} if compression is None else {"compression": compression}
     return write_arrow(
-        scores, out_path, config_hash=config_hash, started=started, extra=extra, root=root
+        scores,
+        out_path,
+        config_hash=config_hash,
+        started=started,
+        extra=extra,
+        root=root,
+        **packing,
     )
 
 
@@ -518,3 +531,16 @@ def _lists(values: np.ndarray) -> pa.Array:
         count = len(flat) // size
         flat = pa.ListArray.from_arrays(pa.array(np.arange(count + 1, dtype=np.int32) * size), flat)
     return flat
+
+
+def _fixed(values: np.ndarray) -> pa.Array:
+    """A numpy array (N, ..., m) as nested fixed-size Arrow lists (no offsets), zero-copy."""
+    flat = pa.array(values.reshape(-1))
+    for size in reversed(values.shape[1:]):
+        flat = pa.FixedSizeListArray.from_arrays(flat, size)
+    return flat
+
+
+def _constant(value: str, n: int) -> pa.DictionaryArray:
+    """`value` n times, dictionary-encoded: one string and n small indices."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
