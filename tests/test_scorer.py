@@ -90,7 +90,7 @@ def test_kl_and_argmax_match_brute_force(models, name, spec):
     std_arg, arg, kl = route_divergence(logp[:, :1], logp)
     for i, r in enumerate(rows):
         assert r["std_argmax"] == std_arg[i, 0].item()
-        assert max(abs(a - b) for a, b in zip(r["alt_kl"], kl[i, 1:].tolist())) < 1e-4
+        assert max(abs(a - b) for a, b in zip(r["alt_kl"], kl[i, 1:].tolist(), strict=True)) < 1e-4
         top2 = logp[i].topk(2, dim=-1).values
         for j, flag in enumerate(r["alt_argmax_changed"]):
             if (top2[j + 1, 0] - top2[j + 1, 1]).item() > 1e-4:  # not a rounding tie
