@@ -18,7 +18,9 @@ How, per sequence (one at a time, so results never depend on what else is in the
    expert) pair run once by the model's own experts module, then recombined with R's gate
    weights, workers.adapters), added to the residual; then the layers after L run as
    single-token decode steps (the model's own layer modules; attention over the stored keys of
-   positions < t plus the query's own); final norm, LM head, log-softmax, log p(target).
+   positions < t plus the query's own); final norm, LM head, log-softmax, log p(target), the
+   argmax token and KL(p_S || p_R) (each token's S is decoded first and its log-softmax kept,
+   docs/method.md "Beyond the realized token").
 Micro-batches are sized so their activations fit `memory_budget_mb`. Cost: about (J+1)
 single-token passes through the layers after L per token, instead of T x (J+1) full passes.
 """
