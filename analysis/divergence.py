@@ -111,11 +111,11 @@ def _token_sums(lf: pl.LazyFrame, cfg: AnalysisConfig) -> pl.LazyFrame:
 
 
 def _cluster_sums(paths: Sequence[Path], cfg: AnalysisConfig) -> pl.DataFrame:
-    """Float sums per (model, layer, dataset, verified, bin, cluster) from fixed point."""
+    """Fixed-point sums per (model, layer, dataset, verified, bin, cluster): integer sums, so
+    the table does not depend on the order the shards are read in."""
     tok = _token_sums(scan_scores(paths), cfg)
     sums = tok.group_by(*KEYS, *cfg.cluster_keys).agg(weighted_sum(c).alias(c) for c in SUMS)
-    frame = sums.collect(engine="streaming")
-    return frame.with_columns(pl.col(c).cast(pl.Float64) / FIXED_POINT for c in SUMS)
+    return sums.collect(engine="streaming")
 
 
 def _means(sums: np.ndarray) -> np.ndarray:
@@ -168,7 +168,8 @@ def divergence_table(paths: Sequence[str | Path], cfg: AnalysisConfig) -> pl.Dat
     for key in sums.select(KEYS).unique().sort(KEYS).iter_rows(named=True):
         part = sums.filter(pl.all_horizontal(pl.col(k) == v for k, v in key.items()))
         x = part.group_by(cfg.cluster_keys).agg(pl.col(c).sum() for c in SUMS)
-        rows.append(_row(key, x.select(SUMS).to_numpy().astype(np.float64), cfg))
+        x = x.sort(cfg.cluster_keys).select(SUMS).to_numpy().astype(np.float64) / FIXED_POINT
+        rows.append(_row(key, x, cfg))
     order = {b: i for i, b in enumerate((*BINS, "all"))}
     frame = pl.DataFrame(rows).with_columns(
         pl.col("bin").replace_strict(order, return_dtype=pl.Int32).alias("_o")
