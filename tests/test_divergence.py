@@ -73,7 +73,7 @@ def test_divergence_means_match_the_hand_computed_values(paths):
     assert both["share_win_draws_changed"] == pytest.approx(1 / 3)
     d = np.array([0.4, 0.2, 0.0, 0.0, -0.05, 0.05])
     k = np.array([0.2, 0.4, 0.0, 0.0, 0.1, 0.05])
-    assert both["corr_gain_kl"] == pytest.approx(np.corrcoef(d, k)[0, 1], abs=1e-6)
+    assert both["corr_gain_kl"] == pytest.approx(np.corrcoef(d, k)[0, 1], abs=1e-5)
     assert both["mean_kl_best_lo"] <= both["mean_kl_best"] <= both["mean_kl_best_hi"]
     assert _get(table, "unverified", "fragile")["share_changed"] == pytest.approx(1.0)
     assert divergence_table([old], CFG) is None
