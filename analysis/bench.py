@@ -133,6 +133,14 @@ def make_scores(
         "model": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), [model]),
         "layer": pa.array(np.full(n, layer, dtype=np.int32)),
         "dataset": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), [dataset]),
+        # next-token distributions: KL grows with |u(R) - u(S)|; a repeat of S has KL 0
+        "std_argmax": pa.array(rng.integers(0, 50000, n, dtype=np.int32)),
+        "alt_kl": _list_array(np.abs(u[:, 1:] - u[:, :1]).ravel(), j),
+        "alt_argmax_changed": pa.ListArray.from_arrays(
+            pa.array(np.arange(n + 1, dtype=np.int32) * j),
+            pa.array((np.abs(u[:, 1:] - u[:, :1]) > 0.2).ravel()),
+        ),
+        "verified": pa.array(np.ones(n, dtype=bool)),
     }
     return pa.Table.from_pydict(cols).cast(scores_schema(experts, top_k, j))
 

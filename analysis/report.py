@@ -29,6 +29,7 @@ from typing import Any
 
 import polars as pl
 
+from analysis.divergence import divergence_files, divergence_table, verified_table
 from analysis.figures import layer_label, plot_all
 from analysis.inputs import SCORES_GLOB, ScoreInputs, select_generated_files, select_score_files
 from analysis.metrics import (
@@ -79,6 +80,15 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
     started = time.perf_counter()
     stats = collect_stats(shards, cfg)
     tables = summarise(stats, cfg)
+    # next-token distributions (score files written before those columns are left out) and
+    # the verified/unverified split (only when both kinds were scored)
+    for name, table in (
+        ("divergence", divergence_table(shards, cfg)),
+        ("by_verified", verified_table(shards, cfg)),
+    ):
+        if table is not None:
+            tables[name] = table
+    old_scores = len(shards) - len(divergence_files(shards))
     for name in ("by_bin", "overall"):
         tables[name] = tables[name].with_columns(
             win_margin=pl.lit(cfg.win_margin), scoring_dtype=pl.lit(dtypes)
@@ -102,6 +112,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         labels=labels,
         positions=describe_positions(run_config, stats),
         margin_source="set" if explicit else f"default for {dtypes} scores",
+        old_scores=old_scores,
     )
     path = run_dir / "report.md"
     atomic_write(path, text, root=run_dir)
@@ -387,6 +398,87 @@ def _robustness(binnings: pl.DataFrame | None, cfg: AnalysisConfig, labels: dict
     ]
 
 
+def _divergence(
+    table: pl.DataFrame | None, cfg: AnalysisConfig, labels: dict, old: int, shards: int
+) -> list[str]:
+    """Beyond the realized token: KL and argmax changes per bin (all trajectories pooled)."""
+    lines = ["## Beyond the realized token: next-token distributions", ""]
+    if old:
+        lines += [
+            f"{old} of {shards} score files were written before the next-token distribution "
+            "columns (KL, argmax change) existed"
+            + ("; this section covers the others." if table is not None else ": no table."),
+            "",
+        ]
+    if table is None:
+        return lines
+    lines += [
+        f"Per bin ({cfg.binning} bins, every trajectory): KL(p_S ‖ p_R) in nats of the best "
+        "draw and of all J draws; the share of draws whose argmax next token differs from S's; "
+        "among tokens an alternative wins, the share whose best draw changed the argmax; among "
+        "winning draws (u(R) > u(S) + margin), the share that changed it and their mean KL; ρ = "
+        "Pearson correlation of u(R) − u(S) with KL over every draw of the bin. A better u(R) "
+        "that comes with a small KL and an unchanged argmax is a sharper version of S's "
+        "distribution; a large KL with a changed argmax is a different distribution.",
+        "",
+    ]
+    header = [
+        "model", "layer", "dataset", "bin", "KL best", "KL draws", "argmax changed",
+        "wins: best changed", "winning draws changed", "KL winning draws", "ρ(gain, KL)",
+    ]  # fmt: skip
+    rows = []
+    for r in table.filter(pl.col("verified") == "all").iter_rows(named=True):
+        rows.append(
+            [
+                r["model"],
+                layer_label(labels, r["model"], r["layer"]),
+                r["dataset"],
+                r["bin"],
+                _ci(r, "mean_kl_best", ".3f"),
+                _fmt(r["mean_kl_draws"], ".3f"),
+                _ci(r, "share_changed", ".1%"),
+                _fmt(r["share_wins_best_changed"], ".1%"),
+                _ci(r, "share_win_draws_changed", ".1%"),
+                _fmt(r["mean_kl_win_draws"], ".3f"),
+                _ci(r, "corr_gain_kl", ".2f"),
+            ]
+        )
+    return [*lines, *_table(header, rows, align="llll" + "r" * 7), ""]
+
+
+def _verified(table: pl.DataFrame | None, cfg: AnalysisConfig, labels: dict) -> list[str]:
+    """The headline per bin over verified and over unverified trajectories of the same model."""
+    if table is None:
+        return []
+    split = cfg.binning == "split"
+    gain = "gain_split_pp" if split else "gain_pp"
+    header = ["model", "layer", "bin", "trajectories", "tokens", "u(S)", "gain (pp)", "ρ"]
+    rows = []
+    for r in pooled_rows(table).iter_rows(named=True):
+        rows.append(
+            [
+                r["model"],
+                layer_label(labels, r["model"], r["layer"]),
+                r["bin"],
+                r["verified"],
+                _fmt(r["tokens"], ","),
+                _ci(r, "mean_u_std", ".3f"),
+                _ci(r, gain, ".1f"),
+                _ci(r, "alignment", ".3f"),
+            ]
+        )
+    return [
+        "## Verified against unverified trajectories",
+        "",
+        f"The headline ({cfg.binning} bins) once over the verified and once over the unverified "
+        "trajectories of the same model (scoring.verified_only = false): the difference is the "
+        "selection effect of scoring only verified trajectories.",
+        "",
+        *_table(header, rows, align="llll" + "r" * 4),
+        "",
+    ]
+
+
 def render_markdown(
     tables: dict[str, pl.DataFrame],
     figures: dict[str, Path],
@@ -400,6 +492,7 @@ def render_markdown(
     labels: dict[tuple[str, int], str] | None = None,
     positions: str | None = None,
     margin_source: str = "set",
+    old_scores: int = 0,
 ) -> str:
     labels = labels or {}
     by_bin = tables["by_bin"]
@@ -447,11 +540,18 @@ def render_markdown(
         "",
         *_generation_table(tables.get("generation", pl.DataFrame())),
         "",
-        "Lengths are completion tokens; only verified trajectories are scored.",
+        "Lengths are completion tokens; "
+        + (
+            "verified and unverified trajectories are scored."
+            if "by_verified" in tables
+            else "only verified trajectories are scored."
+        ),
         "",
     ]
     lines += _key_numbers(tables.get("headline", by_bin), cfg, labels)
     lines += _robustness(tables.get("binnings"), cfg, labels)
+    lines += _divergence(tables.get("divergence"), cfg, labels, old_scores, shards)
+    lines += _verified(tables.get("by_verified"), cfg, labels)
     lines += ["## Figures", ""]
     captions = {
         "headline": "Mean u(S) and mean max_j u(R_j) per bin (token counts above the bars), "
@@ -471,7 +571,9 @@ def render_markdown(
     lines += [
         "Tables: `tables/by_bin`, `tables/overall`, `tables/counts`, `tables/gain_hist`, "
         "`tables/generation`, `tables/binnings` (every binning), `tables/headline` (the "
-        "headline's binning) (.parquet and .csv). The exact definitions: docs/method.md.",
+        "headline's binning), `tables/divergence` (next-token distributions) and "
+        "`tables/by_verified` where the run has them (.parquet and .csv). The exact "
+        "definitions: docs/method.md.",
         "",
     ]
     return "\n".join(lines)

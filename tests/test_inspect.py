@@ -87,6 +87,8 @@ def run(tmp_path, tokenizer):
         root / "trajectories" / "tiny" / "demo" / "generated" / "00000.arrow",
         config_hash="t",
     )
+    for name in ("std_argmax", "alt_kl", "alt_argmax_changed", "verified"):
+        scores[name] = [None] * len(scores["problem_id"])  # as in files scored before them
     write_arrow(
         pa.Table.from_pydict(scores, schema=SCORES_SCHEMA),
         root / "scores" / "tiny" / "layer=3" / "demo" / "00000.arrow",
@@ -344,6 +346,8 @@ def hostile_run(tmp_path, hostile_tokenizer):
         root / "trajectories" / HOSTILE_MODEL / "d" / "generated" / "00000.arrow",
         config_hash="t",
     )
+    for name in ("std_argmax", "alt_kl", "alt_argmax_changed", "verified"):
+        scores[name] = [None] * len(scores["problem_id"])  # as in files scored before them
     write_arrow(
         pa.Table.from_pydict(scores, schema=SCORES_SCHEMA),
         root / "scores" / HOSTILE_MODEL / "layer=3" / "d" / "00000.arrow",

@@ -82,6 +82,11 @@ def score_table(rows, *, model="m", layer=3, dataset="d", top_k=2, routes=None) 
         data["model"].append(model)
         data["layer"].append(layer)
         data["dataset"].append(dataset)
+        # the next-token distribution columns: KL 0.1 x j, the argmax changed on odd draws
+        data["std_argmax"].append(7)
+        data["alt_kl"].append([0.1 * (q + 1) for q in range(j)])
+        data["alt_argmax_changed"].append([q % 2 == 1 for q in range(j)])
+        data["verified"].append(True)
     return pa.Table.from_pydict(data, schema=SCORES_SCHEMA)
 
 

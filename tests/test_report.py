@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import polars as pl
+import pyarrow as pa
 import pytest
 from test_metrics import ROWS, score_table, write_run
 
 from analysis.metrics import AnalysisConfig
 from analysis.report import Report, build_report, main
+from workers.io import write_arrow
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CONFIG_YAML = """\
@@ -229,3 +231,36 @@ def test_gain_histogram_draws_empty_buckets_empty_and_fits_the_x_range():
     share = bucket_shares(hist, 100)
     assert share[49] == 0.75 and share[70] == 0.25
     assert all(math.isnan(v) for i, v in enumerate(share) if i not in (49, 70))
+
+
+def test_report_has_the_distribution_section_and_notes_old_score_files(run_dir):
+    text = build_report(run_dir).path.read_text()
+    section = text.split("## Beyond the realized token")[1].split("\n## ")[0]
+    assert "KL best" in section and "written before" not in section
+    assert "## Verified against unverified" not in text  # every scored row is verified
+    # a score file written before the distribution columns: left out, and said so
+    old = run_dir / "scores" / "tiny" / "layer=3" / "demo" / "shard-00000.arrow"
+    with pa.OSFile(str(old)) as f:
+        table = pa.ipc.open_file(f).read_all()
+    columns = ["std_argmax", "alt_kl", "alt_argmax_changed", "verified"]
+    write_arrow(table.drop_columns(columns), old, config_hash="test")
+    report = build_report(run_dir)
+    text = report.path.read_text()
+    assert "1 of 3 score files were written before" in text
+    assert set(report.tables["divergence"]["layer"]) == {0}
+
+
+def test_report_splits_verified_and_unverified_trajectories(tmp_path):
+    run = tmp_path / "runs" / "mixed"
+    rows = [ROWS[n] for n in ROWS]
+    table = score_table(rows, model="tiny", layer=0, dataset="demo")
+    flags = pl.Series("verified", [i % 2 == 0 for i in range(len(rows))])
+    table = pl.from_arrow(table).with_columns(flags).to_arrow()
+    write_run(run, {("tiny", 0, "demo", "shard-00000"): table})
+    report = build_report(run, config=AnalysisConfig(bootstrap=20))
+    assert "## Verified against unverified trajectories" in report.path.read_text()
+    split = report.tables["by_verified"].filter(pl.col("bin") == "all")
+    assert dict(zip(split["verified"], split["tokens"], strict=True)) == {
+        "verified": 3,
+        "unverified": 3,
+    }

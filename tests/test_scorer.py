@@ -11,7 +11,7 @@ from moe_factories import FAMILIES, VARIANTS, make_model, make_trajectories, sin
 from workers.adapters import adapter_for
 from workers.schemas import SCORES_SCHEMA, as_list_routes, scores_schema
 from workers.scoring import kv, routes
-from workers.scoring.brute import brute_logprobs
+from workers.scoring.brute import brute_distributions, brute_logprobs, route_divergence
 from workers.scoring.scorer import ScoreConfig, Scorer
 
 J = 4
@@ -72,6 +72,43 @@ def test_fast_scorer_matches_brute_force(models, name, spec):
         t = r["position"]
         assert abs(math.log(r["std_prob"]) - logp[t, ids[t + 1]].item()) < 1e-4
         assert r["std_route"] == chosen[t].tolist()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("spec", ["early", "final"])
+def test_kl_and_argmax_match_brute_force(models, name, spec):
+    """KL(p_S || p_R) and the argmax change per alternative, S's argmax: from brute force's
+    whole next-token distributions, within 1e-4; S's own draws have KL 0, bitwise."""
+    model = models[name]
+    scorer = _scorer(model, pool=4)  # a small pool: some draws repeat S
+    layer = scorer.resolve_layer(spec)
+    table = make_trajectories(lengths=(13,), prompt_lens=(5,))
+    rows = scorer.score_table(table, layer).to_pylist()
+    pos, rts, _ = _pairs(rows)
+    logp = brute_distributions(model, table["input_ids"][0].as_py(), layer, pos, rts)
+    logp = logp.view(len(rows), J + 1, -1)
+    std_arg, arg, kl = route_divergence(logp[:, :1], logp)
+    for i, r in enumerate(rows):
+        assert r["std_argmax"] == std_arg[i, 0].item()
+        assert max(abs(a - b) for a, b in zip(r["alt_kl"], kl[i, 1:].tolist(), strict=True)) < 1e-4
+        top2 = logp[i].topk(2, dim=-1).values
+        for j, flag in enumerate(r["alt_argmax_changed"]):
+            if (top2[j + 1, 0] - top2[j + 1, 1]).item() > 1e-4:  # not a rounding tie
+                assert flag == (arg[i, j + 1] != std_arg[i, 0]).item()
+            if sorted(r["alt_routes"][j]) == sorted(r["std_route"]):
+                assert r["alt_kl"][j] == 0.0 and not flag
+    assert max(max(r["alt_kl"]) for r in rows) > 1e-3  # routes do move the distribution
+    assert len({r["std_argmax"] for r in rows}) > 1
+
+
+def test_verified_flag_is_carried_into_score_rows(models):
+    scorer = _scorer(models["qwen3_moe"])
+    table = make_trajectories(lengths=(8, 9), prompt_lens=(3, 4)).drop_columns(["verified"])
+    rows = scorer.score_table(table, 1).to_pylist()
+    assert {r["verified"] for r in rows} == {None}
+    flags = pa.array([True, False])
+    rows = scorer.score_table(table.append_column("verified", flags), 1).to_pylist()
+    assert {(r["problem_id"], r["verified"]) for r in rows} == {("p0-0", True), ("p0-1", False)}
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -43,6 +43,9 @@ TRAJECTORIES_SCHEMA = pa.schema(
 # one MoE layer, each with u(R) = p(target | prefix, R) and s(R) = sum of router log-softmax.
 # The scorer writes `scores_schema(...)`: these columns with the routes compacted; files of this
 # exact layout (int32 ids in variable lists, as written before) read the same (`as_list_routes`).
+# Then S's argmax next token and, per alternative, KL(p_S || p_R) over the next-token
+# distribution and whether R's argmax differs from S's; and the trajectory's `verified` flag
+# (null when the trajectories carry none). Files written before these four columns lack them.
 SCORES_SCHEMA = pa.schema(
     [
         ("problem_id", pa.string()),
@@ -58,6 +61,10 @@ SCORES_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("layer", pa.int32()),
         ("dataset", pa.string()),
+        ("std_argmax", pa.int32()),
+        ("alt_kl", pa.list_(pa.float32())),
+        ("alt_argmax_changed", pa.list_(pa.bool_())),
+        ("verified", pa.bool_()),
     ]
 )
 # Only in files scored under a position budget (scoring.positions other than all), appended

@@ -1,7 +1,9 @@
 """Brute-force reference for counterfactual route scores: one full forward pass per (t, R).
 
 Contract: `brute_logprobs(model, ids, layer, positions, routes)` -> (M,) float32 tensor of
-log p(ids[t+1] | ids, route R at (t, L)) for each query m = (positions[m], routes[m]).
+log p(ids[t+1] | ids, route R at (t, L)) for each query m = (positions[m], routes[m]);
+`brute_distributions` (same arguments) -> (M, V): the whole next-token log-softmax, from
+which `route_divergence` gives the argmax token and KL(p_S || p_R) that the scorer stores.
 Each query reruns the whole sequence through the model's own forward (its configured
 attention, no cache) with a forward hook on layer L's router that replaces, at position t
 only, the chosen experts by R and their gate weights by the family's rule (workers.adapters);
@@ -19,7 +21,6 @@ from torch import nn
 from workers.adapters import adapter_for
 
 
-@torch.inference_mode()
 def brute_logprobs(
     model: nn.Module,
     ids: list[int],
@@ -30,6 +31,30 @@ def brute_logprobs(
     batch_size: int = 8,
 ) -> torch.Tensor:
     """log p(ids[t+1]) with route routes[m] (k experts) at (positions[m], layer)."""
+    if len(positions) == 0:
+        return torch.empty(0, dtype=torch.float32)
+    logp = brute_distributions(model, ids, layer, positions, routes, batch_size=batch_size)
+    targets = torch.tensor(ids)[torch.as_tensor(positions).long().cpu() + 1]
+    return logp.gather(1, targets[:, None])[:, 0]
+
+
+def route_divergence(std_logp: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(argmax of S, argmax of R, KL(p_S || p_R)) from log-softmax rows (..., V) of S and R."""
+    kl = (std_logp.exp() * (std_logp - logp)).sum(dim=-1).clamp(min=0)
+    return std_logp.argmax(dim=-1), logp.argmax(dim=-1), kl
+
+
+@torch.inference_mode()
+def brute_distributions(
+    model: nn.Module,
+    ids: list[int],
+    layer: int,
+    positions: torch.Tensor,
+    routes: torch.Tensor,
+    *,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """The next-token log-softmax (M, V) with route routes[m] at (positions[m], layer)."""
     adapter = adapter_for(model)
     adapter.check_layer(layer)
     device = next(model.parameters()).device
@@ -37,7 +62,7 @@ def brute_logprobs(
     n = seq.shape[0]
     positions = torch.as_tensor(positions, device=device).long()
     routes = torch.as_tensor(routes, device=device).long()
-    out = torch.empty(positions.shape[0], dtype=torch.float32)
+    out = None
     for a in range(0, positions.shape[0], batch_size):
         pos, chosen = positions[a : a + batch_size], routes[a : a + batch_size]
         batch = pos.shape[0]
@@ -52,5 +77,7 @@ def brute_logprobs(
         finally:
             hook.remove()
         logp = torch.log_softmax(logits[torch.arange(batch, device=device), pos].float(), dim=-1)
-        out[a : a + batch] = logp.gather(1, seq[pos + 1][:, None])[:, 0].cpu()
+        if out is None:
+            out = torch.empty(positions.shape[0], logp.shape[-1], dtype=torch.float32)
+        out[a : a + batch] = logp.cpu()
     return out

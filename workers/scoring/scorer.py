@@ -19,7 +19,9 @@ How, per sequence (one at a time, so results never depend on what else is in the
    expert) pair run once by the model's own experts module, then recombined with R's gate
    weights, workers.adapters), added to the residual; then the layers after L run as
    single-token decode steps (the model's own layer modules; attention over the stored keys of
-   positions < t plus the query's own); final norm, LM head, log-softmax, log p(target).
+   positions < t plus the query's own); final norm, LM head, log-softmax, log p(target), the
+   argmax token and KL(p_S || p_R) (each token's S is decoded first and its log-softmax kept,
+   docs/method.md "Beyond the realized token").
 Micro-batches are sized so their activations fit `memory_budget_mb`. Cost: about (J+1)
 single-token passes through the layers after L per token, instead of T x (J+1) full passes.
 """
@@ -215,7 +217,7 @@ class Scorer:
             )
         if table.num_rows == 0:
             raise ValueError("trajectories table is empty: nothing to score")
-        extra = [c for c in ("model", "dataset") if c in table.column_names]
+        extra = [c for c in ("model", "dataset", "verified") if c in table.column_names]
         rows = table.select([*REQUIRED_COLUMNS, *extra]).to_pylist()
         for i, row in enumerate(rows):
             ids, p = row["input_ids"], row["prompt_len"]
@@ -313,11 +315,13 @@ class Scorer:
         self.stats["pairs"] += sets.shape[0]
         self.stats["distinct_pairs"] += uniq.shape[0]
 
-        # 3. decode every distinct (t, R) through the layers after L
-        logp = self._decode_routes(
-            layer, later, store, z, x, resid, positions, targets, uniq[:, 0], uniq[:, 1:]
+        # 3. decode every distinct (t, R) through the layers after L: each token's S first, so
+        # that its next-token distribution is at hand for the KL of the token's other routes
+        inverse = inverse.view(n_kept, all_routes.shape[1])
+        decoded = self._decode_pairs(
+            layer, later, store, z, x, resid, positions, targets, uniq, inverse[:, 0]
         )
-        logp = logp.cpu()[inverse].view(n_kept, all_routes.shape[1])
+        logp, argmax, kl = (v.cpu()[inverse] for v in decoded)
         probs = logp.exp()
         return {
             "position": positions.cpu()[keep_t].numpy().astype(np.int32),
@@ -328,17 +332,59 @@ class Scorer:
             "alt_probs": probs[:, 1:].numpy().astype(np.float32),
             "std_route_logprob": router_lp[:, 0].numpy().astype(np.float32),
             "alt_route_logprobs": router_lp[:, 1:].numpy().astype(np.float32),
+            "std_argmax": argmax[:, 0].numpy().astype(np.int32),
+            "alt_kl": kl[:, 1:].numpy().astype(np.float32),
+            "alt_argmax_changed": (argmax[:, 1:] != argmax[:, :1]).numpy(),
         }
 
-    def _decode_routes(
-        self, layer, later, store, z, x, resid, positions, targets, token, route_sets
-    ):
-        """log p(target) for each (token, route set): token (M,), route_sets (M, k) -> (M,)."""
+    def _decode_pairs(self, layer, later, store, z, x, resid, positions, targets, uniq, std_rows):
+        """For each distinct (token, route set) row of `uniq` (M, 1 + k), sorted by token, with
+        std_rows the row of each token's S (ascending): log p(target), the argmax token and
+        KL(p_S || p_R) over the vocabulary (0 for S itself), each (M,). Tokens go in groups
+        whose S distributions (group x vocab, float32) fit a quarter of the memory budget: a
+        group's S rows are decoded first and their log-softmax kept, then its other rows."""
+        m, device = uniq.shape[0], uniq.device
+        logp = torch.empty(m, dtype=torch.float32, device=device)
+        argmax = torch.empty(m, dtype=torch.long, device=device)
+        kl = torch.zeros(m, dtype=torch.float32, device=device)
+        tokens = uniq[:, 0].cpu().numpy()
+        std_rows = std_rows.numpy()
+        is_std = np.zeros(m, dtype=bool)
+        is_std[std_rows] = True
+        group = max(1, self._budget_bytes() // 4 // (4 * self.vocab_size))
+        for g in range(0, len(std_rows), group):
+            rows_s = std_rows[g : g + group]
+            ref = torch.empty(len(rows_s), self.vocab_size, dtype=torch.float32, device=device)
+            chosen = torch.from_numpy(rows_s).to(device)
+            for part, lp in self._decode_batches(
+                layer, later, store, z, x, resid, positions, uniq[chosen]
+            ):
+                ref[part] = lp
+                logp[chosen[part]] = lp.gather(1, targets[uniq[chosen[part], 0]][:, None])[:, 0]
+                argmax[chosen[part]] = lp.argmax(dim=-1)
+            lo = np.searchsorted(tokens, tokens[rows_s[0]], side="left")
+            hi = np.searchsorted(tokens, tokens[rows_s[-1]], side="right")
+            rows_o = lo + np.flatnonzero(~is_std[lo:hi])
+            local = torch.from_numpy(np.searchsorted(tokens[rows_s], tokens[rows_o])).to(device)
+            other = torch.from_numpy(rows_o).to(device)
+            for part, lp in self._decode_batches(
+                layer, later, store, z, x, resid, positions, uniq[other]
+            ):
+                logp[other[part]] = lp.gather(1, targets[uniq[other[part], 0]][:, None])[:, 0]
+                argmax[other[part]] = lp.argmax(dim=-1)
+                p_s = ref[local[part]]
+                # float rounding can leave a tiny negative sum for near-equal distributions
+                kl[other[part]] = (p_s.exp() * (p_s - lp)).sum(dim=-1).clamp(min=0)
+        return logp, argmax, kl
+
+    def _decode_batches(self, layer, later, store, z, x, resid, positions, pairs):
+        """Yield (slice of rows, log-softmax over the vocabulary (rows, V), float32) per
+        micro-batch for the (token, route set) rows `pairs` (M, 1 + k), sorted by token."""
         ad, cfg = self.adapter, self.config
-        n = token.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=token.device)
+        n = pairs.shape[0]
         if n == 0:  # a position budget that keeps none of this trajectory's tokens
-            return out
+            return
+        token, route_sets = pairs[:, 0], pairs[:, 1:]
         shared = ad.shared_output(layer, x)
         weights = ad.route_weights(z[token], route_sets)
         step = self._compiled_step(tuple(later)) if cfg.compile else self._step
@@ -356,9 +402,8 @@ class Scorer:
             keys = tuple(store.keys[i][:, :seen] for i in later)
             values = tuple(store.values[i][:, :seen] for i in later)
             masks = {} if cfg.attention == "flex" else None  # flex block masks of this step
-            logp = step(hidden, pos, targets[tok], tuple(later), keys, values, masks)
-            out[a:stop] = logp[: stop - a]
-        return out
+            logp = step(hidden, pos, tuple(later), keys, values, masks)
+            yield slice(a, stop), logp[: stop - a].to(token.device)
 
     def _plan(self, pair_positions: torch.Tensor) -> list[tuple[int, int, int | None, int]]:
         """Micro-batches (start, stop, key length, size) over pairs sorted by position. Static
@@ -380,8 +425,9 @@ class Scorer:
             a = stop
         return plan
 
-    def _step(self, hidden, positions, targets, later, keys, values, masks):
-        """One decode step: log p(target) of B single-token queries after the layers `later`;
+    def _step(self, hidden, positions, later, keys, values, masks):
+        """One decode step: the log-softmax over the vocabulary (B, V), float32, of B
+        single-token queries after the layers `later`;
         hidden (B, H) entering the first of them; keys/values: those layers' stored keys."""
         model = self.model
         base = getattr(model, "model", model)
@@ -390,8 +436,7 @@ class Scorer:
         for i, k, v in zip(later, keys, values, strict=True):
             layer = self.adapter.layers[i]
             hidden = kv.decode_layer(layer, hidden, positions, rope, k, v, fused=fused, masks=masks)
-        logp = torch.log_softmax(model.lm_head(base.norm(hidden)).float(), dim=-1)
-        return logp.gather(1, targets.to(logp.device)[:, None])[:, 0].to(targets.device)
+        return torch.log_softmax(model.lm_head(base.norm(hidden)).float(), dim=-1)
 
     def _compiled_step(self, later: tuple[int, ...]):
         """`_step` through torch.compile with static shapes: the micro-batch is padded to one
@@ -432,7 +477,7 @@ class Scorer:
         logits = 4 * heads * n_keys if self.config.attention == "eager" else 0
         per_pair = 4 * (
             logits
-            + 3 * vocab  # logits, float copy, logsumexp
+            + 6 * vocab  # logits, float copy, logsumexp; S's row, its exp and the KL terms
             + 32 * hidden  # residual stream, norms, attention and block outputs
             + 6
             * self.adapter.top_k
@@ -464,6 +509,10 @@ class Scorer:
             "model": _constant(model, n),
             "layer": pa.array(np.full(n, layer, np.int32)),
             "dataset": _constant(dataset, n),
+            "std_argmax": pa.array(s["std_argmax"]),
+            "alt_kl": _lists(s["alt_kl"]),
+            "alt_argmax_changed": _lists(s["alt_argmax_changed"]),
+            "verified": pa.array([row.get("verified")] * n, pa.bool_()),
         }
         table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
         if self.config.positions == ALL_POSITIONS:
