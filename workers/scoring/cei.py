@@ -174,14 +174,29 @@ def _to_table(row: dict[str, Any], layer: int, c: dict[str, np.ndarray], name: s
     return pa.Table.from_arrays([cols[f.name] for f in CEI_SCHEMA], schema=CEI_SCHEMA)
 
 
-def cei_file(scorer, in_path, layer, out_path, *, gating: str, config_hash: str, root=None) -> dict:
-    """CEI of a trajectories Arrow file into `out_path` (+ sidecar); nothing written on error."""
+def cei_file(
+    scorer,
+    in_path: str | Path,
+    layer: int | str,
+    out_path: str | Path,
+    *,
+    gating: str,
+    config_hash: str,
+    extra: dict[str, Any] | None = None,
+    root: str | Path | None = None,
+) -> dict[str, Any]:
+    """CEI of a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
+    Nothing is written unless it succeeds; `extra` is added to the sidecar, `root` is the run
+    folder (workers.io.write_arrow)."""
     from dataclasses import asdict
 
     from workers.io import read_arrow, write_arrow
 
     started = time.time()
-    table = read_arrow(Path(in_path))
+    in_path = Path(in_path)
+    if not in_path.is_file():
+        raise FileNotFoundError(f"trajectories file {in_path} does not exist")
+    table = read_arrow(in_path)
     layer = scorer.resolve_layer(layer)
     rows = cei_table(scorer, table, layer, gating=gating)
     extra = {
@@ -192,6 +207,7 @@ def cei_file(scorer, in_path, layer, out_path, *, gating: str, config_hash: str,
         "gating": gating,
         "pool": scorer.pool,
         "score_config": asdict(scorer.config),
+        **(extra or {}),
     }
     return write_arrow(
         rows, out_path, config_hash=config_hash, started=started, extra=extra, root=root
