@@ -291,16 +291,48 @@ def cei_section(
     return lines
 
 
-def read_cei(paths: list[str | Path]) -> pl.DataFrame:
-    """CEI rows of Arrow IPC files (workers.io's format), concatenated."""
-    import pyarrow as pa
+CEI_GLOB = "cei/*/layer=*/*/*.arrow"
 
+
+def cei_report(run_dir: Path, analysis) -> list[str]:
+    """A run's CEI section (analysis.report): its complete cei files (CEI_GLOB) into
+    tables/cei_layers and tables/cei_experts (.parquet, .csv), figures/cei.png and markdown
+    lines; none without cei files. Intervals as `analysis` (an AnalysisConfig) sets them."""
+    from analysis.tables import write_tables
+    from workers.io import is_complete
+
+    files = [p for p in sorted(run_dir.glob(CEI_GLOB)) if is_complete(p)]
+    if not files:
+        return []
+    cfg = CeiConfig(
+        cluster=analysis.cluster,
+        bootstrap=analysis.bootstrap,
+        level=analysis.level,
+        seed=analysis.seed,
+    )
+    frame = read_cei(files)
+    layers, experts = layer_sensitivity(frame, cfg), expert_table(frame, cfg)
+    write_tables({"cei_layers": layers, "cei_experts": experts}, run_dir / "tables", root=run_dir)
+    plot_cei(layers, experts, run_dir / "figures" / "cei.png", root=run_dir)
+    lines = cei_section(layers, experts, cfg)
+    return [
+        *lines,
+        "",
+        "![cei](figures/cei.png)",
+        "",
+        "Tables: `tables/cei_layers`, `tables/cei_experts`.",
+        "",
+    ]
+
+
+def read_cei(paths: list[str | Path]) -> pl.DataFrame:
+    """CEI rows of complete Arrow files (workers.io.read_arrow: sidecars verified), concatenated."""
+    from workers.io import read_arrow
     from workers.schemas import CEI_SCHEMA
 
     tables = []
     for p in paths:
-        with pa.memory_map(str(p)) as source:
-            table = pa.ipc.open_file(source).read_all()
+        table = read_arrow(p)
         if table.schema != CEI_SCHEMA:
             raise ValueError(f"{p} does not hold CEI rows (workers.schemas.CEI_SCHEMA)")
         tables.append(pl.from_arrow(table))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import polars as pl
 import pyarrow as pa
 import pytest
 from pipeline_runs import copy_run, run_inprocess, stage_counts
@@ -30,6 +31,12 @@ def test_cei_stage_writes_one_file_per_scored_shard_and_resumes(reference, tmp_p
         diff = pa.compute.subtract(rows["std_prob"], std["std_prob"])
         assert max(abs(x) for x in diff.to_pylist()) < 1e-5  # u(S): the scorer's, same machinery
         assert all(len(r) == 12 for r in rows["in_experts"].to_pylist())  # 16 experts, top-4
+    # the report gains the CEI section and tables; the default run's has none
+    assert "## Counterfactual Expert Impact" in (run_dir / "report.md").read_text()
+    assert "Counterfactual Expert Impact" not in (reference / "report.md").read_text()
+    layers = pl.read_csv(run_dir / "tables" / "cei_layers.csv")
+    assert layers["hard_tokens"].min() > 0 and layers["sensitivity"].is_not_null().all()
+    assert (run_dir / "figures" / "cei.png").is_file()
     # a rerun skips every complete unit
     assert run_inprocess(tmp_path, "cei", "scoring.cei=true") == 0
     again = stage_counts(capsys.readouterr().err)["cei"]
