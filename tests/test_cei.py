@@ -9,7 +9,7 @@ from moe_factories import VARIANTS, make_model, make_trajectories, single_thread
 from workers.adapters import adapter_for
 from workers.schemas import CEI_SCHEMA
 from workers.scoring.brute import brute_logprobs
-from workers.scoring.cei import cei_table
+from workers.scoring.cei import cei_table, standard_entropy
 from workers.scoring.scorer import ScoreConfig, Scorer
 
 POOL = 5
@@ -100,3 +100,12 @@ def test_cei_matches_brute_force(models, name, gating):
     assert (brute - fast).abs().max().item() < 1e-4
     # the interventions visibly move the prediction, so the comparison means something
     assert max(abs(c) for r in rows for c in r["cei_out"] + r["cei_in"]) > 1e-2
+
+
+def test_entropy_in_chunks_is_the_entropy_at_once(models):
+    model = models["qwen3_moe"]
+    final = torch.randn(7, model.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(
+            standard_entropy(model, final, rows=2), standard_entropy(model, final)
+        )

@@ -2,8 +2,8 @@
 Expert Impact").
 
 Contract: `cei_table(scorer, trajectories, layer, gating=...)` returns one CEI_SCHEMA row per
-completion token (positions prompt_len-1 .. len-2, target ids[t+1]), rows in input order,
-positions ascending. With u(R) = p(target | prefix, route R at (t, L)) and S the standard route:
+completion token (positions prompt_len-1 .. len-2, target ids[t+1]; every one: the scorer's
+position budget does not apply here), rows in input order, positions ascending. With u(R) = p(target | prefix, route R at (t, L)) and S the standard route:
 - `cei_out[i]` = log u(S) - log u(S without S[i]) for each expert of S (in S's order): the
   route of k-1 experts. Its gate weights (`gating`): "family" applies the family's own rule to
   the k-1 set (renormalised exactly where the family renormalises: Qwen3-MoE with
@@ -41,6 +41,8 @@ from workers.schemas import CEI_SCHEMA
 from workers.scoring import kv
 
 GATINGS = ("family", "keep")
+# positions per LM-head call for the entropy: 256 x a 152k vocabulary in float32 is 155 MB
+ENTROPY_ROWS = 256
 
 
 def ablation_weights(adapter, z: torch.Tensor, std: torch.Tensor, gating: str) -> torch.Tensor:
@@ -70,6 +72,16 @@ def swap_routes(z: torch.Tensor, std: torch.Tensor, pool: int):
     return cand, fresh, swapped
 
 
+def standard_entropy(model, final: torch.Tensor, rows: int = ENTROPY_ROWS) -> torch.Tensor:
+    """Entropy (nats, float32) of the next-token distribution from final hidden states (T, H),
+    `rows` positions at a time: a full vocabulary of logits per position is large."""
+    out = []
+    for a in range(0, final.shape[0], rows):
+        logp = torch.log_softmax(model.lm_head(final[a : a + rows]).float(), dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out)
+
+
 def cei_sequence(scorer, ids: list[int], prompt_len: int, layer: int, gating: str) -> dict:
     """CEI of one trajectory's completion tokens. Run inside kv.attention_switched."""
     ad = scorer.adapter
@@ -83,8 +95,7 @@ def cei_sequence(scorer, ids: list[int], prompt_len: int, layer: int, gating: st
     positions = torch.arange(first, len(ids) - 1, device=device)
     targets = torch.tensor(ids[prompt_len:], device=device)
     std = (seen["std"] if "std" in seen else ad.standard_route(z)).long().to(device)
-    logp = torch.log_softmax(scorer.model.lm_head(seen["final"]).float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = standard_entropy(scorer.model, seen["final"])
     # 2. the deterministic routes: S, the k ablations, the pool's swaps (new experts only)
     n, k = std.shape
     w_out = ablation_weights(ad, z, std, gating)
