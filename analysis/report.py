@@ -29,6 +29,7 @@ from typing import Any
 
 import polars as pl
 
+from analysis.cei import cei_report
 from analysis.divergence import divergence_files, divergence_table, verified_table
 from analysis.figures import layer_label, plot_all
 from analysis.inputs import SCORES_GLOB, ScoreInputs, select_generated_files, select_score_files
@@ -114,6 +115,7 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         margin_source="set" if explicit else f"default for {dtypes} scores",
         old_scores=old_scores,
     )
+    text += "\n".join(cei_report(run_dir, cfg))  # when the run has a cei stage's files
     path = run_dir / "report.md"
     atomic_write(path, text, root=run_dir)
     return Report(tables=tables, figures=figures, path=path)

@@ -19,7 +19,7 @@ from typing import Any
 
 from orchestrator.config import ModelConfig, check_model_shape, model_path
 from orchestrator.plan import local_fingerprint
-from orchestrator.tasks import GenerationTask, PreferenceTask, ScoringTask, TrainTask
+from orchestrator.tasks import CeiTask, GenerationTask, PreferenceTask, ScoringTask, TrainTask
 from workers.io import COMPRESSION, read_arrow, write_arrow
 
 
@@ -166,6 +166,23 @@ class ScorerWorker:
             extra={"provenance": self.provenance},
             root=root,
             compression=self.compression,
+        )
+        return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
+
+    def cei(
+        self, task: CeiTask, out_path: str, config_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
+        from workers.scoring.cei import cei_file
+
+        sidecar = cei_file(
+            self.scorer,
+            task.in_path,
+            task.layer,
+            out_path,
+            gating=task.gating,
+            config_hash=config_hash,
+            extra={"provenance": self.provenance},
+            root=root,
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 

@@ -34,6 +34,7 @@ from orchestrator.progress import StageProgress
 from orchestrator.schedule import unit_costs
 from orchestrator.shards import prune, write_shards
 from orchestrator.stage import incomplete, stage_pool
+from orchestrator.stages.cei import run_cei
 from orchestrator.stages.generation import GenerationStage, generation_units
 from orchestrator.stages.scoring import ScoringStage, expected_scoring_units, scoring_units
 from orchestrator.summary import JobSink, RunSummary, Sink, record_failures
@@ -81,6 +82,10 @@ def run_stages(
     summary.stages["scoring"] = flow.score_progress.close()
     if flow.error is not None:
         raise flow.error
+    # 5. Counterfactual Expert Impact of the scored shards, when asked for.
+    if cfg.scoring.cei:
+        outcomes, summary.stages["cei"] = run_cei(cfg, run_dir, flow.shards, workers.scorer, sink)
+        record_failures(summary, outcomes)
     return summary
 
 
@@ -139,6 +144,7 @@ class CellFlow:
         self.left = {c: {u.key for u in us} for c, us in self.todo.items()}  # not settled yet
         self.unresolved = Counter(c.model.name for c in gen_units)  # cells per model
         self.score_units: dict[plan.Cell, list[plan.Unit]] = {}
+        self.shards: dict[plan.Cell, list[tuple[Path, str]]] = {}  # of the cells scored
         self.empty: list[plan.Cell] = []  # generated, nothing kept: planned when generation ends
         self.kept = 0
         self.scorers: dict[str, Pool] = {}
@@ -229,6 +235,8 @@ class CellFlow:
         """One unit per (layer, shard); the incomplete ones queued on the model's scorers."""
         units = scoring_units(self.run_dir, cell, self.cfg.scoring, shards)
         self.score_units[cell] = units
+        if shards:
+            self.shards[cell] = shards
         prune(self.run_dir, plan.scores_dirs(self.run_dir, cell), units)
         todo = incomplete(self.scoring, units, self.cfg.verify_checksums)
         self.score_progress.add(len(units), skipped=len(units) - len(todo))

@@ -85,7 +85,13 @@ def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
 # from the run id's hash (anywhere in the tree) when they hold the value that keeps the old
 # behaviour (ANY: always), so that adding them does not move the id of an existing run.
 ANY = object()
-UNHASHED: dict[str, Any] = {"attn_width": ANY, "skip_bad_rows": False, "positions": ALL_POSITIONS}
+UNHASHED: dict[str, Any] = {
+    "attn_width": ANY,
+    "skip_bad_rows": False,
+    "positions": ALL_POSITIONS,
+    "cei": False,
+    "cei_gating": "family",
+}
 
 
 def without_unhashed(tree: Any) -> Any:
@@ -168,6 +174,10 @@ def shard_dir(run_dir: Path, model: ModelConfig, dataset: DatasetConfig) -> Path
 
 def scores_dir(run_dir: Path, model: ModelConfig, layer: int, dataset: DatasetConfig) -> Path:
     return run_dir / "scores" / model.name / f"layer={layer}" / dataset.name
+
+
+def cei_dir(run_dir: Path, model: ModelConfig, layer: int, dataset: DatasetConfig) -> Path:
+    return run_dir / "cei" / model.name / f"layer={layer}" / dataset.name
 
 
 def scores_dirs(run_dir: Path, cell: Cell) -> list[Path]:

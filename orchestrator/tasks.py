@@ -42,6 +42,19 @@ class GenerationTask:
 
 
 @dataclass(frozen=True)
+class CeiTask:
+    """Counterfactual Expert Impact of the trajectory shard `in_path` at decoder layer `layer`,
+    k-1 routes gated by `gating` (workers.scoring.cei)."""
+
+    in_path: Path
+    layer: int
+    gating: str
+
+    def __post_init__(self) -> None:
+        expect(self, in_path=Path, layer=int, gating=str)
+
+
+@dataclass(frozen=True)
 class ScoringTask:
     """Score the trajectory shard `in_path` at decoder layer `layer`."""
 

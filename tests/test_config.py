@@ -101,7 +101,7 @@ def test_scoring_keys_are_the_scorers_settings_then_the_runs_own():
 
     scorer = {f.name: f.default for f in dataclasses.fields(ScoreConfig)}
     ours = dataclasses.asdict(C.ScoringConfig())
-    run_keys = ["layers", "verified_only", "trajectories_per_shard", "retries"]
+    run_keys = ["layers", "verified_only", "trajectories_per_shard", "retries", "cei", "cei_gating"]
     assert list(ours) == [*(k for k in scorer if k != "device"), *run_keys]  # device: the actor's
     del scorer["device"], scorer["dtype"]  # dtype: None = the model's own (next test)
     assert {k: ours[k] for k in scorer} == scorer
@@ -120,6 +120,7 @@ def test_scoring_keys_are_the_scorers_settings_then_the_runs_own():
         ("scoring.attention=sdpa", "scoring.attention must be one of eager, flex, got 'sdpa'"),
         ("scoring.trajectories_per_shard=0", "scoring.trajectories_per_shard must be >= 1"),
         ("scoring.retries=-1", "and scoring.retries >= 0, got 16, -1"),
+        ("scoring.cei_gating=half", "scoring.cei_gating must be family or keep, got 'half'"),
     ],
 )
 def test_every_scoring_key_is_checked_before_ray(override, message):

@@ -119,17 +119,21 @@ class MoeAdapter:
         """The dtype the model multiplies expert outputs by (its router's weight dtype)."""
         return model_dtype
 
-    def override_router_output(self, output, rows: torch.Tensor, routes: torch.Tensor):
-        """The router's output with rows `rows` routed to `routes` (brute-force reference)."""
+    def override_router_output(
+        self, output, rows: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor | None = None
+    ):
+        """The router's output with rows `rows` routed to `routes` (brute-force reference), with
+        the family's gate weights for them or the given `weights`."""
         slots = self._router_slots(output)
         if "weights" not in slots or "indices" not in slots:
             raise ValueError(f"cannot find the chosen experts in a {self.family} router output")
         out = list(output)
-        weights, indices = out[slots["weights"]].clone(), out[slots["indices"]].clone()
+        chosen, indices = out[slots["weights"]].clone(), out[slots["indices"]].clone()
         z = out[slots["logits"]][rows].float()
-        weights[rows] = self.route_weights(z, routes).to(weights.dtype)
+        given = self.route_weights(z, routes) if weights is None else weights
+        chosen[rows] = given.to(chosen.dtype)
         indices[rows] = routes.to(indices.dtype)
-        out[slots["weights"]], out[slots["indices"]] = weights, indices
+        out[slots["weights"]], out[slots["indices"]] = chosen, indices
         return type(output)(out)
 
     # -- experts ---------------------------------------------------------------------------------

@@ -116,3 +116,27 @@ def as_list_routes(table: pa.Table) -> pa.Table:
                 i, SCORES_SCHEMA.field(name), table[name].cast(SCORES_SCHEMA.field(name).type)
             )
     return table
+
+
+# One row per completion token at one MoE layer (docs/method.md, "Counterfactual Expert
+# Impact"): the standard route S, u(S), the entropy (nats) of the standard next-token
+# distribution; cei_out[i] = log u(S) - log u(S without std_route[i]); cei_in[j] =
+# log u(S with its weakest expert replaced by in_experts[j]) - log u(S), for the pool's
+# experts not in S (descending router logit).
+CEI_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("position", pa.int32()),
+        ("target_id", pa.int32()),
+        ("std_route", pa.list_(pa.int32())),
+        ("std_prob", pa.float32()),
+        ("std_entropy", pa.float32()),
+        ("cei_out", pa.list_(pa.float32())),
+        ("in_experts", pa.list_(pa.int32())),
+        ("cei_in", pa.list_(pa.float32())),
+        ("model", pa.string()),
+        ("layer", pa.int32()),
+        ("dataset", pa.string()),
+    ]
+)

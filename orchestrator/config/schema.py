@@ -134,6 +134,10 @@ class ScoringConfig(ScorerSettings):
     trajectories_per_shard: int = 16  # trajectories per scoring unit
     # extra attempts of a failing unit (scoring and generation) before failures.jsonl
     retries: int = 2
+    # Counterfactual Expert Impact (docs/method.md): after scoring, the cei stage writes
+    # cei/<model>/layer=<L>/<dataset>/<k>.arrow for every scored shard; off by default.
+    cei: bool = False
+    cei_gating: str = "family"  # gate weights of a route of k-1 experts: family or keep
 
 
 @dataclass

@@ -57,6 +57,8 @@ def validate(cfg: RunConfig) -> None:
             "scoring.trajectories_per_shard must be >= 1 and scoring.retries >= 0, got"
             f" {sc.trajectories_per_shard}, {sc.retries}"
         )
+    if sc.cei_gating not in ("family", "keep"):
+        raise ConfigError(f"scoring.cei_gating must be family or keep, got {sc.cei_gating!r}")
     cl = cfg.cluster
     uses_vllm = any(
         (m.generation_backend or cfg.generation.backend) == "vllm" for m in sweep_models(cfg)

@@ -29,11 +29,16 @@ def brute_logprobs(
     routes: torch.Tensor,
     *,
     batch_size: int = 8,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log p(ids[t+1]) with route routes[m] (k experts) at (positions[m], layer)."""
+    """log p(ids[t+1]) with route routes[m] (k experts) at (positions[m], layer); with
+    `weights` (M, k) those gate weights instead of the family's rule (a zero weight takes
+    the expert out: the model adds its output times 0)."""
     if len(positions) == 0:
         return torch.empty(0, dtype=torch.float32)
-    logp = brute_distributions(model, ids, layer, positions, routes, batch_size=batch_size)
+    logp = brute_distributions(
+        model, ids, layer, positions, routes, batch_size=batch_size, weights=weights
+    )
     targets = torch.tensor(ids)[torch.as_tensor(positions).long().cpu() + 1]
     return logp.gather(1, targets[:, None])[:, 0]
 
@@ -53,8 +58,10 @@ def brute_distributions(
     routes: torch.Tensor,
     *,
     batch_size: int = 8,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The next-token log-softmax (M, V) with route routes[m] at (positions[m], layer)."""
+    """The next-token log-softmax (M, V) with route routes[m] at (positions[m], layer)
+    (`weights`: as brute_logprobs)."""
     adapter = adapter_for(model)
     adapter.check_layer(layer)
     device = next(model.parameters()).device
@@ -62,14 +69,17 @@ def brute_distributions(
     n = seq.shape[0]
     positions = torch.as_tensor(positions, device=device).long()
     routes = torch.as_tensor(routes, device=device).long()
+    if weights is not None:
+        weights = torch.as_tensor(weights, device=device).float()
     out = None
     for a in range(0, positions.shape[0], batch_size):
         pos, chosen = positions[a : a + batch_size], routes[a : a + batch_size]
+        given = None if weights is None else weights[a : a + batch_size]
         batch = pos.shape[0]
         rows = torch.arange(batch, device=device) * n + pos  # router rows are (batch * n)
 
-        def override(module, args, output, rows=rows, chosen=chosen):
-            return adapter.override_router_output(output, rows, chosen)
+        def override(module, args, output, rows=rows, chosen=chosen, given=given):
+            return adapter.override_router_output(output, rows, chosen, given)
 
         hook = adapter.router(layer).register_forward_hook(override)
         try:

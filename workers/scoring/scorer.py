@@ -246,36 +246,8 @@ class Scorer:
         cfg, ad = self.config, self.adapter
         first, n_tokens = prompt_len - 1, len(ids) - prompt_len
         later = [i for i in range(layer + 1, len(ad.layers))]
-
         # 1. the standard pass, with layer L's block input, residual and router output kept
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep_norm(module, args, output):
-            seen["resid"], seen["x"] = args[0].flatten(0, -2)[first:], output.flatten(0, -2)[first:]
-
-        def keep_router(module, args, output):
-            z, chosen = ad.parse_router_output(output)
-            seen["z"] = z.flatten(0, -2)[first:].float()
-            if chosen is not None:
-                seen["std"] = chosen.flatten(0, -2)[first:]
-
-        hooks = [
-            ad.moe_norm(layer).register_forward_hook(keep_norm),
-            ad.router(layer).register_forward_hook(keep_router),
-        ]
-        try:
-            input_ids = torch.tensor(ids[:-1], device=self.devices[0])[None]
-            store = kv.standard_pass(
-                self.model,
-                input_ids,
-                later,
-                self._budget_bytes(),
-                cfg.attention,
-                capacity=self._key_length(len(ids) - 1),
-            )
-        finally:
-            for h in hooks:
-                h.remove()
+        seen, store = self.standard_state(ids, prompt_len, layer)
         z, x, resid = seen["z"], seen["x"], seen["resid"]
         # layer L's device: where its routes are decoded (later layers move them on if the
         # model is spread over several devices)
@@ -337,6 +309,67 @@ class Scorer:
             "alt_argmax_changed": (argmax[:, 1:] != argmax[:, :1]).numpy(),
         }
 
+    def standard_state(
+        self, ids: list[int], prompt_len: int, layer: int, keep: dict[str, nn.Module] | None = None
+    ) -> tuple[dict[str, torch.Tensor], kv.KVStore]:
+        """The standard pass over one sequence: the keys/values of the layers after `layer`, and
+        for the completion's positions (prompt_len - 1 ..) the residual entering layer L's MoE
+        block ("resid"), its normalised input ("x"), the router logits ("z", float32) and, where
+        the router reports them, its chosen experts ("std"); `keep` names further modules whose
+        outputs at those positions are kept under their names. Run inside kv.attention_switched."""
+        ad, first = self.adapter, prompt_len - 1
+        later = [i for i in range(layer + 1, len(ad.layers))]
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep_norm(module, args, output):
+            seen["resid"], seen["x"] = args[0].flatten(0, -2)[first:], output.flatten(0, -2)[first:]
+
+        def keep_router(module, args, output):
+            z, chosen = ad.parse_router_output(output)
+            seen["z"] = z.flatten(0, -2)[first:].float()
+            if chosen is not None:
+                seen["std"] = chosen.flatten(0, -2)[first:]
+
+        def keeper(name):
+            def hook(module, args, output):
+                seen[name] = output.flatten(0, -2)[first:]
+
+            return hook
+
+        hooks = [
+            ad.moe_norm(layer).register_forward_hook(keep_norm),
+            ad.router(layer).register_forward_hook(keep_router),
+            *(m.register_forward_hook(keeper(n)) for n, m in (keep or {}).items()),
+        ]
+        try:
+            input_ids = torch.tensor(ids[:-1], device=self.devices[0])[None]
+            store = kv.standard_pass(
+                self.model,
+                input_ids,
+                later,
+                self._budget_bytes(),
+                self.config.attention,
+                capacity=self._key_length(len(ids) - 1),
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen, store
+
+    def _decode_routes(
+        self, layer, later, store, z, x, resid, positions, targets, token, route_sets, weights=None
+    ):
+        """log p(target) for each (token, route set): token (M,), route_sets (M, k) -> (M,).
+        Pairs sorted by position. `weights` (M, k): gate weights to use instead of the family's
+        rule on the set (a zero weight drops that expert's term exactly)."""
+        out = torch.empty(token.shape[0], dtype=torch.float32, device=token.device)
+        pairs = torch.cat([token[:, None], route_sets], dim=1)
+        for part, lp in self._decode_batches(
+            layer, later, store, z, x, resid, positions, pairs, weights
+        ):
+            out[part] = lp.gather(1, targets[token[part]][:, None])[:, 0]
+        return out
+
     def _decode_pairs(self, layer, later, store, z, x, resid, positions, targets, uniq, std_rows):
         """For each distinct (token, route set) row of `uniq` (M, 1 + k), sorted by token, with
         std_rows the row of each token's S (ascending): log p(target), the argmax token and
@@ -377,16 +410,18 @@ class Scorer:
                 kl[other[part]] = (p_s.exp() * (p_s - lp)).sum(dim=-1).clamp(min=0)
         return logp, argmax, kl
 
-    def _decode_batches(self, layer, later, store, z, x, resid, positions, pairs):
+    def _decode_batches(self, layer, later, store, z, x, resid, positions, pairs, weights=None):
         """Yield (slice of rows, log-softmax over the vocabulary (rows, V), float32) per
-        micro-batch for the (token, route set) rows `pairs` (M, 1 + k), sorted by token."""
+        micro-batch for the (token, route set) rows `pairs` (M, 1 + k), sorted by token;
+        `weights` (M, k): gate weights instead of the family's rule on each set."""
         ad, cfg = self.adapter, self.config
         n = pairs.shape[0]
         if n == 0:  # a position budget that keeps none of this trajectory's tokens
             return
         token, route_sets = pairs[:, 0], pairs[:, 1:]
         shared = ad.shared_output(layer, x)
-        weights = ad.route_weights(z[token], route_sets)
+        if weights is None:
+            weights = ad.route_weights(z[token], route_sets)
         step = self._compiled_step(tuple(later)) if cfg.compile else self._step
         for a, stop, n_keys, batch in self._plan(positions[token]):
             rows: slice | torch.Tensor = slice(a, stop)
