@@ -199,6 +199,7 @@ class RouterWorker:
         self, task: TrainTask, out_path: str, unit_hash: str, root: Path | None = None
     ) -> dict[str, Any]:
         from workers.router.update import (
+            control_targets,
             describe_update,
             router_parameters,
             train_router,
@@ -211,6 +212,11 @@ class RouterWorker:
         weight_name = next(n for n in params if n.endswith(".weight"))
         bias_name = next((n for n in params if n.endswith(".bias")), None)
         prefs = read_arrow(task.preferences)
+        if task.control:
+            import pyarrow as pa
+
+            scores = pa.concat_tables([read_arrow(p) for p in task.scores])
+            prefs = control_targets(prefs, scores, task.control, cfg.seed)
         weight, bias, log, summary = train_router(
             params[weight_name], params[bias_name] if bias_name else None, prefs, self.adapter, cfg
         )
@@ -220,7 +226,8 @@ class RouterWorker:
         )
         write_checkpoint(self.path, task.checkpoint, tensors, readme, root=root)
         fingerprint = local_fingerprint(str(task.checkpoint.resolve()))
-        extra = {"summary": summary, "checkpoint_fingerprint": fingerprint}
+        recorded = {"control": task.control, **summary} if task.control else summary
+        extra = {"summary": recorded, "checkpoint_fingerprint": fingerprint}
         write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra, root=root)
         return {"rows": log.num_rows, "tokens": summary["prefer_tokens"], **summary}
 

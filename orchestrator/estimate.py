@@ -558,7 +558,8 @@ def router_parts(
         )
         how = f"full-batch Adam on layer {layer}'s router, {ru.steps} steps: not counted"
         parts.append(Part("training", model.name, "training", 0, None, how=how, small=True))
-        tokens = 2 * n_eval * ru.eval_samples * model.max_tokens
+        variants = 2 + len(ru.controls) * len(ru.seeds or [ru.seed])  # original, updated, controls
+        tokens = variants * n_eval * ru.eval_samples * model.max_tokens
         parts.append(generation_part(rates, model, tokens, gpu, "evaluation", "eval generation"))
         parts.append(
             scoring_part(
