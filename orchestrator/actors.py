@@ -160,6 +160,7 @@ class ScorerWorker:
             require_complete=True,  # the shard the driver planned, verified
             extra={"provenance": self.provenance},
             root=root,
+            draws=task.draws,
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 

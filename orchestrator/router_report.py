@@ -65,7 +65,7 @@ def analyse_model(
         lambda p: is_holdout(p, ru.holdout_share, ru.seed),
         margin=ru.margin,
     )
-    mech = mechanism_table(tokens)
+    mech = mechanism_table(tokens, draws=ru.bootstrap_draws, seed=ru.seed)
     for name, frame in (("passk", table), ("passk_diff", diff), ("mechanism", mech)):
         with atomic_file(root / "tables" / f"{name}.csv", root=run_dir) as f:
             frame.write_csv(f)

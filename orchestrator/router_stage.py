@@ -16,7 +16,8 @@ complete, as elsewhere):
 4. evaluation: `eval_samples` samples per problem of `eval_datasets` from the original and
    the updated model, same backend and sampling, `router_update/<model>/eval/<variant>/...`;
 5. rescoring: the training shards scored with the updated model at the same layer and with
-   the same scoring settings, `router_update/<model>/rescore/<dataset>/<k>.arrow`;
+   the same scoring settings, the alternatives those of the original model's scores (drawn
+   once), `router_update/<model>/rescore/<dataset>/<k>.arrow`;
 6. analysis (not a unit; cheap, rebuilt every run): pass@K tables and figure, the mechanism
    table, `router_update.md`, one W&B run per step (job_type router_*, grouped with the run).
 `describe_router_plan(cfg)` is the dry run's text. Returns the path of router_update.md, or
@@ -116,7 +117,10 @@ def update_model(
     run.stage(EvalStage(cfg, workers.generator), by_model(evals))
     # 5. Rescoring of the training shards with the updated model.
     shards = {name: shards for name, (shards, _) in data.items()}
-    rescore = rescore_units(run_dir, ru, cfg.scoring, model, models["updated"], layer, shards)
+    before = {name: units for name, (_, units) in data.items()}
+    rescore = rescore_units(
+        run_dir, ru, cfg.scoring, model, models["updated"], layer, shards, before
+    )
     run.stage(RescoreStage(cfg, workers.scorer), by_model(rescore))
     if len(summary.failures) > failures_before:
         return None

@@ -43,10 +43,12 @@ class GenerationTask:
 
 @dataclass(frozen=True)
 class ScoringTask:
-    """Score the trajectory shard `in_path` at decoder layer `layer`."""
+    """Score the trajectory shard `in_path` at decoder layer `layer` (with `draws`, a
+    complete scores file of the same tokens: its alternative routes, not fresh draws)."""
 
     in_path: Path
     layer: int
+    draws: Path | None = None
 
     def __post_init__(self) -> None:
         expect(self, in_path=Path, layer=int)
