@@ -513,7 +513,8 @@ def router_parts(
     """The router update's steps per model: its training data (generation and scoring at the
     update's layer, 0 h where the main stages make the same units), preferences (one standard
     pass per training trajectory), training (small), the evaluation completions (2 variants x
-    problems x eval_samples, each at max_tokens) and the rescoring of the training data."""
+    problems x eval_samples, each at max_tokens; controls add variants) and the rescoring of the
+    training data."""
     ru = cfg.router_update
     rates = read_rates()
     gpu = cfg.cluster.gpu_type
