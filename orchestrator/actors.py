@@ -222,12 +222,12 @@ class RouterWorker:
             params[weight_name], params[bias_name] if bias_name else None, prefs, self.adapter, cfg
         )
         tensors = {weight_name: weight, **({bias_name: bias} if bias_name else {})}
+        recorded = {"control": task.control, **summary} if task.control else summary
         readme = describe_update(
-            source=task.source, layer=layer, names=list(tensors), summary=summary, cfg=cfg
+            source=task.source, layer=layer, names=list(tensors), summary=recorded, cfg=cfg
         )
         write_checkpoint(self.path, task.checkpoint, tensors, readme, root=root)
         fingerprint = local_fingerprint(str(task.checkpoint.resolve()))
-        recorded = {"control": task.control, **summary} if task.control else summary
         extra = {"summary": recorded, "checkpoint_fingerprint": fingerprint}
         write_arrow(log, out_path, config_hash=unit_hash, started=started, extra=extra, root=root)
         return {"rows": log.num_rows, "tokens": summary["prefer_tokens"], **summary}

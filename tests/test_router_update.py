@@ -343,3 +343,18 @@ def test_rescoring_with_given_draws_scores_the_same_alternatives_under_a_new_rou
         Scorer("/m/tiny", config, model=model).score_table(
             trajectories, layer, draws=before.slice(0, 3)
         )
+
+
+def test_a_control_checkpoints_readme_says_it_is_a_control():
+    from workers.router.update import describe_update
+
+    summary = {"prefer_tokens": 3, "router_parameters": 10}
+    real = describe_update(source="s", layer=3, names=["w"], summary=summary, cfg=update_cfg())
+    control = describe_update(
+        source="s",
+        layer=3,
+        names=["w"],
+        summary={"control": "shuffled", **summary},
+        cfg=update_cfg(),
+    )
+    assert "control" not in real and "This is a control (shuffled)" in control

@@ -461,6 +461,16 @@ def describe_update(
         "route S on fragile tokens where R* raised the probability of the verified next token",
         "by more than the margin, relative to the original router; plus a KL term to the",
         "original router's expert distribution on confident tokens.",
+        *(
+            [
+                "",
+                f"This is a control ({summary['control']}): the same tokens, anchors, loss and",
+                "settings, but each preference token's winner is not its best alternative",
+                "(random: one of its draws chosen uniformly; shuffled: another token's best).",
+            ]
+            if "control" in summary
+            else []
+        ),
         "",
         "| setting | value |",
         "|---|---|",
