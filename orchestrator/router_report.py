@@ -45,7 +45,7 @@ def analyse_model(
     train_paths: dict[str, Path],
     eval_paths: dict[str, list[Path]],
     before: list[Path],
-    after: list[Path],
+    after: dict[str, list[Path]],
     run_id: str,
     session: Any = None,
 ) -> str:
@@ -58,14 +58,22 @@ def analyse_model(
     figure = plot_passk(table, root / "figures" / "passk.png", root=run_dir)
     # The mechanism check.
     prefs = pl.from_arrow(read_arrow(pref_path).drop("x"))
-    tokens = token_changes(
-        before,
-        after,
-        prefs,
-        lambda p: is_holdout(p, ru.holdout_share, ru.seed),
-        margin=ru.margin,
+    mech = pl.concat(
+        [
+            mechanism_table(
+                token_changes(
+                    before,
+                    paths,
+                    prefs,
+                    lambda p: is_holdout(p, ru.holdout_share, ru.seed),
+                    margin=ru.margin,
+                ),
+                draws=ru.bootstrap_draws,
+                seed=ru.seed,
+            ).select(pl.lit(variant).alias("variant"), pl.all())
+            for variant, paths in after.items()
+        ]
     )
-    mech = mechanism_table(tokens, draws=ru.bootstrap_draws, seed=ru.seed)
     for name, frame in (("passk", table), ("passk_diff", diff), ("mechanism", mech)):
         with atomic_file(root / "tables" / f"{name}.csv", root=run_dir) as f:
             frame.write_csv(f)
@@ -166,12 +174,14 @@ def model_section(run_dir, model, layer, ru, prefs, summaries, table, diff, mech
             "",
             "### Mechanism check: did the routes change where the analysis flagged them?",
             "",
-            "Training-data tokens scored again with the updated model at the same layer and with"
-            " the same scoring settings. Groups: flagged = tokens passing the preference rule"
+            "Training-data tokens scored again with each trained model at the same layer and"
+            " with the same scoring settings, the alternatives those drawn for the original"
+            " scores (the same routes before and after; S is the new router's own). Groups: flagged = tokens passing the preference rule"
             " (for training problems: the tokens trained on), and the bins by the original pbar."
             " route_changed = share whose standard route (expert set) changed; u_std = u(S) of"
             " the standard route in place (the new one after the update); alignment = mean"
-            " Spearman of s(R) and u(R) over the routes.",
+            " Spearman of s(R) and u(R) over the routes; _lo/_hi: 95% bootstrap over problems,"
+            " *_diff = after - before.",
             "",
             *_markdown(mech),
             "",
@@ -225,7 +235,9 @@ def log_wandb(
         config=cfg,
         summary={
             f"{s}/{g}/route_changed": v
-            for s, g, v in mech.select("split", "group", "route_changed").rows()
+            for s, g, v in mech.filter(pl.col("variant") == "updated")
+            .select("split", "group", "route_changed")
+            .rows()
         },
         tables={"mechanism": mech},
     )

@@ -115,13 +115,19 @@ def update_model(
     # 4. Evaluation: every variant, same backend and sampling.
     evals = eval_units(cfg, run_dir, model, models, problems)
     run.stage(EvalStage(cfg, workers.generator), by_model(evals))
-    # 5. Rescoring of the training shards with the updated model.
+    # 5. Rescoring of the training shards with each trained model, the original draws.
     shards = {name: shards for name, (shards, _) in data.items()}
     before = {name: units for name, (_, units) in data.items()}
-    rescore = rescore_units(
-        run_dir, ru, cfg.scoring, model, models["updated"], layer, shards, before
+    rescores = {
+        v.name: rescore_units(
+            run_dir, ru, cfg.scoring, model, models[v.name], layer, shards, before, v
+        )
+        for v in variants
+    }
+    run.stage(
+        RescoreStage(cfg, workers.scorer),
+        by_model({c: us for r in rescores.values() for c, us in r.items()}),
     )
-    run.stage(RescoreStage(cfg, workers.scorer), by_model(rescore))
     if len(summary.failures) > failures_before:
         return None
     # 6. Analysis of this model.
@@ -139,7 +145,7 @@ def update_model(
             for v, m in models.items()
         },
         before=score_paths,
-        after=[u.path for us in rescore.values() for u in us],
+        after={v: [u.path for us in r.values() for u in us] for v, r in rescores.items()},
         run_id=run_id,
         session=session,
     )

@@ -128,6 +128,16 @@ def test_demo_update_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert diff.height == len(pairs) * 3 * 2  # (demo, demo_hard, all) x K
     mech = pl.read_csv(root / "tables" / "mechanism.csv")
     assert {"train", "held-out"} >= set(mech["split"]) and "confident" in set(mech["group"])
+    assert set(mech["variant"]) == {"updated", "random-seed0", "shuffled-seed0"}
+    assert (mech["route_changed_lo"] <= mech["route_changed"]).all()
+    # Rescoring scored the original draws again: the same alternatives before and after.
+    before = pl.concat(pl.read_ipc(p) for p in sorted((run_dir / "scores").rglob("*.arrow")))
+    for rescored in (root / "rescore", root / "controls" / "random-seed0" / "rescore"):
+        after = pl.concat(pl.read_ipc(p) for p in sorted(rescored.rglob("*.arrow")))
+        keys = ["problem_id", "sample_idx", "position"]
+        both = after.join(before.filter(pl.col("layer") == 3), on=keys, suffix="_before")
+        assert both.height == after.height > 0
+        assert (both["alt_routes"] == both["alt_routes_before"]).all()
     assert (root / "figures" / "passk.png").stat().st_size > 0
     assert "router_update.md" in (run_dir / "report.md").read_text()
     assert "pass@K" in (run_dir / "router_update.md").read_text()
