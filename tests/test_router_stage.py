@@ -134,7 +134,7 @@ def test_demo_update_runs_end_to_end_and_resumes(tmp_path, capsys):
     before = pl.concat(pl.read_ipc(p) for p in sorted((run_dir / "scores").rglob("*.arrow")))
     for rescored in (root / "rescore", root / "controls" / "random-seed0" / "rescore"):
         after = pl.concat(pl.read_ipc(p) for p in sorted(rescored.rglob("*.arrow")))
-        keys = ["problem_id", "sample_idx", "position"]
+        keys = ["dataset", "problem_id", "sample_idx", "position"]
         both = after.join(before.filter(pl.col("layer") == 3), on=keys, suffix="_before")
         assert both.height == after.height > 0
         assert (both["alt_routes"] == both["alt_routes_before"]).all()
