@@ -10,7 +10,9 @@ Fragile with a best alternative above u(S) by more than `margin`), route_changed
 route's expert set differs), u(S) before/after, and rho (Spearman of s and u over the routes)
 before/after. `mechanism_table(tokens)` reduces it per (split, group) with group = flagged,
 confident, ambiguous, fragile: tokens, share of changed routes, mean u(S) before/after, and
-router alignment (mean rho, tokens without variance left out) before/after.
+router alignment (mean rho, tokens without variance left out) before/after; with `draws`, each
+with a 95% percentile bootstrap interval over problems (`mechanism_intervals`) of the share of
+changed routes and of the after - before changes of u(S) and of alignment.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from analysis.kernel import KERNEL_FIELDS, route_metrics
@@ -102,7 +105,7 @@ def token_changes(
     )
 
 
-def mechanism_table(tokens: pl.DataFrame) -> pl.DataFrame:
+def mechanism_table(tokens: pl.DataFrame, *, draws: int = 0, seed: int = 0) -> pl.DataFrame:
     """split, group, tokens, changed (routes), route_changed (their share), u_std_before, u_std_after, alignment_before,
     alignment_after, no_variance_before, no_variance_after."""
     parts = [tokens.filter(pl.col("flagged")).with_columns(pl.lit("flagged").alias("group"))]
@@ -128,4 +131,69 @@ def mechanism_table(tokens: pl.DataFrame) -> pl.DataFrame:
             "group": [g for _ in ("train", "held-out") for g in GROUPS],
         }
     )
-    return order.join(out, on=["split", "group"], how="inner", maintain_order="left")
+    out = order.join(out, on=["split", "group"], how="inner", maintain_order="left")
+    if draws:
+        out = out.join(
+            mechanism_intervals(pl.concat(parts), draws=draws, seed=seed),
+            on=["split", "group"],
+            how="left",
+            maintain_order="left",
+        )
+    return out
+
+
+def mechanism_intervals(
+    grouped: pl.DataFrame, *, draws: int, seed: int, level: float = 0.95
+) -> pl.DataFrame:
+    """split, group, route_changed_lo/hi, u_std_diff (after - before) and its lo/hi,
+    alignment_diff (mean over tokens with a rho both before and after) and its lo/hi: the
+    problems of each (split, group) resampled with replacement, each statistic the ratio of
+    the resampled sums; the generator seeded from (seed, split, group)."""
+    from analysis.passk import group_rng
+
+    per_problem = grouped.group_by("split", "group", "problem_id").agg(
+        pl.len().alias("n"),
+        pl.col("route_changed").sum().alias("changed"),
+        (pl.col("u_std_after") - pl.col("u_std")).sum().alias("du"),
+        (pl.col("rho_after") - pl.col("rho")).sum().alias("drho"),
+        (pl.col("rho_after") - pl.col("rho")).is_not_null().sum().alias("n_rho"),
+    )
+    rows = []
+    q = [(1 - level) / 2, (1 + level) / 2]
+    for (split, group), frame in per_problem.sort("problem_id").group_by(
+        "split", "group", maintain_order=True
+    ):
+        sums = frame.select("n", "changed", "du", "drho", "n_rho").to_numpy().astype(np.float64)
+        rng = group_rng(seed, "mechanism", split, group)
+        boot = sums[rng.integers(0, len(sums), size=(draws, len(sums)))].sum(axis=1)
+        total = sums.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats = np.stack(
+                [boot[:, 1] / boot[:, 0], boot[:, 2] / boot[:, 0], boot[:, 3] / boot[:, 4]], 1
+            )
+            point = [total[2] / total[0], total[3] / total[4]]
+        lo, hi = (
+            np.nanquantile(stats, q, axis=0)
+            if np.isfinite(stats).any()
+            else (
+                np.full(3, np.nan),
+                np.full(3, np.nan),
+            )
+        )
+        rows.append((split, group, lo[0], hi[0], point[0], lo[1], hi[1], point[1], lo[2], hi[2]))
+    return pl.DataFrame(
+        rows,
+        schema=[
+            "split",
+            "group",
+            "route_changed_lo",
+            "route_changed_hi",
+            "u_std_diff",
+            "u_std_diff_lo",
+            "u_std_diff_hi",
+            "alignment_diff",
+            "alignment_diff_lo",
+            "alignment_diff_hi",
+        ],
+        orient="row",
+    )

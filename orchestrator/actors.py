@@ -166,6 +166,7 @@ class ScorerWorker:
             extra={"provenance": self.provenance},
             root=root,
             compression=self.compression,
+            draws=task.draws,
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 
@@ -183,6 +184,7 @@ class ScorerWorker:
             config_hash=config_hash,
             extra={"provenance": self.provenance},
             root=root,
+            compression=self.compression,
         )
         return {"rows": sidecar["rows"], "tokens": sidecar["rows"]}
 
@@ -232,6 +234,7 @@ class RouterWorker:
         self, task: TrainTask, out_path: str, unit_hash: str, root: Path | None = None
     ) -> dict[str, Any]:
         from workers.router.update import (
+            control_targets,
             describe_update,
             router_parameters,
             train_router,
@@ -244,16 +247,22 @@ class RouterWorker:
         weight_name = next(n for n in params if n.endswith(".weight"))
         bias_name = next((n for n in params if n.endswith(".bias")), None)
         prefs = read_arrow(task.preferences)
+        if task.control:
+            import pyarrow as pa
+
+            scores = pa.concat_tables([read_arrow(p) for p in task.scores])
+            prefs = control_targets(prefs, scores, task.control, cfg.seed)
         weight, bias, log, summary = train_router(
             params[weight_name], params[bias_name] if bias_name else None, prefs, self.adapter, cfg
         )
         tensors = {weight_name: weight, **({bias_name: bias} if bias_name else {})}
+        recorded = {"control": task.control, **summary} if task.control else summary
         readme = describe_update(
-            source=task.source, layer=layer, names=list(tensors), summary=summary, cfg=cfg
+            source=task.source, layer=layer, names=list(tensors), summary=recorded, cfg=cfg
         )
         write_checkpoint(self.path, task.checkpoint, tensors, readme, root=root)
         fingerprint = local_fingerprint(str(task.checkpoint.resolve()))
-        extra = {"summary": summary, "checkpoint_fingerprint": fingerprint}
+        extra = {"summary": recorded, "checkpoint_fingerprint": fingerprint}
         write_arrow(
             log,
             out_path,

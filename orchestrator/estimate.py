@@ -560,7 +560,8 @@ def router_parts(
     """The router update's steps per model: its training data (generation and scoring at the
     update's layer, 0 h where the main stages make the same units), preferences (one standard
     pass per training trajectory), training (small), the evaluation completions (2 variants x
-    problems x eval_samples, each at max_tokens) and the rescoring of the training data."""
+    problems x eval_samples, each at max_tokens; controls add variants) and the rescoring of the
+    training data."""
     ru = cfg.router_update
     rates = read_rates()
     gpu = cfg.cluster.gpu_type
@@ -605,7 +606,8 @@ def router_parts(
         )
         how = f"full-batch Adam on layer {layer}'s router, {ru.steps} steps: not counted"
         parts.append(Part("training", model.name, "training", 0, None, how=how, small=True))
-        tokens = 2 * n_eval * ru.eval_samples * model.max_tokens
+        variants = 2 + len(ru.controls) * len(ru.seeds or [ru.seed])  # original, updated, controls
+        tokens = variants * n_eval * ru.eval_samples * model.max_tokens
         parts.append(generation_part(rates, model, tokens, gpu, "evaluation", "eval generation"))
         parts.append(
             scoring_part(

@@ -42,19 +42,65 @@ def analyse_model(
     ru: RouterUpdateConfig,
     *,
     pref_path: Path,
-    train_path: Path,
+    train_paths: dict[str, Path],
     eval_paths: dict[str, list[Path]],
     before: list[Path],
-    after: list[Path],
+    after: dict[str, list[Path]],
     run_id: str,
     session: Any = None,
 ) -> str:
-    from analysis.passk import count_correct, paired_diff, passk_table, plot_passk
+    from analysis.passk import plot_passk
     from analysis.router_check import mechanism_table, token_changes
     from workers.router.update import is_holdout
 
     root = run_dir / "router_update" / model.name
-    # pass@K of both variants, and the paired difference.
+    table, diff = passk_tables(eval_paths, ru)
+    figure = plot_passk(table, root / "figures" / "passk.png", root=run_dir)
+    # The mechanism check.
+    prefs = pl.from_arrow(read_arrow(pref_path).drop("x"))
+    mech = pl.concat(
+        [
+            mechanism_table(
+                token_changes(
+                    before,
+                    paths,
+                    prefs,
+                    lambda p: is_holdout(p, ru.holdout_share, ru.seed),
+                    margin=ru.margin,
+                ),
+                draws=ru.bootstrap_draws,
+                seed=ru.seed,
+            ).select(pl.lit(variant).alias("variant"), pl.all())
+            for variant, paths in after.items()
+        ]
+    )
+    for name, frame in (("passk", table), ("passk_diff", diff), ("mechanism", mech)):
+        with atomic_file(root / "tables" / f"{name}.csv", root=run_dir) as f:
+            frame.write_csv(f)
+    summaries = {v: (read_sidecar(p) or {}).get("summary", {}) for v, p in train_paths.items()}
+    log_wandb(
+        session,
+        run_id,
+        model,
+        ru,
+        prefs,
+        train_paths["updated"],
+        summaries["updated"],
+        table,
+        diff,
+        mech,
+        figure,
+    )
+    return model_section(run_dir, model, layer, ru, prefs, summaries, table, diff, mech, figure)
+
+
+def passk_tables(
+    eval_paths: dict[str, list[Path]], ru: RouterUpdateConfig
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """pass@K of every variant, and the paired differences (variant, baseline, ...): each
+    trained variant against the original model, each control against the real update."""
+    from analysis.passk import count_correct, paired_diff, passk_table
+
     frames = []
     for variant, paths in eval_paths.items():
         for path in paths:
@@ -62,68 +108,85 @@ def analyse_model(
             frames.append(table.with_columns(pl.lit(variant).alias("variant")))
     counts = count_correct(pl.concat(frames))
     table = passk_table(counts, draws=ru.bootstrap_draws, seed=ru.seed)
-    diff = paired_diff(counts, "original", "updated", draws=ru.bootstrap_draws, seed=ru.seed)
-    figure = plot_passk(table, root / "figures" / "passk.png", root=run_dir)
-    # The mechanism check.
-    prefs = pl.from_arrow(read_arrow(pref_path).drop("x"))
-    tokens = token_changes(
-        before,
-        after,
-        prefs,
-        lambda p: is_holdout(p, ru.holdout_share, ru.seed),
-        margin=ru.margin,
+    pairs = [("original", v) for v in eval_paths if v != "original"]
+    pairs += [("updated", v) for v in eval_paths if v not in ("original", "updated")]
+    diff = pl.concat(
+        [
+            paired_diff(counts, base, v, draws=ru.bootstrap_draws, seed=ru.seed).select(
+                pl.lit(v).alias("variant"), pl.lit(base).alias("baseline"), pl.all()
+            )
+            for base, v in pairs
+        ]
     )
-    mech = mechanism_table(tokens)
-    for name, frame in (("passk", table), ("passk_diff", diff), ("mechanism", mech)):
-        with atomic_file(root / "tables" / f"{name}.csv", root=run_dir) as f:
-            frame.write_csv(f)
-    train = read_sidecar(train_path) or {}
-    train_summary = train.get("summary", {})
-    log_wandb(
-        session, run_id, model, ru, prefs, train_path, train_summary, table, diff, mech, figure
-    )
+    return table, diff
+
+
+def model_section(run_dir, model, layer, ru, prefs, summaries, table, diff, mech, figure) -> str:
+    """The markdown section of one model."""
+    root = run_dir / "router_update" / model.name
     rel = figure.relative_to(run_dir)
-    lines = [
-        f"## {model.name}: router of layer {layer}",
-        "",
-        f"Checkpoint: `{(root / 'checkpoint').relative_to(run_dir)}` (its README.md lists the"
-        " changed tensors).",
-        f"Preference data: {prefs.filter(pl.col('kind') == 'prefer').height} fragile tokens"
-        f" (pbar < {ru.fragile}, best alternative ahead by > {ru.margin}) and"
-        f" {prefs.filter(pl.col('kind') == 'anchor').height} confident anchor tokens from"
-        f" {', '.join(ru.train_datasets)}; {ru.holdout_share:.0%} of problems held out.",
-        "",
-        "Training (router-only, on the training tokens, family's own top-k rule):",
-        "",
-        *_markdown(pl.DataFrame([{k: v for k, v in train_summary.items()}])),
-        "",
-        f"### pass@K on {', '.join(ru.eval_datasets)}",
-        "",
-        f"{ru.eval_samples} samples per problem per variant; 95% percentile bootstrap over"
-        f" problems ({ru.bootstrap_draws} draws).",
-        "",
-        *_markdown(table),
-        "",
-        "After - before, paired bootstrap over problems (an interval containing 0 is no"
-        " evidence of a change):",
-        "",
-        *_markdown(diff),
-        "",
-        f"![pass@K]({rel})",
-        "",
-        "### Mechanism check: did the routes change where the analysis flagged them?",
-        "",
-        "Training-data tokens scored again with the updated model at the same layer and with"
-        " the same scoring settings. Groups: flagged = tokens passing the preference rule"
-        " (for training problems: the tokens trained on), and the bins by the original pbar."
-        " route_changed = share whose standard route (expert set) changed; u_std = u(S) of the"
-        " standard route in place (the new one after the update); alignment = mean Spearman of"
-        " s(R) and u(R) over the routes.",
-        "",
-        *_markdown(mech),
-        "",
-    ]
-    return "\n".join(lines)
+    training = pl.DataFrame([{"variant": v, **s} for v, s in summaries.items()], strict=False)
+    controls = (
+        f" Controls (same tokens, same anchors, same loss and settings; only the preference"
+        f" targets differ): {', '.join(ru.controls)} at seeds {ru.seeds or [ru.seed]}; random ="
+        " an alternative drawn uniformly from the token's draws, shuffled = the real targets"
+        " permuted among the preference tokens."
+        if ru.controls
+        else ""
+    )
+    datasets = [*ru.eval_datasets, *ru.heldout_datasets]
+    return "\n".join(
+        [
+            f"## {model.name}: router of layer {layer}",
+            "",
+            f"Checkpoint: `{(root / 'checkpoint').relative_to(run_dir)}` (its README.md lists"
+            " the changed tensors).",
+            f"Preference data: {prefs.filter(pl.col('kind') == 'prefer').height} fragile tokens"
+            f" (pbar < {ru.fragile}, best alternative ahead by > {ru.margin}) and"
+            f" {prefs.filter(pl.col('kind') == 'anchor').height} confident anchor tokens from"
+            f" {', '.join(ru.train_datasets)}; {ru.holdout_share:.0%} of problems held out."
+            + controls,
+            "",
+            "Training (router-only, on the training tokens, family's own top-k rule):",
+            "",
+            *_markdown(training.drop("control", strict=False)),
+            "",
+            f"### pass@K on {', '.join(datasets)}",
+            "",
+            f"{ru.eval_samples} samples per problem per variant; 95% percentile bootstrap over"
+            f" problems ({ru.bootstrap_draws} draws)."
+            + (
+                f" Held-out task (not the update's target; checks that nothing else degrades):"
+                f" {', '.join(ru.heldout_datasets)}."
+                if ru.heldout_datasets
+                else ""
+            ),
+            "",
+            *_markdown(table),
+            "",
+            "variant - baseline, paired bootstrap over problems (an interval containing 0 is no"
+            " evidence of a change); every trained variant against the original model, each"
+            " control against the real update:",
+            "",
+            *_markdown(diff),
+            "",
+            f"![pass@K]({rel})",
+            "",
+            "### Mechanism check: did the routes change where the analysis flagged them?",
+            "",
+            "Training-data tokens scored again with each trained model at the same layer and"
+            " with the same scoring settings, the alternatives those drawn for the original"
+            " scores (the same routes before and after; S is the new router's own). Groups: flagged = tokens passing the preference rule"
+            " (for training problems: the tokens trained on), and the bins by the original pbar."
+            " route_changed = share whose standard route (expert set) changed; u_std = u(S) of"
+            " the standard route in place (the new one after the update); alignment = mean"
+            " Spearman of s(R) and u(R) over the routes; _lo/_hi: 95% bootstrap over problems,"
+            " *_diff = after - before.",
+            "",
+            *_markdown(mech),
+            "",
+        ]
+    )
 
 
 def log_wandb(
@@ -172,7 +235,9 @@ def log_wandb(
         config=cfg,
         summary={
             f"{s}/{g}/route_changed": v
-            for s, g, v in mech.select("split", "group", "route_changed").rows()
+            for s, g, v in mech.filter(pl.col("variant") == "updated")
+            .select("split", "group", "route_changed")
+            .rows()
         },
         tables={"mechanism": mech},
     )

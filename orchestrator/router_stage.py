@@ -16,7 +16,8 @@ complete, as elsewhere):
 4. evaluation: `eval_samples` samples per problem of `eval_datasets` from the original and
    the updated model, same backend and sampling, `router_update/<model>/eval/<variant>/...`;
 5. rescoring: the training shards scored with the updated model at the same layer and with
-   the same scoring settings, `router_update/<model>/rescore/<dataset>/<k>.arrow`;
+   the same scoring settings, the alternatives those of the original model's scores (drawn
+   once), `router_update/<model>/rescore/<dataset>/<k>.arrow`;
 6. analysis (not a unit; cheap, rebuilt every run): pass@K tables and figure, the mechanism
    table, `router_update.md`, one W&B run per step (job_type router_*, grouped with the run).
 `describe_router_plan(cfg)` is the dry run's text. Returns the path of router_update.md, or
@@ -37,7 +38,7 @@ from orchestrator.problems import prepare_datasets
 from orchestrator.shards import write_shards
 from orchestrator.stage import Stage, by_model, run_stage
 from orchestrator.stages.generation import generation_units
-from orchestrator.stages.router import datasets, updated_model
+from orchestrator.stages.router import datasets, trained_variants, updated_model
 from orchestrator.stages.router_data import DataGenerationStage, DataScoringStage, training_cells
 from orchestrator.stages.router_eval import EvalStage, eval_units
 from orchestrator.stages.router_preferences import PreferenceStage, preference_unit
@@ -63,7 +64,7 @@ def run_router_update(
     ru = cfg.router_update
     problems = prepare_datasets(
         run_dir,
-        datasets([*ru.train_datasets, *ru.eval_datasets], ru.problems_limit),
+        datasets([*ru.train_datasets, *ru.eval_datasets, *ru.heldout_datasets], ru.problems_limit),
         checksum=cfg.verify_checksums,
     )
     run = RouterRun(cfg, run_dir, summary, sink, workers)
@@ -102,18 +103,31 @@ def update_model(
     pref = preference_unit(run_dir, model, layer, ru, score_paths, shard_paths)
     if not run.stage(PreferenceStage(cfg, workers.router), [(model, [pref])]):
         return None
-    # 3. Training: the checkpoint.
-    train = train_unit(run_dir, model, layer, ru, pref.path)
-    if not run.stage(TrainStage(cfg, workers.router), [(model, [train])]):
+    # 3. Training: the real update's checkpoint, then each control's at each seed.
+    variants = trained_variants(ru)
+    trains = {
+        v.name: train_unit(run_dir, model, layer, ru, pref.path, v, tuple(score_paths))
+        for v in variants
+    }
+    if not run.stage(TrainStage(cfg, workers.router), [(model, list(trains.values()))]):
         return None
-    updated = updated_model(run_dir, model)
-    # 4. Evaluation: original and updated, same backend and sampling.
-    evals = eval_units(cfg, run_dir, model, updated, problems)
+    models = {"original": model} | {v.name: updated_model(run_dir, model, v) for v in variants}
+    # 4. Evaluation: every variant, same backend and sampling.
+    evals = eval_units(cfg, run_dir, model, models, problems)
     run.stage(EvalStage(cfg, workers.generator), by_model(evals))
-    # 5. Rescoring of the training shards with the updated model.
+    # 5. Rescoring of the training shards with each trained model, the original draws.
     shards = {name: shards for name, (shards, _) in data.items()}
-    rescore = rescore_units(run_dir, ru, cfg.scoring, model, updated, layer, shards)
-    run.stage(RescoreStage(cfg, workers.scorer), by_model(rescore))
+    before = {name: units for name, (_, units) in data.items()}
+    rescores = {
+        v.name: rescore_units(
+            run_dir, ru, cfg.scoring, model, models[v.name], layer, shards, before, v
+        )
+        for v in variants
+    }
+    run.stage(
+        RescoreStage(cfg, workers.scorer),
+        by_model({c: us for r in rescores.values() for c, us in r.items()}),
+    )
     if len(summary.failures) > failures_before:
         return None
     # 6. Analysis of this model.
@@ -125,13 +139,13 @@ def update_model(
         layer,
         ru,
         pref_path=pref.path,
-        train_path=train.path,
+        train_paths={name: u.path for name, u in trains.items()},
         eval_paths={
             v: [u.path for c, us in evals.items() if c.model.name == m.name for u in us]
-            for v, m in (("original", model), ("updated", updated))
+            for v, m in models.items()
         },
         before=score_paths,
-        after=[u.path for us in rescore.values() for u in us],
+        after={v: [u.path for us in r.values() for u in us] for v, r in rescores.items()},
         run_id=run_id,
         session=session,
     )
@@ -202,8 +216,9 @@ def describe_router_plan(cfg: RunConfig) -> str:
     GPU-hours and the run's (orchestrator/estimate.py)."""
     ru = cfg.router_update
     train = datasets(ru.train_datasets, ru.problems_limit)
-    evals = datasets(ru.eval_datasets, ru.problems_limit)
+    evals = datasets([*ru.eval_datasets, *ru.heldout_datasets], ru.problems_limit)
     n_eval = sum(min(d.limit or d.size, d.size) for d in evals)
+    n_var = 1 + len(trained_variants(ru))
     lines = [
         "",
         f"router update ({ru.name}): train the router of the {ru.layer} MoE layer only",
@@ -212,8 +227,10 @@ def describe_router_plan(cfg: RunConfig) -> str:
         f" {ru.holdout_share:.0%} of problems held out)",
         f"  loss: DPO beta={ru.beta} + {ru.anchor_weight} x KL on anchors; Adam lr={ru.lr}"
         f" steps={ru.steps} seed={ru.seed}",
+        f"  controls: {', '.join(ru.controls) or 'none'} at seeds {ru.seeds or [ru.seed]}",
         f"  evaluate on: {', '.join(d.name for d in evals)} ({n_eval} problems) x"
-        f" {ru.eval_samples} samples x 2 variants (original, updated) = {2 * n_eval * ru.eval_samples:,}"
+        f" {ru.eval_samples} samples x {n_var} variants (original, updated"
+        f"{', controls' if n_var > 2 else ''}) = {n_var * n_eval * ru.eval_samples:,}"
         f" completions; pass@K for K = 1, 2, 4, ..., {ru.eval_samples}",
         "",
         f"{'model':<16} {'layer':>5}  router tensors  units: gen+score(train data), preferences,"
@@ -225,7 +242,7 @@ def describe_router_plan(cfg: RunConfig) -> str:
         gen = sum(
             -(-min(d.limit or d.size, d.size) // cfg.generation.problems_per_shard) for d in train
         )
-        ev = 2 * sum(
+        ev = n_var * sum(
             -(-min(d.limit or d.size, d.size) // ru.eval_problems_per_shard) for d in evals
         )
         lines.append(

@@ -56,10 +56,12 @@ class CeiTask:
 
 @dataclass(frozen=True)
 class ScoringTask:
-    """Score the trajectory shard `in_path` at decoder layer `layer`."""
+    """Score the trajectory shard `in_path` at decoder layer `layer` (with `draws`, a
+    complete scores file of the same tokens: its alternative routes, not fresh draws)."""
 
     in_path: Path
     layer: int
+    draws: Path | None = None
 
     def __post_init__(self) -> None:
         expect(self, in_path=Path, layer=int)
@@ -86,16 +88,21 @@ class PreferenceTask:
 @dataclass(frozen=True)
 class TrainTask:
     """Train the router of layer `layer` on `preferences`; write the updated model to
-    `checkpoint`, its README naming `source` as the model it started from."""
+    `checkpoint`, its README naming `source` as the model it started from. A `control`
+    ("random", "shuffled"; "" = the real update) first replaces the preference tokens' targets
+    (workers.router.update.control_targets, seeded by update.seed; "random" draws from the
+    training `scores`)."""
 
     preferences: Path
     checkpoint: Path
     layer: int
     update: UpdateConfig
     source: str
+    control: str = ""
+    scores: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
-        expect(self, preferences=Path, checkpoint=Path, layer=int, source=str)
+        expect(self, preferences=Path, checkpoint=Path, layer=int, source=str, control=str)
         expect_update(self)
 
 

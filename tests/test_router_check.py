@@ -97,3 +97,35 @@ def test_a_token_missing_after_the_update_is_an_error(tmp_path):
     )
     with pytest.raises(ValueError, match="matched after"):
         token_changes([before], [after], empty, lambda p: False, margin=0.05)
+
+
+def test_mechanism_intervals_resample_problems():
+    # Two problems in one (split, group): p1's 3 tokens all changed (u up by 0.3), p2's 1 token
+    # unchanged (u unchanged). Resampling problems gives shares between 0 and 1; the point
+    # values are token-weighted.
+    tokens = pl.DataFrame(
+        {
+            "problem_id": ["p1", "p1", "p1", "p2"],
+            "split": ["train"] * 4,
+            "bin": ["fragile"] * 4,
+            "flagged": [False] * 4,
+            "route_changed": [True, True, True, False],
+            "u_std": [0.1, 0.1, 0.1, 0.2],
+            "u_std_after": [0.4, 0.4, 0.4, 0.2],
+            "rho": [0.0, 0.0, None, 0.5],
+            "rho_after": [0.5, 0.5, 0.5, 0.5],
+        }
+    )
+    table = mechanism_table(tokens, draws=400, seed=0).row(0, named=True)
+    assert table["route_changed"] == pytest.approx(0.75)
+    assert table["route_changed_lo"] == 0.0 and table["route_changed_hi"] == 1.0
+    assert table["u_std_diff"] == pytest.approx(0.225)
+    assert table["u_std_diff_lo"] == pytest.approx(0.0) and table["u_std_diff_hi"] == pytest.approx(
+        0.3
+    )
+    assert table["alignment_diff"] == pytest.approx(
+        1 / 3
+    )  # the token without rho before is left out
+    again = mechanism_table(tokens, draws=400, seed=0)
+    assert again.equals(mechanism_table(tokens, draws=400, seed=0))
+    assert "route_changed_lo" not in mechanism_table(tokens).columns

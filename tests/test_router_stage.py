@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from orchestrator import config as C
 from workers.generation.demo_task import bundled_model_path
-from workers.io import file_sha256
+from workers.io import file_sha256, read_sidecar
 
 C.register_configs()
 ROUTER_STAGES = ("router_preferences", "router_train", "router_eval", "router_rescore")
@@ -52,6 +52,9 @@ def test_the_default_is_off():
         ("router_update.fragile=0.95", "router_update.fragile"),
         ("router_update.train_datasets=[]", "must be set"),
         ("router_update.train_datasets=[nope]", "unknown dataset 'nope'"),
+        ("router_update.heldout_datasets=[demo_train]", "both trains and evaluates"),
+        ("router_update.controls=[best]", "router_update.controls"),
+        ("router_update.seeds=[1,1]", "router_update.seeds"),
     ],
 )
 def test_bad_router_update_values_are_config_errors(override, message):
@@ -95,14 +98,50 @@ def test_demo_update_runs_end_to_end_and_resumes(tmp_path, capsys):
     # pass@K for K = 1, 2 of both variants, the paired difference, the mechanism table.
     passk = pl.read_csv(root / "tables" / "passk.csv")
     assert sorted(set(passk["k"])) == [1, 2]
-    assert set(passk["variant"]) == {"original", "updated"}
+    assert {"original", "updated"} <= set(passk["variant"])
     assert (passk["lo"] <= passk["pass_at_k"]).all() and (passk["pass_at_k"] <= passk["hi"]).all()
-    assert pl.read_csv(root / "tables" / "passk_diff.csv").height == 2
+    # Each control at its seed: its own checkpoint (only the final router differs), trained on
+    # the real update's token count, evaluated on the evaluation and the held-out task.
+    for name in ("random-seed0", "shuffled-seed0"):
+        ckpt = root / "controls" / name / "checkpoint"
+        control = load_file(ckpt / "model.safetensors")
+        assert [k for k in original if not torch.equal(original[k], control[k])] == changed
+        summary = read_sidecar(root / "controls" / name / "train_log.arrow")["summary"]
+        real = read_sidecar(root / "train_log.arrow")["summary"]
+        assert summary["control"] == name.split("-")[0]
+        assert (summary["prefer_tokens"], summary["anchor_tokens"]) == (
+            real["prefer_tokens"],
+            real["anchor_tokens"],
+        )
+        assert sorted(p.name for p in (root / "eval" / name).iterdir()) == ["demo", "demo_hard"]
+    assert set(passk["variant"]) >= {"random-seed0", "shuffled-seed0"}
+    assert set(passk["dataset"]) == {"demo", "demo_hard", "all"}
+    diff = pl.read_csv(root / "tables" / "passk_diff.csv")
+    pairs = set(diff.select("baseline", "variant").unique().rows())
+    assert pairs == {
+        ("original", "updated"),
+        ("original", "random-seed0"),
+        ("original", "shuffled-seed0"),
+        ("updated", "random-seed0"),
+        ("updated", "shuffled-seed0"),
+    }
+    assert diff.height == len(pairs) * 3 * 2  # (demo, demo_hard, all) x K
     mech = pl.read_csv(root / "tables" / "mechanism.csv")
     assert {"train", "held-out"} >= set(mech["split"]) and "confident" in set(mech["group"])
+    assert set(mech["variant"]) == {"updated", "random-seed0", "shuffled-seed0"}
+    assert (mech["route_changed_lo"] <= mech["route_changed"]).all()
+    # Rescoring scored the original draws again: the same alternatives before and after.
+    before = pl.concat(pl.read_ipc(p) for p in sorted((run_dir / "scores").rglob("*.arrow")))
+    for rescored in (root / "rescore", root / "controls" / "random-seed0" / "rescore"):
+        after = pl.concat(pl.read_ipc(p) for p in sorted(rescored.rglob("*.arrow")))
+        keys = ["dataset", "problem_id", "sample_idx", "position"]
+        both = after.join(before.filter(pl.col("layer") == 3), on=keys, suffix="_before")
+        assert both.height == after.height > 0
+        assert (both["alt_routes"] == both["alt_routes_before"]).all()
     assert (root / "figures" / "passk.png").stat().st_size > 0
     assert "router_update.md" in (run_dir / "report.md").read_text()
     assert "pass@K" in (run_dir / "router_update.md").read_text()
+    assert "shuffled-seed0" in (run_dir / "router_update.md").read_text()
 
     # A rerun finds every unit complete.
     assert run_inprocess(runs, "ru", *SMALL_UPDATE) == 0

@@ -15,6 +15,7 @@ from workers.router.update import (
     PREFERENCES_SCHEMA,
     UpdateConfig,
     add_router_inputs,
+    control_targets,
     is_holdout,
     route_score,
     router_parameters,
@@ -97,6 +98,44 @@ def test_select_tokens_leaves_held_out_problems_out_and_caps_anchors_determinist
     assert not select_tokens(
         table, update_cfg(holdout_share=0.5, max_anchor_tokens=10, seed=1)
     ).equals(out)
+
+
+def test_control_targets_keep_the_tokens_and_anchors_and_change_only_the_winners():
+    rows = [
+        score_row(
+            f"p{i}",
+            0,
+            0.1,
+            [0.2 + 0.01 * j for j in range(6)],
+            alt_routes=[[10 * i + j, 10 * i + j + 1] for j in range(6)],
+        )
+        for i in range(12)
+    ] + [score_row("a", t, 0.99, [0.99, 0.99, 0.99, 0.99, 0.99, 0.99]) for t in range(5)]
+    scores = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+    real = select_tokens(scores, update_cfg())
+    prefer = [r for r in real.to_pylist() if r["kind"] == "prefer"]
+    assert len(prefer) == 12 and all(r["winner"][0] % 10 == 5 for r in prefer)  # the best
+    fixed = [c for c in real.column_names if c not in ("winner", "u_winner")]
+
+    shuffled = control_targets(real, scores, "shuffled", 0)
+    assert shuffled.num_rows == real.num_rows and shuffled.select(fixed).equals(real.select(fixed))
+    winners = [tuple(r["winner"]) for r in shuffled.to_pylist() if r["kind"] == "prefer"]
+    assert sorted(winners) == sorted(tuple(r["winner"]) for r in prefer)  # a permutation
+    assert winners != [tuple(r["winner"]) for r in prefer]
+    assert control_targets(real, scores, "shuffled", 0).equals(shuffled)
+    assert not control_targets(real, scores, "shuffled", 1).equals(shuffled)
+
+    rand = control_targets(real, scores, "random", 0)
+    assert rand.num_rows == real.num_rows and rand.select(fixed).equals(real.select(fixed))
+    picked = [r for r in rand.to_pylist() if r["kind"] == "prefer"]
+    for i, r in enumerate(picked):  # one of the token's own draws, with its u
+        j = r["winner"][0] - 10 * i
+        assert 0 <= j < 6 and r["winner"] == [10 * i + j, 10 * i + j + 1]
+        assert r["u_winner"] == pytest.approx(0.2 + 0.01 * j)
+    assert len({r["winner"][0] % 10 for r in picked}) > 1  # not always the best
+    assert control_targets(real, scores, "random", 0).equals(rand)
+    with pytest.raises(ValueError, match="unknown control"):
+        control_targets(real, scores, "best", 0)
 
 
 def synthetic_prefs(adapter, hidden, n_prefer=12, n_anchor=24, seed=0):
@@ -279,3 +318,43 @@ def test_checkpoint_refuses_a_tensor_it_cannot_find(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         write_checkpoint(src, tmp_path / "dst", {"model.nope.weight": torch.zeros(1)}, "")
     assert not (tmp_path / "dst").exists()
+
+
+def test_rescoring_with_given_draws_scores_the_same_alternatives_under_a_new_router():
+    from workers.scoring.scorer import ScoreConfig, Scorer
+
+    model = make_model("qwen3_moe")
+    trajectories = make_trajectories()
+    config = ScoreConfig(alternatives=6, pool=6)
+    layer = adapter_for(model).moe_layers[-1]
+    before = Scorer("/m/tiny", config, model=model).score_table(trajectories, layer)
+    # The same model with its own draws given: the very same table.
+    again = Scorer("/m/tiny", config, model=model).score_table(trajectories, layer, draws=before)
+    assert again.equals(before)
+    # Another router at that layer: fresh draws move, given draws are the original ones.
+    with torch.no_grad():
+        adapter_for(model).router(layer).weight.mul_(-3.0)
+    fresh = Scorer("/m/tiny", config, model=model).score_table(trajectories, layer)
+    same = Scorer("/m/tiny", config, model=model).score_table(trajectories, layer, draws=before)
+    assert fresh.column("alt_routes") != before.column("alt_routes")
+    assert same.column("alt_routes").equals(before.column("alt_routes"))
+    assert same.column("std_route").equals(fresh.column("std_route"))  # S is the new router's
+    with pytest.raises(ValueError, match="no given draws"):
+        Scorer("/m/tiny", config, model=model).score_table(
+            trajectories, layer, draws=before.slice(0, 3)
+        )
+
+
+def test_a_control_checkpoints_readme_says_it_is_a_control():
+    from workers.router.update import describe_update
+
+    summary = {"prefer_tokens": 3, "router_parameters": 10}
+    real = describe_update(source="s", layer=3, names=["w"], summary=summary, cfg=update_cfg())
+    control = describe_update(
+        source="s",
+        layer=3,
+        names=["w"],
+        summary={"control": "shuffled", **summary},
+        cfg=update_cfg(),
+    )
+    assert "control" not in real and "This is a control (shuffled)" in control

@@ -213,6 +213,14 @@ class RouterUpdateConfig(UpdateConfig):
     eval_samples: int = 8  # n samples per problem, original and updated; pass@K for K <= n
     eval_problems_per_shard: int = 16  # problems per evaluation generation unit
     bootstrap_draws: int = 2000  # resamples of problems for the 95% intervals
+    # Controls: the same update trained toward other targets (workers.router.update.CONTROLS:
+    # random = an alternative drawn uniformly from the token's draws, shuffled = the real
+    # winners permuted among the preference tokens), one checkpoint per control and seed,
+    # each evaluated like the real update. Empty seeds = [seed].
+    controls: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    # Data sets every variant is also evaluated on, to check that nothing else degrades.
+    heldout_datasets: list[str] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:

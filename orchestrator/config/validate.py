@@ -134,9 +134,14 @@ def validate_router_update(cfg: RunConfig, ru: RouterUpdateConfig) -> None:
         raise ConfigError(
             "router_update.train_datasets and router_update.eval_datasets must be set"
         )
-    shared = sorted(set(ru.train_datasets) & set(ru.eval_datasets))
+    shared = sorted(set(ru.train_datasets) & {*ru.eval_datasets, *ru.heldout_datasets})
     if shared:
         raise ConfigError(f"router_update: {shared} both trains and evaluates; use disjoint sets")
+    unknown = sorted(set(ru.controls) - {"random", "shuffled"})
+    if unknown:
+        raise ConfigError(f"router_update.controls: unknown {unknown}; valid: random, shuffled")
+    if len(set(ru.seeds)) != len(ru.seeds) or any(s < 0 for s in ru.seeds):
+        raise ConfigError(f"router_update.seeds={ru.seeds!r} must be distinct integers >= 0")
     checks = {
         "margin": ru.margin >= 0,
         "fragile": 0 < ru.fragile < ru.confident <= 1,
@@ -158,7 +163,7 @@ def validate_router_update(cfg: RunConfig, ru: RouterUpdateConfig) -> None:
                 " 0 < fragile < confident <= 1, beta > 0, anchor_weight >= 0, steps >= 1, lr > 0,"
                 " 0 <= holdout_share < 1, counts >= 1)"
             )
-    for name in [*ru.train_datasets, *ru.eval_datasets]:
+    for name in [*ru.train_datasets, *ru.eval_datasets, *ru.heldout_datasets]:
         validate_dataset(load_option("dataset", name))
     for model in router_models(cfg):
         validate_model(model, [ru.layer], cfg.scoring)

@@ -9,6 +9,7 @@ model, started by `RouterSpawner`.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,26 +28,56 @@ from orchestrator.stage import Stage
 if TYPE_CHECKING:
     from workers.router.update import UpdateConfig
 
-VARIANTS = ("original", "updated")
 SELECT_KEYS = ("margin", "fragile", "confident", "max_anchor_tokens", "holdout_share", "seed")
 TRAIN_KEYS = ("beta", "anchor_weight", "steps", "lr", "seed")
 
 
-def update_config(ru: RouterUpdateConfig) -> UpdateConfig:
-    """The update's hyperparameters as the worker takes them."""
+@dataclass(frozen=True)
+class Variant:
+    """One trained router: the real update (`name` "updated", no control) or a control
+    ("random", "shuffled") trained with its own `seed`, named "<control>-seed<seed>"."""
+
+    name: str = "updated"
+    control: str = ""
+    seed: int | None = None
+
+
+UPDATED = Variant()
+
+
+def trained_variants(ru: RouterUpdateConfig) -> list[Variant]:
+    """The real update, then each control at each of `seeds` (empty: [seed])."""
+    seeds = ru.seeds or [ru.seed]
+    return [UPDATED] + [Variant(f"{c}-seed{s}", c, s) for c in ru.controls for s in seeds]
+
+
+def update_config(ru: RouterUpdateConfig, variant: Variant = UPDATED) -> UpdateConfig:
+    """The update's hyperparameters as the worker takes them (a control's seed its own)."""
     from workers.router.update import UpdateConfig  # loads torch: the router stage only
 
-    return UpdateConfig(**{k: getattr(ru, k) for k in (*SELECT_KEYS, *TRAIN_KEYS)})
+    values = {k: getattr(ru, k) for k in (*SELECT_KEYS, *TRAIN_KEYS)}
+    if variant.seed is not None:
+        values["seed"] = variant.seed
+    return UpdateConfig(**values)
 
 
 def router_root(run_dir: Path, model: ModelConfig) -> Path:
     return run_dir / "router_update" / model.name
 
 
-def updated_model(run_dir: Path, model: ModelConfig) -> ModelConfig:
-    """The updated checkpoint as a model of its own (name <model>-router, loaded from disk)."""
-    ckpt = router_root(run_dir, model) / "checkpoint"
-    return dataclasses.replace(model, name=f"{model.name}-router", path=str(ckpt))
+def variant_root(run_dir: Path, model: ModelConfig, variant: Variant = UPDATED) -> Path:
+    """Where a variant's training log and checkpoint live: the model's folder for the real
+    update, controls/<name>/ below it for a control."""
+    root = router_root(run_dir, model)
+    return root if variant == UPDATED else root / "controls" / variant.name
+
+
+def updated_model(run_dir: Path, model: ModelConfig, variant: Variant = UPDATED) -> ModelConfig:
+    """A trained checkpoint as a model of its own (name <model>-router, or
+    <model>-router-<variant> for a control; loaded from disk)."""
+    ckpt = variant_root(run_dir, model, variant) / "checkpoint"
+    name = f"{model.name}-router" + ("" if variant == UPDATED else f"-{variant.name}")
+    return dataclasses.replace(model, name=name, path=str(ckpt))
 
 
 def datasets(names: list[str], limit: int | None = None) -> list[DatasetConfig]:

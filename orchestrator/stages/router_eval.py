@@ -2,7 +2,8 @@
 
 Contract: generation units (orchestrator/stages/generation.py) with `router_update.eval_samples`
 samples per problem and `eval_problems_per_shard` problems per unit, same backend and sampling
-otherwise, written to router_update/<model>/eval/<variant>/<dataset>/<k>.arrow.
+otherwise, of every `eval_datasets` and `heldout_datasets` for each variant (original, updated,
+each control at each seed), written to router_update/<model>/eval/<variant>/<dataset>/<k>.arrow.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from orchestrator.config import ModelConfig, RunConfig
 from orchestrator.plan import Cell, Unit
 from orchestrator.stages.generation import GenerationStage, generation_units
-from orchestrator.stages.router import VARIANTS, datasets, relocate, router_root
+from orchestrator.stages.router import datasets, relocate, router_root
 from orchestrator.tasks import GenerationTask
 
 
@@ -21,10 +22,11 @@ def eval_units(
     cfg: RunConfig,
     run_dir: Path,
     model: ModelConfig,
-    updated: ModelConfig,
+    variants: dict[str, ModelConfig],
     problems: dict[str, tuple[int, str]],
 ) -> dict[Cell, list[Unit[GenerationTask]]]:
-    """Generation units of every evaluation dataset for both variants, under router_update/."""
+    """Generation units of every evaluation and held-out dataset for each of `variants`
+    ({name: model}: "original", "updated", the controls), under router_update/."""
     ru = cfg.router_update
     gen_cfg = dataclasses.replace(
         cfg.generation,
@@ -33,8 +35,8 @@ def eval_units(
     )
     root = router_root(run_dir, model) / "eval"
     out = {}
-    for variant, m in zip(VARIANTS, (model, updated), strict=True):
-        for d in datasets(ru.eval_datasets, ru.problems_limit):
+    for variant, m in variants.items():
+        for d in datasets([*ru.eval_datasets, *ru.heldout_datasets], ru.problems_limit):
             units = generation_units(
                 run_dir,
                 m,

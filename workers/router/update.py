@@ -156,6 +156,42 @@ def select_tokens(scores: pa.Table, cfg: UpdateConfig) -> pa.Table:
     )
 
 
+CONTROLS = ("random", "shuffled")  # control targets of the update (`control_targets`)
+
+
+def control_targets(prefs: pa.Table, scores: pa.Table, control: str, seed: int) -> pa.Table:
+    """`prefs` with the preference tokens' winners replaced by a control's (anchors and
+    every other column kept, so the token count and the anchor loss are the real update's):
+    "random", an alternative drawn uniformly from that token's J draws in `scores` (seeded
+    per token, so a winner does not depend on which other tokens were selected); "shuffled",
+    the real winners permuted among the preference tokens by a seeded permutation."""
+    if control not in CONTROLS:
+        raise ValueError(f"unknown control {control!r}; valid: {', '.join(CONTROLS)}")
+    rows = prefs.to_pylist()
+    prefer = [i for i, r in enumerate(rows) if r["kind"] == "prefer"]
+    if control == "shuffled":
+        order = np.random.default_rng(seed).permutation(len(prefer))
+        picked = [(rows[prefer[j]]["winner"], rows[prefer[j]]["u_winner"]) for j in order]
+    else:
+        keys = ["dataset", "problem_id", "sample_idx", "position"]
+        alts = {
+            tuple(r[k] for k in keys): (r["alt_routes"], r["alt_probs"])
+            for r in scores.select([*keys, "alt_routes", "alt_probs"]).to_pylist()
+        }
+        picked = []
+        for i in prefer:
+            key = tuple(rows[i][k] for k in keys)
+            if key not in alts:
+                raise ValueError(f"preference token {key} is not in the scores")
+            routes, probs = alts[key]
+            blob = f"router-random:{seed}:{key[1]}:{key[2]}:{key[3]}".encode()
+            j = int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") % len(routes)
+            picked.append((routes[j], probs[j]))
+    for i, (winner, u) in zip(prefer, picked, strict=True):
+        rows[i] = {**rows[i], "winner": list(winner), "u_winner": float(u)}
+    return pa.Table.from_pylist(rows, schema=PREFERENCES_SCHEMA)
+
+
 def _preferences_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PREFERENCES_SCHEMA)
 
@@ -425,6 +461,16 @@ def describe_update(
         "route S on fragile tokens where R* raised the probability of the verified next token",
         "by more than the margin, relative to the original router; plus a KL term to the",
         "original router's expert distribution on confident tokens.",
+        *(
+            [
+                "",
+                f"This is a control ({summary['control']}): the same tokens, anchors, loss and",
+                "settings, but each preference token's winner is not its best alternative",
+                "(random: one of its draws chosen uniformly; shuffled: another token's best).",
+            ]
+            if "control" in summary
+            else []
+        ),
         "",
         "| setting | value |",
         "|---|---|",

@@ -193,15 +193,24 @@ class Scorer:
         layer: int | str,
         *,
         progress: Callable[[int], Any] | None = None,
+        draws: pa.Table | None = None,
     ) -> pa.Table:
-        """Score rows (scores_schema) for every completion token of every trajectory, in input order."""
+        """Score rows (scores_schema) for every completion token of every trajectory, in input
+        order. `draws` (scores of the same tokens, e.g. under the original router) gives each
+        token's alternative routes instead of drawing them: the same alternatives scored again."""
         layer = self.resolve_layer(layer)
         rows = self.validate(trajectories)
+        given = given_draws(draws) if draws is not None else None
         tables = []
         with kv.attention_switched(self.model), torch.inference_mode():
             for row in rows:
                 scores = self.score_sequence(
-                    row["input_ids"], row["prompt_len"], layer, row["problem_id"], row["sample_idx"]
+                    row["input_ids"],
+                    row["prompt_len"],
+                    layer,
+                    row["problem_id"],
+                    row["sample_idx"],
+                    given=given,
                 )
                 tables.append(self._to_table(row, layer, scores))
                 if progress is not None:
@@ -240,7 +249,13 @@ class Scorer:
     # -- one sequence ------------------------------------------------------------------------------
 
     def score_sequence(
-        self, ids: list[int], prompt_len: int, layer: int, problem_id: str, sample_idx: int
+        self,
+        ids: list[int],
+        prompt_len: int,
+        layer: int,
+        problem_id: str,
+        sample_idx: int,
+        given: dict[tuple[str, int, int], list] | None = None,
     ) -> dict[str, np.ndarray]:
         """Scores of one trajectory's completion tokens. Run inside kv.attention_switched."""
         cfg, ad = self.config, self.adapter
@@ -276,6 +291,8 @@ class Scorer:
             temperature=cfg.temperature,
             sampler=cfg.sampler,
         )
+        if given is not None:
+            alts = given_routes(given, problem_id, sample_idx, positions.cpu()[keep_t], alts)
         all_routes = torch.cat([std.long()[:, None], alts], dim=1)  # (N, J+1, k)
         router_lp = routes.router_logprob(z_cpu, all_routes)
         token = keep_t[:, None, None].expand(-1, all_routes.shape[1], 1)
@@ -556,6 +573,29 @@ class Scorer:
         return table.append_column(COMPLETION_TOKENS, pa.array(np.full(n, total, np.int32)))
 
 
+def given_draws(draws: pa.Table) -> dict[tuple[str, int, int], list]:
+    """{(problem_id, sample_idx, position): alt_routes} of a scores table."""
+    cols = draws.select(["problem_id", "sample_idx", "position", "alt_routes"]).to_pydict()
+    keys = zip(cols["problem_id"], cols["sample_idx"], cols["position"], strict=True)
+    return dict(zip(keys, cols["alt_routes"], strict=True))
+
+
+def given_routes(given: dict, problem_id: str, sample_idx: int, positions, drawn) -> torch.Tensor:
+    """The given alternatives of these positions, shaped like the `drawn` ones (N, J, k)."""
+    out = []
+    for p in positions.tolist():
+        routes = given.get((problem_id, sample_idx, p))
+        if routes is None:
+            raise ValueError(f"no given draws for ({problem_id!r}, {sample_idx}, position {p})")
+        out.append(routes)
+    given_t = torch.tensor(out, dtype=drawn.dtype).reshape(len(out), *drawn.shape[1:])
+    if given_t.shape != drawn.shape:
+        raise ValueError(
+            f"given draws have shape {tuple(given_t.shape)}, expected {tuple(drawn.shape)}"
+        )
+    return given_t
+
+
 def score_file(
     scorer: Scorer,
     in_path: str | Path,
@@ -568,9 +608,11 @@ def score_file(
     extra: dict[str, Any] | None = None,
     root: str | Path | None = None,
     compression: str | None = None,
+    draws: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
-    `compression`: workers.io.write_arrow's (None: its default).
+    `compression`: workers.io.write_arrow's (None: its default). `draws`: a complete scores
+    file whose alternatives are scored again (Scorer.score_table).
 
     The input is read with workers.io.read_arrow (its sidecar is required only with
     `require_complete`); nothing is written unless scoring succeeds. `extra` is added to
@@ -587,7 +629,8 @@ def score_file(
     except pa.ArrowInvalid as err:
         raise ValueError(f"{in_path} is not a readable Arrow IPC file: {err}") from err
     layer = scorer.resolve_layer(layer)
-    scores = scorer.score_table(table, layer, progress=progress)
+    given = read_arrow(draws, require_complete=True) if draws is not None else None
+    scores = scorer.score_table(table, layer, progress=progress, draws=given)
     extra = {
         "layer": layer,
         "model": scorer.model_name,
