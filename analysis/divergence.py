@@ -34,7 +34,7 @@ from analysis.metrics import (
     FIXED_POINT,
     GROUP_KEYS,
     AnalysisConfig,
-    _columns,
+    _schema,
     aggregate,
     scan_scores,
     token_metrics,
@@ -68,7 +68,7 @@ INTERVALS = ("mean_kl_best", "share_changed", "share_win_draws_changed", "corr_g
 
 def divergence_files(paths: Sequence[str | Path]) -> list[Path]:
     """The score files that have the next-token distribution columns."""
-    return [Path(p) for p in paths if set(COLUMNS) <= set(_columns(p))]
+    return [Path(p) for p in paths if set(COLUMNS) <= set(_schema(p).names)]
 
 
 def _token_sums(lf: pl.LazyFrame, cfg: AnalysisConfig) -> pl.LazyFrame:
@@ -187,7 +187,7 @@ def verified_table(paths: Sequence[str | Path], cfg: AnalysisConfig) -> pl.DataF
     column), when the score files hold both; else None."""
     from analysis.tables import summarise
 
-    with_flag = [Path(p) for p in paths if "verified" in _columns(p)]
+    with_flag = [Path(p) for p in paths if "verified" in _schema(p).names]
     if not with_flag:
         return None
     lf = scan_scores(with_flag)

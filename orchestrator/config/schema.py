@@ -216,9 +216,9 @@ class RouterUpdateConfig(UpdateConfig):
     # Controls: the same update trained toward other targets (workers.router.update.CONTROLS:
     # random = an alternative drawn uniformly from the token's draws, shuffled = the real
     # winners permuted among the preference tokens), one checkpoint per control and seed,
-    # each evaluated like the real update. Empty seeds = [seed].
+    # each evaluated like the real update.
     controls: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # training seeds of the controls; [] = [seed]
     # Data sets every variant is also evaluated on, to check that nothing else degrades.
     heldout_datasets: list[str] = field(default_factory=list)
 
