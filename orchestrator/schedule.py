@@ -121,12 +121,37 @@ def simulate(
     generation unit, sealed, and a scorer pool ((i, 1)) that gets a cell's scoring units
     when the cell's last generation unit is done, sealed when all its cells are; the pools
     served by orchestrator.policy.decide as the executor serves them."""
-    pools: list[SimPool] = []
-    scorer_of: dict[int, SimPool] = {}
-    cells: list[Cell] = []
-    unresolved: dict[str, int] = {}
-    left: list[int] = []  # generation units not done, per cell
-    for i, m in enumerate(models):
+    sim = _Simulation(models, gpus, max_gpus, load_s)
+    while True:
+        sim.dispatch()
+        if not sim.advance():
+            break
+    stuck = [p.name for p in sim.pools if p.queue or p.running]
+    if stuck:
+        raise RuntimeError(f"the simulation stopped with work left in {stuck}")
+    return Schedule(gpus, sim.now, sim.pools, sim.timeline)
+
+
+class _Simulation:
+    """The state of one simulated sweep: pools, cells, the event queue and the clock."""
+
+    def __init__(self, models: list[ModelWork], gpus: int, max_gpus: int | None, load_s: float):
+        self.gpus, self.max_gpus, self.load_s = gpus, max_gpus, load_s
+        self.pools: list[SimPool] = []
+        self.scorer_of: dict[int, SimPool] = {}
+        self.cells: list[Cell] = []
+        self.unresolved: dict[str, int] = {}
+        self.left: list[int] = []  # generation units not done, per cell
+        for i, m in enumerate(models):
+            self._add_model(i, m)
+        for k, cell in enumerate(self.cells):
+            if not cell.generation:
+                self.resolve(k)
+        self.events: list[tuple[float, int, str, SimPool, float, int]] = []  # time, seq, ...
+        self.seq, self.now, self.waiting = 0, 0.0, False
+        self.timeline: list[tuple[float, list[int]]] = []
+
+    def _add_model(self, i: int, m: ModelWork) -> None:
         gen = [s for c in m.cells for s in c.generation]
         score = [s for c in m.cells for s in c.scoring]
         gen_cost = mean(gen) if m.generation_cost is None else m.generation_cost
@@ -135,85 +160,79 @@ def simulate(
         s = SimPool(f"{m.name} scoring", (i, 1), m.scorer_gpus, m.scorer_cap, score_cost)
         s.expected = len(score)
         for cell in m.cells:
-            scorer_of[len(cells)] = s
-            g.add((sec, len(cells)) for sec in cell.generation)
-            left.append(len(cell.generation))
-            cells.append(cell)
-        unresolved[m.name] = len(m.cells)
+            self.scorer_of[len(self.cells)] = s
+            g.add((sec, len(self.cells)) for sec in cell.generation)
+            self.left.append(len(cell.generation))
+            self.cells.append(cell)
+        self.unresolved[m.name] = len(m.cells)
         g.sealed = True
-        pools += [g, s]
+        self.pools += [g, s]
 
-    def resolve(k: int) -> None:
-        pool = scorer_of[k]
-        pool.add((sec, k) for sec in cells[k].scoring)
-        unresolved[cells[k].model] -= 1
-        if not unresolved[cells[k].model]:
+    def resolve(self, k: int) -> None:
+        """Cell k's generation is done: its scoring units join its model's scorer pool."""
+        pool, model = self.scorer_of[k], self.cells[k].model
+        pool.add((sec, k) for sec in self.cells[k].scoring)
+        self.unresolved[model] -= 1
+        if not self.unresolved[model]:
             pool.sealed, pool.expected = True, 0
 
-    for k, cell in enumerate(cells):
-        if not cell.generation:
-            resolve(k)
+    def _push(self, at: float, kind: str, pool: SimPool, sec: float, k: int) -> None:
+        heapq.heappush(self.events, (at, self.seq, kind, pool, sec, k))
+        self.seq += 1
 
-    total = {"GPU": float(gpus)}
-    events: list[tuple[float, int, str, SimPool, float, int]] = []  # time, seq, kind, ...
-    seq, now, waiting = 0, 0.0, False
-    timeline: list[tuple[float, list[int]]] = []
-
-    def held() -> float:
-        return sum(p.live * p.gpus for p in pools)
-
-    while True:
-        # assign, then the rule, until it has nothing more to do at this instant
+    def dispatch(self) -> None:
+        """Assign queued units to idle actors, then apply the rule, until neither has more to
+        do at this instant; record the GPUs held when they change."""
         while True:
-            for p in pools:
+            for p in self.pools:
                 while p.queue and p.idle:
                     sec, k = p.queue.popleft()
                     p.idle, p.running = p.idle - 1, p.running + 1
-                    heapq.heappush(events, (now + sec, seq, "done", p, sec, k))
-                    seq += 1
-            ours = {"GPU": held()}
+                    self._push(self.now + sec, "done", p, sec, k)
+            held = sum(p.live * p.gpus for p in self.pools)
+            ours, total = {"GPU": held}, {"GPU": float(self.gpus)}
             decision = decide(
-                [p.state() for p in pools],
-                lambda ours=ours: free_resources(
-                    total, {"GPU": gpus - ours["GPU"]}, ours, max_gpus
+                [p.state() for p in self.pools],
+                lambda ours=ours, total=total: free_resources(
+                    total, {"GPU": self.gpus - ours["GPU"]}, ours, self.max_gpus
                 ),
-                waiting,
+                self.waiting,
             )
-            waiting = decision.waiting
+            self.waiting = decision.waiting
             for i in decision.close:
-                pools[i].live -= pools[i].idle
-                pools[i].idle = 0
+                self.pools[i].live -= self.pools[i].idle
+                self.pools[i].idle = 0
             for i in decision.start:
-                p = pools[i]
+                p = self.pools[i]
                 p.live, p.starting, p.starts = p.live + 1, p.starting + 1, p.starts + 1
-                heapq.heappush(events, (now + load_s, seq, "ready", p, 0.0, -1))
-                seq += 1
+                self._push(self.now + self.load_s, "ready", p, 0.0, -1)
             if not decision.close and not decision.start:
                 break
-        state = [p.live * p.gpus for p in pools]
-        if not timeline or timeline[-1][1] != state:
-            timeline.append((now, state))
-        if not events:
-            break
-        t = events[0][0]
-        for p in pools:
-            p.held_s += p.live * p.gpus * (t - now)
-        now = t
-        while events and events[0][0] == now:
-            _, _, kind, p, sec, k = heapq.heappop(events)
+        state = [p.live * p.gpus for p in self.pools]
+        if not self.timeline or self.timeline[-1][1] != state:
+            self.timeline.append((self.now, state))
+
+    def advance(self) -> bool:
+        """Move the clock to the next event and apply every event of that instant; False when
+        there is none left."""
+        if not self.events:
+            return False
+        t = self.events[0][0]
+        for p in self.pools:
+            p.held_s += p.live * p.gpus * (t - self.now)
+        self.now = t
+        while self.events and self.events[0][0] == t:
+            _, _, kind, p, sec, k = heapq.heappop(self.events)
             if kind == "ready":
                 p.starting, p.idle = p.starting - 1, p.idle + 1
                 continue
             p.running, p.idle = p.running - 1, p.idle + 1
             p.busy_s += sec * p.gpus
             if p.priority[1] == 0:
-                left[k] -= 1
-                if not left[k]:
-                    resolve(k)
-    stuck = [p.name for p in pools if p.queue or p.running]
-    if stuck:
-        raise RuntimeError(f"the simulation stopped with work left in {stuck}")
-    return Schedule(gpus, now, pools, timeline)
+                self.left[k] -= 1
+                if not self.left[k]:
+                    self.resolve(k)
+        return True
 
 
 def mean(values: list[float]) -> float:

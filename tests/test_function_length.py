@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 80
 # Module -> the longest a function of it may be until it is split.
-PENDING = {"orchestrator/router_report.py": 89, "orchestrator/schedule.py": 104}
+PENDING: dict[str, int] = {}
 
 
 def long_functions(package: Path, limit: int = LIMIT) -> dict[str, int]:
