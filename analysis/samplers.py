@@ -5,12 +5,14 @@ route sampler (`scoring.sampler` of each run's config.yaml: gumbel, uniform_pool
 and scored the same tokens, and returns one row per (model, layer, dataset, bin, sampler):
 tokens, gain_pp, win_rate, mean_rank and chance_rank, each mean with its `_lo/_hi` bootstrap
 interval, and `run` (the run's folder name). Each run's numbers are those of its own report
-(analysis.tables.summarise over the score files of its current plan, analysis.inputs); the
-bins come from the standard pass, so they hold the same tokens under every sampler. Runs
+(analysis.tables.summarise over the score files of its current plan, analysis.inputs) in the
+binning `cfg.binning`; the default here is `std` (u(S) alone, from the standard pass), whose
+bins hold the same tokens under every sampler, while pbar and split bins are drawn from each
+sampler's own routes, so a bin holds other tokens under each (`binning` column). Runs
 whose scored tokens differ (other trajectories, layers, positions or u(S)), two runs of one
 sampler, or a run without a sampler in its config are refused.
 
-CLI: `python -m analysis.samplers RUN_DIR RUN_DIR [...] --out DIR` writes samplers.parquet,
+CLI: `python -m analysis.samplers RUN_DIR RUN_DIR [...] --out DIR [--binning std]` writes samplers.parquet,
 samplers.csv and samplers.md under DIR.
 """
 
@@ -24,6 +26,7 @@ import polars as pl
 
 from analysis.inputs import select_score_files
 from analysis.metrics import (
+    BINNINGS,
     BINS,
     GROUP_KEYS,
     AnalysisConfig,
@@ -63,7 +66,7 @@ def _token_digest(files: list[Path]) -> pl.DataFrame:
 
 def compare_samplers(run_dirs: list[Path], cfg: AnalysisConfig | None = None) -> pl.DataFrame:
     """The per-bin table of the module docstring; ValueError for runs that cannot be compared."""
-    cfg = cfg or AnalysisConfig()
+    cfg = cfg or AnalysisConfig(binning="std")
     if len(run_dirs) < 2:
         raise ValueError("give at least two run folders to compare")
     frames, digest, seen = [], None, {}
@@ -81,11 +84,13 @@ def compare_samplers(run_dirs: list[Path], cfg: AnalysisConfig | None = None) ->
         if digest is not None and not tokens.equals(digest):
             raise ValueError(f"{run_dir.name} did not score the same tokens as the runs before it")
         digest = tokens
-        by_bin = summarise(collect_stats(files, resolve_margin(cfg, files)), cfg)["by_bin"]
+        binnings = summarise(collect_stats(files, resolve_margin(cfg, files)), cfg)["binnings"]
+        by_bin = binnings.filter(pl.col("binning") == cfg.binning)
         cols = [f"{m}{s}" for m in MEANS for s in ("", "_lo", "_hi")]
         frames.append(
             by_bin.filter(pl.col("dataset") != "all").select(
                 *GROUP_KEYS,
+                "binning",
                 "bin",
                 pl.lit(sampler).alias("sampler"),
                 "tokens",
@@ -125,6 +130,12 @@ def render_markdown(table: pl.DataFrame) -> list[str]:
         "experts uniformly from all experts). Gain in percentage points, win rate and mean "
         "rank of S among its J + 1 routes, with bootstrap intervals.",
     ]
+    binning = table["binning"][0] if table.height else "std"
+    lines[-1] += f" Bins: `{binning}`" + (
+        " (u(S) alone: the same tokens under every sampler)."
+        if binning == "std"
+        else " (drawn from each sampler's own routes: a bin holds other tokens under each)."
+    )
     for (model, layer, dataset), group in table.group_by(*GROUP_KEYS, maintain_order=True):
         # model and dataset names come from files: shown as code, backticks stripped
         name = f"`{str(model).replace('`', '')}`, layer {layer}, `{str(dataset).replace('`', '')}`"
@@ -147,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", type=Path, nargs="+", help="runs/<run_id>, one per sampler")
     parser.add_argument("--out", type=Path, required=True, help="folder for the table")
     d = AnalysisConfig()
+    parser.add_argument("--binning", choices=list(BINNINGS), default="std", help="the bins")
     parser.add_argument("--bootstrap", type=int, default=d.bootstrap, help="replicates")
     parser.add_argument("--seed", type=int, default=d.seed, help="bootstrap seed")
     args = parser.parse_args(argv)
     try:
-        cfg = AnalysisConfig(bootstrap=args.bootstrap, seed=args.seed)
+        cfg = AnalysisConfig(binning=args.binning, bootstrap=args.bootstrap, seed=args.seed)
         table = compare_samplers(args.run_dirs, cfg)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -27,15 +27,20 @@ def test_table_puts_each_samplers_own_numbers_side_by_side(tmp_path):
     # the same tokens and u(S), other alternatives: the last ones swapped for one that ties S
     other = [([u[0]] * len(u), s) for u, s in (ROWS[n] for n in NAMES)]
     b = make_run(tmp_path, "b", "gumbel", other)
-    cfg = AnalysisConfig(bootstrap=20)
+    cfg = AnalysisConfig(bootstrap=20, binning="std")
     table = compare_samplers([a, b], cfg)
+    # u(S) bins: each bin holds the same tokens under both samplers
+    counts = table.group_by("bin").agg(pl.col("tokens").n_unique().alias("n"), pl.len())
+    assert counts["n"].to_list() == [1] * counts.height and set(counts["len"]) == {2}
+    assert set(table["binning"]) == {"std"}
     # gumbel is listed first in each bin whatever the order the runs were given in
     first = table.filter(pl.col("bin") == "all")
     assert first["sampler"].to_list() == ["gumbel", "uniform_all"]
     assert first["run"].to_list() == ["b", "a"]
     # each sampler's row is its run's own report row
     files = sorted((a / "scores").rglob("*.arrow"))
-    own = summarise(collect_stats(files, cfg), cfg)["by_bin"].filter(pl.col("bin") == "all")
+    own = summarise(collect_stats(files, cfg), cfg)["binnings"]
+    own = own.filter((pl.col("binning") == "std") & (pl.col("bin") == "all"))
     got = first.filter(pl.col("sampler") == "uniform_all")
     for col in ("tokens", "gain_pp", "gain_pp_lo", "win_rate", "mean_rank_hi"):
         assert got[col].item() == own[col].item()
@@ -55,6 +60,7 @@ def test_cli_writes_table_and_markdown(tmp_path, capsys):
     )
     text = (out / "samplers.md").read_text()
     assert "## Route samplers compared" in text and "| all | uniform_pool |" in text
+    assert "Bins: `std`" in text  # u(S) bins by default: the same tokens under each sampler
 
 
 @pytest.mark.parametrize(
