@@ -91,6 +91,7 @@ UNHASHED: dict[str, Any] = {
     "positions": ALL_POSITIONS,
     "cei": False,
     "cei_gating": "family",
+    "moe_geometry": False,
 }
 
 

@@ -178,6 +178,7 @@ def test_units_hash_the_json_they_always_hashed_so_finished_runs_resume():
     for how in ("memory_budget_mb", "attention", "compile"):
         del hashed[how]
     assert hashed.pop("positions") == "all"  # the default budget is left out of the hash
+    assert hashed.pop("moe_geometry") is False  # and so are the MoE output columns, off
     units = scoring_units(Path("/r"), cell, cfg.scoring, [(Path("/r/in/00004.arrow"), "s4")])
     assert [(str(u.path), u.config_hash) for u in units] == [
         (

@@ -457,3 +457,48 @@ def test_a_model_spread_over_two_devices_scores_as_on_one(models, name, spec):
     pos, rts, fast = _pairs(scorer.score_table(table, layer).to_pylist())
     brute = brute_logprobs(models[name], table["input_ids"][0].as_py(), layer, pos, rts).double()
     assert (brute - fast).abs().max().item() < 1e-4
+
+
+def _brute_moe_outputs(model, ids, layer, positions, routes_):
+    """Layer L's MoE block output at (positions[m], layer) with route routes_[m] forced, from
+    the model's own forward (workers.scoring.brute's router override), one query at a time."""
+    block = adapter_for(model).moe_block(layer)
+    seen = []
+
+    def keep(module, args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output).detach().float())
+
+    hook = block.register_forward_hook(keep)
+    try:
+        outs = []
+        for t, r in zip(positions.tolist(), routes_, strict=True):
+            seen.clear()
+            brute_distributions(model, ids, layer, torch.tensor([t]), r[None], batch_size=1)
+            outs.append(seen[0].reshape(-1, seen[0].shape[-1])[t])
+    finally:
+        hook.remove()
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_moe_geometry_matches_the_models_own_block_output(models, name):
+    """With moe_geometry, each alternative's cosine and norm ratio against S equal those of
+    the MoE block outputs the model itself computes with that route forced (float32, 1e-4);
+    without it the file keeps its layout, and the scores are the same either way."""
+    model = models[name]
+    scorer = _scorer(model, pool=4, moe_geometry=True)
+    layer = scorer.resolve_layer("middle")
+    table = make_trajectories(lengths=(11,), prompt_lens=(5,))
+    got = scorer.score_table(table, layer)
+    plain = _scorer(model, pool=4).score_table(table, layer)
+    assert got.column_names == [*plain.column_names, "alt_moe_cos", "alt_moe_norm_ratio"]
+    assert got.select(plain.column_names).equals(plain)
+    rows = got.to_pylist()
+    pos, rts, _ = _pairs(rows)
+    out = _brute_moe_outputs(model, table["input_ids"][0].as_py(), layer, pos, rts)
+    out = out.view(len(rows), J + 1, -1)
+    cos = torch.nn.functional.cosine_similarity(out[:, 1:], out[:, :1], dim=-1)
+    ratio = out[:, 1:].norm(dim=-1) / out[:, :1].norm(dim=-1)
+    assert (torch.tensor([r["alt_moe_cos"] for r in rows]) - cos).abs().max() < 1e-4
+    assert (torch.tensor([r["alt_moe_norm_ratio"] for r in rows]) - ratio).abs().max() < 1e-4
+    assert cos.min() < 0.99  # other routes do point elsewhere

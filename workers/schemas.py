@@ -71,6 +71,13 @@ SCORES_SCHEMA = pa.schema(
 # after SCORES_SCHEMA's columns: the trajectory's number of completion tokens, which the
 # analysis weights its scored rows by (analysis.metrics). Full runs keep SCORES_SCHEMA as is.
 COMPLETION_TOKENS = pa.field("completion_tokens", pa.int32())
+# Only in files scored with scoring.moe_geometry, appended last: per alternative R, the cosine
+# of its layer-L MoE block output (routed experts plus any shared ones) with S's, and
+# ||out(R)|| / ||out(S)|| (both 1 for a draw of S itself; float32 from float32 outputs).
+MOE_GEOMETRY = (
+    pa.field("alt_moe_cos", pa.list_(pa.float32())),
+    pa.field("alt_moe_norm_ratio", pa.list_(pa.float32())),
+)
 
 
 ROUTE_COLUMNS = ("std_route", "alt_routes")

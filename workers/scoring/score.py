@@ -3,7 +3,7 @@
     python -m workers.scoring.score --model DIR --trajectories IN.arrow --layer middle --out OUT.arrow \\
         [--alternatives 32] [--pool 32] [--temperature 1.0] [--sampler gumbel] [--seed 0] \\
         [--dtype float32|bfloat16] [--device cpu|cuda] [--memory-budget-mb 1024] \\
-        [--attention eager|flex] [--compile] [--positions all|0.25|64]
+        [--attention eager|flex] [--compile] [--positions all|0.25|64] [--moe-geometry]
 
 Contract: IN is an Arrow IPC file with at least problem_id, sample_idx, input_ids, prompt_len
 (a completion sidecar is not required; input_ids integer lists, one row per (problem_id,

@@ -67,6 +67,13 @@ class ScoreConfig:
         "completion positions scored per trajectory: all, a fraction in (0, 1] (e.g. 0.25)"
         " or a whole count >= 1 (e.g. 64), drawn per token from the seed",
     )
+    # The direction and size of each alternative's layer-L MoE block output against S's
+    # (two more list columns, workers.schemas.MOE_GEOMETRY); off: the files keep their layout.
+    moe_geometry: bool = _setting(
+        False,
+        "also write alt_moe_cos and alt_moe_norm_ratio: each alternative's layer-L MoE output"
+        " against S's (cosine, norm ratio)",
+    )
 
     def __post_init__(self):
         _check(
@@ -106,6 +113,11 @@ class ScoreConfig:
             self.attention,
         )
         _check(isinstance(self.compile, bool), "compile must be true or false", self.compile)
+        _check(
+            isinstance(self.moe_geometry, bool),
+            "moe_geometry must be true or false",
+            self.moe_geometry,
+        )
         budget = parse_positions(self.positions)  # raises for a bad value
         # one spelling per budget ("0.25", "64", "all"), also when given as a number
         object.__setattr__(self, "positions", ALL_POSITIONS if budget is None else str(budget))

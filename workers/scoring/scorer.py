@@ -44,7 +44,7 @@ from torch import nn
 
 from workers.adapters import MoeAdapter, adapter_for
 from workers.models import devices_of
-from workers.schemas import COMPLETION_TOKENS, scores_schema
+from workers.schemas import COMPLETION_TOKENS, MOE_GEOMETRY, scores_schema
 from workers.scoring import kv, routes
 from workers.scoring.attention import BLOCK_SIZE
 from workers.scoring.score_config import (  # declared there: the driver reads it without torch
@@ -310,9 +310,11 @@ class Scorer:
         decoded = self._decode_pairs(
             layer, later, store, z, x, resid, positions, targets, uniq, inverse[:, 0]
         )
-        logp, argmax, kl = (v.cpu()[inverse] for v in decoded)
+        logp, argmax, kl, *geometry = (v.cpu()[inverse] for v in decoded)
         probs = logp.exp()
-        return {
+        geo = zip(MOE_GEOMETRY, geometry, strict=False)  # none without config.moe_geometry
+        extra = {f.name: v[:, 1:].numpy() for f, v in geo}
+        return extra | {
             "position": positions.cpu()[keep_t].numpy().astype(np.int32),
             "target_id": targets.cpu()[keep_t].numpy().astype(np.int32),
             "std_route": all_routes[:, 0].numpy().astype(np.int32),
@@ -390,13 +392,18 @@ class Scorer:
     def _decode_pairs(self, layer, later, store, z, x, resid, positions, targets, uniq, std_rows):
         """For each distinct (token, route set) row of `uniq` (M, 1 + k), sorted by token, with
         std_rows the row of each token's S (ascending): log p(target), the argmax token and
-        KL(p_S || p_R) over the vocabulary (0 for S itself), each (M,). Tokens go in groups
+        KL(p_S || p_R) over the vocabulary (0 for S itself), each (M,); with
+        `config.moe_geometry` also the cosine and norm ratio of each row's layer-L MoE output
+        against its token's S row (1 for S itself), each (M,). Tokens go in groups
         whose S distributions (group x vocab, float32) fit a quarter of the memory budget: a
         group's S rows are decoded first and their log-softmax kept, then its other rows."""
         m, device = uniq.shape[0], uniq.device
         logp = torch.empty(m, dtype=torch.float32, device=device)
         argmax = torch.empty(m, dtype=torch.long, device=device)
         kl = torch.zeros(m, dtype=torch.float32, device=device)
+        geometry = self.config.moe_geometry
+        cos, ratio = torch.ones(m, device=device), torch.ones(m, device=device)
+        ref_moe: torch.Tensor | None = None
         tokens = uniq[:, 0].cpu().numpy()
         std_rows = std_rows.numpy()
         is_std = np.zeros(m, dtype=bool)
@@ -406,8 +413,10 @@ class Scorer:
             rows_s = std_rows[g : g + group]
             ref = torch.empty(len(rows_s), self.vocab_size, dtype=torch.float32, device=device)
             chosen = torch.from_numpy(rows_s).to(device)
+            if geometry:
+                ref_moe = torch.empty(len(rows_s), x.shape[-1], dtype=torch.float32, device=device)
             for part, lp in self._decode_batches(
-                layer, later, store, z, x, resid, positions, uniq[chosen]
+                layer, later, store, z, x, resid, positions, uniq[chosen], moe=ref_moe
             ):
                 ref[part] = lp
                 logp[chosen[part]] = lp.gather(1, targets[uniq[chosen[part], 0]][:, None])[:, 0]
@@ -417,20 +426,30 @@ class Scorer:
             rows_o = lo + np.flatnonzero(~is_std[lo:hi])
             local = torch.from_numpy(np.searchsorted(tokens[rows_s], tokens[rows_o])).to(device)
             other = torch.from_numpy(rows_o).to(device)
+            moe_o = None
+            if geometry:
+                moe_o = torch.empty(len(rows_o), x.shape[-1], dtype=torch.float32, device=device)
             for part, lp in self._decode_batches(
-                layer, later, store, z, x, resid, positions, uniq[other]
+                layer, later, store, z, x, resid, positions, uniq[other], moe=moe_o
             ):
                 logp[other[part]] = lp.gather(1, targets[uniq[other[part], 0]][:, None])[:, 0]
                 argmax[other[part]] = lp.argmax(dim=-1)
                 p_s = ref[local[part]]
                 # float rounding can leave a tiny negative sum for near-equal distributions
                 kl[other[part]] = (p_s.exp() * (p_s - lp)).sum(dim=-1).clamp(min=0)
-        return logp, argmax, kl
+            if geometry and len(rows_o):
+                out_s = ref_moe[local]
+                cos[other] = torch.nn.functional.cosine_similarity(moe_o, out_s, dim=-1, eps=0)
+                ratio[other] = moe_o.norm(dim=-1) / out_s.norm(dim=-1)
+        return (logp, argmax, kl, cos, ratio) if geometry else (logp, argmax, kl)
 
-    def _decode_batches(self, layer, later, store, z, x, resid, positions, pairs, weights=None):
+    def _decode_batches(
+        self, layer, later, store, z, x, resid, positions, pairs, weights=None, moe=None
+    ):
         """Yield (slice of rows, log-softmax over the vocabulary (rows, V), float32) per
         micro-batch for the (token, route set) rows `pairs` (M, 1 + k), sorted by token;
-        `weights` (M, k): gate weights instead of the family's rule on each set."""
+        `weights` (M, k): gate weights instead of the family's rule on each set; `moe` (M, H):
+        filled with each row's layer-L MoE block output (float32) where given."""
         ad, cfg = self.adapter, self.config
         n = pairs.shape[0]
         if n == 0:  # a position budget that keeps none of this trajectory's tokens
@@ -445,9 +464,10 @@ class Scorer:
             if n_keys and stop - a < batch:  # pad with copies of the last pair: one shape
                 rows = torch.arange(a, a + batch, device=token.device).clamp(max=stop - 1)
             tok = token[rows]
-            hidden = resid[tok] + ad.moe_output(
-                layer, x, tok, route_sets[rows], weights[rows], shared
-            )
+            out = ad.moe_output(layer, x, tok, route_sets[rows], weights[rows], shared)
+            if moe is not None:
+                moe[a:stop] = out[: stop - a].float()
+            hidden = resid[tok] + out
             pos = positions[tok]
             # stored keys up to the last one any query sees (one device sync), or the bucket's
             seen = n_keys or max(1, int(pos.max()))  # >= 1: no kernel sees an empty sequence
@@ -567,10 +587,13 @@ class Scorer:
             "verified": pa.array([row.get("verified")] * n, pa.bool_()),
         }
         table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
-        if self.config.positions == ALL_POSITIONS:
-            return table
-        total = len(row["input_ids"]) - row["prompt_len"]
-        return table.append_column(COMPLETION_TOKENS, pa.array(np.full(n, total, np.int32)))
+        if self.config.positions != ALL_POSITIONS:
+            total = len(row["input_ids"]) - row["prompt_len"]
+            table = table.append_column(COMPLETION_TOKENS, pa.array(np.full(n, total, np.int32)))
+        if self.config.moe_geometry:
+            for f in MOE_GEOMETRY:
+                table = table.append_column(f, _lists(s[f.name].astype(np.float32)))
+        return table
 
 
 def given_draws(draws: pa.Table) -> dict[tuple[str, int, int], list]:

@@ -1,0 +1,85 @@
+"""Runs scored with different route samplers are compared on the same tokens, per bin."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from test_metrics import ROWS, score_table, write_run
+
+from analysis.metrics import AnalysisConfig, collect_stats
+from analysis.samplers import compare_samplers, main
+from analysis.tables import summarise
+
+CONFIG = "run_id: {run}\nscoring: {{sampler: {sampler}}}\n"
+NAMES = list(ROWS)
+
+
+def make_run(root, run, sampler, rows, *, u_std=None):
+    """A run of the hand rows with `sampler` in its config; u_std replaces every row's u(S)."""
+    rows = [([u_std, *u[1:]] if u_std is not None else u, s) for u, s in rows]
+    write_run(root / run, {("tiny", 0, "demo", "shard-00000"): score_table(rows, model="tiny", layer=0, dataset="demo")})  # fmt: skip
+    (root / run / "config.yaml").write_text(CONFIG.format(run=run, sampler=sampler))
+    return root / run
+
+
+def test_table_puts_each_samplers_own_numbers_side_by_side(tmp_path):
+    a = make_run(tmp_path, "a", "uniform_all", [ROWS[n] for n in NAMES])
+    # the same tokens and u(S), other alternatives: the last ones swapped for one that ties S
+    other = [([u[0]] * len(u), s) for u, s in (ROWS[n] for n in NAMES)]
+    b = make_run(tmp_path, "b", "gumbel", other)
+    cfg = AnalysisConfig(bootstrap=20, binning="std")
+    table = compare_samplers([a, b], cfg)
+    # u(S) bins: each bin holds the same tokens under both samplers
+    counts = table.group_by("bin").agg(pl.col("tokens").n_unique().alias("n"), pl.len())
+    assert counts["n"].to_list() == [1] * counts.height and set(counts["len"]) == {2}
+    assert set(table["binning"]) == {"std"}
+    # gumbel is listed first in each bin whatever the order the runs were given in
+    first = table.filter(pl.col("bin") == "all")
+    assert first["sampler"].to_list() == ["gumbel", "uniform_all"]
+    assert first["run"].to_list() == ["b", "a"]
+    # each sampler's row is its run's own report row
+    files = sorted((a / "scores").rglob("*.arrow"))
+    own = summarise(collect_stats(files, cfg), cfg)["binnings"]
+    own = own.filter((pl.col("binning") == "std") & (pl.col("bin") == "all"))
+    got = first.filter(pl.col("sampler") == "uniform_all")
+    for col in ("tokens", "gain_pp", "gain_pp_lo", "win_rate", "mean_rank_hi"):
+        assert got[col].item() == own[col].item()
+    # every alternative ties S in run b: no gain, no win
+    assert first.filter(pl.col("sampler") == "gumbel")["gain_pp"].item() == 0.0
+    assert first.filter(pl.col("sampler") == "gumbel")["win_rate"].item() == 0.0
+    assert set(table["bin"]) <= {"confident", "ambiguous", "fragile", "all"}
+
+
+def test_cli_writes_table_and_markdown(tmp_path, capsys):
+    a = make_run(tmp_path, "a", "gumbel", [ROWS[n] for n in NAMES])
+    b = make_run(tmp_path, "b", "uniform_pool", [ROWS[n] for n in NAMES])
+    out = tmp_path / "cmp"
+    assert main([str(a), str(b), "--out", str(out), "--bootstrap", "10"]) == 0
+    assert (
+        pl.read_parquet(out / "samplers.parquet").height == pl.read_csv(out / "samplers.csv").height
+    )
+    text = (out / "samplers.md").read_text()
+    assert "## Route samplers compared" in text and "| all | uniform_pool |" in text
+    assert "Bins: `std`" in text  # u(S) bins by default: the same tokens under each sampler
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        (dict(sampler="gumbel"), "both scored with gumbel"),
+        (dict(sampler="uniform_pool", u_std=0.42), "did not score the same tokens"),
+        (dict(sampler="uniform_pool", rows=2), "did not score the same tokens"),
+        (dict(sampler="nope"), "names no known scoring.sampler"),
+    ],
+)
+def test_runs_that_cannot_be_compared_are_one_error_line_and_exit_2(
+    tmp_path, capsys, second, message
+):
+    a = make_run(tmp_path, "a", "gumbel", [ROWS[n] for n in NAMES])
+    rows = [ROWS[n] for n in NAMES[: second.pop("rows", len(NAMES))]]
+    b = make_run(tmp_path, "b", rows=rows, **second)
+    out = tmp_path / "cmp"
+    assert main([str(a), str(b), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
