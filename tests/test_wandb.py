@@ -433,6 +433,7 @@ def log_router_steps(session, run_dir: Path, *, run_id: str = "ru", model: str =
     figure = plot_passk(table, run_dir / "router_update" / model / "figures" / "passk.png")
     mech = pl.DataFrame(
         {
+            "variant": ["updated", "updated"],
             "split": ["train", "held-out"],
             "group": ["flagged", "confident"],
             "route_changed": [0.5, 0.0],

@@ -195,10 +195,11 @@ def cei_file(
     config_hash: str,
     extra: dict[str, Any] | None = None,
     root: str | Path | None = None,
+    compression: str | None = None,
 ) -> dict[str, Any]:
     """CEI of a trajectories Arrow file into `out_path` (+ sidecar); return the sidecar.
     Nothing is written unless it succeeds; `extra` is added to the sidecar, `root` is the run
-    folder (workers.io.write_arrow)."""
+    folder and `compression` the IPC compression (workers.io.write_arrow; None: its default)."""
     from dataclasses import asdict
 
     from workers.io import read_arrow, write_arrow
@@ -221,7 +222,13 @@ def cei_file(
         **(extra or {}),
     }
     return write_arrow(
-        rows, out_path, config_hash=config_hash, started=started, extra=extra, root=root
+        rows,
+        out_path,
+        config_hash=config_hash,
+        started=started,
+        extra=extra,
+        root=root,
+        **({} if compression is None else {"compression": compression}),
     )
 
 
