@@ -65,6 +65,22 @@ def _centred_ranks(x, y, m, cx, cy):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _spearman(cu, cs, m):  # pragma: no cover - compiled
+    """Spearman correlation from the centred ranks of _centred_ranks (Pearson of the ranks;
+    the centred ranks times 2 give the same ratio); NaN where either side has no variance."""
+    cov = 0
+    var_u = 0
+    var_s = 0
+    for k in range(m):
+        cov += cu[k] * cs[k]
+        var_u += cu[k] * cu[k]
+        var_s += cs[k] * cs[k]
+    if var_u > 0 and var_s > 0:
+        return cov / np.sqrt(np.float64(var_u) * np.float64(var_s))
+    return np.nan
+
+
+@njit(cache=True, nogil=True)
 def _route_metrics(std_u, alt_u, u_off, std_s, alt_s, s_off):  # pragma: no cover - compiled
     n = std_u.shape[0]
     pbar = np.empty(n, np.float32)
@@ -102,18 +118,7 @@ def _route_metrics(std_u, alt_u, u_off, std_s, alt_s, s_off):  # pragma: no cove
         _centred_ranks(u, s, m, cu, cs)
         # Descending rank of S (1 = best): (m + 1) / 2 - cu[0] / 2 = 1 + #above + #tied / 2.
         rank_std[i] = (m + 1 - cu[0]) / 2.0
-        # Spearman = Pearson of the ranks; the centred ranks times 2 give the same ratio.
-        cov = 0
-        var_u = 0
-        var_s = 0
-        for k in range(m):
-            cov += cu[k] * cs[k]
-            var_u += cu[k] * cu[k]
-            var_s += cs[k] * cs[k]
-        if var_u > 0 and var_s > 0:
-            rho[i] = cov / np.sqrt(np.float64(var_u) * np.float64(var_s))
-        else:
-            rho[i] = np.nan
+        rho[i] = _spearman(cu, cs, m)
     return pbar, max_alt, rank_std, rho, n_routes
 
 
@@ -215,17 +220,7 @@ def _draw_metrics(
         std_draws[i] = same
         distinct[i] = d
         _centred_ranks(du, ds, d, cu, cs)
-        cov = 0
-        var_u = 0
-        var_s = 0
-        for q in range(d):
-            cov += cu[q] * cs[q]
-            var_u += cu[q] * cu[q]
-            var_s += cs[q] * cs[q]
-        if var_u > 0 and var_s > 0:
-            rho_distinct[i] = cov / np.sqrt(np.float64(var_u) * np.float64(var_s))
-        else:
-            rho_distinct[i] = np.nan
+        rho_distinct[i] = _spearman(cu, cs, d)
     return pbar_split, max_split, rho_distinct, std_draws, distinct
 
 
