@@ -7,7 +7,10 @@ the run's resolved config (`read_run_config`: None when absent, ValueError namin
 when it is not a YAML mapping), and `run_models(run_config)` its models by name, each entry as
 resolved when the run was made (its shape, path and hub id), never today's conf/ files. Every
 data file's sidecar is read by workers.io (`read_sidecar`, `read_verified`, `verify`).
-Plain file reads: no Ray, no config schema, no model.
+Both are read without following links: a link (or a FIFO, a folder) at either name counts as
+absent, so a planted link never makes a reader take another file for the run's (the driver
+then writes the file anew, which replaces the link itself). Plain file reads: no Ray, no config
+schema, no model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from workers.atomic import read_nofollow
 
 PLAN_FILE = "plan.json"
 CONFIG_FILE = "config.yaml"
@@ -30,11 +35,12 @@ def plan_text(scores: list[dict[str, str]] | None, unscored: list[str]) -> str:
 def read_plan(run_dir: str | Path) -> dict[str, Any] | None:
     """plan.json as a dict, or None when absent; ValueError when unreadable."""
     path = Path(run_dir) / PLAN_FILE
-    if not path.is_file():
+    data = read_nofollow(path)
+    if data is None:
         return None
     try:
-        plan = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        plan = json.loads(data)
+    except ValueError as err:
         raise ValueError(f"{path} is not readable JSON ({err}); rerun the driver") from None
     if not isinstance(plan, dict) or "scores" not in plan:
         raise ValueError(f"{path} is not a plan (no 'scores' key); rerun the driver")
@@ -58,11 +64,12 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
     import yaml
 
     path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
+    raw = read_nofollow(path)
+    if raw is None:
         return None
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise ValueError(f"{path} is not readable YAML ({message})") from None
     if not isinstance(data, dict):
