@@ -17,7 +17,10 @@ figure without a rate is "unknown" and the totals count it as such, never as 0.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
+
+import pyarrow as pa
 
 from orchestrator.config import (
     ConfigError,
@@ -32,7 +35,7 @@ from orchestrator.config import (
 )
 from workers.io import check_path_name
 from workers.rates import RATES_PATH, Rate, read_rates
-from workers.schemas import expert_id_type
+from workers.schemas import COMPLETION_TOKENS, MOE_GEOMETRY, scores_schema
 from workers.scoring.score_config import parse_positions
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -509,17 +512,40 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
 # Bytes on disk before compression (zstd takes more off: README, "Scaling"), so the footprint
 # errs high, at the token counts' upper bounds. A trajectory token: input_ids (int32), its
 # sample_logprobs (float32) and ~4 bytes of completion text; a prompt token only its id. A score
-# row (workers.schemas.scores_schema): SCORE_ROW_BYTES of keys, u(S), s(S), list offsets and
-# dictionary indices, then 8 bytes of u and s per alternative and the J + 1 routes' expert ids.
+# row: the width of every column the scorer writes (workers.schemas.scores_schema, plus the
+# position budget's and the MoE geometry's columns when the run writes them), read off the
+# schema itself so the estimate follows the layout: fixed-width values, 4-byte offsets of
+# variable lists and strings, J values per list of alternatives, PROBLEM_ID_BYTES of id text.
 COMPLETION_TOKEN_BYTES = 12
 PROMPT_TOKEN_BYTES = 4
-SCORE_ROW_BYTES = 60
+PROBLEM_ID_BYTES = 16
 
 
-def score_row_bytes(model: ModelConfig, alternatives: int) -> int:
-    """Bytes of one score row of `model` with J = `alternatives`, uncompressed."""
-    ids = expert_id_type(model.num_experts).bit_width // 8
-    return SCORE_ROW_BYTES + 8 * alternatives + (alternatives + 1) * model.top_k * ids
+def _value_bytes(kind: pa.DataType, alternatives: int) -> float:
+    """Bytes one value of `kind` takes in a score row (a variable list holds J values)."""
+    if pa.types.is_dictionary(kind):
+        return kind.index_type.bit_width / 8
+    if pa.types.is_fixed_size_list(kind):
+        return kind.list_size * _value_bytes(kind.value_type, alternatives)
+    if pa.types.is_list(kind):
+        return 4 + alternatives * _value_bytes(kind.value_type, alternatives)
+    if pa.types.is_string(kind):
+        return 4 + PROBLEM_ID_BYTES
+    return kind.bit_width / 8
+
+
+def score_row_bytes(
+    model: ModelConfig, alternatives: int, *, budget: bool = False, geometry: bool = False
+) -> int:
+    """Bytes of one score row of `model` with J = `alternatives`, uncompressed; `budget` and
+    `geometry`: the run scores under a position budget / with scoring.moe_geometry."""
+    schema = scores_schema(model.num_experts, model.top_k, alternatives)
+    fields = [
+        *schema,
+        *([COMPLETION_TOKENS] if budget else []),
+        *(MOE_GEOMETRY if geometry else ()),
+    ]
+    return math.ceil(sum(_value_bytes(f.type, alternatives) for f in fields))
 
 
 def describe_footprint(
@@ -538,7 +564,12 @@ def describe_footprint(
         tokens = sum(c.max_completion_tokens for c in mine)
         prompts = sum(c.completions for c in mine) * PROMPT_ALLOWANCE
         trajectories = tokens * COMPLETION_TOKEN_BYTES + prompts * PROMPT_TOKEN_BYTES
-        row = score_row_bytes(model, J)
+        row = score_row_bytes(
+            model,
+            J,
+            budget=parse_positions(cfg.scoring.positions) is not None,
+            geometry=cfg.scoring.moe_geometry,
+        )
         scored = round(tokens * positions_share(cfg, model)) * len(layers_of[model.name])
         total += 2 * trajectories + scored * row
         lines.append(

@@ -347,11 +347,11 @@ def test_the_dry_run_prints_the_disk_footprint_of_each_file_kind():
         text,
     )
     assert [r[0] for r in rows] == [m.name for m in C.sweep_models(cfg)]
-    # Qwen3: 128 experts fit one byte, so a row is 60 + 32 x (4 + 4) + 33 x 8 x 1 bytes
     qwen = next(r for r in rows if r[0] == "qwen3-30b-a3b")
-    assert int(qwen[5]) == 60 + 32 * 8 + 33 * 8 == E.score_row_bytes(C.sweep_models(cfg)[0], 32)
+    row = E.score_row_bytes(C.sweep_models(cfg)[0], 32)
+    assert int(qwen[5]) == row
     scored = int(qwen[4].replace(",", ""))
-    assert float(qwen[3].replace(",", "")) == round(scored * 580 / 1e9, 1)
+    assert float(qwen[3].replace(",", "")) == round(scored * row / 1e9, 1)
     total = float(re.search(r"  total <= ([\d,.]+) GB", text)[1].replace(",", ""))
     parts = sum(2 * float(r[1].replace(",", "")) + float(r[3].replace(",", "")) for r in rows)
     assert abs(total - parts) < 0.1 * len(rows)
@@ -361,3 +361,19 @@ def test_the_dry_run_prints_the_disk_footprint_of_each_file_kind():
     assert float(quarter.replace(",", "")) == pytest.approx(
         float(qwen[3].replace(",", "")) / 4, 0.01
     )
+
+
+@pytest.mark.parametrize(("experts", "top_k"), [(128, 8), (64, 6), (300, 4)])
+def test_score_row_bytes_match_the_scorers_layout(experts, top_k):
+    """The dry run's bytes per score row are the in-memory width of rows in the scorer's own
+    layout (every column, ids in the model's id type), up to the problem id's allowance."""
+    from analysis.bench import make_scores
+
+    model = C.ModelConfig(name="m", num_experts=experts, top_k=top_k)
+    rows = 2000
+    measured = make_scores(rows, alternatives=32, top_k=top_k, experts=experts).nbytes / rows
+    estimate = E.score_row_bytes(model, 32)
+    assert 0 <= estimate - measured <= E.PROBLEM_ID_BYTES + 1
+    # a position budget adds the trajectory length; the geometry two float lists of J
+    assert E.score_row_bytes(model, 32, budget=True) == estimate + 4
+    assert E.score_row_bytes(model, 32, geometry=True) == estimate + 2 * (4 + 32 * 4)
