@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from orchestrator.config import ModelConfig, check_model_shape, model_path
 from orchestrator.plan import local_fingerprint
 from orchestrator.tasks import CeiTask, GenerationTask, PreferenceTask, ScoringTask, TrainTask
 from workers.io import COMPRESSION, read_arrow, write_arrow
+from workers.schemas import completion_tokens
 
 
 def setup_process(torch_threads: int) -> None:
@@ -112,20 +116,21 @@ class GeneratorWorker:
             template=task.template,
             use_chat_template=task.use_chat_template,
         )
+        counts = {"tokens": completion_tokens(table), "verified": _count_true(table["verified"])}
         write_arrow(
             table,
             out_path,
             config_hash=config_hash,
             started=started,
-            extra={"provenance": self.provenance, "backend": self.backend_name},
+            extra={"provenance": self.provenance, "backend": self.backend_name, **counts},
             root=root,
             compression=self.compression,
         )
-        lengths = table.column("input_ids").to_pylist()
-        prompt_lens = table.column("prompt_len").to_pylist()
-        tokens = sum(len(ids) - p for ids, p in zip(lengths, prompt_lens, strict=True))
-        verified = sum(table.column("verified").to_pylist())
-        return {"rows": table.num_rows, "tokens": tokens, "verified": verified}
+        return {"rows": table.num_rows, **counts}
+
+
+def _count_true(column: pa.ChunkedArray) -> int:
+    return int(pc.sum(pc.cast(column, pa.int64())).as_py() or 0)
 
 
 class ScorerWorker:

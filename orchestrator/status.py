@@ -140,14 +140,13 @@ def generated_tokens(path: Path, sidecar: dict[str, Any]) -> int:
     """Completion tokens of a verified generated file: the sidecar's `tokens` when it records
     them, else counted from the file's columns (memory-mapped: only their offsets are read)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+
+    from workers.schemas import completion_tokens
 
     if isinstance(sidecar.get("tokens"), int):
         return sidecar["tokens"]
     with pa.memory_map(str(path), "r") as source:
-        table = pa.ipc.open_file(source).read_all()
-    lengths = pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0
-    return lengths - (pc.sum(table.column("prompt_len")).as_py() or 0)
+        return completion_tokens(pa.ipc.open_file(source).read_all())
 
 
 def classify(row: Row, key: str, path: Path, unit_hash: str, ctx: Context) -> None:

@@ -62,6 +62,12 @@ def test_a_finished_run_is_all_done_with_the_sidecars_numbers(reference):
     [gen] = cells(status, "generation").values()
     assert gen["done"] == len(generated) and gen["tokens"] == tokens
     assert gen["estimate_tokens"] >= tokens  # the estimate is an upper bound
+    # each generated file's sidecar records its tokens, so status never reads the token ids
+    for path in generated:
+        one = pl.read_ipc(path)
+        sidecar = json.loads(path.with_name(path.stem + ".done.json").read_text())
+        assert sidecar["tokens"] == int((one["input_ids"].list.len() - one["prompt_len"]).sum())
+        assert sidecar["verified"] == int(one["verified"].sum())
 
 
 def test_a_half_finished_run_counts_what_is_missing_and_gives_an_eta(reference, tmp_path):

@@ -39,6 +39,15 @@ TRAJECTORIES_SCHEMA = pa.schema(
     ]
 )
 
+def completion_tokens(table: pa.Table) -> int:
+    """Completion tokens of a trajectory table: the sum of len(input_ids) - prompt_len, from
+    the list offsets only (generation records it in each file's sidecar as `tokens`)."""
+    import pyarrow.compute as pc
+
+    total = pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0
+    return int(total - (pc.sum(table["prompt_len"]).as_py() or 0))
+
+
 # One row per scored completion token (docs/method.md): the standard route S and J alternatives at
 # one MoE layer, each with u(R) = p(target | prefix, R) and s(R) = sum of router log-softmax.
 # The scorer writes `scores_schema(...)`: these columns with the routes compacted; files of this
