@@ -42,7 +42,7 @@ from orchestrator.problems import prepare_problems
 from orchestrator.provenance import check_resume, run_record
 from orchestrator.summary import record_fixed
 from orchestrator.wandb_run import SECRET_KEY
-from workers.atomic import atomic_write
+from workers.atomic import atomic_write, read_nofollow, remove
 
 register_configs()
 
@@ -411,21 +411,53 @@ def local_ray_processes(session_dir: str) -> list[int]:
     return found
 
 
+# A Ray session folder as Ray names it when a driver starts a new local cluster:
+# session_<date>_<time>_<microseconds>_<pid of that driver>.
+RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}_(\d+)")
+
+
+def recorded_session(run_dir: Path) -> str | None:
+    """The session folder in runs/<id>/.local_ray.json when it is one this driver may clear:
+    the record a regular file (not a link), written on this host, naming an absolute, normal
+    path to a folder Ray named (RAY_SESSION) whose starting driver is this process or gone.
+    A forged or stale record never makes a driver kill another driver's Ray or anything else."""
+    import json
+    import socket
+
+    try:
+        record = json.loads(read_nofollow(run_dir / LOCAL_RAY_RECORD) or b"null")
+        session_dir = record["session_dir"]
+        host = record.get("host")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if host != socket.gethostname() or not isinstance(session_dir, str):
+        return None
+    name = RAY_SESSION.fullmatch(os.path.basename(session_dir))
+    if not name or not os.path.isabs(session_dir) or os.path.normpath(session_dir) != session_dir:
+        return None
+    pid = int(name[1])
+    if pid != os.getpid() and _alive(pid):
+        return None  # the driver that started that Ray is alive: not a leftover
+    return session_dir
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
 def clear_local_ray(run_dir: Path) -> int:
     """Kill what is left of the local Ray recorded in the run folder (a driver that was
     SIGKILLed never stopped it); the caller holds the run's lease, so that driver is gone.
     Returns how many processes were killed."""
-    import json
     import signal
-    import socket
 
-    path = run_dir / LOCAL_RAY_RECORD
-    try:
-        record = json.loads(path.read_text())
-        session_dir = str(record["session_dir"])
-        if record.get("host") != socket.gethostname() or "/session_" not in session_dir:
-            return 0
-    except (OSError, ValueError, KeyError, TypeError):
+    session_dir = recorded_session(run_dir)
+    if session_dir is None:
         return 0
     killed = 0
     for pid in local_ray_processes(session_dir):
@@ -434,7 +466,7 @@ def clear_local_ray(run_dir: Path) -> int:
             killed += 1
         except OSError:
             pass
-    path.unlink(missing_ok=True)
+    remove(run_dir / LOCAL_RAY_RECORD, root=run_dir)
     return killed
 
 

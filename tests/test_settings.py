@@ -455,3 +455,68 @@ def test_a_failing_router_update_still_leaves_the_main_report(
     assert capsys.readouterr().err.strip().endswith("error: router update failed")
     assert (run_dir / "report.md").is_file()
     assert list((run_dir / "tables").glob("*.parquet")) and list((run_dir / "figures").iterdir())
+
+
+def _session_record(run_dir: Path, session_dir: str, host: str | None = None) -> None:
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCAL_RAY_RECORD).write_text(
+        json.dumps({"host": host or socket.gethostname(), "session_dir": session_dir})
+    )
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_forged_local_ray_record_kills_nothing(tmp_path):
+    """The record names which processes the next driver kills: only a Ray session folder
+    whose starting driver is gone (or is this process) counts; a live process holding a file
+    in a forged folder survives, and so does the record's target when it is a link."""
+    from orchestrator.__main__ import clear_local_ray, recorded_session
+
+    name = f"session_2026-01-01_00-00-00_000001_{_dead_pid()}"
+    good = str(tmp_path / "ray" / name)
+    run = tmp_path / "run"
+    _session_record(run, good)
+    assert recorded_session(run) == good
+    mine = f"session_2026-01-01_00-00-00_000001_{os.getpid()}"
+    _session_record(run, str(tmp_path / mine))
+    assert recorded_session(run) == str(tmp_path / mine)
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        live = f"session_2026-01-01_00-00-00_000001_{victim.pid}"
+        forged = [
+            str(tmp_path / live),  # another driver's Ray, still running
+            str(tmp_path / "home" / "session_notes"),  # not a name Ray makes
+            f"ray/{name}",  # relative
+            f"{tmp_path}/x/../{name}",  # not normal
+        ]
+        for session_dir in forged:
+            _session_record(run, session_dir)
+            assert recorded_session(run) is None, session_dir
+        _session_record(run, good, host="another-host")
+        assert recorded_session(run) is None
+        (run / LOCAL_RAY_RECORD).unlink()
+        elsewhere = tmp_path / "elsewhere.json"
+        elsewhere.write_text(json.dumps({"host": "h", "session_dir": good}))
+        os.symlink(elsewhere, run / LOCAL_RAY_RECORD)
+        assert recorded_session(run) is None
+        # a process holding a file open in the session folder of that live driver survives
+        folder = tmp_path / live
+        folder.mkdir()
+        (folder / "log").write_text("")
+        with open(folder / "log") as log:
+            holder = subprocess.Popen(["sleep", "60"], stdin=log)
+        _session_record(run, str(folder))
+        assert holder.pid in local_ray_processes(str(folder))
+        assert clear_local_ray(run) == 0
+        assert holder.poll() is None and victim.poll() is None
+        holder.kill()
+        holder.wait()
+    finally:
+        victim.kill()
+        victim.wait()
