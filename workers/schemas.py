@@ -39,6 +39,7 @@ TRAJECTORIES_SCHEMA = pa.schema(
     ]
 )
 
+
 def completion_tokens(table: pa.Table) -> int:
     """Completion tokens of a trajectory table: the sum of len(input_ids) - prompt_len, from
     the list offsets only (generation records it in each file's sidecar as `tokens`)."""
