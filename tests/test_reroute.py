@@ -11,6 +11,7 @@ from analysis.cor_plan import RerouteConfig, cor_plan
 from workers.adapters import adapter_for
 from workers.generation import SamplingParams, make_backend
 from workers.generation.reroute import (
+    RerouteCounter,
     ReroutePlan,
     active_experts_per_token,
     baseline_active_per_token,
@@ -126,6 +127,21 @@ def test_a_moved_budget_with_forced_experts_equals_brute_force(models, name):
             torch.testing.assert_close(y[t], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+def test_the_fused_experts_kernels_take_k_from_the_routes(models, impl):
+    """transformers' other experts implementations read k from the indices' width too."""
+    model = models["deepseek_v2"]
+    plan = _moved(adapter_for(model))
+    eager, _ = _logits(model, plan)
+    model.set_experts_implementation(impl)
+    try:
+        fused, counter = _logits(model, plan)
+    finally:
+        model.set_experts_implementation("eager")
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+    assert active_experts_per_token(counter) == plan.active_per_token()
+
+
 def test_grouped_selection_order_reproduces_the_router(models):
     """DeepSeek-V2 group_limited_greedy: the plan's top-k at the standard k is the router's."""
     model = models["deepseek_v2_grouped"]
@@ -218,6 +234,11 @@ def test_a_plan_that_does_not_fit_the_model_is_refused(models):
     for bad in (ReroutePlan({1: 9, 2: 2}), ReroutePlan({1: 2, 2: 2}, {2: (8,)})):
         with pytest.raises(ValueError):
             bad.check(adapter)
+    with pytest.raises(ValueError, match="no router call"):
+        active_experts_per_token(RerouteCounter())
+    with pytest.raises(ValueError, match="no token passed"):
+        _, counter = _logits(models["deepseek_v2"], ReroutePlan.standard(adapter))
+        active_experts_per_token(counter, [0, *adapter.moe_layers])
     with pytest.raises(ValueError, match="random experts outside"):
         ReroutePlan({1: 1, 2: 7}, {2: (0, 1)}, random_seed=0).check(adapter)
     for k, forced in (

@@ -126,6 +126,8 @@ def active_experts_per_token(counter: RerouteCounter, layers=None) -> float:
     """Sum over MoE layers of active (token, expert) pairs / tokens: the routed experts one token
     runs. `layers` (e.g. adapter.moe_layers): each must have seen tokens (ValueError if not)."""
     pairs = counter.pairs
+    if not pairs:
+        raise ValueError("the counter saw no router call")
     for layer in layers if layers is not None else pairs:
         if not counter.tokens.get(layer):
             raise ValueError(f"no token passed the router hook at layer {layer}")
