@@ -171,3 +171,29 @@ def test_compare_with_a_sampler_run_id_or_sweep_of_ones_own_is_refused(tmp_path,
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_compare_option_is_a_multirun_over_the_samplers_in_no_hash():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from orchestrator import config as C
+    from orchestrator.plan import derive_run_id
+
+    def typed(*overrides):
+        with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base=None):
+            dcfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(dcfg):
+            hydra = dcfg.pop("hydra")
+        return C.to_run_config(dcfg, overrides), hydra
+
+    cfg, hydra = typed("compare=samplers")
+    assert str(hydra.mode) == "RunMode.MULTIRUN"
+    assert hydra.sweeper.params == {"scoring.sampler": "gumbel,uniform_pool,uniform_all"}
+    assert cfg.compare.name == "samplers" and cfg.compare.binning == "std"
+    # each job's run id is the id of the same command without compare
+    plain, _ = typed()
+    assert derive_run_id(cfg, C.config_tree(cfg)) == derive_run_id(plain, C.config_tree(plain))
+    bad, _ = typed("compare=samplers", "compare.binning=nope")
+    with pytest.raises(C.ConfigError, match="compare.binning='nope'; valid: pbar, split, std"):
+        C.validate(bad)
