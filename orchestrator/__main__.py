@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.actors import DEFAULT_WORKERS, Workers
-from orchestrator.compare import SWEPT, compare_override_error
+from orchestrator.compare import SWEPT, compare_override_error, share_trajectories
 from orchestrator.config import (
     CONF_DIR,
     ConfigError,
@@ -130,9 +130,7 @@ def run_locked(
         # 5. Problems on the driver: a missing data file fails here, before Ray starts.
         # plan.json says "scoring not planned" until the stages replan it: a report made
         # meanwhile never trusts the plan of an earlier config.
-        problems = prepare_problems(cfg, run_dir)
-        save_config(run_dir, resolved)
-        write_plan(run_dir, None)
+        problems = prepare_run(cfg, run_dir, resolved)
     except (ConfigError, PipelineError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -190,6 +188,16 @@ def run_locked(
             stop_local_ray(run_dir)
         restore_sigterm(previous_sigterm)
     return code
+
+
+def prepare_run(cfg: Any, run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Step 5 of `run`, on the driver: the problems, config.yaml, plan.json (scoring not
+    planned yet) and, under compare=samplers, the generated files a sibling run holds."""
+    problems = prepare_problems(cfg, run_dir)
+    save_config(run_dir, resolved)
+    write_plan(run_dir, None)
+    share_trajectories(cfg, run_dir)
+    return problems
 
 
 def restore_sigterm(previous: Any) -> None:

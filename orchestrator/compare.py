@@ -9,6 +9,8 @@ samplers.{md,parquet,csv} to `<runs_dir>/samplers-<model-or-sweep>-<hash8>/`, th
 the config the runs share (the run id's settings without the sampler), so the same command
 writes the same folder; its path goes to stderr. A dry run returns no folder: nothing is
 compared. Runs that cannot be compared end the command with one `error:` line, exit 2.
+The runs generate the same seeded trajectories: `share_trajectories` lets a run take them
+from a sibling that has them instead of generating them again.
 `compare_override_error(argv)` refuses, before Hydra starts, what would break the sweep: a
 sampler, run id or sweep of the user's own beside it.
 """
@@ -16,6 +18,7 @@ sampler, run id or sweep of the user's own beside it.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.metrics import AnalysisConfig
-from orchestrator.config import CONF_DIR
-from orchestrator.plan import RESULT_KEYS, without_unhashed
-from workers.io import config_hash
+from orchestrator.config import CONF_DIR, RunConfig, config_tree
+from orchestrator.plan import RESULT_KEYS, derive_run_id, without_unhashed
+from workers.atomic import atomic_file
+from workers.io import config_hash, done_path, is_complete
 from workers.runfiles import read_run_config
+from workers.scoring.routes import SAMPLERS
 
 SWEPT = "scoring.sampler"  # the key compare=samplers sweeps (conf/compare/samplers.yaml)
 
@@ -80,6 +85,36 @@ def comparison_name(run_dirs: list[Path]) -> str:
         raise ValueError(f"runs {names} differ in more than {SWEPT}: not one comparison")
     prefix = run_dirs[0].name.rpartition("-")[0] or run_dirs[0].name
     return f"samplers-{prefix}-{config_hash(shared[0])[:8]}"
+
+
+def share_trajectories(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """Under `compare=samplers`, the generated trajectory files that a sibling run (the same
+    settings, another sampler) already holds, copied into `run_dir` where it has none, each
+    after its sidecar verifies (sha256 included), data file first. A generation unit's hash
+    covers no scoring setting, so a copy is a complete unit here and the stage skips it (a
+    copy that does not verify against this run's plan is redone, like any file). Returns the
+    run ids copied from; no ids or hashes change."""
+    if cfg.compare.name != "samplers":
+        return []
+    taken = []
+    for sampler in SAMPLERS:
+        other = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, sampler=sampler))
+        sibling = run_dir.parent / derive_run_id(other, config_tree(other))
+        if sibling == run_dir or not sibling.is_dir():
+            continue
+        copied = 0
+        for src in sorted(sibling.glob("trajectories/*/*/generated/*.arrow")):
+            dst = run_dir / src.relative_to(sibling)
+            if dst.exists() or dst.is_symlink() or not is_complete(src):
+                continue
+            for a, b in ((src, dst), (done_path(src), done_path(dst))):
+                with open(a, "rb") as fin, atomic_file(b, root=run_dir) as fout:
+                    shutil.copyfileobj(fin, fout)
+            copied += 1
+        if copied:
+            taken.append(sibling.name)
+            print(f"[compare] {copied} generated files taken from {sibling.name}", file=sys.stderr)
+    return taken
 
 
 class SamplerComparison(Callback):

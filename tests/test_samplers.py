@@ -110,15 +110,20 @@ def compare_command(runs_dir, *extra, monkeypatch):
         runpy.run_module("orchestrator", run_name="__main__")
 
 
-@pytest.mark.slow  # three small runs, then resumed: 168 s on the shared 2-core machine (load ~25)
+@pytest.mark.slow  # three small runs, then resumed: 81 s on the shared 2-core machine (load ~13)
 def test_one_command_compares_the_three_samplers_and_a_rerun_resumes(
     local_ray, tmp_path, monkeypatch, capsys
 ):
-    from pipeline_runs import stage_counts
+    from pipeline_runs import DONE
 
     runs = tmp_path / "runs"
     compare_command(runs, monkeypatch=monkeypatch)
     err = capsys.readouterr().err
+    # the first run generates; the other two take its trajectories and only score
+    done = [(m[1], int(m[4])) for m in DONE.finditer(err)]
+    assert [n for stage, n in done if stage == "generation"] == [1, 0, 0]
+    assert [n for stage, n in done if stage == "scoring"] == [1, 1, 1]
+    assert err.count("[compare] 1 generated files taken from tiny-") == 2
     [out] = runs.glob("samplers-tiny-*")
     assert "samplers compared (" in err and str(out / "samplers.md") in err
     table = pl.read_parquet(out / "samplers.parquet")
@@ -137,8 +142,8 @@ def test_one_command_compares_the_three_samplers_and_a_rerun_resumes(
     # the same command again: all three runs are complete, the comparison is rebuilt
     (out / "samplers.md").unlink()
     compare_command(runs, monkeypatch=monkeypatch)
-    again = stage_counts(capsys.readouterr().err)
-    assert again and all(c["computed"] == 0 and c["skipped"] == c["total"] for c in again.values())
+    again = [m.groups() for m in DONE.finditer(capsys.readouterr().err)]
+    assert len(again) == 6 and all(int(m[3]) == 0 and m[2] == m[1] for m in again)
     assert (out / "samplers.md").read_text() == text
     assert pl.read_parquet(out / "samplers.parquet").equals(table)
     assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == sorted(
