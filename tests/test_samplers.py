@@ -202,3 +202,17 @@ def test_compare_option_is_a_multirun_over_the_samplers_in_no_hash():
     bad, _ = typed("compare=samplers", "compare.binning=nope")
     with pytest.raises(C.ConfigError, match="compare.binning='nope'; valid: pbar, split, std"):
         C.validate(bad)
+
+
+def test_a_comparisons_resume_command_is_its_own_command():
+    """A run of the comparison that fails prints the command that resumes all three: the
+    sweep's sampler and the run id left out (both are refused beside compare=samplers)."""
+    from orchestrator.__main__ import resume_command
+
+    job = ["scoring.sampler=uniform_pool", "compare=samplers", "dataset.options.n=4"]
+    assert resume_command(job, "tiny-0123abcd") == (
+        "python -m orchestrator compare=samplers dataset.options.n=4"
+    )
+    assert resume_command(job[:1], "tiny-0123abcd") == (
+        "python -m orchestrator scoring.sampler=uniform_pool run_id=tiny-0123abcd"
+    )
