@@ -107,9 +107,13 @@ def share_trajectories(cfg: RunConfig, run_dir: Path) -> list[str]:
             dst = run_dir / src.relative_to(sibling)
             if dst.exists() or dst.is_symlink() or not is_complete(src):
                 continue
-            for a, b in ((src, dst), (done_path(src), done_path(dst))):
-                with open(a, "rb") as fin, atomic_file(b, root=run_dir) as fout:
-                    shutil.copyfileobj(fin, fout)
+            try:
+                for a, b in ((src, dst), (done_path(src), done_path(dst))):
+                    with open(a, "rb") as fin, atomic_file(b, root=run_dir) as fout:
+                        shutil.copyfileobj(fin, fout)
+            except OSError as err:  # e.g. a folder replaced by a link: this run generates it
+                print(f"warning: {dst} not copied from {sibling.name}: {err}", file=sys.stderr)
+                continue
             copied += 1
         if copied:
             taken.append(sibling.name)
@@ -137,15 +141,14 @@ class SamplerComparison(Callback):
             return
         from analysis.samplers import compare_samplers, write_comparison  # Polars, numba
 
-        analysis = OmegaConf.to_object(config.analysis)
-        assert isinstance(analysis, AnalysisConfig)
+        analysis: AnalysisConfig = OmegaConf.to_object(config.analysis)  # type: ignore[assignment]
         cfg = dataclasses.replace(analysis, binning=config.compare.binning)
         try:
             if len(self.run_dirs) < self.jobs:
                 raise ValueError(f"{self.jobs - len(self.run_dirs)} runs made no run folder")
             out = self.run_dirs[0].parent / comparison_name(self.run_dirs)
             path = write_comparison(compare_samplers(self.run_dirs, cfg), out)
-        except (FileNotFoundError, ValueError) as err:
+        except (OSError, ValueError) as err:  # OSError: e.g. its folder replaced by a link
             print(f"error: samplers not compared: {err}", file=sys.stderr)
             sys.exit(2)
         runs = ", ".join(d.name for d in self.run_dirs)
