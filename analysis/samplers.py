@@ -13,7 +13,8 @@ whose scored tokens differ (other trajectories, layers, positions or u(S)), two 
 sampler, or a run without a sampler in its config are refused.
 
 CLI: `python -m analysis.samplers RUN_DIR RUN_DIR [...] --out DIR [--binning std]` writes samplers.parquet,
-samplers.csv and samplers.md under DIR.
+samplers.csv and samplers.md under DIR (`write_comparison`, which the driver's
+`compare=samplers` calls too).
 """
 
 from __future__ import annotations
@@ -168,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_tables({"samplers": table}, args.out)
-    atomic_write(args.out / "samplers.md", "\n".join(render_markdown(table)))
-    print(args.out / "samplers.md")
+    print(write_comparison(table, args.out))
     return 0
+
+
+def write_comparison(table: pl.DataFrame, out: Path) -> Path:
+    """samplers.{parquet,csv,md} of `table` under `out` (made if absent); the markdown's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables({"samplers": table}, out)
+    atomic_write(out / "samplers.md", "\n".join(render_markdown(table)))
+    return out / "samplers.md"
 
 
 if __name__ == "__main__":

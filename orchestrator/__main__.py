@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.actors import DEFAULT_WORKERS, Workers
+from orchestrator.compare import SWEPT, compare_override_error, share_trajectories
 from orchestrator.config import (
     CONF_DIR,
     ConfigError,
@@ -48,10 +49,13 @@ register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
-def main(dcfg: DictConfig) -> None:
-    code = run(dcfg, overrides=hydra_overrides())
+def main(dcfg: DictConfig) -> str | None:
+    """Exits with the run's code unless 0; returns the run folder (None for a dry run), which
+    a multirun's JobReturn carries to a callback (orchestrator/compare.py)."""
+    code, run_dir = run_job(dcfg, overrides=hydra_overrides())
     if code:
         sys.exit(code)
+    return str(run_dir) if run_dir else None
 
 
 def run(
@@ -59,6 +63,14 @@ def run(
 ) -> int:
     """One run from a composed config; returns the exit code (tests call this directly, and
     may pass `workers`: the actor classes, orchestrator.actors.Workers, e.g. failing ones)."""
+    return run_job(dcfg, overrides=overrides, workers=workers)[0]
+
+
+def run_job(
+    dcfg: DictConfig, *, overrides: list[str] | None = None, workers: Workers = DEFAULT_WORKERS
+) -> tuple[int, Path | None]:
+    """`run`'s exit code and the run folder (None when no run was made: a dry run, a bad
+    config, another driver holding the run)."""
     started = time.monotonic()
     try:
         # 1. Typed config, validated before anything starts.
@@ -78,7 +90,7 @@ def run(
                 print(describe_router_plan(cfg))
         check_memory(cfg)
         if cfg.dry_run:
-            return 0
+            return 0, None
         check_cluster_address(cfg.cluster.address)
         # 3. One driver per run: the run folder's lease, held until this driver exits.
         lock = RunLock(run_dir)
@@ -91,9 +103,9 @@ def run(
         LeaseWriteError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 2, None
     try:
-        return run_locked(cfg, run_dir, run_id, resolved, overrides, started, workers)
+        return run_locked(cfg, run_dir, run_id, resolved, overrides, started, workers), run_dir
     finally:
         lock.release()
 
@@ -118,9 +130,7 @@ def run_locked(
         # 5. Problems on the driver: a missing data file fails here, before Ray starts.
         # plan.json says "scoring not planned" until the stages replan it: a report made
         # meanwhile never trusts the plan of an earlier config.
-        problems = prepare_problems(cfg, run_dir)
-        save_config(run_dir, resolved)
-        write_plan(run_dir, None)
+        problems = prepare_run(cfg, run_dir, resolved)
     except (ConfigError, PipelineError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -178,6 +188,16 @@ def run_locked(
             stop_local_ray(run_dir)
         restore_sigterm(previous_sigterm)
     return code
+
+
+def prepare_run(cfg: Any, run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Step 5 of `run`, on the driver: the problems, config.yaml, plan.json (scoring not
+    planned yet) and, under compare=samplers, the generated files a sibling run holds."""
+    problems = prepare_problems(cfg, run_dir)
+    save_config(run_dir, resolved)
+    write_plan(run_dir, None)
+    share_trajectories(cfg, run_dir)
+    return problems
 
 
 def restore_sigterm(previous: Any) -> None:
@@ -255,6 +275,10 @@ def resume_command(overrides: list[str] | None, run_id: str) -> str:
     values of secret-looking keys masked (give them again, or through the environment)."""
     kept = [o for o in overrides or [] if not o.startswith(("run_id=", "dry_run="))]
     masked = [f"{o.split('=', 1)[0]}=***" if secret_override(o) else o for o in kept]
+    if any(o.startswith("compare=") and o != "compare=none" for o in kept):
+        # A comparison resumes whole: its own command, each run deriving its id again.
+        masked = [o for o in masked if not o.startswith(f"{SWEPT}=")]
+        return shlex.join(["python", "-m", "orchestrator", *masked])
     return shlex.join(["python", "-m", "orchestrator", *masked, f"run_id={run_id}"])
 
 
@@ -536,7 +560,7 @@ def print_summary(summary: Any, resume: str, seconds: float) -> None:
 
 if __name__ == "__main__":
     mask_secret_arguments(sys.argv[1:])
-    problem = check_command_line(sys.argv[1:])
+    problem = compare_override_error(sys.argv[1:]) or check_command_line(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

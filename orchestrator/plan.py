@@ -67,6 +67,10 @@ class Cell:
     layers: dict[str, int]  # spec ("early", "5", ...) -> decoder layer index
 
 
+# The config groups that decide a run's results: the run id hashes these alone.
+RESULT_KEYS = ("model", "dataset", "generation", "scoring", "sweep", "models", "datasets")
+
+
 def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
     """`cfg.run_id`, or "<sweep-or-model>-<hash8>" of what decides the results.
 
@@ -75,8 +79,7 @@ def derive_run_id(cfg: RunConfig, resolved: dict[str, Any]) -> str:
     """
     if cfg.run_id:
         return cfg.run_id
-    decide = ("model", "dataset", "generation", "scoring", "sweep", "models", "datasets")
-    keep = without_unhashed({k: resolved[k] for k in decide if k in resolved})
+    keep = without_unhashed({k: resolved[k] for k in RESULT_KEYS if k in resolved})
     prefix = cfg.sweep.name if cfg.sweep.models or cfg.sweep.datasets else cfg.model.name
     return f"{prefix}-{config_hash(keep)[:8]}"
 

@@ -39,6 +39,8 @@ NOT_HERE = {
     "for run in": "the GPU benchmark loop (--device cuda)",
     "OUT=gpu-check bash tools/gpu_check.sh": "the GPU check script (--device cuda)",
     "python -m pytest --noconftest -m gpu": "the GPU tests: skipped without CUDA",
+    "python -m orchestrator compare=samplers": "three demo runs (5 min on two shared cores);"
+    " tests/test_samplers.py runs the command on 4 problems and resumes it",
     "python -m analysis.samplers": "needs a run per sampler (three demos, minutes each);"
     " tests/test_samplers.py runs it on runs of hand-made score files",
     "python -m tools.train_tiny": "retrains the bundled model (~9 min on one core); its"

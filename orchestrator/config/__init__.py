@@ -28,6 +28,7 @@ from orchestrator.config.compose import (
 from orchestrator.config.schema import (
     BUNDLED,
     ClusterConfig,
+    CompareConfig,
     DatasetConfig,
     EngineConfig,
     GenerationConfig,
@@ -71,6 +72,7 @@ __all__ = [
     "FILE_PREFIX",
     "RAY_JOB_ENV",
     "ClusterConfig",
+    "CompareConfig",
     "ConfigError",
     "DatasetConfig",
     "EngineConfig",

@@ -228,6 +228,18 @@ class RouterUpdateConfig(UpdateConfig):
 
 
 @dataclass
+class CompareConfig:
+    """One command that runs a config once per option of one setting and compares the runs
+    (orchestrator/compare.py). `samplers`: a Hydra multirun over scoring.sampler (gumbel,
+    uniform_pool, uniform_all), then analysis.samplers over the three runs."""
+
+    name: str = "none"  # "none" = a single run
+    # The comparison's bins (analysis.metrics.BINNINGS): std (u(S) alone) holds the same
+    # tokens under every sampler; pbar and split bins are drawn from each sampler's routes.
+    binning: str = "std"
+
+
+@dataclass
 class RunConfig:
     """The root config: `python -m orchestrator <group>=<option> <key>=<value> ...`."""
 
@@ -240,6 +252,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     router_update: RouterUpdateConfig = field(default_factory=RouterUpdateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)  # in no hash: runs are runs
     run_id: str | None = None  # None: "<sweep-or-model>-<hash8>" of the config
     runs_dir: str = "runs"  # relative to the directory the command runs in
     dry_run: bool = False  # print the work-unit plan and exit: no Ray, no model

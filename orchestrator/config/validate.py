@@ -16,6 +16,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from analysis.metrics import BINNINGS
 from orchestrator.config.compose import load_option, router_models
 from orchestrator.config.schema import (
     BUNDLED,
@@ -99,6 +100,8 @@ def validate(cfg: RunConfig) -> None:
         validate_dataset(dataset)
     if cfg.router_update.enabled:
         validate_router_update(cfg, cfg.router_update)
+    if cfg.compare.binning not in BINNINGS:
+        raise ConfigError(f"compare.binning={cfg.compare.binning!r}; valid: {', '.join(BINNINGS)}")
 
 
 def validate_cluster(cl: ClusterConfig) -> None:
