@@ -75,6 +75,8 @@ def to_run_config(dcfg: DictConfig, overrides: list[str] | tuple[str, ...] = ())
         names = [e.name for e in entries]
         if len(set(names)) < len(names):
             raise ConfigError(f"two {group}s of the run share the name {names}: names key paths")
+    if cfg.cor.enabled:  # its reroute plan is built from the run's own CEI tables
+        cfg.scoring.cei = True
     return cfg
 
 
@@ -185,6 +187,13 @@ def apply_entry(
 def load_option(group: str, name: str) -> Any:
     """One group option from conf/<group>/<name>.yaml as written there, typed by its schema."""
     return build_entry(group, name, [], {})
+
+
+def cor_models(cfg: RunConfig) -> list[ModelConfig]:
+    """The models the CoR evaluation covers: cor.models, else the run's (only models the run
+    scored have CEI tables to plan from)."""
+    names = cfg.cor.models
+    return [m for m in sweep_models(cfg) if m.name in names] if names else sweep_models(cfg)
 
 
 def router_models(cfg: RunConfig) -> list[ModelConfig]:
