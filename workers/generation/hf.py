@@ -12,10 +12,14 @@ first EOS ("stop", EOS included in `completion_ids`) or after its budget ("lengt
 `max_tokens`, clipped to the model's `max_position_embeddings` minus the prompt. A batch runs
 for its longest budget and each row is cut at its own, which is the completion it would get
 alone (its tokens come from its own generator).
+
+With a `plan` (workers.generation.reroute.ReroutePlan) every batch generates rerouted: the plan's
+router hooks are on for the call and `reroute_counter` sums the active experts over all calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +31,7 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from workers.adapters import adapter_for
 from workers.generation import (
     DTYPES,
     Completion,
@@ -35,6 +40,7 @@ from workers.generation import (
     encode_prompt,
     sample_seed,
 )
+from workers.generation.reroute import RerouteCounter, ReroutePlan, rerouted
 from workers.models import load_causal_lm
 
 _DTYPES = {**{name: getattr(torch, name) for name in DTYPES}, "auto": "auto"}
@@ -100,6 +106,7 @@ class HFBackend:
         device: str = "cpu",
         dtype: str = "float32",
         batch_size: int = 32,
+        plan: ReroutePlan | None = None,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
@@ -122,6 +129,10 @@ class HFBackend:
         self.model.generation_config = GenerationConfig(
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id
         )
+        self.plan = plan
+        self.reroute_counter = RerouteCounter() if plan is not None else None
+        if plan is not None:
+            plan.check(adapter_for(self.model))  # a plan for another model fails here, not later
 
     def generate(
         self, prompts: Sequence[tuple[str, str]], params: SamplingParams
@@ -158,7 +169,12 @@ class HFBackend:
             params.top_k,
             params.min_p,
         )
-        with torch.inference_mode():
+        reroute = (
+            rerouted(self.model, self.plan, self.reroute_counter)
+            if self.plan is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), reroute:
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
