@@ -103,17 +103,39 @@ def test_option_logliks_match_one_forward_per_option(tiny):
 def test_demo_sets_score_on_the_bundled_model(tiny):
     model, tok = tiny
     settings = EvalSettings("{question}", "{question}", 6, (";",))
-    tq = evaluate_questions(
-        model,
-        tok,
-        load_problems("truthful_qa", path=DEMO.format("truthful_qa")).slice(0, 4),
-        settings,
-    )
-    tv = evaluate_questions(
-        model, tok, load_problems("trivia_qa", path=DEMO.format("trivia_qa")).slice(0, 4), settings
-    )
+    tq_rows = load_problems("truthful_qa", path=DEMO.format("truthful_qa")).slice(0, 4)
+    tv_rows = load_problems("trivia_qa", path=DEMO.format("trivia_qa")).slice(0, 4)
+    tq = evaluate_questions(model, tok, tq_rows, settings, "standard", "truthful_qa")
+    tv = evaluate_questions(model, tok, tv_rows, settings, "standard", "trivia_qa")
     assert tq.num_rows == tv.num_rows == 4
+    assert set(tq.column("condition").to_pylist()) == {"standard"}
     assert all(v in (0.0, 1.0) for v in tq.column("mc1").to_pylist())
     assert all(0 < v < 1 for v in tq.column("mc2").to_pylist())
     assert tv.column("mc1").null_count == 4 and tv.column("em").to_pylist()[0] == 1.0
     assert isinstance(tv, pa.Table)
+    with pytest.raises(ValueError, match="no CoR evaluation of 'demo'"):
+        evaluate_questions(model, tok, tq_rows, settings, "standard", "demo")
+
+
+def test_a_reroute_changes_scores_and_the_standard_plan_does_not(tiny):
+    """Under the standard plan's hook the scores are the model's own; a plan that forces
+    experts everywhere moves MC2 (the evaluation sees the routing the caller installs)."""
+    from workers.adapters import adapter_for
+    from workers.generation.reroute import ReroutePlan, active_experts_per_token, rerouted
+
+    model, tok = tiny
+    adapter = adapter_for(model)
+    settings = EvalSettings("{question}", "{question}", 6, (";",))
+    rows = load_problems("truthful_qa", path=DEMO.format("truthful_qa")).slice(0, 3)
+    plain = evaluate_questions(model, tok, rows, settings, "standard", "truthful_qa")
+    with rerouted(model, ReroutePlan.standard(adapter)) as counter:
+        same = evaluate_questions(model, tok, rows, settings, "standard", "truthful_qa")
+    assert same.column("mc2").to_pylist() == plain.column("mc2").to_pylist()
+    k = adapter.top_k
+    assert active_experts_per_token(counter) == k * len(adapter.moe_layers)
+    forced = ReroutePlan(
+        dict.fromkeys(adapter.moe_layers, k), dict.fromkeys(adapter.moe_layers, (0, 1))
+    )
+    with rerouted(model, forced):
+        moved = evaluate_questions(model, tok, rows, settings, "forced", "truthful_qa")
+    assert moved.column("mc2").to_pylist() != plain.column("mc2").to_pylist()

@@ -238,7 +238,7 @@ class CorConfig:
 
     Off unless `name` is not "none"; on, it turns `scoring.cei` on (the plan is built from the
     run's own CEI tables). Conditions: standard (the model as it is), cor (the plan), random
-    (the plan's k per layer, forced experts drawn at random with `seed`), static_k1 (k + 1
+    (the plan's k per layer, forced experts drawn at random with `plan.seed`), static_k1 (k + 1
     experts at every MoE layer).
     """
 
@@ -248,6 +248,8 @@ class CorConfig:
     datasets: list[str] = field(default_factory=list)
     # which of standard, cor, random, static_k1 to evaluate (standard is always one)
     conditions: list[str] = field(default_factory=lambda: list(COR_CONDITIONS))
+    # the run's dataset whose CEI tables the plan is built from; null: the run's first
+    calibration: str | None = None
     problems_limit: int | None = None  # keep the first N questions of each dataset
     questions_per_unit: int = 64  # questions per evaluation unit (a unit = condition x shard)
     # The prompt of a question ({question} is its text); an option's tokens follow it, after
@@ -256,9 +258,10 @@ class CorConfig:
     qa_template: str = "Q: {question}\nA:"  # TriviaQA's prompt; greedy answer after it
     max_new_tokens: int = 16  # TriviaQA: most answer tokens generated
     stop: list[str] = field(default_factory=lambda: ["\n"])  # TriviaQA: answer cut at the first
-    seed: int = 0  # the random condition's experts and the bootstrap's resamples
+    seed: int = 0  # the bootstrap's resamples (the random condition's: plan.seed)
     bootstrap_draws: int = 2000  # resamples of questions for the 95% paired intervals
-    # The plan's settings: workers.generation.reroute.RerouteConfig's fields (empty: defaults).
+    # The plan's settings: analysis.cor_plan.RerouteConfig's fields (shift, layers_moved,
+    # forced, min_dormancy, seed; empty: its defaults).
     plan: dict[str, Any] = field(default_factory=dict)
 
     @property

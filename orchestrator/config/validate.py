@@ -153,6 +153,14 @@ def validate_cor(cfg: RunConfig, cor: CorConfig) -> None:
             f"cor.conditions={cor.conditions!r}: distinct names of {', '.join(COR_CONDITIONS)},"
             " standard among them (the others are compared to it)"
         )
+    if cor.calibration is not None and cor.calibration not in {d.name for d in sweep_datasets(cfg)}:
+        raise ConfigError(f"cor.calibration={cor.calibration!r} is not a dataset of this run")
+    try:
+        from analysis.cor_plan import RerouteConfig
+
+        RerouteConfig(**cor.plan)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cor.plan: {err}") from None
     missing = sorted(set(cor.models) - {m.name for m in sweep_models(cfg)})
     if missing:
         raise ConfigError(f"cor.models: {missing} are not models of this run (no CEI tables)")

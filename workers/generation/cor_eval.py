@@ -1,6 +1,7 @@
 """The CoR evaluation's scores of one model on TruthfulQA (multiple choice) and TriviaQA.
 
-Contract: `evaluate_questions(model, tokenizer, problems, settings)` -> one row per question in
+Contract: `evaluate_questions(model, tokenizer, problems, settings, condition, kind)` -> one
+row per question in
 `EVAL_SCHEMA`, for problems tables of workers.generation.datasets' "truthful_qa" or
 "trivia_qa" layout (the answers in `metadata`). The model runs as it is handed over: the
 caller installs whatever routing it evaluates (workers.generation.reroute) around the call.
@@ -28,6 +29,7 @@ import pyarrow as pa
 
 EVAL_SCHEMA = pa.schema(
     [
+        ("condition", pa.string()),  # the routing the caller installed (standard, cor, ...)
         ("problem_id", pa.string()),
         ("dataset", pa.string()),
         ("mc1", pa.float64()),  # TruthfulQA only (null for TriviaQA)
@@ -131,12 +133,14 @@ def greedy_answer(
     return text, len(prompt_ids) + len(new)
 
 
-def evaluate_question(model: Any, tokenizer: Any, row: dict, settings: EvalSettings) -> dict:
-    """One EVAL_SCHEMA row for one problems row."""
+def evaluate_question(
+    model: Any, tokenizer: Any, row: dict, settings: EvalSettings, kind: str
+) -> dict:
+    """One EVAL_SCHEMA row for one problems row of layout `kind` (its loader)."""
     meta = json.loads(row["metadata"])
     out = {"problem_id": row["problem_id"], "dataset": row["dataset"]}
     out |= {"mc1": None, "mc2": None, "em": None}
-    if row["dataset"] == "truthful_qa":
+    if kind == "truthful_qa":
         prompt = settings.mc_template.format(question=row["prompt"])
         ll1 = option_logliks(model, tokenizer, prompt, meta["mc1_choices"])
         ll2 = option_logliks(model, tokenizer, prompt, meta["mc2_choices"])
@@ -146,14 +150,14 @@ def evaluate_question(model: Any, tokenizer: Any, row: dict, settings: EvalSetti
             len(encode_prompt_text(tokenizer, prompt, o))
             for o in [*meta["mc1_choices"], *meta["mc2_choices"]]
         )
-    elif row["dataset"] == "trivia_qa":
+    elif kind == "trivia_qa":
         prompt = settings.qa_template.format(question=row["prompt"])
         text, tokens = greedy_answer(model, tokenizer, prompt, settings)
         answer = normalize_answer(text)
         out["em"] = float(answer in set(meta["normalized_aliases"]))
         out["prediction"], out["tokens"] = answer, tokens
     else:
-        raise ValueError(f"no CoR evaluation for dataset {row['dataset']!r}; valid: {KINDS}")
+        raise ValueError(f"no CoR evaluation of {kind!r} questions; valid: {KINDS}")
     return out
 
 
@@ -167,8 +171,17 @@ def encode_prompt_text(tokenizer: Any, prompt: str, option: str) -> list[int]:
 
 
 def evaluate_questions(
-    model: Any, tokenizer: Any, problems: pa.Table, settings: EvalSettings
+    model: Any,
+    tokenizer: Any,
+    problems: pa.Table,
+    settings: EvalSettings,
+    condition: str,
+    kind: str,
 ) -> pa.Table:
-    """EVAL_SCHEMA rows of every question of `problems`, in its order."""
-    rows = [evaluate_question(model, tokenizer, r, settings) for r in problems.to_pylist()]
+    """EVAL_SCHEMA rows of every question of `problems` (loaded by the `kind` loader:
+    truthful_qa or trivia_qa), in its order, labelled `condition`."""
+    rows = [
+        {"condition": condition, **evaluate_question(model, tokenizer, r, settings, kind)}
+        for r in problems.to_pylist()
+    ]
     return pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
