@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.actors import DEFAULT_WORKERS, Workers
-from orchestrator.config import ModelConfig, RunConfig, cor_models, sweep_datasets
+from orchestrator.config import ModelConfig, RunConfig, cor_datasets, cor_models, sweep_datasets
 from orchestrator.errors import PipelineError
 from orchestrator.problems import prepare_datasets
 from orchestrator.router_stage import RouterRun
 from orchestrator.shards import prune
 from orchestrator.stages.cor_eval import CorEvalStage, cor_root, cor_units, plan_record
-from orchestrator.stages.router import datasets
 from orchestrator.summary import RunSummary, Sink
 from workers.atomic import atomic_write, read_nofollow
 
@@ -48,9 +47,11 @@ def run_cor(
     session: Any = None,
     workers: Workers = DEFAULT_WORKERS,
 ) -> Path | None:
-    cor = cfg.cor
     problems = prepare_datasets(
-        run_dir, datasets(cor.datasets, cor.problems_limit), checksum=cfg.verify_checksums
+        run_dir,
+        cor_datasets(cfg),
+        checksum=cfg.verify_checksums,
+        compression=cfg.cluster.compression,
     )
     run = RouterRun(cfg, run_dir, summary, sink, workers)
     sections = []
@@ -94,7 +95,7 @@ def evaluate_model(
     root = cor_root(run_dir, model)
     atomic_write(root / "plans.json", json.dumps(records, indent=1), root=run_dir)
     # 3. The evaluation units, stale files of another plan pruned first.
-    units = cor_units(run_dir, model, cor, plans, problems)
+    units = cor_units(run_dir, model, cor, plans, problems, cor_datasets(cfg))
     prune(run_dir, sorted({u.path.parent for u in units}), units)
     if not run.stage(CorEvalStage(cfg, run.workers.router), [(model, units)]):
         return None
@@ -209,7 +210,7 @@ def describe_cor_plan(cfg: RunConfig) -> str:
     from orchestrator.estimate import describe_cor_estimate
 
     cor = cfg.cor
-    sets = datasets(cor.datasets, cor.problems_limit)
+    sets = cor_datasets(cfg)
     sizes = {d.name: min(d.limit or d.size, d.size) for d in sets}
     shards = sum(-(-n // cor.questions_per_unit) for n in sizes.values())
     lines = [

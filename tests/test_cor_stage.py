@@ -63,6 +63,29 @@ def test_bad_cor_values_are_config_errors(override, message):
         C.validate(make("cor=demo", override))
 
 
+def test_a_bad_question_file_is_one_error_line_before_ray(tmp_path):
+    bad = tmp_path / "trivia.jsonl"
+    bad.write_text('{"question": "Where?", "question_id": "q1", "answer": "Mars"}\n')
+    override = f"+cor.paths.cor_demo_trivia_qa={bad}"
+    assert make("cor=demo", override).cor.paths == {"cor_demo_trivia_qa": str(bad)}
+    result = subprocess.run(
+        cli_command(tmp_path / "runs", "bad", "cor=demo", override),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "error: dataset cor_demo_trivia_qa: trivia_qa question 'q1': answer must be an object"
+        " with a string `value`"
+    )
+    assert not (tmp_path / "runs" / "bad" / "trajectories").exists()  # stopped before Ray
+    with pytest.raises(C.ConfigError, match="cor.paths names"):
+        C.validate(make("cor=demo", f"+cor.paths.demo={bad}"))
+
+
 def test_the_paired_interval_resamples_questions_jointly():
     # Standard varies a lot across questions; the condition is standard + 0.1 on every one:
     # paired, the difference is exactly 0.1 in every resample.

@@ -196,6 +196,17 @@ def cor_models(cfg: RunConfig) -> list[ModelConfig]:
     return [m for m in sweep_models(cfg) if m.name in names] if names else sweep_models(cfg)
 
 
+def cor_datasets(cfg: RunConfig) -> list[DatasetConfig]:
+    """The CoR evaluation's data sets as conf/dataset/ defines them, read from the local file
+    cor.paths names for one if any, cut to cor.problems_limit questions if set."""
+    out = [load_option("dataset", n) for n in cfg.cor.datasets]
+    out = [dataclasses.replace(d, path=cfg.cor.paths.get(d.name, d.path)) for d in out]
+    limit = cfg.cor.problems_limit
+    if limit is not None:
+        out = [dataclasses.replace(d, limit=min(d.limit or limit, limit)) for d in out]
+    return out
+
+
 def router_models(cfg: RunConfig) -> list[ModelConfig]:
     """The models whose router the update trains: router_update.models, else the run's."""
     names = cfg.router_update.models

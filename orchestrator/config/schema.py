@@ -246,6 +246,8 @@ class CorConfig:
     models: list[str] = field(default_factory=list)  # conf/model names; empty = the run's models
     # conf/dataset names whose loader is truthful_qa or trivia_qa
     datasets: list[str] = field(default_factory=list)
+    # {dataset name: local file in the hub's layout}, read instead of the option's hub id or path
+    paths: dict[str, str] = field(default_factory=dict)
     # which of standard, cor, random, static_k1 to evaluate (standard is always one)
     conditions: list[str] = field(default_factory=lambda: list(COR_CONDITIONS))
     # the run's dataset whose CEI tables the plan is built from; null: the run's first

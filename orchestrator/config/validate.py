@@ -143,6 +143,9 @@ def validate_cor(cfg: RunConfig, cor: CorConfig) -> None:
             raise ConfigError(
                 f"cor.datasets: {name} is a {loader} set; use truthful_qa or trivia_qa"
             )
+    stray = sorted(set(cor.paths) - set(cor.datasets))
+    if stray:
+        raise ConfigError(f"cor.paths names {stray}, not in cor.datasets {cor.datasets}")
     unknown = sorted(set(cor.conditions) - set(COR_CONDITIONS))
     if (
         unknown

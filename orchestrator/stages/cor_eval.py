@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.config import CorConfig, ModelConfig
+from orchestrator.config import CorConfig, DatasetConfig, ModelConfig
 from orchestrator.plan import Unit, model_identity, problems_path
-from orchestrator.stages.router import RouterStage, datasets
+from orchestrator.stages.router import RouterStage
 from orchestrator.tasks import CorEvalTask
 from workers.generation.cor_eval import EvalSettings
 from workers.generation.reroute import ReroutePlan
@@ -45,13 +45,15 @@ def cor_units(
     cor: CorConfig,
     plans: dict[str, ReroutePlan],
     problems: dict[str, tuple[int, str]],
+    sets: list[DatasetConfig],
 ) -> list[Unit[CorEvalTask]]:
-    """Every unit of `model`: conditions in `plans`' order, then datasets, then shards."""
+    """Every unit of `model`: conditions in `plans`' order, then `sets` (orchestrator.config
+    cor_datasets), then shards."""
     settings = eval_settings(cor)
     identity = model_identity(model)
     units = []
     for condition, plan in plans.items():
-        for d in datasets(cor.datasets, cor.problems_limit):
+        for d in sets:
             rows, sha = problems[d.name]
             out = cor_root(run_dir, model) / "eval" / condition / d.name
             for k, start in enumerate(range(0, rows, cor.questions_per_unit)):
