@@ -17,6 +17,12 @@ GPQA options are shuffled per problem from sha256(seed, Record ID), so the order
 every machine and Python run; the gold answer is the correct option's letter and `metadata`
 records the permutation (`permutation[k]` = source option shown as letter k, where source
 option 0 is "Correct Answer" and 1-3 are "Incorrect Answer 1-3").
+
+"truthful_qa" (the hub's "multiple_choice" layout) and "trivia_qa" ("rc.nocontext") are read
+only by the CoR evaluation (workers.generation.cor_eval): their answers go to `metadata`
+(mc1/mc2 choices and 0/1 labels, checked: one true mc1 choice, at least one true mc2 choice;
+TriviaQA's normalized aliases), ids are "truthful_qa-<sha256 of the question>[:16]" and
+"trivia_qa-<question_id>".
 """
 
 from __future__ import annotations
