@@ -1,6 +1,8 @@
 """The reroute at generation: the router hook on every family, its expert count, the CoR budget
 rule on hand-made tables, and rerouted generation in the HF backend."""
 
+import json
+
 import polars as pl
 import pytest
 import torch
@@ -222,7 +224,11 @@ def test_the_hooks_are_removed_after_the_block_and_after_an_error(models):
     with pytest.raises(RuntimeError, match="inside"):
         with rerouted(model, plan):
             raise RuntimeError("inside")
+    with rerouted(model, plan), pytest.raises(ValueError, match="already rerouted"):
+        with rerouted(model, ReroutePlan.standard(adapter)):
+            pass
     assert not any(adapter.router(i)._forward_hooks for i in adapter.moe_layers)
+    assert not any(hasattr(adapter.router(i), "_rerouted") for i in adapter.moe_layers)
     assert torch.equal(_logits(model), before)
 
 
@@ -234,6 +240,8 @@ def test_a_plan_that_does_not_fit_the_model_is_refused(models):
     for bad in (ReroutePlan({1: 9, 2: 2}), ReroutePlan({1: 2, 2: 2}, {2: (8,)})):
         with pytest.raises(ValueError):
             bad.check(adapter)
+    plan = _moved(adapter).with_random(4)
+    assert ReroutePlan(**json.loads(json.dumps(plan.as_dict()))) == plan
     with pytest.raises(ValueError, match="no router call"):
         active_experts_per_token(RerouteCounter())
     with pytest.raises(ValueError, match="no token passed"):

@@ -30,6 +30,7 @@ Importing this module is cheap: torch loads with the hook.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -72,6 +73,11 @@ class ReroutePlan:
         """The "static k+extra" control: k + extra experts everywhere by router logit; it does
         not preserve compute (extra x MoE layers more active experts per token)."""
         return cls({layer: adapter.top_k + extra for layer in adapter.moe_layers})
+
+    def as_dict(self) -> dict:
+        """Plain lists and dicts for JSON (its string keys come back as ints:
+        `ReroutePlan(**json.loads(json.dumps(plan.as_dict())))` is the same plan)."""
+        return dataclasses.asdict(self)
 
     def with_random(self, seed: int) -> ReroutePlan:
         """The random reroute at equal budget: the same k_l and forced counts, random experts."""
@@ -204,6 +210,9 @@ def _hook(adapter, plan: ReroutePlan, layer: int, counter: RerouteCounter):
     return hook
 
 
+_MARK = "_rerouted"  # set on a router while its hook is installed
+
+
 @contextlib.contextmanager
 def rerouted(model, plan: ReroutePlan, counter: RerouteCounter | None = None):
     """Route `model` by `plan` inside the block; yields the counter (a new one unless given)."""
@@ -211,13 +220,20 @@ def rerouted(model, plan: ReroutePlan, counter: RerouteCounter | None = None):
 
     adapter = adapter_for(model)
     plan.check(adapter)
+    routers = [adapter.router(layer) for layer in adapter.moe_layers]
+    # A second hook would see the first one's k_l-wide output: nesting is refused.
+    if any(getattr(router, _MARK, False) for router in routers):
+        raise ValueError("the model is already rerouted (nested rerouted() blocks)")
     counter = RerouteCounter() if counter is None else counter
     handles = []
     try:
-        for layer in adapter.moe_layers:
-            hook = _hook(adapter, plan, layer, counter)
-            handles.append(adapter.router(layer).register_forward_hook(hook))
+        for layer, router in zip(adapter.moe_layers, routers, strict=True):
+            handles.append(router.register_forward_hook(_hook(adapter, plan, layer, counter)))
+            setattr(router, _MARK, True)
         yield counter
     finally:
         for handle in handles:
             handle.remove()
+        for router in routers:
+            if hasattr(router, _MARK):
+                delattr(router, _MARK)
