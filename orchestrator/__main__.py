@@ -2,9 +2,9 @@
 
 Reads as its steps: compose the typed config, validate it, plan (or print the plan and stop:
 `dry_run=true`), take the run's lease (orchestrator/lock.py), load the problems, start Ray, run
-the stages, build the report, run the router update (if set; after the report, so its failure
-does not cost the report), log to W&B, stop the local Ray (also on SIGTERM), exit 0 when
-every unit is complete. Running the same
+the stages, build the report, run the router update and the CoR evaluation (if set; after the
+report, so their failure does not cost the report), log to W&B, stop the local Ray (also on
+SIGTERM), exit 0 when every unit is complete. Running the same
 command again resumes the run: complete units are skipped. Exit codes: 0 complete, 1 some units
 failed (the resume command is printed, secrets masked), 2 bad config or input, or another
 driver holds the run (one line on stderr, nothing marked complete).
@@ -88,6 +88,10 @@ def run_job(
                 from orchestrator.router_stage import describe_router_plan
 
                 print(describe_router_plan(cfg))
+            if cfg.cor.enabled:
+                from orchestrator.cor_stage import describe_cor_plan
+
+                print(describe_cor_plan(cfg))
         check_memory(cfg)
         if cfg.dry_run:
             return 0, None
@@ -160,11 +164,7 @@ def run_locked(
         )
         # The main report first: a router update that fails must not cost it.
         summary.report_path = build_report(run_dir, session, cfg.analysis)
-        router_md = run_router_update(cfg, run_dir, summary, run_id, session)
-        if router_md is not None:
-            from orchestrator.router_report import link_from_report
-
-            summary.report_path = link_from_report(summary.report_path, run_dir)
+        run_experiments(cfg, run_dir, summary, run_id, session)
         code = 0 if summary.ok else 1
         print_summary(summary, resume, time.monotonic() - started)
     except (ConfigError, PipelineError) as err:
@@ -500,6 +500,17 @@ def open_wandb(cfg: Any, run_id: str, run_dir: Path, resolved: dict[str, Any]) -
     return WandbSession(cfg.wandb, run_id=run_id, run_dir=run_dir, config=scrub_secrets(resolved))
 
 
+def run_experiments(cfg: Any, run_dir: Path, summary: Any, run_id: str, session: Any) -> None:
+    """The router update, then the CoR evaluation, each when set; report.md points at their
+    results (a link to router_update.md, the CoR section appended)."""
+    if run_router_update(cfg, run_dir, summary, run_id, session) is not None:
+        from orchestrator.router_report import link_from_report
+
+        summary.report_path = link_from_report(summary.report_path, run_dir)
+    if run_cor(cfg, run_dir, summary, run_id, session) is not None:
+        summary.report_path = summary.report_path or run_dir / "report.md"
+
+
 def run_router_update(cfg: Any, run_dir: Path, summary: Any, run_id: str, session: Any) -> Any:
     """The router update of the final MoE layer and its evaluation, when router_update is set."""
     if not cfg.router_update.enabled:
@@ -507,6 +518,17 @@ def run_router_update(cfg: Any, run_dir: Path, summary: Any, run_id: str, sessio
     from orchestrator.router_stage import run_router_update as run_update
 
     return run_update(
+        cfg, run_dir, summary, run_id=run_id, sink=session.log_progress, session=session
+    )
+
+
+def run_cor(cfg: Any, run_dir: Path, summary: Any, run_id: str, session: Any) -> Any:
+    """The CoR evaluation of the reroute plans, when cor is set."""
+    if not cfg.cor.enabled:
+        return None
+    from orchestrator.cor_stage import run_cor as run_evaluation
+
+    return run_evaluation(
         cfg, run_dir, summary, run_id=run_id, sink=session.log_progress, session=session
     )
 

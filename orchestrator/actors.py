@@ -22,7 +22,14 @@ import pyarrow.compute as pc
 
 from orchestrator.config import ModelConfig, check_model_shape, model_path
 from orchestrator.plan import local_fingerprint
-from orchestrator.tasks import CeiTask, GenerationTask, PreferenceTask, ScoringTask, TrainTask
+from orchestrator.tasks import (
+    CeiTask,
+    CorEvalTask,
+    GenerationTask,
+    PreferenceTask,
+    ScoringTask,
+    TrainTask,
+)
 from workers.io import COMPRESSION, read_arrow, write_arrow
 from workers.schemas import completion_tokens
 
@@ -208,6 +215,7 @@ class RouterWorker:
         self.path = local_model_dir(model)
         self.model = load_model(self.path, ScoreConfig(dtype=model.dtype, device=device))
         self.adapter = adapter_for(self.model)
+        self.tokenizer = None  # loaded by the first CoR evaluation unit
 
     def preferences(
         self, task: PreferenceTask, out_path: str, unit_hash: str, root: Path | None = None
@@ -234,6 +242,37 @@ class RouterWorker:
             compression=self.compression,
         )
         return {"rows": table.num_rows, "tokens": scores.num_rows, **counts}
+
+    def cor_eval(
+        self, task: CorEvalTask, out_path: str, unit_hash: str, root: Path | None = None
+    ) -> dict[str, Any]:
+        """One CoR evaluation unit: its questions scored with the model routed by the task's
+        plan; the routed experts per token the plan ran go to the sidecar."""
+        from transformers import AutoTokenizer
+
+        from workers.generation.cor_eval import evaluate_questions
+        from workers.generation.reroute import active_experts_per_token, rerouted
+
+        started = time.time()
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        start, stop = task.rows
+        problems = read_arrow(task.problems_path).slice(start, stop - start)
+        with rerouted(self.model, task.plan) as counter:
+            table = evaluate_questions(
+                self.model, self.tokenizer, problems, task.settings, task.condition, task.kind
+            )
+        active = active_experts_per_token(counter, self.adapter.moe_layers)
+        write_arrow(
+            table,
+            out_path,
+            config_hash=unit_hash,
+            started=started,
+            extra={"condition": task.condition, "active_experts_per_token": active},
+            root=root,
+            compression=self.compression,
+        )
+        return {"rows": table.num_rows, "tokens": sum(table.column("tokens").to_pylist())}
 
     def train(
         self, task: TrainTask, out_path: str, unit_hash: str, root: Path | None = None

@@ -675,3 +675,53 @@ def describe_router_estimate(
     }
     lines.append(f"run total: {describe_total(terms, unknown(main) + unknown(parts))}")
     return "\n".join(lines)
+
+
+# The CoR evaluation's tokens per question (upper bounds of the hub sets): TruthfulQA runs one
+# forward over prompt + option for each of its mc1 and mc2 options (at most 13 + 20 options
+# in the validation split, 7 + 5 on average; prompts and options well under 64 tokens each);
+# TriviaQA a prompt under 64 tokens, then cor.max_new_tokens greedy steps.
+COR_OPTIONS_PER_QUESTION = 12
+COR_TOKENS_PER_OPTION = 128
+COR_PROMPT_TOKENS = 64
+
+
+def cor_parts(cfg: RunConfig, evals: list[DatasetConfig]) -> list[Part]:
+    """The CoR evaluation per model and data set: every condition's forward tokens, priced as
+    standard passes (scoring_part's standard_pass; the rates are of long trajectories, so the
+    short prompts here err high). TriviaQA's greedy steps run at batch 1, whose latency the
+    rates table does not hold: they are priced as forward tokens only."""
+    from orchestrator.config import cor_models
+
+    cor = cfg.cor
+    rates = read_rates()
+    parts = []
+    for model in cor_models(cfg):
+        for d in evals:
+            n = dataset_problems(d) * len(cor.conditions)
+            if d.loader == "truthful_qa":
+                tokens = n * COR_OPTIONS_PER_QUESTION * COR_TOKENS_PER_OPTION
+            else:
+                tokens = n * (COR_PROMPT_TOKENS + cor.max_new_tokens)
+            stage = f"{d.name} x {len(cor.conditions)}"
+            parts.append(
+                scoring_part(rates, cfg, model, "early", tokens, "cor", stage, standard_pass=True)
+            )
+    return parts
+
+
+def describe_cor_estimate(cfg: RunConfig, evals: list[DatasetConfig]) -> str:
+    """The CoR evaluation's GPU-hours (the plans and tables: small, not counted)."""
+    parts = cor_parts(cfg, evals)
+    return "\n".join(
+        [
+            "",
+            "CoR evaluation GPU-hours (tokens: upper bounds; TruthfulQA"
+            f" {COR_OPTIONS_PER_QUESTION} options x {COR_TOKENS_PER_OPTION} tokens a question,"
+            f" TriviaQA {COR_PROMPT_TOKENS} + max_new_tokens; batch-1 decoding latency not"
+            " counted)",
+            *render_parts(parts),
+            f"  total: {describe_total(group_tenths(parts), unknown(parts))}",
+            describe_gpus(parts, cfg.cluster.gpu_type),
+        ]
+    )

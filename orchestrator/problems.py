@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from orchestrator import plan
-from orchestrator.config import ModelConfig, RunConfig, model_path
+from orchestrator.config import ModelConfig, RunConfig, cor_datasets, model_path
 from orchestrator.errors import PipelineError, last_line
 from workers.io import (
     COMPRESSION,
@@ -32,7 +32,8 @@ from workers.io import (
 
 def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]]:
     """Load every dataset of the plan into problems/<name>.arrow (skipped when complete),
-    after checking that each local model of the run can prompt its rows (check_prompts).
+    after checking that each local model of the run can prompt its rows (check_prompts); the
+    CoR evaluation's sets too, when `cor` is set (their ids are not returned).
 
     Runs on the driver before Ray starts, so a missing data file or a row that cannot be
     prompted fails fast. Returns {dataset name: (number of problems, sha256 of the file)}.
@@ -45,13 +46,21 @@ def prepare_problems(cfg: RunConfig, run_dir: Path) -> dict[str, tuple[int, str]
         models = [c.model for c in cells if c.dataset.name == dataset.name]
         check_prompts(table, dataset, models, cfg.generation.backend, tokenizers)
 
-    return prepare_datasets(
+    problems = prepare_datasets(
         run_dir,
         list(datasets.values()),
         checksum=cfg.verify_checksums,
         check=check,
         compression=cfg.cluster.compression,
     )
+    if cfg.cor.enabled:  # the CoR evaluation's questions too: a bad file fails before Ray
+        prepare_datasets(
+            run_dir,
+            cor_datasets(cfg),
+            checksum=cfg.verify_checksums,
+            compression=cfg.cluster.compression,
+        )
+    return problems
 
 
 def prepare_datasets(

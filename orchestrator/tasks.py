@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from workers.generation import SamplingParams
 
 if TYPE_CHECKING:
+    from workers.generation.cor_eval import EvalSettings
+    from workers.generation.reroute import ReroutePlan
     from workers.router.update import UpdateConfig
 
 
@@ -52,6 +54,26 @@ class CeiTask:
 
     def __post_init__(self) -> None:
         expect(self, in_path=Path, layer=int, gating=str)
+
+
+@dataclass(frozen=True)
+class CorEvalTask:
+    """Score the questions `rows` = [start, stop) of `problems_path` with the model routed by
+    `plan` (workers.generation.reroute.ReroutePlan), labelled `condition`
+    (workers.generation.cor_eval)."""
+
+    problems_path: Path
+    rows: tuple[int, int]
+    kind: str  # the questions' layout: its loader, truthful_qa or trivia_qa
+    condition: str
+    plan: ReroutePlan
+    settings: EvalSettings
+
+    def __post_init__(self) -> None:
+        expect(self, problems_path=Path, kind=str, condition=str)
+        start, stop = expect_rows(self)
+        if not 0 <= start < stop:
+            raise ValueError(f"CorEvalTask.rows must satisfy 0 <= start < stop, got {self.rows}")
 
 
 @dataclass(frozen=True)

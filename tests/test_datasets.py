@@ -145,6 +145,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         "aime2025",
         "hmmt_feb_2025",
         "gpqa_diamond",
+        "truthful_qa",
+        "trivia_qa",
     }
 
 

@@ -43,6 +43,9 @@ NOT_HERE = {
     " tests/test_samplers.py runs the command on 4 problems and resumes it",
     "python -m analysis.samplers": "needs a run per sampler (three demos, minutes each);"
     " tests/test_samplers.py runs it on runs of hand-made score files",
+    "python -m orchestrator cor=demo": "the demo pipeline again with the cei stage, then the"
+    " evaluation (~2.5 min on 2 cores); tests/test_cor_stage.py runs it smaller, also killed"
+    " and resumed",
     "python -m tools.train_tiny": "retrains the bundled model (~9 min on one core); its"
     " tokenizer and data are tested in tests/test_demo_task.py, the model it made in"
     " tests/test_tiny_model.py",

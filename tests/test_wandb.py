@@ -541,3 +541,46 @@ def test_a_resumed_pipeline_run_keeps_one_offline_run_per_id(reference, wandb_en
     ((_, records),) = logs[wandb_id("wb", "driver")]
     times = [h["_timestamp"] for h in history_of(records) if "scoring/done" in h]
     assert min(times) < between < max(times)  # progress of both runs
+
+
+def test_the_cor_evaluation_is_logged_offline(wandb_env):
+    """cor_stage.log_wandb: one run (job_type cor_eval) in the run's group, each condition's
+    mean in its summary, the evaluation and CEI tables as W&B tables."""
+    from analysis.cor_eval import evaluation_table
+    from orchestrator.config import CorConfig, ModelConfig
+    from orchestrator.cor_stage import log_wandb
+    from orchestrator.wandb_run import wandb_id
+
+    run_dir = wandb_env / "runs" / "cr"
+    frame = pl.DataFrame(
+        {
+            "condition": ["standard", "standard", "cor", "cor"],
+            "problem_id": ["q0", "q1", "q0", "q1"],
+            "dataset": ["tq"] * 4,
+            "mc1": [1.0, 0.0, 1.0, 1.0],
+            "mc2": [0.5, 0.25, 0.75, 0.5],
+            "em": [None] * 4,
+        },
+        schema_overrides={"em": pl.Float64},
+    )
+    table = evaluation_table(frame, draws=50, seed=0)
+    layers = pl.DataFrame({"layer": [0, 1], "sensitivity": [0.1, 0.2]})
+    experts = pl.DataFrame({"layer": [1], "expert": [3], "dormancy": [0.01]})
+    session = WandbSession(
+        WandbConfig(mode="offline", progress_interval_s=3600),
+        run_id="cr",
+        run_dir=run_dir,
+        config={},
+    )
+    log_wandb(
+        session, "cr", ModelConfig(name="tiny"), CorConfig(name="demo"), table, layers, experts
+    )
+    session.finish(exit_code=0)
+    ((run, records),) = runs_by_id(run_dir)[wandb_id("cr", "tiny", "cor", "eval")]
+    assert run.job_type == "cor_eval" and run.run_group == "cr"
+    assert run.display_name == "cr/tiny/cor"
+    summary = summary_of(records)
+    assert summary["tq/mc1/standard"] == 0.5 and summary["tq/mc1/cor"] == 1.0
+    assert summary["tq/mc2/cor"] == pytest.approx(0.625)
+    assert summary["cor_eval/_type"] == "table-file" and summary["cor_eval/nrows"] == 4
+    assert summary["cei_layers/_type"] == "table-file"

@@ -75,6 +75,8 @@ def to_run_config(dcfg: DictConfig, overrides: list[str] | tuple[str, ...] = ())
         names = [e.name for e in entries]
         if len(set(names)) < len(names):
             raise ConfigError(f"two {group}s of the run share the name {names}: names key paths")
+    if cfg.cor.enabled:  # its reroute plan is built from the run's own CEI tables
+        cfg.scoring.cei = True
     return cfg
 
 
@@ -185,6 +187,24 @@ def apply_entry(
 def load_option(group: str, name: str) -> Any:
     """One group option from conf/<group>/<name>.yaml as written there, typed by its schema."""
     return build_entry(group, name, [], {})
+
+
+def cor_models(cfg: RunConfig) -> list[ModelConfig]:
+    """The models the CoR evaluation covers: cor.models, else the run's (only models the run
+    scored have CEI tables to plan from)."""
+    names = cfg.cor.models
+    return [m for m in sweep_models(cfg) if m.name in names] if names else sweep_models(cfg)
+
+
+def cor_datasets(cfg: RunConfig) -> list[DatasetConfig]:
+    """The CoR evaluation's data sets as conf/dataset/ defines them, read from the local file
+    cor.paths names for one if any, cut to cor.problems_limit questions if set."""
+    out = [load_option("dataset", n) for n in cfg.cor.datasets]
+    out = [dataclasses.replace(d, path=cfg.cor.paths.get(d.name, d.path)) for d in out]
+    limit = cfg.cor.problems_limit
+    if limit is not None:
+        out = [dataclasses.replace(d, limit=min(d.limit or limit, limit)) for d in out]
+    return out
 
 
 def router_models(cfg: RunConfig) -> list[ModelConfig]:

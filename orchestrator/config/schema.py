@@ -227,6 +227,50 @@ class RouterUpdateConfig(UpdateConfig):
         return self.name != "none"
 
 
+COR_CONDITIONS = ("standard", "cor", "random", "static_k1")
+
+
+@dataclass
+class CorConfig:
+    """The CoR evaluation (orchestrator/cor_stage.py, docs/method.md "Evaluating a reroute
+    plan"): the run's CEI tables -> a reroute plan -> TruthfulQA MC1/MC2 and TriviaQA EM under
+    each condition, with paired bootstrap intervals of each condition minus standard.
+
+    Off unless `name` is not "none"; on, it turns `scoring.cei` on (the plan is built from the
+    run's own CEI tables). Conditions: standard (the model as it is), cor (the plan), random
+    (the plan's k per layer, forced experts drawn at random with `plan.seed`), static_k1 (k + 1
+    experts at every MoE layer).
+    """
+
+    name: str = "none"  # "none" = off
+    models: list[str] = field(default_factory=list)  # conf/model names; empty = the run's models
+    # conf/dataset names whose loader is truthful_qa or trivia_qa
+    datasets: list[str] = field(default_factory=list)
+    # {dataset name: local file in the hub's layout}, read instead of the option's hub id or path
+    paths: dict[str, str] = field(default_factory=dict)
+    # which of standard, cor, random, static_k1 to evaluate (standard is always one)
+    conditions: list[str] = field(default_factory=lambda: list(COR_CONDITIONS))
+    # the run's dataset whose CEI tables the plan is built from; null: the run's first
+    calibration: str | None = None
+    problems_limit: int | None = None  # keep the first N questions of each dataset
+    questions_per_unit: int = 64  # questions per evaluation unit (a unit = condition x shard)
+    # The prompt of a question ({question} is its text); an option's tokens follow it, after
+    # one space. The TruthfulQA paper's own QA primer is not used: a bare "Q: ... A:" prompt.
+    mc_template: str = "Q: {question}\nA:"
+    qa_template: str = "Q: {question}\nA:"  # TriviaQA's prompt; greedy answer after it
+    max_new_tokens: int = 16  # TriviaQA: most answer tokens generated
+    stop: list[str] = field(default_factory=lambda: ["\n"])  # TriviaQA: answer cut at the first
+    seed: int = 0  # the bootstrap's resamples (the random condition's: plan.seed)
+    bootstrap_draws: int = 2000  # resamples of questions for the 95% paired intervals
+    # The plan's settings: analysis.cor_plan.RerouteConfig's fields (shift, layers_moved,
+    # forced, min_dormancy, seed; empty: its defaults).
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
 @dataclass
 class CompareConfig:
     """One command that runs a config once per option of one setting and compares the runs
@@ -253,6 +297,7 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     router_update: RouterUpdateConfig = field(default_factory=RouterUpdateConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)  # in no hash: runs are runs
+    cor: CorConfig = field(default_factory=CorConfig)
     run_id: str | None = None  # None: "<sweep-or-model>-<hash8>" of the config
     runs_dir: str = "runs"  # relative to the directory the command runs in
     dry_run: bool = False  # print the work-unit plan and exit: no Ray, no model

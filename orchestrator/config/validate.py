@@ -20,7 +20,9 @@ from analysis.metrics import BINNINGS
 from orchestrator.config.compose import load_option, router_models
 from orchestrator.config.schema import (
     BUNDLED,
+    COR_CONDITIONS,
     ClusterConfig,
+    CorConfig,
     DatasetConfig,
     ModelConfig,
     RouterUpdateConfig,
@@ -102,6 +104,8 @@ def validate(cfg: RunConfig) -> None:
         validate_router_update(cfg, cfg.router_update)
     if cfg.compare.binning not in BINNINGS:
         raise ConfigError(f"compare.binning={cfg.compare.binning!r}; valid: {', '.join(BINNINGS)}")
+    if cfg.cor.enabled:
+        validate_cor(cfg, cfg.cor)
 
 
 def validate_cluster(cl: ClusterConfig) -> None:
@@ -130,6 +134,53 @@ def validate_cluster(cl: ClusterConfig) -> None:
 
 def is_finite(value: Any) -> bool:
     return value is None or not isinstance(value, float) or math.isfinite(value)
+
+
+def validate_cor(cfg: RunConfig, cor: CorConfig) -> None:
+    """The CoR evaluation's data sets, conditions, templates and counts."""
+    if not cor.datasets:
+        raise ConfigError("cor.datasets must name conf/dataset options (truthful_qa, trivia_qa)")
+    for name in cor.datasets:
+        loader = load_option("dataset", name).loader
+        if loader not in ("truthful_qa", "trivia_qa"):
+            raise ConfigError(
+                f"cor.datasets: {name} is a {loader} set; use truthful_qa or trivia_qa"
+            )
+    stray = sorted(set(cor.paths) - set(cor.datasets))
+    if stray:
+        raise ConfigError(f"cor.paths names {stray}, not in cor.datasets {cor.datasets}")
+    unknown = sorted(set(cor.conditions) - set(COR_CONDITIONS))
+    if (
+        unknown
+        or "standard" not in cor.conditions
+        or len(set(cor.conditions)) < len(cor.conditions)
+    ):
+        raise ConfigError(
+            f"cor.conditions={cor.conditions!r}: distinct names of {', '.join(COR_CONDITIONS)},"
+            " standard among them (the others are compared to it)"
+        )
+    if cor.calibration is not None and cor.calibration not in {d.name for d in sweep_datasets(cfg)}:
+        raise ConfigError(f"cor.calibration={cor.calibration!r} is not a dataset of this run")
+    try:
+        from analysis.cor_plan import RerouteConfig
+
+        RerouteConfig(**cor.plan)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cor.plan: {err}") from None
+    missing = sorted(set(cor.models) - {m.name for m in sweep_models(cfg)})
+    if missing:
+        raise ConfigError(f"cor.models: {missing} are not models of this run (no CEI tables)")
+    for key in ("mc_template", "qa_template"):
+        try:
+            getattr(cor, key).format(question="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"cor.{key}: only {{question}} may be filled in ({err!r})") from None
+    counts = {"questions_per_unit": 1, "max_new_tokens": 1, "bootstrap_draws": 1}
+    for key, least in counts.items():
+        if getattr(cor, key) < least:
+            raise ConfigError(f"cor.{key}={getattr(cor, key)!r} must be >= {least}")
+    if cor.problems_limit is not None and cor.problems_limit < 1:
+        raise ConfigError(f"cor.problems_limit={cor.problems_limit!r} must be >= 1 or null")
 
 
 def validate_router_update(cfg: RunConfig, ru: RouterUpdateConfig) -> None:

@@ -17,6 +17,12 @@ GPQA options are shuffled per problem from sha256(seed, Record ID), so the order
 every machine and Python run; the gold answer is the correct option's letter and `metadata`
 records the permutation (`permutation[k]` = source option shown as letter k, where source
 option 0 is "Correct Answer" and 1-3 are "Incorrect Answer 1-3").
+
+"truthful_qa" (the hub's "multiple_choice" layout) and "trivia_qa" ("rc.nocontext") are read
+only by the CoR evaluation (workers.generation.cor_eval): their answers go to `metadata`
+(mc1/mc2 choices and 0/1 labels, checked: one true mc1 choice, at least one true mc2 choice;
+TriviaQA's normalized aliases), ids are "truthful_qa-<sha256 of the question>[:16]" and
+"trivia_qa-<question_id>".
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class DatasetSpec:
     verifier: str  # a workers.generation.verify kind
     instruction: str
     config: str | None = None
+    objects: tuple[str, ...] = ()  # columns holding objects, checked by the layout's converter
 
 
 SPECS: dict[str, DatasetSpec] = {
@@ -90,6 +97,26 @@ SPECS: dict[str, DatasetSpec] = {
         "choice",
         CHOICE_INSTRUCTION,
         config="gpqa_diamond",
+    ),
+    # Evaluation-only sets (the CoR evaluation, workers.generation.cor_eval): never sampled
+    # from, so their verifier is a placeholder; the answers travel in `metadata`.
+    "truthful_qa": DatasetSpec(
+        "truthfulqa/truthful_qa",
+        "validation",
+        ("question", "mc1_targets", "mc2_targets"),
+        "exact",
+        "",
+        config="multiple_choice",
+        objects=("mc1_targets", "mc2_targets"),
+    ),
+    "trivia_qa": DatasetSpec(
+        "mandarjoshi/trivia_qa",
+        "validation",
+        ("question", "question_id", "answer"),
+        "exact",
+        "",
+        config="rc.nocontext",
+        objects=("answer",),
     ),
 }
 
@@ -139,7 +166,7 @@ def load_problems(
 
 # Columns that become the prompt's text: a list or a number there is a malformed source.
 TEXT_COLUMNS = {
-    "problem", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+    "problem", "question", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
     "Incorrect Answer 3",
 }  # fmt: skip
 
@@ -157,6 +184,8 @@ def check_records(records: list[Any], spec: DatasetSpec, name: str, *, where: st
                 f"{where}: row {i} lacks columns {missing} needed for {name}; has {list(record)}"
             )
         for column in spec.columns:
+            if column in spec.objects:
+                continue
             value = record[column]
             ok = (str,) if column in TEXT_COLUMNS else (str, int)
             if not isinstance(value, ok) or isinstance(value, bool):
@@ -356,10 +385,75 @@ def _gpqa(record: dict, seed: int) -> dict:
     )
 
 
+def _targets(record: dict, column: str, *, single: bool) -> tuple[list[str], list[int]]:
+    """TruthfulQA's {choices, labels}: as many 0/1 labels as non-empty string choices, at
+    least one true (exactly one when `single`, as mc1's)."""
+    where = f"truthful_qa question {str(record['question'])[:60]!r}: {column}"
+    value = record[column]
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} is {type(value).__name__}, not {{choices, labels}}")
+    choices, labels = value.get("choices"), value.get("labels")
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"{where}.choices must be a list of non-empty strings")
+    if not isinstance(labels, list) or len(labels) != len(choices) or not choices:
+        raise ValueError(f"{where}.labels must be one label per choice")
+    if any(label not in (0, 1) or isinstance(label, float) for label in labels):
+        raise ValueError(f"{where}.labels must be 0 or 1")
+    true = sum(labels)
+    if true == 0 or (single and true != 1):
+        raise ValueError(f"{where} needs {'exactly one' if single else 'a'} true choice")
+    return choices, [int(label) for label in labels]
+
+
+def _truthful_qa(record: dict, seed: int) -> dict:
+    question = str(record["question"]).strip()
+    mc1 = _targets(record, "mc1_targets", single=True)
+    mc2 = _targets(record, "mc2_targets", single=False)
+    digest = hashlib.sha256(question.encode()).hexdigest()[:16]
+    return _row(
+        f"truthful_qa-{digest}",
+        "truthful_qa",
+        question,
+        mc1[0][mc1[1].index(1)],
+        source=SPECS["truthful_qa"].hf_id,
+        mc1_choices=mc1[0],
+        mc1_labels=mc1[1],
+        mc2_choices=mc2[0],
+        mc2_labels=mc2[1],
+    )
+
+
+def _trivia_qa(record: dict, seed: int) -> dict:
+    """The answer's value and its normalized aliases (computed from `aliases` and `value` by
+    the SQuAD rule when the file has no `normalized_aliases`)."""
+    from workers.generation.cor_eval import normalize_answer
+
+    answer, qid = record["answer"], str(record["question_id"]).strip()
+    where = f"trivia_qa question {qid!r}: answer"
+    if not isinstance(answer, dict) or not isinstance(answer.get("value"), str):
+        raise ValueError(f"{where} must be an object with a string `value`")
+    aliases = answer.get("normalized_aliases")
+    if aliases is None:
+        aliases = [normalize_answer(a) for a in [answer["value"], *(answer.get("aliases") or [])]]
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise ValueError(f"{where}.normalized_aliases must be a list of strings")
+    return _row(
+        f"trivia_qa-{qid}",
+        "trivia_qa",
+        record["question"],
+        answer["value"],
+        source=SPECS["trivia_qa"].hf_id,
+        question_id=qid,
+        normalized_aliases=sorted(set(aliases) | {normalize_answer(answer["value"])}),
+    )
+
+
 _CONVERTERS: dict[str, Callable[[dict, int], dict]] = {
     "math500": _math500,
     "aime2024": _aime2024,
     "aime2025": _matharena("aime2025"),
     "hmmt_feb_2025": _matharena("hmmt_feb_2025"),
     "gpqa_diamond": _gpqa,
+    "truthful_qa": _truthful_qa,
+    "trivia_qa": _trivia_qa,
 }
