@@ -218,12 +218,8 @@ class HFBackend:
             else:
                 reason = "length"
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            completions.append(
-                Completion(
-                    pid, k, list(ids), tokens, text, reason,
-                    routes=None if routes is None else routes[row, : len(tokens)],
-                )  # fmt: skip
-            )
+            kept = None if routes is None else routes[row, : len(tokens)]
+            completions.append(Completion(pid, k, list(ids), tokens, text, reason, routes=kept))
         return completions
 
     def _take_routes(self) -> np.ndarray | None:

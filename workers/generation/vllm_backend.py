@@ -128,9 +128,12 @@ class VLLMBackend:
                 max_tokens=budget,
                 logprobs=0,  # the sampled token's own log-probability, no alternatives
                 # routes from the last prompt position on: one row per completion token
-                **({} if self.route_layers is None else
-                   {"routed_experts_prompt_start": len(ids) - 1}),
-            )  # fmt: skip
+                **(
+                    {}
+                    if self.route_layers is None
+                    else {"routed_experts_prompt_start": len(ids) - 1}
+                ),
+            )
             for (problem_id, _), ids, budget in zip(prompts, encoded, budgets, strict=True)
         ]
         # LLM.generate returns one RequestOutput per prompt, in input order.
