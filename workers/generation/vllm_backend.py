@@ -46,6 +46,21 @@ class RoutesUnsupported(RuntimeError):
     """This vLLM build cannot return routed experts (vLLM's refusal in the message)."""
 
 
+def routes_refusal(vllm: Any, exc: ValueError) -> str:
+    """One line: why this vLLM refused `enable_return_routed_experts` (its pydantic message)."""
+    errors = getattr(exc, "errors", None)
+    reason = errors()[0]["msg"] if callable(errors) else str(exc).splitlines()[0]
+    from vllm.triton_utils import HAS_TRITON
+
+    why = (
+        ""
+        if HAS_TRITON
+        else "; routed experts come only from vLLM's Model Runner V2, which requires Triton,"
+        " and this build has none it can use (the CPU build needs Triton's CPU backend)"
+    )
+    return f"vLLM {vllm.__version__} cannot return routed experts here: {reason}{why}"
+
+
 class VLLMBackend:
     def __init__(
         self,
@@ -94,9 +109,7 @@ class VLLMBackend:
         except ValueError as exc:
             if route_layers is None:
                 raise
-            raise RoutesUnsupported(
-                f"vLLM {vllm.__version__} cannot return routed experts here: {exc}"
-            ) from exc
+            raise RoutesUnsupported(routes_refusal(vllm, exc)) from exc
         self.tokenizer = self.llm.get_tokenizer()
         self.max_length = self.llm.model_config.max_model_len
         self.route_layers, self.routes_field = None, None
