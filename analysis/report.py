@@ -267,7 +267,8 @@ def _route_agreement(table: pl.DataFrame | None, labels: dict) -> list[str]:
         "",
         "Scored tokens whose standard route S (the scorer's forward pass) is, as a set, the"
         " route G the generator's own router took at that position (`gen_routes`,"
-        " generation.record_routes), and the mean overlap |S ∩ G| / k:",
+        " generation.record_routes), and the mean overlap |S ∩ G| / k"
+        " (`tables/route_agreement`):",
         "",
     ]
     rows = [
@@ -588,7 +589,7 @@ def render_markdown(
         ),
         "",
     ]
-    lines += _route_agreement(tables.get("route_agreement"), labels)
+    lines += _route_agreement(tables.get("route_agreement"), labels)  # generation.record_routes
     lines += _key_numbers(tables.get("headline", by_bin), cfg, labels)
     lines += _robustness(tables.get("binnings"), cfg, labels)
     lines += _divergence(tables.get("divergence"), cfg, labels, old_scores, shards)
@@ -613,7 +614,7 @@ def render_markdown(
         "Tables: `tables/by_bin`, `tables/overall`, `tables/counts`, `tables/gain_hist`, "
         "`tables/generation`, `tables/binnings` (every binning), `tables/headline` (the "
         "headline's binning), `tables/divergence` (next-token distributions) and "
-        "`tables/by_verified` and `tables/route_agreement` where the run has them (.parquet and .csv). The exact "
+        "`tables/by_verified` where the run has them (.parquet and .csv). The exact "
         "definitions: docs/method.md.",
         "",
     ]
