@@ -538,11 +538,15 @@ def describe_footprint(
         tokens = sum(c.max_completion_tokens for c in mine)
         prompts = sum(c.completions for c in mine) * PROMPT_ALLOWANCE
         trajectories = tokens * COMPLETION_TOKEN_BYTES + prompts * PROMPT_TOKEN_BYTES
+        # generation.record_routes: k ids per MoE layer per token, in the generated files only
+        ids = expert_id_type(model.num_experts).bit_width // 8
+        routes = tokens * len(model.moe_layers) * model.top_k * ids
+        routes *= cfg.generation.record_routes
         row = score_row_bytes(model, J)
         scored = round(tokens * positions_share(cfg, model)) * len(layers_of[model.name])
-        total += 2 * trajectories + scored * row
+        total += 2 * trajectories + routes + scored * row
         lines.append(
-            f"  {model.name:<16} trajectories {trajectories / GB:10,.1f} GB, shards"
+            f"  {model.name:<16} trajectories {(trajectories + routes) / GB:10,.1f} GB, shards"
             f" <= {trajectories / GB:10,.1f} GB, scores {scored * row / GB:10,.1f} GB"
             f" ({scored:,} rows x {row} bytes)"
         )

@@ -10,6 +10,7 @@ scorer's standard route S with the generator's route G, and the demo run that me
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,22 @@ def test_record_routes_with_vllm_on_cpu_is_a_config_error():
     C.validate(make("generation.record_routes=true"))  # HF records on CPU
 
 
+def test_the_dry_run_counts_the_generator_routes_in_the_trajectories_only():
+    from test_config import make
+
+    from orchestrator import plan
+
+    def qwen(*overrides: str) -> tuple[float, float]:
+        text = plan.describe_plan(make("sweep=paper", *overrides), "r", plan.Path("/r"))
+        found = re.search(r"qwen3-30b-a3b +trajectories +([\d,.]+) GB, shards <= +([\d,.]+)", text)
+        return tuple(float(x.replace(",", "")) for x in found.groups())
+
+    plain, routes = qwen(), qwen("generation.record_routes=true")
+    assert plain[0] == plain[1] == routes[1]
+    # 48 MoE layers x k = 8 one-byte ids per token against 12 bytes a token without them
+    assert routes[0] > 20 * plain[0]
+
+
 @pytest.fixture(scope="module")
 def routes_demo(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("gen-routes")
@@ -119,6 +136,8 @@ def test_demo_records_generator_routes_and_reports_their_agreement(routes_demo):
     # router logits: measured 15,096 of 15,096 tokens agree on the full demo. A position off
     # by one gives 0 (the check below), a wrong layer about chance (k/E = 1/4 overlap).
     assert table["share"].min() >= 0.99 and table["mean_overlap"].min() >= 0.99
+    shard = pa.ipc.open_file(str(next(routes_demo.glob("trajectories/*/*/shards/*.arrow"))))
+    assert GEN_ROUTES not in shard.schema.names  # the scorer does not need them
     report = (routes_demo / "report.md").read_text()
     assert "## Generator routes" in report
 
