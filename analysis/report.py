@@ -32,6 +32,7 @@ import polars as pl
 from analysis.cei import cei_report
 from analysis.divergence import divergence_files, divergence_table, verified_table
 from analysis.figures import layer_label, plot_all
+from analysis.gen_routes import route_agreement
 from analysis.inputs import SCORES_GLOB, ScoreInputs, select_generated_files, select_score_files
 from analysis.metrics import (
     BINNINGS,
@@ -96,6 +97,16 @@ def build_report(run_dir: str | Path, *, config: AnalysisConfig | None = None) -
         )
     seconds = time.perf_counter() - started
     tables["generation"] = generation_summary(run_dir, generated)
+    agreement = route_agreement(shards, generated)  # where trajectories carry gen_routes
+    if agreement is not None:
+        tables["route_agreement"] = agreement
+        for r in agreement.iter_rows(named=True):
+            print(
+                f"route agreement of {run_dir.name}: {r['model']} layer {r['layer']}: S = G on"
+                f" {r['same_set']:,} of {r['tokens']:,} scored tokens ({r['share']:.4f}),"
+                f" mean |S ∩ G| / k {r['mean_overlap']:.4f}",
+                file=sys.stderr,
+            )
     write_tables(tables, run_dir / "tables", root=run_dir)
     # 3. Figures and the markdown report that embeds them.
     run_config = load_run_config(run_dir)
@@ -246,6 +257,34 @@ def _generation_table(generation: pl.DataFrame) -> list[str]:
         for r in generation.iter_rows(named=True)
     ]
     return _table(header, rows, align="lllrrrrlr")
+
+
+def _route_agreement(table: pl.DataFrame | None, labels: dict) -> list[str]:
+    if table is None:
+        return []
+    lines = [
+        "## Generator routes",
+        "",
+        "Scored tokens whose standard route S (the scorer's forward pass) is, as a set, the"
+        " route G the generator's own router took at that position (`gen_routes`,"
+        " generation.record_routes), and the mean overlap |S ∩ G| / k"
+        " (`tables/route_agreement`):",
+        "",
+    ]
+    rows = [
+        [
+            r["model"],
+            layer_label(labels, r["model"], r["layer"]),
+            f"{r['tokens']:,}",
+            f"{r['same_set']:,}",
+            _fmt(r["share"], ".4f"),
+            _fmt(r["mean_overlap"], ".4f"),
+        ]
+        for r in table.iter_rows(named=True)
+    ]
+    header = ["model", "layer", "tokens", "S = G", "share", "mean overlap"]
+    lines += _table(header, rows or [["–"] * len(header)], "llrrrr") + [""]
+    return lines
 
 
 def _how_to_read(cfg: AnalysisConfig, chance: str) -> list[str]:
@@ -550,6 +589,7 @@ def render_markdown(
         ),
         "",
     ]
+    lines += _route_agreement(tables.get("route_agreement"), labels)  # generation.record_routes
     lines += _key_numbers(tables.get("headline", by_bin), cfg, labels)
     lines += _robustness(tables.get("binnings"), cfg, labels)
     lines += _divergence(tables.get("divergence"), cfg, labels, old_scores, shards)

@@ -35,7 +35,7 @@ from orchestrator.config import (
 )
 from workers.io import check_path_name
 from workers.rates import RATES_PATH, Rate, read_rates
-from workers.schemas import COMPLETION_TOKENS, MOE_GEOMETRY, scores_schema
+from workers.schemas import COMPLETION_TOKENS, MOE_GEOMETRY, expert_id_type, scores_schema
 from workers.scoring.score_config import parse_positions
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -564,6 +564,10 @@ def describe_footprint(
         tokens = sum(c.max_completion_tokens for c in mine)
         prompts = sum(c.completions for c in mine) * PROMPT_ALLOWANCE
         trajectories = tokens * COMPLETION_TOKEN_BYTES + prompts * PROMPT_TOKEN_BYTES
+        # generation.record_routes: k ids per MoE layer per token, in the generated files only
+        ids = expert_id_type(model.num_experts).bit_width // 8
+        routes = tokens * len(model.moe_layers) * model.top_k * ids
+        routes *= cfg.generation.record_routes
         row = score_row_bytes(
             model,
             J,
@@ -571,9 +575,9 @@ def describe_footprint(
             geometry=cfg.scoring.moe_geometry,
         )
         scored = round(tokens * positions_share(cfg, model)) * len(layers_of[model.name])
-        total += 2 * trajectories + scored * row
+        total += 2 * trajectories + routes + scored * row
         lines.append(
-            f"  {model.name:<16} trajectories {trajectories / GB:10,.1f} GB, shards"
+            f"  {model.name:<16} trajectories {(trajectories + routes) / GB:10,.1f} GB, shards"
             f" <= {trajectories / GB:10,.1f} GB, scores {scored * row / GB:10,.1f} GB"
             f" ({scored:,} rows x {row} bytes)"
         )

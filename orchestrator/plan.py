@@ -95,6 +95,7 @@ UNHASHED: dict[str, Any] = {
     "cei": False,
     "cei_gating": "family",
     "moe_geometry": False,
+    "record_routes": False,
 }
 
 

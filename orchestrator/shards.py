@@ -19,6 +19,7 @@ from orchestrator import plan
 from orchestrator.config import RunConfig
 from orchestrator.errors import PipelineError
 from workers.io import CorruptFile, IncompleteFileError, discard, read_verified, verify, write_arrow
+from workers.schemas import GEN_ROUTES
 
 
 def write_shards(
@@ -36,6 +37,8 @@ def write_shards(
     except IncompleteFileError as err:  # only when verify_checksums=false let it through
         raise PipelineError(f"{err}; rerun with verify_checksums=true to redo it") from None
     table = pa.concat_tables([t for t, _ in read])
+    if GEN_ROUTES in table.column_names:  # the report reads them from the generated files
+        table = table.drop_columns([GEN_ROUTES])
     total = table.num_rows
     if cfg.scoring.verified_only:
         table = table.filter(table.column("verified"))

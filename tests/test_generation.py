@@ -403,3 +403,45 @@ def test_bundled_tiny_model_solves_demo_problems():
     )
     assert table.num_rows == 8
     assert sum(table.column("verified").to_pylist()) >= 4  # a trained model mostly solves it
+
+
+def test_hf_backend_records_the_route_the_model_takes_at_each_completion_token(tiny_model):
+    """With route_layers, each completion token i carries, per layer, the experts the router
+    picked in the forward pass at position prompt_len - 1 + i, whatever the batch and its left
+    padding: the same sets as one unbatched forward pass over the finished sequence gives."""
+    from workers.adapters import adapter_for
+
+    recorder = make_backend("hf", str(tiny_model), batch_size=3, route_layers=[0, 1])
+    assert recorder.routes_field.type.value_type.list_size == 2  # layers
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=5)
+    completions = recorder.generate(PROMPTS, params)
+    model, adapter = recorder.model, adapter_for(recorder.model)
+    chosen = {}
+    hooks = [
+        adapter.router(layer).register_forward_hook(
+            lambda m, a, out, layer=layer: chosen.__setitem__(
+                layer, adapter.parse_router_output(out)[1]
+            )
+        )
+        for layer in (0, 1)
+    ]
+    try:
+        for c in completions:
+            routes = c.routes
+            assert routes.shape == (len(c.completion_ids), 2, 2) and routes.dtype == "uint8"
+            assert routes.max() < 8
+            ids = c.prompt_ids + c.completion_ids
+            with torch.inference_mode():
+                model(torch.tensor([ids[:-1]]))
+            p = len(c.prompt_ids)
+            for slot, layer in enumerate((0, 1)):
+                full = chosen[layer].reshape(len(ids) - 1, 2)[p - 1 :].tolist()
+                recorded = routes[:, slot].tolist()
+                assert [set(r) for r in full] == [set(r) for r in recorded]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # recording changes nothing that is sampled
+    plain = make_backend("hf", str(tiny_model), batch_size=3).generate(PROMPTS, params)
+    assert [c.completion_ids for c in plain] == [c.completion_ids for c in completions]
+    assert all(c.routes is None for c in plain)

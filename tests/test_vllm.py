@@ -229,3 +229,56 @@ def test_mini_sweep_of_four_families_survives_a_driver_kill(tmp_path):
         ]
         assert runs_info or path not in resumed_files, path
         assert all(r.run_group == "m" for r in runs_info)
+
+
+def test_vllm_records_generation_routes():
+    """generation.record_routes on the vLLM backend: vLLM's enable_return_routed_experts gives
+    one route per completion token at every MoE layer, and they agree (as sets) with the
+    routes of one transformers forward pass, as the scorer computes S. vLLM 0.32 returns
+    routes only from its Model Runner V2, which needs Triton; its CPU build has no Triton CPU
+    backend and refuses at start-up: then this test skips with vLLM's reason."""
+    import torch
+
+    from workers.adapters import adapter_for
+    from workers.generation import SamplingParams, make_backend
+    from workers.generation.demo_task import bundled_model_path
+    from workers.generation.vllm_backend import RoutesUnsupported
+    from workers.models import load_causal_lm
+
+    path = str(bundled_model_path())
+    try:
+        backend = make_backend(
+            "vllm", path, dtype="float32", max_model_len=256, enforce_eager=True,
+            kv_cache_memory_bytes=256 << 20, max_num_seqs=64, route_layers=[0, 1, 2, 3],
+        )  # fmt: skip
+    except RoutesUnsupported as exc:
+        pytest.skip(str(exc))
+    try:
+        prompts = [(f"p{i}", f"solve {i + 2} * x + {i} = {3 * i + 5} for x.") for i in range(8)]
+        completions = backend.generate(prompts, SamplingParams(n=2, max_tokens=64, seed=0))
+    finally:
+        backend.close()
+    model = load_causal_lm(path, dtype=torch.float32, device="cpu")
+    adapter = adapter_for(model)
+    chosen = {}
+    for layer in adapter.moe_layers:
+        adapter.router(layer).register_forward_hook(
+            lambda m, a, out, layer=layer: chosen.__setitem__(
+                layer, adapter.parse_router_output(out)[1]
+            )
+        )
+    same = total = 0
+    for c in completions:
+        assert c.routes.shape == (len(c.completion_ids), 4, 4) and c.routes.max() < 16
+        ids = c.prompt_ids + c.completion_ids
+        with torch.inference_mode():
+            model(torch.tensor([ids[:-1]]))
+        for slot, layer in enumerate(adapter.moe_layers):
+            full = chosen[layer].reshape(len(ids) - 1, 4)[len(c.prompt_ids) - 1 :].tolist()
+            pairs = zip(full, c.routes[:, slot].tolist(), strict=True)
+            same += sum(set(s) == set(g) for s, g in pairs)
+            total += len(full)
+    print(f"vLLM routes: S = G on {same} of {total} (token, layer) pairs")
+    # vLLM's fused MoE and paged attention round differently from transformers' modules
+    # (LOGPROB_TOL above: a few ulps); only near-ties in the router logits can flip.
+    assert 0.95 <= same / total <= 1

@@ -47,6 +47,29 @@ def completion_tokens(table: pa.Table) -> int:
 
     total = pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0
     return int(total - (pc.sum(table["prompt_len"]).as_py() or 0))
+# Only in trajectory files generated with generation.record_routes, appended after
+# TRAJECTORIES_SCHEMA's columns: the experts the generator's own router picked for each
+# completion token (index i: the forward pass at position prompt_len - 1 + i, whose next token
+# is completion token i, i.e. the scorer's position of that target), at each of the model's MoE
+# layers (the field's metadata `layers`: their decoder indices, in order), k expert ids each in
+# the generator's order. An empty list for a sample without tokens; null where not recorded.
+GEN_ROUTES = "gen_routes"
+
+
+def gen_routes_field(n_experts: int, top_k: int, layers: list[int]) -> pa.Field:
+    """The `gen_routes` column of a model: per completion token, per MoE layer, k expert ids
+    of expert_id_type (a fixed-size list of fixed-size lists, as the score files keep routes)."""
+    route = pa.list_(expert_id_type(n_experts), top_k)
+    return pa.field(
+        GEN_ROUTES,
+        pa.list_(pa.list_(route, len(layers))),
+        metadata={"layers": ",".join(str(i) for i in layers)},
+    )
+
+
+def gen_route_layers(field: pa.Field) -> list[int]:
+    """The decoder indices of a `gen_routes` field's layers (its metadata)."""
+    return [int(i) for i in (field.metadata or {}).get(b"layers", b"").decode().split(",") if i]
 
 
 # One row per scored completion token (docs/method.md): the standard route S and J alternatives at

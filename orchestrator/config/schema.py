@@ -101,6 +101,10 @@ class GenerationConfig:
     batch_size: int = 16  # prompts per generate() call inside a unit (memory, not results)
     seed: int = 0  # seed of every sample
     problems_per_shard: int = 16  # problems per generation unit
+    # Keep the generator's own route of every completion token at every MoE layer in the
+    # trajectories (`gen_routes`; HF: router hooks, vLLM: enable_return_routed_experts, GPU
+    # builds only); the report then compares them with the scorer's standard routes.
+    record_routes: bool = False
 
 
 def _scorer_setting(f: Field) -> tuple[str, Any, Field]:

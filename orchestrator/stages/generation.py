@@ -58,6 +58,8 @@ def generation_units(
         "prompt": prompt,
         "problems": problems_sha256,
     }
+    if generation.record_routes:  # at its default (off) the hash is as before
+        common["record_routes"] = True
     base = generated_dir(run_dir, model, dataset)
     units = []
     size = generation.problems_per_shard
@@ -111,11 +113,13 @@ class GeneratorSpawner:
         self.groups: dict[Any, Any] = {}  # actor -> its placement group
         gpus = self.cluster.use_gpus
         self.resources: dict[str, Any] = {"num_cpus": self.cluster.cpus_per_actor, "num_gpus": 0}
+        routes = {"route_layers": list(model.moe_layers)} if cfg.generation.record_routes else {}
         if self.backend == "hf":
             self.options: dict[str, Any] = {
                 "dtype": model.dtype,
                 "batch_size": cfg.generation.batch_size,
                 "device": "cuda" if gpus else "cpu",
+                **routes,
             }
             self.resources["num_gpus"] = 1 if gpus else 0
             return
@@ -127,6 +131,7 @@ class GeneratorSpawner:
             "max_model_len": engine.max_model_len,
             "enforce_eager": engine.enforce_eager,
             "max_num_seqs": engine.max_num_seqs,
+            **routes,
         }
         if gpus:
             self.options["gpu_memory_utilization"] = engine.gpu_memory_utilization

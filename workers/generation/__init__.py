@@ -67,11 +67,18 @@ class Completion:
     # log p(token | prefix) of each completion token under the model's raw distribution
     # (before temperature/truncation), where the backend reports it (vLLM); None otherwise.
     logprobs: list[float] | None = None
+    # The experts the generator's router picked for each completion token (the forward pass
+    # at position prompt_len - 1 + i) at the backend's `route_layers`: an integer array
+    # (completion tokens, layers, k), where the backend records them (`route_layers` given).
+    routes: Any = None
 
 
 class GenerationBackend(Protocol):
     tokenizer: Any
     max_length: int | None  # tokens a sequence may hold (prompt + completion); None = unknown
+    # The `gen_routes` column (workers.schemas.gen_routes_field) of the routes each Completion
+    # carries; None when routes are not recorded (the backend's `route_layers` option).
+    routes_field: Any
 
     def generate(
         self, prompts: Sequence[tuple[str, str]], params: SamplingParams

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from workers.generation import Completion, GenerationBackend, SamplingParams, encode_prompt
@@ -94,7 +95,35 @@ def generate_trajectories(
                 "sample_logprobs": completion.logprobs,
             }
         )
-    return pa.Table.from_pylist(records, schema=TRAJECTORIES_SCHEMA)
+    table = pa.Table.from_pylist(records, schema=TRAJECTORIES_SCHEMA)
+    field = getattr(backend, "routes_field", None)
+    if field is not None:  # generation.record_routes: the generator's routes, appended
+        table = table.append_column(field, routes_column([c for c, _ in ranked], field))
+    return table
+
+
+def routes_column(completions: list[Completion], field: pa.Field) -> pa.Array:
+    """The `gen_routes` column of `completions`: (tokens, layers, k) ids each, an empty list
+    for a sample without tokens (unprompted), in one flat buffer (no per-token Python objects)."""
+    layers = field.type.value_type.list_size
+    k = field.type.value_type.value_type.list_size
+    ids = field.type.value_type.value_type.value_type.to_pandas_dtype()
+    parts = [
+        np.zeros((0, layers, k), ids) if c.routes is None and not c.completion_ids
+        else np.asarray(c.routes, dtype=ids)
+        for c in completions
+    ]  # fmt: skip
+    for c, part in zip(completions, parts, strict=True):
+        if part.shape != (len(c.completion_ids), layers, k):
+            raise ValueError(
+                f"routes of {c.problem_id}/{c.sample_idx}: shape {part.shape}, expected"
+                f" {(len(c.completion_ids), layers, k)}"
+            )
+    flat = pa.array(np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0, ids))
+    per_route = pa.FixedSizeListArray.from_arrays(flat, k)
+    per_token = pa.FixedSizeListArray.from_arrays(per_route, layers)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), per_token).cast(field.type)
 
 
 def prompt_problem(

@@ -15,6 +15,11 @@ alone (its tokens come from its own generator).
 
 With a `plan` (workers.generation.reroute.ReroutePlan) every batch generates rerouted: the plan's
 router hooks are on for the call and `reroute_counter` sums the active experts over all calls.
+With `route_layers` (decoder indices of MoE layers), forward hooks on those layers' routers keep
+the experts each forward pass picked (the router's own chosen indices, as the scorer reads S):
+the prefill's last prompt position, then each decode step's one position, so each completion
+token i gets the route at position prompt_len - 1 + i (`Completion.routes`). This is one
+device-to-host copy per layer per batch, after generation.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     AutoTokenizer,
@@ -107,6 +113,7 @@ class HFBackend:
         dtype: str = "float32",
         batch_size: int = 32,
         plan: ReroutePlan | None = None,
+        route_layers: Sequence[int] | None = None,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
@@ -133,6 +140,37 @@ class HFBackend:
         self.reroute_counter = RerouteCounter() if plan is not None else None
         if plan is not None:
             plan.check(adapter_for(self.model))  # a plan for another model fails here, not later
+        self.routes_field, self._steps = None, None
+        if route_layers is not None and plan is not None:
+            raise ValueError("recording routes under a reroute plan is not supported")
+        if route_layers is not None:
+            self._record_routes(list(route_layers))
+
+    def _record_routes(self, layers: list[int]) -> None:
+        """Hook the routers of `layers`: each forward appends the chosen experts of every row's
+        last position, (batch, k) per layer, to `self._steps` while it is a list."""
+        from workers.schemas import gen_routes_field
+
+        adapter = adapter_for(self.model)
+        for layer in layers:
+            adapter.check_layer(layer)
+        self.routes_field = gen_routes_field(adapter.n_experts, adapter.top_k, layers)
+        self._ids_dtype = np.uint8 if adapter.n_experts <= 256 else np.uint16
+
+        def keep(slot: int):
+            def hook(module, args, output):
+                if self._steps is None:
+                    return
+                z, chosen = adapter.parse_router_output(output)
+                chosen = adapter.standard_route(z) if chosen is None else chosen
+                rows = chosen.reshape(self._batch_rows, -1, adapter.top_k)
+                self._steps[slot].append(rows[:, -1])  # each row's last position
+
+            return hook
+
+        self._batch_rows, self._n_route_layers = 0, len(layers)
+        for slot, layer in enumerate(layers):
+            adapter.router(layer).register_forward_hook(keep(slot))
 
     def generate(
         self, prompts: Sequence[tuple[str, str]], params: SamplingParams
@@ -174,6 +212,8 @@ class HFBackend:
             if self.plan is not None
             else contextlib.nullcontext()
         )
+        if self.routes_field is not None:
+            self._steps, self._batch_rows = [[] for _ in range(self._n_route_layers)], len(batch)
         with torch.inference_mode(), reroute:
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
@@ -183,9 +223,10 @@ class HFBackend:
                 logits_processor=LogitsProcessorList([sampler]),
             )
         new_tokens = out[:, width:].tolist()  # one device-to-host copy per batch
+        routes = self._take_routes()
         eos = set(self.eos_ids)
         completions = []
-        for (pid, k, ids, budget), tokens in zip(batch, new_tokens, strict=True):
+        for row, ((pid, k, ids, budget), tokens) in enumerate(zip(batch, new_tokens, strict=True)):
             tokens = tokens[:budget]
             stop = next((i for i, t in enumerate(tokens) if t in eos), None)
             if stop is not None:
@@ -193,8 +234,17 @@ class HFBackend:
             else:
                 reason = "length"
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            completions.append(Completion(pid, k, list(ids), tokens, text, reason))
+            kept = None if routes is None else routes[row, : len(tokens)]
+            completions.append(Completion(pid, k, list(ids), tokens, text, reason, routes=kept))
         return completions
+
+    def _take_routes(self) -> np.ndarray | None:
+        """The routes the hooks kept for the last batch: (batch, forward passes, layers, k)."""
+        if self._steps is None:
+            return None
+        steps, self._steps = self._steps, None
+        per_layer = [torch.stack(s, dim=1).cpu() for s in steps]  # (batch, passes, k) each
+        return torch.stack(per_layer, dim=2).numpy().astype(self._ids_dtype)
 
 
 def _eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:

@@ -14,6 +14,14 @@ model's raw distribution (vLLM's default `logprobs_mode="raw_logprobs"`: before 
 and truncation), i.e. log p(token | prefix) under the standard routes: what the scorer's
 u(S) is, which lets tests check that generator and scorer see the same model.
 
+With `route_layers` (decoder indices of MoE layers) the engine runs with vLLM's
+`enable_return_routed_experts`: each request asks for routes from position prompt_len - 1 on
+(`routed_experts_prompt_start`), and vLLM returns, per sample, an array (completion tokens,
+decoder layers, k) of the experts its router picked at positions prompt_len - 1 .. end - 1,
+the narrowest unsigned dtype; the rows of `route_layers` become `Completion.routes`. vLLM
+supports this only on its Model Runner V2, which needs Triton (the CPU build: Triton's CPU
+backend, not on PyPI), so the CPU build refuses it at start-up (`RoutesUnsupported`).
+
 `vllm.LLM` starts its engine in a subprocess: create the backend in a process whose main
 module is import-safe (a Ray actor, or a script under `if __name__ == "__main__"`), and
 `close()` it before its devices are reused, so the engine's memory is released at once.
@@ -34,6 +42,25 @@ from workers.generation import (
 )
 
 
+class RoutesUnsupported(RuntimeError):
+    """This vLLM build cannot return routed experts (vLLM's refusal in the message)."""
+
+
+def routes_refusal(vllm: Any, exc: ValueError) -> str:
+    """One line: why this vLLM refused `enable_return_routed_experts` (its pydantic message)."""
+    errors = getattr(exc, "errors", None)
+    reason = errors()[0]["msg"] if callable(errors) else str(exc).splitlines()[0]
+    from vllm.triton_utils import HAS_TRITON
+
+    why = (
+        ""
+        if HAS_TRITON
+        else "; routed experts come only from vLLM's Model Runner V2, which requires Triton,"
+        " and this build has none it can use (the CPU build needs Triton's CPU backend)"
+    )
+    return f"vLLM {vllm.__version__} cannot return routed experts here: {reason}{why}"
+
+
 class VLLMBackend:
     def __init__(
         self,
@@ -46,6 +73,7 @@ class VLLMBackend:
         kv_cache_memory_bytes: int | None = None,
         seed: int = 0,
         distributed_executor_backend: str | None = None,
+        route_layers: Sequence[int] | None = None,
         **engine_kwargs: Any,
     ) -> None:
         try:
@@ -63,20 +91,36 @@ class VLLMBackend:
             # examples drop the variable the same way: each Ray worker vLLM starts gets its GPU.
             del os.environ["CUDA_VISIBLE_DEVICES"]
         self._vllm = vllm
-        self.llm = vllm.LLM(
-            model=model_path,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            seed=seed,
-            distributed_executor_backend=distributed_executor_backend,
-            trust_remote_code=False,
-            **engine_kwargs,
-        )
+        if route_layers is not None:
+            engine_kwargs["enable_return_routed_experts"] = True
+        try:
+            self.llm = vllm.LLM(
+                model=model_path,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                seed=seed,
+                distributed_executor_backend=distributed_executor_backend,
+                trust_remote_code=False,
+                **engine_kwargs,
+            )
+        except ValueError as exc:
+            if route_layers is None:
+                raise
+            raise RoutesUnsupported(routes_refusal(vllm, exc)) from exc
         self.tokenizer = self.llm.get_tokenizer()
         self.max_length = self.llm.model_config.max_model_len
+        self.route_layers, self.routes_field = None, None
+        if route_layers is not None:
+            from workers.schemas import gen_routes_field
+
+            config = self.llm.model_config
+            self.route_layers = list(route_layers)
+            self.routes_field = gen_routes_field(
+                config.get_num_experts(), config.get_num_experts_per_tok(), self.route_layers
+            )
 
     def generate(
         self, prompts: Sequence[tuple[str, str]], params: SamplingParams
@@ -96,8 +140,14 @@ class VLLMBackend:
                 min_p=params.min_p,
                 max_tokens=budget,
                 logprobs=0,  # the sampled token's own log-probability, no alternatives
+                # routes from the last prompt position on: one row per completion token
+                **(
+                    {}
+                    if self.route_layers is None
+                    else {"routed_experts_prompt_start": len(ids) - 1}
+                ),
             )
-            for (problem_id, _), budget in zip(prompts, budgets, strict=True)
+            for (problem_id, _), ids, budget in zip(prompts, encoded, budgets, strict=True)
         ]
         # LLM.generate returns one RequestOutput per prompt, in input order.
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
@@ -120,9 +170,21 @@ class VLLMBackend:
                             float(step[token].logprob)
                             for token, step in zip(ids, sample.logprobs, strict=True)
                         ],
+                        routes=self._routes(sample, len(ids)),
                     )
                 )
         return completions
+
+    def _routes(self, sample: Any, n_tokens: int) -> Any:
+        """The rows of `route_layers` in vLLM's routed experts of one sample, checked to hold
+        one route per completion token."""
+        if self.route_layers is None:
+            return None
+        routed = sample.routed_experts  # (positions prompt_len - 1 .. end - 1, layers, k)
+        if routed is None or len(routed) != n_tokens:
+            got = None if routed is None else routed.shape
+            raise RuntimeError(f"vLLM returned routed experts {got} for {n_tokens} tokens")
+        return routed[:, self.route_layers]
 
     def close(self) -> None:
         """Stop the engine and its worker processes now (not when garbage is collected), so
