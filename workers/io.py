@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from workers import store
 from workers.atomic import atomic_file, atomic_write, remove
 
 SIDECAR_SUFFIX = ".done.json"
@@ -112,13 +113,21 @@ def write_arrow(
         **(extra or {}),
     }
     atomic_write(done_path(path), json.dumps(sidecar, indent=1), root=root)
+    try:  # a run on object storage: the pair is committed there too (workers/store.py)
+        store.push_data(path, sidecar)
+    except BaseException:  # the mirror never holds a unit its store does not
+        done_path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
     return sidecar
 
 
 def discard(path: str | Path) -> None:
-    """Remove a data file and its sidecar (sidecar first), e.g. before redoing a unit."""
+    """Remove a data file and its sidecar (sidecar first), e.g. before redoing a unit; on
+    object storage its committed unit there too."""
     done_path(path).unlink(missing_ok=True)
     Path(path).unlink(missing_ok=True)
+    store.discard_data(Path(path))
 
 
 # ------------------------------------------------------------------------------- verified reading
@@ -236,6 +245,7 @@ def verify(
     (`verify_checksums=false` passes checksum=False: it trusts sha256, nothing else).
     """
     path = Path(path)
+    store.fetch_missing(path, done_path(path))  # on object storage, written on another node
     sidecar = parse_sidecar(path)
     if path.is_symlink() or not path.is_file():
         if not path.exists() and not path.is_symlink():
