@@ -107,7 +107,7 @@ def run_synced(cfg: Any, run_dir: Path, *args: Any) -> int:
     """`run_locked` on object storage: the mirror is first brought to the store's state (a
     unit whose object is corrupt or missing is redone), the run's small files are uploaded at
     the end, whatever the outcome (data files are committed as they are written)."""
-    from workers.store import mark_current, pull_run, push_run_files
+    from workers.store import pull_run, push_run_files
 
     try:
         for line in pull_run(run_dir, checksum=cfg.verify_checksums):
@@ -115,7 +115,6 @@ def run_synced(cfg: Any, run_dir: Path, *args: Any) -> int:
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    mark_current(run_dir)
     try:
         return run_locked(cfg, run_dir, *args)
     finally:

@@ -87,6 +87,8 @@ def write_arrow(
     `started` (a `time.time()` value) lets the sidecar record how long the unit took. Both
     files go through workers.atomic (`root`: the run folder, whose subfolders must not be links).
     `compression` (COMPRESSIONS) compresses each buffer of the file; values are unchanged.
+    A path inside the mirror of a run on object storage is then committed to the store
+    (workers/store.py push_data); if that fails the local pair is removed and the error raised.
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}: use one of {', '.join(COMPRESSIONS)}")
@@ -245,7 +247,7 @@ def verify(
     (`verify_checksums=false` passes checksum=False: it trusts sha256, nothing else).
     """
     path = Path(path)
-    store.fetch_missing(path, done_path(path))  # on object storage, written on another node
+    store.sync_pair(path, done_path(path))  # on object storage: the committed pair
     sidecar = parse_sidecar(path)
     if path.is_symlink() or not path.is_file():
         if not path.exists() and not path.is_symlink():

@@ -27,8 +27,8 @@ committed pair is downloaded and checked (a corrupt or missing object: its sidec
 the local pair removed, the unit redone), local pairs the store does not hold are removed, and
 the run's small files (config, plan, failures, tables, report) are fetched. Those small files
 are written locally and uploaded by `push_run_files` when the driver ends. A worker that must
-read a data file its mirror lacks (written on another node) fetches the pair (`fetch_pair`,
-from workers.io.verify). Credentials come from the standard environment of each library
+read a data file checks its mirror's sidecar against the committed one and fetches the pair
+when they differ (`sync_pair`, from workers.io.verify: written on another node, or rewritten). Credentials come from the standard environment of each library
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL(_S3), AWS_REGION; Google's
 application default credentials); nothing here writes them anywhere.
 """
@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from workers.atomic import atomic_file, atomic_write, remove
+from workers.atomic import atomic_file, atomic_write, read_nofollow, remove
 
 STORE_SCHEMES = ("s3", "gs")
 CACHE_ENV = "RUN_STORE_CACHE"
@@ -280,10 +280,16 @@ def push_data(path: Path, sidecar: dict[str, Any]) -> None:
     if not store.write_new(side_key, body):
         store.delete(folder + attempt)
         raise StoreError(f"{store.uri(side_key)}: committed by another writer meanwhile")
+    # The mirror's sidecar becomes the committed one: readers compare the two (sync_pair).
+    atomic_write(path.with_name(stem + SIDECAR), body, root=_bucket_mirror(store))
     pattern = _attempt_pattern(stem)
     for name in store.list(folder.rstrip("/")):
         if "/" not in name and name != attempt and pattern.fullmatch(name):
             store.delete(folder + name)
+
+
+def _bucket_mirror(store: Store) -> Path:
+    return cache_root().absolute() / store.scheme / store.bucket
 
 
 def discard_data(path: Path) -> None:
@@ -339,28 +345,25 @@ def fetch_pair(
     return None
 
 
-_CURRENT: set[Path] = set()  # mirrors this process has pulled whole (the driver's)
-
-
-def mark_current(run_dir: Path) -> None:
-    """`run_dir` was just pulled (pull_run): a file missing from it is missing from the store
-    too, so fetch_missing does not ask the store for it."""
-    _CURRENT.add(Path(os.path.abspath(run_dir)))
-
-
-def fetch_missing(path: Path, sidecar: Path) -> None:
-    """Fetch the committed pair of data file `path` when its sidecar is not in the mirror
-    (another node wrote it); nothing for a local run, a pulled mirror or a present pair."""
-    if sidecar.exists() or sidecar.is_symlink():
-        return
+def sync_pair(path: Path, sidecar: Path) -> None:
+    """Before a worker reads data file `path` from a mirror: when the mirror's sidecar is not
+    the store's committed one (another node wrote the unit, or rewrote it since this node last
+    fetched it), fetch the committed pair; when the store has none, drop the mirror's pair.
+    One small read per file (the driver's planning too); nothing for a local run."""
     located = locate(path)
     if located is None:
         return
     full = Path(os.path.abspath(path))
-    if any(full.is_relative_to(run) for run in _CURRENT):
-        return
     store, key = located
-    fetch_pair(full, cache_root().absolute() / store.scheme / store.bucket)
+    folder, stem = _split(key)
+    committed = store.read(folder + stem + SIDECAR)
+    if committed is not None and committed == read_nofollow(sidecar):
+        return
+    root = _bucket_mirror(store)
+    if committed is None:
+        remove(sidecar, root=root)
+        return
+    fetch_pair(full, root)
 
 
 def _same_local(side: Path, path: Path, sha: str, size: int | None) -> bool:
