@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,8 @@ class Store:
     def __init__(self, scheme: str, bucket: str):
         self.scheme, self.bucket = scheme, bucket
         self._fs: Any = None
+        self._client: Any = None
+        self._lock = threading.Lock()
 
     @property
     def fs(self) -> Any:
@@ -235,14 +238,17 @@ class Store:
 
     def s3_client(self) -> Any:
         """A boto3 S3 client (endpoint, region and credentials from the environment), or None
-        off S3 or without boto3."""
+        off S3 or without boto3. Made once (boto3's default session is not thread-safe)."""
         if self.scheme != "s3":
             return None
-        try:
-            import boto3
-        except ImportError:
-            return None
-        return boto3.client("s3")
+        with self._lock:
+            if self._client is None:
+                try:
+                    import boto3
+                except ImportError:
+                    return None
+                self._client = boto3.session.Session().client("s3")
+            return self._client
 
     @property
     def conditional(self) -> bool:
