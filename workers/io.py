@@ -87,8 +87,9 @@ def write_arrow(
     `started` (a `time.time()` value) lets the sidecar record how long the unit took. Both
     files go through workers.atomic (`root`: the run folder, whose subfolders must not be links).
     `compression` (COMPRESSIONS) compresses each buffer of the file; values are unchanged.
-    A path inside the mirror of a run on object storage is then committed to the store
-    (workers/store.py push_data); if that fails the local pair is removed and the error raised.
+    A path inside the mirror of a run on object storage is committed to the store before its
+    sidecar is written here (workers/store.py push_data); if that fails the data file is
+    removed and the error raised.
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}: use one of {', '.join(COMPRESSIONS)}")
@@ -114,11 +115,12 @@ def write_arrow(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
-    atomic_write(done_path(path), json.dumps(sidecar, indent=1), root=root)
-    try:  # a run on object storage: the pair is committed there too (workers/store.py)
+    if store.locate(path) is None:
+        atomic_write(done_path(path), json.dumps(sidecar, indent=1), root=root)
+        return sidecar
+    try:  # object storage: committed there, then the committed sidecar is written here
         store.push_data(path, sidecar)
     except BaseException:  # the mirror never holds a unit its store does not
-        done_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         raise
     return sidecar

@@ -9,7 +9,8 @@ path the driver hands a worker names the same file in the worker's own mirror, a
 module keeps working on local paths. `locate(path)` maps a mirror path back to its object.
 
 Object stores have no atomic rename, so a data file is committed, not renamed (`push_data`,
-called by workers.io.write_arrow once the local pair is complete):
+called by workers.io.write_arrow once the local data file is complete; the local sidecar is
+written after the commit, as a copy of the committed one):
 1. the file's bytes go to a fresh object `<stem>.<attempt>.arrow` (12 random hex digits): an
    upload cut short leaves an object nothing names;
 2. the sidecar `<stem>.done.json` (the local one plus `"object": "<stem>.<attempt>.arrow"`) is
@@ -270,9 +271,10 @@ def _attempt_pattern(stem: str) -> re.Pattern[str]:
 
 
 def push_data(path: Path, sidecar: dict[str, Any]) -> None:
-    """Commit the complete local pair of `path` to its store (module docstring); nothing
-    for a path outside a mirror. StoreError when a step fails or another writer committed
-    the same unit meanwhile (its attempt object is then deleted)."""
+    """Commit data file `path` with `sidecar` to its store (module docstring), then write the
+    committed sidecar beside `path`; nothing for a path outside a mirror. StoreError when a
+    step fails or another writer committed the same unit meanwhile (its attempt object is then
+    deleted, and no local sidecar written)."""
     located = locate(path)
     if located is None:
         return
@@ -286,7 +288,7 @@ def push_data(path: Path, sidecar: dict[str, Any]) -> None:
     if not store.write_new(side_key, body):
         store.delete(folder + attempt)
         raise StoreError(f"{store.uri(side_key)}: committed by another writer meanwhile")
-    # The mirror's sidecar becomes the committed one: readers compare the two (sync_pair).
+    # The mirror's sidecar is the committed one, byte for byte: readers compare (sync_pair).
     atomic_write(path.with_name(stem + SIDECAR), body, root=_bucket_mirror(store))
     pattern = _attempt_pattern(stem)
     for name in store.list(folder.rstrip("/")):
