@@ -25,6 +25,7 @@ pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the
 boto3 = pytest.importorskip("boto3", reason="boto3 (the dev extra) talks to the local S3")
 
 BUCKET = "runs-test"
+SECRET = "moto-secret-7f3a9c"  # must appear in no file a run writes, nor in its output
 
 
 def free_port() -> int:
@@ -44,7 +45,7 @@ def s3_server():
     )
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
     }
@@ -142,6 +143,24 @@ def test_runs_dir_uris_other_than_s3_or_gs_are_refused(uri, tmp_path):
     assert line.startswith("error: runs_dir") and "secret" not in line
 
 
+def test_a_bucket_that_cannot_be_reached_is_one_error_line(s3, tmp_path):
+    for uri in ("s3://no-such-bucket/runs", f"s3://{BUCKET}/runs"):
+        env = {**os.environ}
+        if uri.endswith(f"{BUCKET}/runs"):
+            env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"  # nothing listens
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator", f"runs_dir={uri}", "wandb=disabled"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: cannot write the run's lease: s3://"), line
+
+
 def drive(tmp_path, run_id: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         cli_command(f"s3://{BUCKET}/runs", run_id),  # type: ignore[arg-type]
@@ -207,6 +226,19 @@ def test_demo_on_s3_killed_resumed_and_a_corrupted_object_redone(s3, reference, 
     )
     assert_same_tables(run_dir, reference)
     assert "tables/headline.parquet" in str(keys(s3, "runs/k/tables/"))
+    # The status command reads the run from the bucket alone, into a mirror of its own.
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator.status", f"s3://{BUCKET}/runs/k", "--json"],
+        env={**env, S.CACHE_ENV: str(tmp_path / "laptop")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    totals = json.loads(status.stdout)["stages"]["scoring"]
+    assert (totals["done"], totals["pending"]) == (9, 0)
+    written = [p.read_bytes() for p in (tmp_path / "node2").rglob("*") if p.is_file()]
+    assert not [b for b in written if SECRET.encode() in b] and SECRET not in result.stderr
 
     # One object's bytes overwritten in the bucket: found at the next start and redone.
     side_key = committed(s3, "runs/k/scores/")[0]
