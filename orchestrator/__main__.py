@@ -1,7 +1,8 @@
 """`python -m orchestrator [group=option ...] [key=value ...]`: problems -> scores -> report.
 
 Reads as its steps: compose the typed config, validate it, plan (or print the plan and stop:
-`dry_run=true`), take the run's lease (orchestrator/lock.py), load the problems, start Ray, run
+`dry_run=true`), take the run's lease (orchestrator/lock.py; with `runs_dir=s3://...` the run's
+local mirror is then brought to the bucket's state, workers/store.py), load the problems, start Ray, run
 the stages, build the report, run the router update (if set; after the report, so its failure
 does not cost the report), log to W&B, stop the local Ray (also on SIGTERM), exit 0 when
 every unit is complete. Running the same

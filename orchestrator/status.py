@@ -2,8 +2,8 @@
 
 Contract: reads a run folder, never writes it, starts no Ray and loads no model; works while a
 driver runs and after. A run on object storage (`s3://bucket/prefix/<run_id>`) is read from its
-local mirror, brought to the store's state first (`local_run`; the store is not written). Per stage and cell (model, dataset, and the layer for scoring) it
-counts units done / failed / pending / running, the tokens and GPU-hours their sidecars record
+local mirror, brought to the store's state first (`local_run`; the store is not written).
+Per stage and cell (model, dataset, and the layer for scoring) it counts units done / failed / pending / running, the tokens and GPU-hours their sidecars record
 against the dry run's estimate (orchestrator/estimate.py, from the run's own config.yaml), the
 throughput and an ETA, and the open failures of failures.jsonl with their first error line.
 
