@@ -1,10 +1,11 @@
 """`python -m orchestrator [group=option ...] [key=value ...]`: problems -> scores -> report.
 
 Reads as its steps: compose the typed config, validate it, plan (or print the plan and stop:
-`dry_run=true`), take the run's lease (orchestrator/lock.py), load the problems, start Ray, run
-the stages, build the report, run the router update and the CoR evaluation (if set; after the
-report, so their failure does not cost the report), log to W&B, stop the local Ray (also on
-SIGTERM), exit 0 when every unit is complete. Running the same
+`dry_run=true`), take the run's lease (orchestrator/lock.py; with `runs_dir=s3://...` the run's
+local mirror is then brought to the bucket's state, workers/store.py), load the problems, start
+Ray, run the stages, build the report, run the router update and the CoR evaluation (if set;
+after the report, so their failure does not cost the report), log to W&B, stop the local Ray
+(also on SIGTERM), exit 0 when every unit is complete. Running the same
 command again resumes the run: complete units are skipped. Exit codes: 0 complete, 1 some units
 failed (the resume command is printed, secrets masked), 2 bad config or input, or another
 driver holds the run (one line on stderr, nothing marked complete).
@@ -37,13 +38,14 @@ from orchestrator.config import (
 )
 from orchestrator.errors import PipelineError
 from orchestrator.estimate import check_memory
-from orchestrator.lock import LeaseWriteError, RunLock, RunLockedError
+from orchestrator.lock import LeaseWriteError, RunLock, RunLockedError, StoreLock
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.problems import prepare_problems
 from orchestrator.provenance import check_resume, run_record
 from orchestrator.summary import record_fixed
 from orchestrator.wandb_run import SECRET_KEY
 from workers.atomic import atomic_write, read_nofollow, remove
+from workers.store import StoreError, is_store_uri, mirror_of
 
 register_configs()
 
@@ -80,7 +82,8 @@ def run_job(
         run_id = derive_run_id(cfg, resolved)
         resolved["run_id"] = run_id
         resolved["provenance"] = run_record(cfg)
-        run_dir = Path(cfg.runs_dir).resolve() / run_id
+        on_store = is_store_uri(cfg.runs_dir)  # a local mirror of the run (workers/store.py)
+        run_dir = (mirror_of(cfg.runs_dir) if on_store else Path(cfg.runs_dir).resolve()) / run_id
         # 2. The plan, its memory and GPU-hours; a dry run stops here (no model, no Ray).
         if cfg.dry_run:
             print(describe_plan(cfg, run_id, run_dir))
@@ -97,7 +100,7 @@ def run_job(
             return 0, None
         check_cluster_address(cfg.cluster.address)
         # 3. One driver per run: the run folder's lease, held until this driver exits.
-        lock = RunLock(run_dir)
+        lock = StoreLock(run_dir) if on_store else RunLock(run_dir)
         lock.acquire()
     except (
         ConfigError,
@@ -105,13 +108,37 @@ def run_job(
         FileNotFoundError,
         RunLockedError,
         LeaseWriteError,
+        StoreError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2, None
     try:
-        return run_locked(cfg, run_dir, run_id, resolved, overrides, started, workers), run_dir
+        if not on_store:
+            return run_locked(cfg, run_dir, run_id, resolved, overrides, started, workers), run_dir
+        return run_synced(cfg, run_dir, run_id, resolved, overrides, started, workers), run_dir
     finally:
         lock.release()
+
+
+def run_synced(cfg: Any, run_dir: Path, *args: Any) -> int:
+    """`run_locked` on object storage: the mirror is first brought to the store's state (a
+    unit whose object is corrupt or missing is redone), the run's small files are uploaded at
+    the end, whatever the outcome (data files are committed as they are written)."""
+    from workers.store import pull_run, push_run_files
+
+    try:
+        for line in pull_run(run_dir, checksum=cfg.verify_checksums):
+            print(f"warning: {line}", file=sys.stderr)
+    except StoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run_locked(cfg, run_dir, *args)
+    finally:
+        try:
+            push_run_files(run_dir)
+        except StoreError as err:
+            print(f"warning: run files not uploaded: {err}", file=sys.stderr)
 
 
 def run_locked(

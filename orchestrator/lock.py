@@ -18,6 +18,13 @@ A driver that crashed does not hold its run forever. Its lease has expired when
   the file is not a JSON object (no lease this module writes looks like that).
 An expired lease is renamed away (one breaker wins the rename) and taken.
 
+On object storage (workers/store.py) `StoreLock` is the same lease as one object,
+`<run>/.driver.lock` in the bucket: taken with a put-if-absent (S3's conditional write),
+renewed by the heartbeat, broken when expired as above (deleted once a second read finds it
+unchanged, then taken with a put-if-absent: of two drivers taking it, one wins). Where the store has no conditional write (gs://, or
+S3 without boto3) the lease is a check then a put: it names a running driver but cannot stop
+two drivers that start at the same moment; run one driver per run id there.
+
 If the heartbeat finds that its lease was taken over (it stopped heartbeating for longer
 than `ttl_s`, e.g. a suspended process), it warns and interrupts the driver's main thread:
 two drivers must never write the same run.
@@ -57,6 +64,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path, *, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S):
         self.path = Path(run_dir) / LOCK_NAME
+        self.where = str(self.path)  # the lease as messages name it
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
         self.token = uuid.uuid4().hex
         self.info = {
@@ -156,7 +164,7 @@ class RunLock:
         return (
             f"run {self.path.parent.name} is in use by another driver: host"
             f" {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
-            f" (last heartbeat {age:.0f} s ago; the lease {self.path} is freed when that driver"
+            f" (last heartbeat {age:.0f} s ago; the lease {self.where} is freed when that driver"
             f" exits, or {self.ttl_s:.0f} s after its last heartbeat)"
         )
 
@@ -193,15 +201,18 @@ class RunLock:
             holder = self._read()
             if holder is None or holder.get("token") != self.token:
                 print(
-                    f"error: lost the lease {self.path} to another driver; stopping",
+                    f"error: lost the lease {self.where} to another driver; stopping",
                     file=sys.stderr,
                 )
                 _thread.interrupt_main()
                 return
             try:  # a full disk: the old heartbeat stays; retried next beat
-                atomic_write(self.path, json.dumps({**self.info, "heartbeat": time.time()}))
-            except OSError as err:
-                print(f"warning: cannot renew the lease {self.path}: {err}", file=sys.stderr)
+                self._renew()
+            except (OSError, RuntimeError) as err:
+                print(f"warning: cannot renew the lease {self.where}: {err}", file=sys.stderr)
+
+    def _renew(self) -> None:
+        atomic_write(self.path, json.dumps({**self.info, "heartbeat": time.time()}))
 
 
 def pid_alive(pid: Any) -> bool:
@@ -215,3 +226,77 @@ def pid_alive(pid: Any) -> bool:
     except PermissionError:  # exists, owned by another user
         return True
     return True
+
+
+class StoreLock(RunLock):
+    """The lease of a run on object storage: one object beside the run's files (see the
+    module docstring). `run_dir` is the run's local mirror (workers/store.py)."""
+
+    def __init__(self, run_dir: Path, **kwargs: Any):
+        from workers.store import locate
+
+        super().__init__(run_dir, **kwargs)
+        located = locate(self.path)
+        if located is None:
+            raise ValueError(f"{run_dir} is not the mirror of a run on object storage")
+        self.store, self.key = located
+        self.where = self.store.uri(self.key)
+
+    def acquire(self) -> None:
+        from workers.store import StoreError
+
+        if not self.store.conditional:
+            print(
+                f"warning: {self.store.scheme}:// has no conditional write here: the lease"
+                f" {self.where} cannot stop two drivers starting at once; run one per run id",
+                file=sys.stderr,
+            )
+        try:
+            taken = self._take()
+        except StoreError as err:
+            raise LeaseWriteError(f"cannot write the run's lease: {err}") from None
+        if not taken:
+            raise RunLockedError(f"could not take {self.where}: other drivers keep taking it")
+        self._thread = threading.Thread(target=self._beat, name="run-lock", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> bool:
+        for _ in range(3):  # a lost race with another breaker is retried
+            if self.store.write_new(self.key, self._body()):
+                return True
+            holder = self._read()
+            if holder is not None and not self.expired(holder):
+                raise RunLockedError(self.describe(holder))
+            if holder is None or self._read() == holder:  # still the expired one: break it
+                self.store.delete(self.key)
+        return False
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.info, "heartbeat": time.time()}).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        from workers.store import StoreError
+
+        try:
+            raw = self.store.read(self.key)
+            holder = json.loads(raw) if raw is not None else None
+        except (StoreError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _renew(self) -> None:
+        self.store.write(self.key, self._body())
+
+    def release(self) -> None:
+        from workers.store import StoreError
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            holder = self._read()
+            if holder is not None and holder.get("token") == self.token:
+                try:
+                    self.store.delete(self.key)
+                except StoreError as err:
+                    print(f"warning: lease not removed: {err}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """`python -m orchestrator.status RUN_DIR [--watch [S]] [--json] [--checksum]`: how a run stands.
 
 Contract: reads a run folder, never writes it, starts no Ray and loads no model; works while a
-driver runs and after. Per stage and cell (model, dataset, and the layer for scoring) it
-counts units done / failed / pending / running, the tokens and GPU-hours their sidecars record
+driver runs and after. A run on object storage (`s3://bucket/prefix/<run_id>`) is read from its
+local mirror, brought to the store's state first (`local_run`; the store is not written).
+Per stage and cell (model, dataset, and the layer for scoring) it counts units done / failed / pending / running, the tokens and GPU-hours their sidecars record
 against the dry run's estimate (orchestrator/estimate.py, from the run's own config.yaml), the
 throughput and an ETA, and the open failures of failures.jsonl with their first error line.
 
@@ -488,11 +489,32 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def local_run(run_dir: str, checksum: bool) -> Path:
+    """`run_dir`, or for a run on object storage (s3://bucket/prefix/<run_id>) its local
+    mirror, first brought to the store's state (workers/store.py: each committed pair fetched
+    unless the mirror's copy has its sha256 and size, every object's sha256 checked with
+    `checksum`; small files and the lease copied). The store itself is never written."""
+    from workers.store import StoreError, is_store_uri, mirror_of, parse_uri, pull_run
+
+    if not is_store_uri(run_dir):
+        return Path(run_dir)
+    try:
+        if not parse_uri(run_dir)[2]:
+            raise ValueError(f"{run_dir}: give the run, s3://bucket/prefix/<run_id>")
+        mirror = mirror_of(run_dir)
+        pull_run(mirror, checksum=checksum, repair=False, lease=True)
+    except (ValueError, StoreError) as err:
+        raise StatusError(str(err)) from None
+    return mirror
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator.status", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("run_dir", type=Path, help="the run folder, e.g. runs/<run_id>")
+    parser.add_argument(
+        "run_dir", help="the run folder, e.g. runs/<run_id>, or s3://bucket/prefix/<run_id>"
+    )
     parser.add_argument(
         "--watch",
         nargs="?",
@@ -512,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while True:
             try:
-                status = status_json(args.run_dir, checksum=args.checksum)
+                status = status_json(local_run(args.run_dir, args.checksum), checksum=args.checksum)
             except StatusError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from workers import store
 from workers.atomic import atomic_file, atomic_write, remove
 
 SIDECAR_SUFFIX = ".done.json"
@@ -86,6 +87,9 @@ def write_arrow(
     `started` (a `time.time()` value) lets the sidecar record how long the unit took. Both
     files go through workers.atomic (`root`: the run folder, whose subfolders must not be links).
     `compression` (COMPRESSIONS) compresses each buffer of the file; values are unchanged.
+    A path inside the mirror of a run on object storage is committed to the store before its
+    sidecar is written here (workers/store.py push_data); if that fails the data file is
+    removed and the error raised.
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}: use one of {', '.join(COMPRESSIONS)}")
@@ -111,14 +115,23 @@ def write_arrow(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
-    atomic_write(done_path(path), json.dumps(sidecar, indent=1), root=root)
+    if store.locate(path) is None:
+        atomic_write(done_path(path), json.dumps(sidecar, indent=1), root=root)
+        return sidecar
+    try:  # object storage: committed there, then the committed sidecar is written here
+        store.push_data(path, sidecar)
+    except BaseException:  # the mirror never holds a unit its store does not
+        path.unlink(missing_ok=True)
+        raise
     return sidecar
 
 
 def discard(path: str | Path) -> None:
-    """Remove a data file and its sidecar (sidecar first), e.g. before redoing a unit."""
+    """Remove a data file and its sidecar (sidecar first), e.g. before redoing a unit; on
+    object storage its committed unit there too."""
     done_path(path).unlink(missing_ok=True)
     Path(path).unlink(missing_ok=True)
+    store.discard_data(Path(path))
 
 
 # ------------------------------------------------------------------------------- verified reading
@@ -236,6 +249,7 @@ def verify(
     (`verify_checksums=false` passes checksum=False: it trusts sha256, nothing else).
     """
     path = Path(path)
+    store.sync_pair(path, done_path(path))  # on object storage: the committed pair
     sidecar = parse_sidecar(path)
     if path.is_symlink() or not path.is_file():
         if not path.exists() and not path.is_symlink():

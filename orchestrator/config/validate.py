@@ -43,6 +43,7 @@ from workers.generation import DTYPES as MODEL_DTYPES
 from workers.generation.verify import KINDS as VERIFIERS
 from workers.io import COMPRESSIONS, check_path_name
 from workers.scoring.score_config import ScoreConfig
+from workers.store import is_store_uri, parse_uri
 
 
 def validate(cfg: RunConfig) -> None:
@@ -240,6 +241,12 @@ def check_runs_dir(runs_dir: str) -> None:
     --working-dir, deleted when the cluster stops: refuse a runs_dir that would land there."""
     if not runs_dir.strip():
         raise ConfigError("runs_dir is empty; give a folder (runs_dir=. for this directory)")
+    if is_store_uri(runs_dir):  # object storage: workers/store.py
+        try:
+            parse_uri(runs_dir)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return
     path = Path(runs_dir).expanduser().absolute()
     for folder in (path, *path.parents):
         if folder.exists():
