@@ -81,7 +81,7 @@ class MoeAdapter:
 
     # -- router ----------------------------------------------------------------------------------
 
-    def _router_slots(self, output) -> dict[str, int]:
+    def router_slots(self, output) -> dict[str, int]:
         """Which element of a router's output tuple is what, by dtype and width rather than by
         position (the tuple's order is not the same in every release): logits (.., E),
         weights (.., k) floating, indices (.., k) integer."""
@@ -104,7 +104,7 @@ class MoeAdapter:
         """(router logits z, the router's own chosen indices or None) from a router's output."""
         if isinstance(output, torch.Tensor):
             return output, None
-        slots = self._router_slots(output)
+        slots = self.router_slots(output)
         return output[slots["logits"]], output[slots["indices"]] if "indices" in slots else None
 
     def standard_route(self, z: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,7 @@ class MoeAdapter:
     ):
         """The router's output with rows `rows` routed to `routes` (brute-force reference), with
         the family's gate weights for them or the given `weights`."""
-        slots = self._router_slots(output)
+        slots = self.router_slots(output)
         if "weights" not in slots or "indices" not in slots:
             raise ValueError(f"cannot find the chosen experts in a {self.family} router output")
         out = list(output)

@@ -194,7 +194,7 @@ def _hook(adapter, plan: ReroutePlan, layer: int, counter: RerouteCounter):
     standard = plan.is_standard_at(layer, adapter.top_k)
 
     def hook(module, args, output):
-        slots = adapter._router_slots(output)
+        slots = adapter.router_slots(output)
         if standard:
             counter.add(layer, output[slots["indices"]])
             return None  # the router's own output, untouched
