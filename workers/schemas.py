@@ -39,6 +39,19 @@ TRAJECTORIES_SCHEMA = pa.schema(
     ]
 )
 
+# One row per trajectory of a scoring-input shard (trajectories/<model>/<dataset>/shards/<k>.arrow):
+# a reference to row `row` (0-based) of the generated file `file` (its path below the cell's
+# folder trajectories/<model>/<dataset>/, e.g. "generated/00003.arrow") whose sidecar's sha256
+# is `sha256`. The scorer reads the rows themselves (workers.trajectories); shards written
+# before hold TRAJECTORIES_SCHEMA rows instead and are read as they are.
+SHARD_REFS_SCHEMA = pa.schema(
+    [
+        ("file", pa.dictionary(pa.int32(), pa.string())),
+        ("sha256", pa.dictionary(pa.int32(), pa.string())),
+        ("row", pa.int64()),
+    ]
+)
+
 # One row per scored completion token (docs/method.md): the standard route S and J alternatives at
 # one MoE layer, each with u(R) = p(target | prefix, R) and s(R) = sum of router log-softmax.
 # The scorer writes `scores_schema(...)`: these columns with the routes compacted; files of this
