@@ -511,9 +511,12 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
 # sample_logprobs (float32) and ~4 bytes of completion text; a prompt token only its id. A score
 # row (workers.schemas.scores_schema): SCORE_ROW_BYTES of keys, u(S), s(S), list offsets and
 # dictionary indices, then 8 bytes of u and s per alternative and the J + 1 routes' expert ids.
+# A shard holds a reference per trajectory (workers.schemas.SHARD_REFS_SCHEMA): two dictionary
+# indices and a row index, not the tokens.
 COMPLETION_TOKEN_BYTES = 12
 PROMPT_TOKEN_BYTES = 4
 SCORE_ROW_BYTES = 60
+SHARD_REF_BYTES = 16
 
 
 def score_row_bytes(model: ModelConfig, alternatives: int) -> int:
@@ -525,8 +528,8 @@ def score_row_bytes(model: ModelConfig, alternatives: int) -> int:
 def describe_footprint(
     cfg: RunConfig, cells: list, layers_of: dict[str, dict[str, int]]
 ) -> list[str]:
-    """The dry run's disk section: trajectories, shards (at most the trajectories again: the
-    verified ones) and scores (every scored token at every distinct layer), per model."""
+    """The dry run's disk section: trajectories, shards (a reference per trajectory, every
+    one verified) and scores (every scored token at every distinct layer), per model."""
     J = cfg.scoring.alternatives
     lines = [
         "",
@@ -538,12 +541,13 @@ def describe_footprint(
         tokens = sum(c.max_completion_tokens for c in mine)
         prompts = sum(c.completions for c in mine) * PROMPT_ALLOWANCE
         trajectories = tokens * COMPLETION_TOKEN_BYTES + prompts * PROMPT_TOKEN_BYTES
+        shards = sum(c.completions for c in mine) * SHARD_REF_BYTES
         row = score_row_bytes(model, J)
         scored = round(tokens * positions_share(cfg, model)) * len(layers_of[model.name])
-        total += 2 * trajectories + scored * row
+        total += trajectories + shards + scored * row
         lines.append(
             f"  {model.name:<16} trajectories {trajectories / GB:10,.1f} GB, shards"
-            f" <= {trajectories / GB:10,.1f} GB, scores {scored * row / GB:10,.1f} GB"
+            f" <= {shards / 1e6:10,.1f} MB, scores {scored * row / GB:10,.1f} GB"
             f" ({scored:,} rows x {row} bytes)"
         )
     lines.append(f"  total <= {total / GB:,.1f} GB")

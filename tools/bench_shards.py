@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="shard the cell already in --dir")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--imports-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--write", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         shard_only(args.dir, args.imports_only)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.trajectories, args.tokens, args.per_file) < 1:
         print("error: --trajectories, --tokens and --per-file must be positive", file=sys.stderr)
         return 2
-    if not args.reuse:
+    if args.write:
         started = time.time()
         disk = write_cell(args.dir, args.trajectories, args.tokens, args.per_file)
         print(
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             f" ({args.trajectories * args.tokens * 4 / 1e9:.1f} GB of int32 ids, {disk:.3f} GB"
             f" on disk) in {time.time() - started:.0f} s"
         )
+        return 0
+    if not args.reuse:  # in a child: a child's peak RSS counts its parent's at the fork
+        cmd = [sys.executable, "-m", "tools.bench_shards", *(argv or sys.argv[1:]), "--write"]
+        subprocess.run(cmd, check=True)
     floor = child_peak_mb(args.dir, "--imports-only")
     peak = child_peak_mb(args.dir)
     print(
