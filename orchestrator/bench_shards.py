@@ -1,7 +1,7 @@
 """The driver's peak memory when it shards one (model, dataset) cell, on synthetic files.
 
-    python -m tools.bench_shards --trajectories 100000 --tokens 32768 --dir /tmp/cell   # writes, shards
-    python -m tools.bench_shards --dir /tmp/cell --reuse                               # shards again
+    python -m orchestrator.bench_shards --trajectories 100000 --tokens 32768 --dir /tmp/cell
+    python -m orchestrator.bench_shards --dir /tmp/cell --reuse      # shard the same cell again
 
 Contract: writes a cell of `--trajectories` trajectories of `--tokens` token ids each (prompt
 included) as generated files of `--per-file` rows (vLLM's 64 problems x 8 samples: 512) in
@@ -10,7 +10,8 @@ model involved; every third trajectory is unverified. Then runs orchestrator.sha
 on them in a child process (the sharding step alone, as the driver runs it, at the default
 config: verified trajectories, `scoring.trajectories_per_shard=16`) and prints that child's peak
 RSS (getrusage RUSAGE_CHILDREN), next to the peak of a child that only imports the same
-modules. Run it under another checkout's code (PYTHONPATH) to compare two versions on one cell.
+modules. To compare another version of the sharding step on the same cell, copy this file
+into that checkout and run it there with --reuse (write_shards has kept its signature).
 
 The token ids of a trajectory repeat one random block of 1,024 ids, so zstd stores a 32k-token
 trajectory in ~5 KB on disk instead of 128 KB (a 100k x 32k cell is ~0.6 GB on disk, not 13 GB):
@@ -126,13 +127,15 @@ def shard_only(root: Path, imports_only: bool) -> None:
 def child_peak_mb(root: Path, *flags: str) -> float:
     """Peak RSS of one child running `shard_only`: the largest child so far, so run the
     smaller one first."""
-    cmd = [sys.executable, "-m", "tools.bench_shards", "--dir", str(root), "--child", *flags]
+    cmd = [sys.executable, "-m", "orchestrator.bench_shards", "--dir", str(root), "--child", *flags]
     subprocess.run(cmd, check=True)
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_shards", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.bench_shards", description=__doc__
+    )
     parser.add_argument("--trajectories", type=int, default=100_000)
     parser.add_argument("--tokens", type=int, default=32_768)
     parser.add_argument("--per-file", type=int, default=512)
@@ -158,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if not args.reuse:  # in a child: a child's peak RSS counts its parent's at the fork
-        cmd = [sys.executable, "-m", "tools.bench_shards", *(argv or sys.argv[1:]), "--write"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "orchestrator.bench_shards",
+            *(argv or sys.argv[1:]),
+            "--write",
+        ]
         subprocess.run(cmd, check=True)
     floor = child_peak_mb(args.dir, "--imports-only")
     peak = child_peak_mb(args.dir)
