@@ -14,13 +14,19 @@ rows with k = 8, mostly disk) is not timed.
 
 The synthetic distribution is shaped like the real one: most tokens confident (every route
 near 1), some ambiguous, some fragile (routes spread widely), with router scores correlated
-with utility on confident tokens and not on fragile ones.
+with utility on confident tokens and not on fragile ones. The routes are drawn as the scorer
+draws them (`make_routes`: S the top k of synthetic router logits, alternatives Gumbel-top-k
+over the pool of the P = 32 largest), with a logit scale that reproduces the demo's tiny
+model; a draw equal to S has S's u and s. At Qwen3-30B-A3B's shape (128 experts, k = 8) a
+draw shares ~3.6 of S's experts but almost never is S, and its ids, in the order picked, sit
+at other byte positions than S's: zstd finds no repeats to exploit, so a route id still takes
+~7 bits on disk. The logits are synthetic: a large model's router may be more peaked (more
+overlap, more draws of S) or less.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -54,25 +60,56 @@ def _list_array(values: np.ndarray, width: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-@functools.lru_cache(maxsize=2)
+# Router logits of the synthetic tokens: N(0, ROUTER_SCALE^2) per expert. 1.2 reproduces the
+# demo's tiny model (16 experts, k = 4, every expert in the pool) as scored with the default
+# sampler: a draw shares 2.2 of S's 4 experts on average and 3-4% of draws are S itself.
+ROUTER_SCALE = 1.2
+ROUTE_CHUNK = 32_768  # tokens drawn at once: the Gumbel keys are J x P floats per token
+
+
 def make_routes(
-    n: int, *, alternatives: int, top_k: int, experts: int, seed: int = 0
-) -> tuple[pa.Array, pa.Array]:
-    """Random expert ids for the route columns (most of a real shard's bytes; the aggregation
-    compares them as sets, and random draws are all distinct: the slowest case of that
-    comparison); cached so that equal-sized shards share one copy."""
+    n: int,
+    *,
+    alternatives: int,
+    top_k: int,
+    experts: int,
+    pool: int = 32,
+    temperature: float = 1.0,
+    scale: float = ROUTER_SCALE,
+    seed: int = 0,
+) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """Expert ids drawn the way the scorer draws them (workers/scoring/routes.py, sampler
+    "gumbel"), from synthetic router logits z ~ N(0, scale^2): S is the k largest z in
+    descending order, each alternative the k largest z_e / temperature + Gumbel noise over the
+    pool of the P largest z, in the order picked. So, as in real score files, alternatives
+    overlap S and draw from P of the experts, and some draws are S itself. Returns the two
+    route columns in the scorer's layout and a (n, J) mask of the draws equal to S as a set."""
     from workers.schemas import expert_id_type
 
     rng = np.random.default_rng(seed + 1_000_003)
     ids = expert_id_type(experts).to_pandas_dtype()
-    routes = rng.integers(0, experts, size=(n, alternatives + 1, top_k), dtype=ids)
+    p = min(pool, experts)
+    std = np.empty((n, top_k), ids)
+    alt = np.empty((n, alternatives, top_k), ids)
+    for a in range(0, n, ROUTE_CHUNK):
+        m = min(ROUTE_CHUNK, n - a)
+        z = rng.standard_normal((m, experts), dtype=np.float32) * np.float32(scale)
+        order = np.argsort(-z, axis=1)[:, :p]  # the pool, descending z
+        std[a : a + m] = order[:, :top_k]
+        # The k largest z_e / tau + Gumbel are the k smallest Exp(1) / exp(z_e / tau) (the
+        # exponential race: the same distribution, in the same order), without two logs.
+        weights = np.exp(np.take_along_axis(z, order, 1) / np.float32(temperature))
+        race = rng.standard_exponential((m, alternatives, p), dtype=np.float32)
+        picked = np.argsort(race / weights[:, None, :], axis=2)[:, :, :top_k]  # order picked
+        pools = np.broadcast_to(order[:, None, :], (m, alternatives, p))
+        alt[a : a + m] = np.take_along_axis(pools, picked, 2)
+    repeat = (np.sort(alt, axis=2) == np.sort(std, axis=1)[:, None, :]).all(axis=2)
     # The scorer's layout (workers.schemas.scores_schema): fixed-size lists of small ids.
-    std_route = pa.FixedSizeListArray.from_arrays(pa.array(routes[:, 0, :].ravel()), top_k)
+    std_route = pa.FixedSizeListArray.from_arrays(pa.array(std.ravel()), top_k)
     alt_routes = pa.FixedSizeListArray.from_arrays(
-        pa.FixedSizeListArray.from_arrays(pa.array(routes[:, 1:, :].ravel()), top_k),
-        alternatives,
+        pa.FixedSizeListArray.from_arrays(pa.array(alt.ravel()), top_k), alternatives
     )
-    return std_route, alt_routes
+    return std_route, alt_routes, repeat
 
 
 def make_scores(
@@ -110,12 +147,13 @@ def make_scores(
         - rng.exponential(1.0, (n, j)).astype(np.float32)
         + signal * (u[:, 1:] - u[:, :1]) / spread[:, None]
     )
-    # Gumbel-top-k draws repeat routes, the standard one most often on confident tokens: such
-    # a draw has exactly S's u and s (ties that must not count as wins).
-    repeat = rng.random((n, j)) < np.array([0.3, 0.1, 0.05])[kind][:, None]
+    # Gumbel-top-k draws repeat routes: a draw of S itself has exactly S's u and s (ties that
+    # must not count as wins).
+    std_route, alt_routes, repeat = make_routes(
+        n, alternatives=j, top_k=top_k, experts=experts, seed=seed
+    )
     u[:, 1:] = np.where(repeat, u[:, :1], u[:, 1:])
     s_alt = np.where(repeat, s_std[:, None], s_alt).astype(np.float32)
-    std_route, alt_routes = make_routes(n, alternatives=j, top_k=top_k, experts=experts)
     # Trajectories of 500 tokens, ids unique per seed so that shards never share one (the
     # bootstrap resamples trajectories).
     traj = pa.array(seed * 1_000_000 + np.arange(n, dtype=np.int64) // 500).cast(pa.string())

@@ -224,10 +224,11 @@ class RouterWorker:
 
         from workers.router.update import add_router_inputs, select_tokens
         from workers.schemas import as_list_routes
+        from workers.trajectories import read_trajectories
 
         started = time.time()
         scores = pa.concat_tables([as_list_routes(read_arrow(p)) for p in task.scores])
-        trajectories = pa.concat_tables([read_arrow(p) for p in task.shards])
+        trajectories = pa.concat_tables([read_trajectories(p) for p in task.shards])
         tokens = select_tokens(scores, task.update)
         table = add_router_inputs(self.model, self.adapter, tokens, trajectories, task.layer)
         kinds = table.column("kind").to_pylist()

@@ -516,9 +516,12 @@ def describe_estimate(cfg: RunConfig, cells: list, layers_of: dict[str, dict[str
 # position budget's and the MoE geometry's columns when the run writes them), read off the
 # schema itself so the estimate follows the layout: fixed-width values, 4-byte offsets of
 # variable lists and strings, J values per list of alternatives, PROBLEM_ID_BYTES of id text.
+# A shard holds a reference per trajectory (workers.schemas.SHARD_REFS_SCHEMA): two dictionary
+# indices and a row index, not the tokens.
 COMPLETION_TOKEN_BYTES = 12
 PROMPT_TOKEN_BYTES = 4
 PROBLEM_ID_BYTES = 16
+SHARD_REF_BYTES = 16
 
 
 def _value_bytes(kind: pa.DataType, alternatives: int) -> float:
@@ -551,8 +554,8 @@ def score_row_bytes(
 def describe_footprint(
     cfg: RunConfig, cells: list, layers_of: dict[str, dict[str, int]]
 ) -> list[str]:
-    """The dry run's disk section: trajectories, shards (at most the trajectories again: the
-    verified ones) and scores (every scored token at every distinct layer), per model."""
+    """The dry run's disk section: trajectories, shards (a reference per trajectory, every
+    one verified) and scores (every scored token at every distinct layer), per model."""
     J = cfg.scoring.alternatives
     lines = [
         "",
@@ -568,6 +571,7 @@ def describe_footprint(
         ids = expert_id_type(model.num_experts).bit_width // 8
         routes = tokens * len(model.moe_layers) * model.top_k * ids
         routes *= cfg.generation.record_routes
+        shards = sum(c.completions for c in mine) * SHARD_REF_BYTES
         row = score_row_bytes(
             model,
             J,
@@ -575,10 +579,10 @@ def describe_footprint(
             geometry=cfg.scoring.moe_geometry,
         )
         scored = round(tokens * positions_share(cfg, model)) * len(layers_of[model.name])
-        total += 2 * trajectories + routes + scored * row
+        total += trajectories + routes + shards + scored * row
         lines.append(
             f"  {model.name:<16} trajectories {(trajectories + routes) / GB:10,.1f} GB, shards"
-            f" <= {trajectories / GB:10,.1f} GB, scores {scored * row / GB:10,.1f} GB"
+            f" <= {shards / 1e6:10,.1f} MB, scores {scored * row / GB:10,.1f} GB"
             f" ({scored:,} rows x {row} bytes)"
         )
     lines.append(f"  total <= {total / GB:,.1f} GB")

@@ -342,7 +342,7 @@ def test_the_dry_run_prints_the_disk_footprint_of_each_file_kind():
     text = plan.describe_plan(cfg, "r", plan.Path("/tmp/r"))
     assert text.index("GPU-hours") < text.index("disk, upper bounds")
     rows = re.findall(
-        r"  (\S+) +trajectories +([\d,.]+) GB, shards <= +([\d,.]+) GB, scores +([\d,.]+) GB"
+        r"  (\S+) +trajectories +([\d,.]+) GB, shards <= +([\d,.]+) MB, scores +([\d,.]+) GB"
         r" \(([\d,]+) rows x (\d+) bytes\)",
         text,
     )
@@ -353,7 +353,13 @@ def test_the_dry_run_prints_the_disk_footprint_of_each_file_kind():
     scored = int(qwen[4].replace(",", ""))
     assert float(qwen[3].replace(",", "")) == round(scored * row / 1e9, 1)
     total = float(re.search(r"  total <= ([\d,.]+) GB", text)[1].replace(",", ""))
-    parts = sum(2 * float(r[1].replace(",", "")) + float(r[3].replace(",", "")) for r in rows)
+    parts = sum(
+        float(r[1].replace(",", "")) + float(r[2]) / 1e3 + float(r[3].replace(",", ""))
+        for r in rows
+    )
+    # a shard is a reference per trajectory (16 bytes), not a copy of its tokens
+    completions = sum(c.completions for c in plan.estimate(cfg) if c.cell.model.name == qwen[0])
+    assert float(qwen[2]) == round(completions * 16 / 1e6, 1) > 0
     assert abs(total - parts) < 0.1 * len(rows)
     # a position budget scores a quarter of the tokens: a quarter of the score bytes
     budget = plan.describe_plan(make("sweep=paper", "scoring.positions=0.25"), "r", plan.Path("/r"))

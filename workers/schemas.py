@@ -47,6 +47,8 @@ def completion_tokens(table: pa.Table) -> int:
 
     total = pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0
     return int(total - (pc.sum(table["prompt_len"]).as_py() or 0))
+
+
 # Only in trajectory files generated with generation.record_routes, appended after
 # TRAJECTORIES_SCHEMA's columns: the experts the generator's own router picked for each
 # completion token (index i: the forward pass at position prompt_len - 1 + i, whose next token
@@ -71,6 +73,19 @@ def gen_route_layers(field: pa.Field) -> list[int]:
     """The decoder indices of a `gen_routes` field's layers (its metadata)."""
     return [int(i) for i in (field.metadata or {}).get(b"layers", b"").decode().split(",") if i]
 
+
+# One row per trajectory of a scoring-input shard (trajectories/<model>/<dataset>/shards/<k>.arrow):
+# a reference to row `row` (0-based) of the generated file `file` (its path below the cell's
+# folder trajectories/<model>/<dataset>/, e.g. "generated/00003.arrow") whose sidecar's sha256
+# is `sha256`. The scorer reads the rows themselves (workers.trajectories); shards written
+# before hold TRAJECTORIES_SCHEMA rows instead and are read as they are.
+SHARD_REFS_SCHEMA = pa.schema(
+    [
+        ("file", pa.dictionary(pa.int32(), pa.string())),
+        ("sha256", pa.dictionary(pa.int32(), pa.string())),
+        ("row", pa.int64()),
+    ]
+)
 
 # One row per scored completion token (docs/method.md): the standard route S and J alternatives at
 # one MoE layer, each with u(R) = p(target | prefix, R) and s(R) = sum of router log-softmax.

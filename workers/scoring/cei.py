@@ -202,13 +202,14 @@ def cei_file(
     folder and `compression` the IPC compression (workers.io.write_arrow; None: its default)."""
     from dataclasses import asdict
 
-    from workers.io import read_arrow, write_arrow
+    from workers.io import write_arrow
+    from workers.trajectories import read_trajectories
 
     started = time.time()
     in_path = Path(in_path)
     if not in_path.is_file():
         raise FileNotFoundError(f"trajectories file {in_path} does not exist")
-    table = read_arrow(in_path)
+    table = read_trajectories(in_path)
     layer = scorer.resolve_layer(layer)
     rows = cei_table(scorer, table, layer, gating=gating)
     extra = {

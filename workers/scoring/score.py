@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 from safetensors import SafetensorError
 
-from workers.io import IncompleteFileError, config_hash, done_path, read_arrow
+from workers.io import IncompleteFileError, config_hash, done_path
 from workers.scoring.scorer import ScoreConfig, Scorer, score_file, select_positions
+from workers.trajectories import read_trajectories
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     if Path(args.out).resolve() in (in_path.resolve(), done_path(in_path).resolve()):
         raise ValueError(f"--out {args.out} is the input file: it would overwrite it")
     try:
-        table = read_arrow(in_path, require_complete=False)
+        table = read_trajectories(in_path, require_complete=False)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"{in_path} is not a readable Arrow IPC file: {err}") from err
     check_columns(table)

@@ -637,18 +637,19 @@ def score_file(
     `compression`: workers.io.write_arrow's (None: its default). `draws`: a complete scores
     file whose alternatives are scored again (Scorer.score_table).
 
-    The input is read with workers.io.read_arrow (its sidecar is required only with
-    `require_complete`); nothing is written unless scoring succeeds. `extra` is added to
+    The input is read with workers.trajectories.read_trajectories (a shard's references
+    resolved; its sidecar is required only with `require_complete`); nothing is written unless scoring succeeds. `extra` is added to
     the sidecar; `root` is the run folder (workers.io.write_arrow).
     """
     from workers.io import read_arrow, write_arrow
+    from workers.trajectories import read_trajectories
 
     started = time.time()
     in_path = Path(in_path)
     if not in_path.is_file():
         raise FileNotFoundError(f"trajectories file {in_path} does not exist")
     try:
-        table = read_arrow(in_path, require_complete=require_complete)
+        table = read_trajectories(in_path, require_complete=require_complete)
     except pa.ArrowInvalid as err:
         raise ValueError(f"{in_path} is not a readable Arrow IPC file: {err}") from err
     layer = scorer.resolve_layer(layer)
