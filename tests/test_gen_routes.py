@@ -105,7 +105,7 @@ def test_the_dry_run_counts_the_generator_routes_in_the_trajectories_only():
         return tuple(float(x.replace(",", "")) for x in found.groups())
 
     plain, routes = qwen(), qwen("generation.record_routes=true")
-    assert plain[0] == plain[1] == routes[1]
+    assert plain[1] == routes[1]  # shards are references: they never hold the routes
     # 48 MoE layers x k = 8 one-byte ids per token against 12 bytes a token without them
     assert routes[0] > 20 * plain[0]
 
