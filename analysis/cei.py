@@ -294,16 +294,14 @@ def cei_section(
 CEI_GLOB = "cei/*/layer=*/*/*.arrow"
 
 
-def cei_report(run_dir: Path, analysis) -> list[str]:
-    """A run's CEI section (analysis.report): its complete cei files (CEI_GLOB) into
-    tables/cei_layers and tables/cei_experts (.parquet, .csv), figures/cei.png and markdown
-    lines; none without cei files. Intervals as `analysis` (an AnalysisConfig) sets them."""
-    from analysis.tables import write_tables
+def cei_tables(paths: list[Path], analysis) -> tuple[pl.DataFrame, pl.DataFrame, CeiConfig] | None:
+    """(layer table, expert table, their CeiConfig) of the complete files among `paths`, with
+    intervals as `analysis` (an AnalysisConfig) sets them; None when none is complete."""
     from workers.io import is_complete
 
-    files = [p for p in sorted(run_dir.glob(CEI_GLOB)) if is_complete(p)]
+    files = [p for p in paths if is_complete(p)]
     if not files:
-        return []
+        return None
     cfg = CeiConfig(
         cluster=analysis.cluster,
         bootstrap=analysis.bootstrap,
@@ -311,7 +309,19 @@ def cei_report(run_dir: Path, analysis) -> list[str]:
         seed=analysis.seed,
     )
     frame = read_cei(files)
-    layers, experts = layer_sensitivity(frame, cfg), expert_table(frame, cfg)
+    return layer_sensitivity(frame, cfg), expert_table(frame, cfg), cfg
+
+
+def cei_report(run_dir: Path, analysis) -> list[str]:
+    """A run's CEI section (analysis.report): its complete cei files (CEI_GLOB) into
+    tables/cei_layers and tables/cei_experts (.parquet, .csv), figures/cei.png and markdown
+    lines; none without cei files. Intervals as `analysis` (an AnalysisConfig) sets them."""
+    from analysis.tables import write_tables
+
+    tables = cei_tables(sorted(run_dir.glob(CEI_GLOB)), analysis)
+    if tables is None:
+        return []
+    layers, experts, cfg = tables
     write_tables({"cei_layers": layers, "cei_experts": experts}, run_dir / "tables", root=run_dir)
     plot_cei(layers, experts, run_dir / "figures" / "cei.png", root=run_dir)
     lines = cei_section(layers, experts, cfg)

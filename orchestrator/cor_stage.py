@@ -113,21 +113,11 @@ def evaluate_model(
 def cei_tables(run_dir: Path, model: ModelConfig, dataset: str, analysis: Any) -> Any:
     """(layer table, expert table, CeiConfig) of the model's complete CEI files of `dataset`,
     or None when there are none."""
-    from analysis.cei import CeiConfig, expert_table, layer_sensitivity, read_cei
-    from workers.io import is_complete
+    from analysis.cei import cei_tables as tables_of
 
-    files = sorted((run_dir / "cei" / model.name).glob(f"layer=*/{dataset}/*.arrow"))
-    files = [p for p in files if is_complete(p)]
-    if not files:
-        return None
-    cfg = CeiConfig(
-        cluster=analysis.cluster,
-        bootstrap=analysis.bootstrap,
-        level=analysis.level,
-        seed=analysis.seed,
+    return tables_of(
+        sorted((run_dir / "cei" / model.name).glob(f"layer=*/{dataset}/*.arrow")), analysis
     )
-    frame = read_cei(files)
-    return layer_sensitivity(frame, cfg), expert_table(frame, cfg), cfg
 
 
 def condition_plans(model: ModelConfig, layers: Any, experts: Any, cor: Any) -> dict[str, Any]:
