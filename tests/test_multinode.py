@@ -131,10 +131,11 @@ def sleep_workers(cfg: C.RunConfig, log: Path, load_s: float) -> Workers:
         def score(self, task, out_path, config_hash, root=None):
             import pyarrow as pa
 
-            from workers.io import read_arrow, write_arrow
+            from workers.io import write_arrow
+            from workers.trajectories import read_trajectories
 
             start = time.time()
-            shard = read_arrow(task.in_path).select(["problem_id", "sample_idx"])
+            shard = read_trajectories(task.in_path).select(["problem_id", "sample_idx"])
             slept = shard.num_rows * per_token[self.model, task.layer]
             time.sleep(slept)
             table = shard.append_column("layer", pa.array([task.layer] * shard.num_rows))
