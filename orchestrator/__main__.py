@@ -38,7 +38,7 @@ from orchestrator.config import (
 )
 from orchestrator.errors import PipelineError
 from orchestrator.estimate import check_memory
-from orchestrator.lock import LeaseWriteError, RunLock, RunLockedError, StoreLock
+from orchestrator.lock import LeaseWriteError, RunLock, RunLockedError, StoreLock, pid_alive
 from orchestrator.plan import derive_run_id, describe_plan, write_plan
 from orchestrator.problems import prepare_problems
 from orchestrator.provenance import check_resume, run_record
@@ -487,18 +487,9 @@ def recorded_session(run_dir: Path) -> str | None:
     if not name or not os.path.isabs(session_dir) or os.path.normpath(session_dir) != session_dir:
         return None
     pid = int(name[1])
-    if pid != os.getpid() and _alive(pid):
+    if pid != os.getpid() and pid_alive(pid):
         return None  # the driver that started that Ray is alive: not a leftover
     return session_dir
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def clear_local_ray(run_dir: Path) -> int:

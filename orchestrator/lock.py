@@ -216,7 +216,8 @@ class RunLock:
 
 
 def pid_alive(pid: Any) -> bool:
-    """Whether a process with this pid exists on this host."""
+    """Whether a process with this pid runs on this host (a zombie, killed but not yet reaped
+    by its parent, does not: its lease and its Ray are leftovers)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -224,8 +225,12 @@ def pid_alive(pid: Any) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc here: that it exists is all there is to know
         return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 class StoreLock(RunLock):

@@ -520,3 +520,18 @@ def test_a_forged_local_ray_record_kills_nothing(tmp_path):
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_a_killed_but_unreaped_driver_counts_as_gone():
+    """A zombie (exited, its parent has not reaped it yet) holds no lease and no Ray."""
+    from orchestrator.lock import pid_alive
+
+    child = subprocess.Popen(["true"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", timeout_s=30)
+    try:
+        assert not pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not pid_alive(child.pid)
+    assert pid_alive(os.getpid())
