@@ -16,7 +16,8 @@ while the others go on. Per actor: it gets units once started (`__ray_ready__` a
 whose __init__ raises, or that does not start within `start_timeout_s` (the cluster lacks what
 it asks for, or a load hangs), stops the run with `ActorStartError`: every unit would fail. One
 that dies while starting without raising (its node lost) is replaced, up to `retries` times
-in a row.
+in a row (the actors asked for before such a loss, lost with it, e.g. on the same node, count
+once).
 
 Which pool gets the cluster: orchestrator/policy.py decides (a pure function, the one the
 dry run's schedule simulation runs too): the model with the most remaining estimated work
@@ -146,6 +147,9 @@ class Executor:
         self.close_timeout_s = close_timeout_s
         self.max_gpus = max_gpus  # GPUs our live actors may hold together; None: the cluster's
         self.starting: dict[Any, tuple[Pool, Any, float]] = {}  # ready ref -> pool, actor, t0
+        # ready ref -> its pool's lost_starts when it was asked for: actors lost together (with
+        # their node) were asked for in one wave, and a wave counts once against `retries`
+        self.waves: dict[Any, int] = {}
         self.pending: dict[Any, tuple[Pool, Any, Unit, int, float]] = {}  # +unit, try
         self.closing: dict[Any, tuple[Pool, Any, float]] = {}  # close() ref -> pool, actor, t0
         self.waiting = False  # some pool wanted an actor the cluster could not hold
@@ -230,19 +234,24 @@ class Executor:
     def start(self, pool: Pool) -> None:
         actor = pool.spawn()
         pool.live.append(actor)
-        self.starting[actor.__ray_ready__.remote()] = (pool, actor, time.monotonic())
+        ref = actor.__ray_ready__.remote()
+        self.starting[ref] = (pool, actor, time.monotonic())
+        self.waves[ref] = pool.lost_starts
         pool.starting += 1
 
     def started(self, ref: Any) -> None:
         pool, actor, _ = self.starting.pop(ref)
+        wave = self.waves.pop(ref, pool.lost_starts)
         pool.starting -= 1
         try:
             ray.get(ref)
         except RayActorError as err:
-            if not err.actor_init_failed and pool.lost_starts <= pool.retries:
+            same_wave = wave < pool.lost_starts  # asked for before a loss already counted
+            if not err.actor_init_failed and (same_wave or pool.lost_starts <= pool.retries):
                 # Its process or node went while it loaded (__init__ did not raise): another
-                # actor takes its place, as for a unit's actor that dies.
-                pool.lost_starts += 1
+                # actor takes its place, as for a unit's actor that dies. The first loss of a
+                # wave counts; the others asked for with it went the same way.
+                pool.lost_starts += not same_wave
                 self.drop(pool, actor)
                 return
             raise ActorStartError(f"{pool.describe()} failed to start: {last_line(err)}") from None
@@ -350,6 +359,7 @@ class Executor:
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=self.close_timeout_s)
         self.starting.clear()
+        self.waves.clear()
         self.pending.clear()
         self.closing.clear()
         for pool in self.pools:

@@ -222,3 +222,36 @@ def test_a_worker_killed_for_memory_is_described_by_its_first_line():
     assert describe_error(err) == (
         "OutOfMemoryError: 2 worker(s) were killed due to the node running low on memory."
     )
+
+
+class DiesInFirstWave:
+    """Its process exits while it starts (no exception: as when its node is lost) for the
+    first `n` actors made; later ones start."""
+
+    def __init__(self, folder: str, n: int):
+        mine = Path(folder) / f"{os.getpid()}-{time.monotonic_ns()}"
+        mine.touch()
+        if len(list(Path(folder).iterdir())) <= n:
+            os._exit(1)
+
+    def run(self, name: str, marker: str) -> dict:
+        return {"tokens": 1}
+
+
+def test_actors_lost_together_while_starting_count_as_one_loss(gpu_ray, tmp_path):
+    """Three actors asked for at once all die while starting (one lost node): with retries=0
+    that is one loss, so their replacements start and every unit completes."""
+    made = tmp_path / "made"
+    made.mkdir()
+    spawn = lambda: ray.remote(num_cpus=0.5)(DiesInFirstWave).remote(str(made), 3)  # noqa: E731
+    outcomes = dispatch(
+        units(tmp_path, "a", "b", "c", "d"),
+        spawn=spawn,
+        call=lambda a, u: a.run.remote(u.key, u.task),
+        actors=3,
+        retries=0,
+        progress=StageProgress("generation", 4),
+        start_timeout_s=60,
+    )
+    assert all(o.ok for o in outcomes) and len(outcomes) == 4
+    assert len(list(made.iterdir())) > 3  # the first three died, replacements ran the units
