@@ -223,11 +223,20 @@ def test_the_measured_schedule_agrees_with_the_simulation_and_survives_a_lost_no
     # The same sweep again, a node lost while Qwen3's scorers run: its units are retried
     # elsewhere and every output is the same file.
     [worker_node] = [n for n in cluster.worker_nodes][:1]
+
+    def remove_once_it_worked() -> None:
+        """After a third of the makespan, and once the node has finished a unit (a loaded
+        machine may be slower than the schedule), the node goes."""
+        log = Path(cfg.runs_dir) / "lost-node" / "units.jsonl"
+        deadline = time.monotonic() + 10 * sim_makespan
+        while time.monotonic() < deadline and worker_node.node_id not in (
+            log.read_text() if log.exists() else ""
+        ):
+            time.sleep(0.05)
+        cluster.remove_node(worker_node)
+
     _, lost_units, again, _, _ = sweep(
-        cfg,
-        "lost-node",
-        load_s,
-        during=(sim_makespan / 3, lambda: cluster.remove_node(worker_node)),
+        cfg, "lost-node", load_s, during=(sim_makespan / 3, remove_once_it_worked)
     )
     assert again == outputs
     assert any(u["node"] == worker_node.node_id for u in lost_units)  # it had done work
