@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -79,6 +80,17 @@ def stage_counts(stderr: str) -> dict[str, dict[str, int]]:
         )
         for m in DONE.finditer(stderr)
     }
+
+
+def settled(count, quiet_s: float = 3.0, timeout_s: float = 60.0):
+    """`count()` once it has stopped changing for `quiet_s` seconds."""
+    last, since, start = count(), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - start < timeout_s:
+        time.sleep(0.2)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
 
 
 def reference_run(base: Path) -> Path:

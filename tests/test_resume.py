@@ -21,6 +21,7 @@ from pipeline_runs import (
     run_cli,
     run_inprocess,
     score_rows,
+    settled,
     sidecars,
     stage_counts,
 )
@@ -28,17 +29,6 @@ from pipeline_runs import (
 from workers.io import discard, done_path, is_complete
 
 pytestmark = pytest.mark.usefixtures("local_ray")
-
-
-def settled(count, quiet_s: float = 3.0, timeout_s: float = 60.0):
-    """`count()` once it has stopped changing for `quiet_s` seconds."""
-    last, since, start = count(), time.monotonic(), time.monotonic()
-    while time.monotonic() - since < quiet_s and time.monotonic() - start < timeout_s:
-        time.sleep(0.2)
-        now = count()
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
 
 
 def test_driver_killed_mid_scoring_resumes_only_the_missing_units(reference, tmp_path):

@@ -16,7 +16,7 @@ import time
 
 import pyarrow as pa
 import pytest
-from pipeline_runs import assert_same_tables, cli_command, stage_counts
+from pipeline_runs import assert_same_tables, cli_command, settled, stage_counts
 
 from workers import store as S
 from workers.io import read_verified, verify, write_arrow
@@ -170,17 +170,6 @@ def drive(tmp_path, run_id: str, env: dict) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-
-
-def settled(count, quiet_s: float = 3.0, timeout_s: float = 60.0):
-    """`count()` once it has stopped changing for `quiet_s` seconds."""
-    last, since, start = count(), time.monotonic(), time.monotonic()
-    while time.monotonic() - since < quiet_s and time.monotonic() - start < timeout_s:
-        time.sleep(0.2)
-        now = count()
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
 
 
 def committed(client, prefix: str) -> list[str]:
